@@ -1,0 +1,315 @@
+"""CLIP's two towers in Flax NNX, numerically equal to PyTorch CLIP.
+
+Shapes: images are float32 [N, H, W, 3] (channels last, already normalised with CLIP's mean/std);
+tokens are int32 [N, context]. Parameter names follow OpenAI's CLIP so that converters read like
+the source.
+
+Precision: parameters are fp32. `dtype` is the compute dtype of the activations (bf16 on
+accelerators); LayerNorm statistics, the final LayerNorm + projection and the outputs are fp32.
+bf16 embeddings are within about 1% (relative L2) of fp32 ones.
+
+    >>> model = CLIP(get_preset('ViT-B/32'), rngs=nnx.Rngs(0))
+    >>> model.encode_image(images)          # [N, embed_dim], projected, not normalised
+    >>> model.encode_text(tokens)           # [N, embed_dim], projected, not normalised
+    >>> model.logits(images, tokens)        # [N_images, N_texts], scaled by exp(logit_scale)
+
+The public methods are plain functions of the module: call them eagerly, or wrap them in
+`nnx.jit` for speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = ('quick_gelu', 'gelu', 'gelu_tanh')
+TEXT_POOLINGS = ('argmax', 'first_eos')
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """Architecture of a ViT CLIP. Field names mirror OpenAI's `build_model`.
+
+  text_pooling: where the text tower reads its sequence embedding.
+    'argmax': at the largest token id, OpenAI CLIP's rule (the end-of-text id is the largest).
+    'first_eos': at the first `eos_token_id`, the rule of HF checkpoints.
+  """
+  embed_dim: int = 512
+  # Vision tower.
+  image_size: int = 224
+  patch_size: int = 32
+  vision_width: int = 768
+  vision_layers: int = 12
+  vision_heads: int = 12
+  vision_mlp_dim: int = 3072
+  # Text tower.
+  context_length: int = 77
+  vocab_size: int = 49408
+  text_width: int = 512
+  text_layers: int = 12
+  text_heads: int = 8
+  text_mlp_dim: int = 2048
+  text_pooling: str = 'argmax'
+  eos_token_id: int = 49407
+  # Shared.
+  activation: str = 'quick_gelu'
+  layer_norm_eps: float = 1e-5
+
+  def __post_init__(self):
+    problems = []
+    if self.activation not in ACTIVATIONS:
+      problems.append(f'activation={self.activation!r} (choose one of {ACTIVATIONS})')
+    if self.text_pooling not in TEXT_POOLINGS:
+      problems.append(f'text_pooling={self.text_pooling!r} (choose one of {TEXT_POOLINGS})')
+    if self.image_size % self.patch_size:
+      problems.append(f'image_size={self.image_size} is not a multiple of patch_size={self.patch_size}')
+    for tower in ('vision', 'text'):
+      width, heads = getattr(self, f'{tower}_width'), getattr(self, f'{tower}_heads')
+      if heads <= 0 or width % heads:
+        problems.append(f'{tower}_width={width} is not divisible by {tower}_heads={heads}')
+    if problems:
+      raise ValueError('Invalid CLIPConfig: ' + '; '.join(problems))
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_image_tokens(self) -> int:
+    """L: the class token plus one token per patch."""
+    return 1 + self.grid_size ** 2
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'Unknown CLIPConfig fields {unknown}; known fields are {sorted(known)}.')
+    return cls(**d)
+
+
+PRESETS: dict[str, CLIPConfig] = {
+    'ViT-B/32': CLIPConfig(),
+    'ViT-B/16': CLIPConfig(patch_size=16),
+    'ViT-L/14': CLIPConfig(
+        embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+        vision_mlp_dim=4096, text_width=768, text_heads=12, text_mlp_dim=3072),
+    'ViT-L/14@336': CLIPConfig(
+        embed_dim=768, image_size=336, patch_size=14, vision_width=1024, vision_layers=24,
+        vision_heads=16, vision_mlp_dim=4096, text_width=768, text_heads=12, text_mlp_dim=3072),
+}
+# Short names, as used by config presets (`configs/k400.py:B16`).
+PRESET_ALIASES = {'B32': 'ViT-B/32', 'B16': 'ViT-B/16', 'L14': 'ViT-L/14', 'L14_336': 'ViT-L/14@336'}
+
+
+def get_preset(name: str) -> CLIPConfig:
+  """Returns the architecture of a released CLIP by name ('ViT-B/16' or its alias 'B16')."""
+  key = PRESET_ALIASES.get(name, name)
+  if key not in PRESETS:
+    raise ValueError(
+        f'Unknown CLIP architecture {name!r}; choose one of {list(PRESETS)} '
+        f'or their aliases {list(PRESET_ALIASES)}.')
+  return PRESETS[key]
+
+
+def _activation(name: str):
+  if name == 'quick_gelu':
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == 'gelu':
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  return lambda x: jax.nn.gelu(x, approximate=True)
+
+
+_normal = jax.nn.initializers.normal
+
+
+class MultiHeadAttention(nnx.Module):
+  """Self-attention with packed q/k/v, as PyTorch `nn.MultiheadAttention`."""
+
+  def __init__(self, width: int, heads: int, *, in_std: float, out_std: float, dtype, rngs):
+    self.heads = heads
+    self.qkv = nnx.Linear(width, 3 * width, dtype=dtype, kernel_init=_normal(in_std), rngs=rngs)
+    self.out = nnx.Linear(width, width, dtype=dtype, kernel_init=_normal(out_std), rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               is_causal: bool = False) -> jax.Array:
+    """x: [B, S, D]; mask: bool, True = may attend, broadcastable to [B, heads, S, S]."""
+    b, s, d = x.shape
+    qkv = self.qkv(x).reshape(b, s, 3, self.heads, d // self.heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    return self.out(y.reshape(b, s, d))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, width: int, mlp_dim: int, activation: str, *, fc_std: float,
+               proj_std: float, dtype, rngs):
+    self.c_fc = nnx.Linear(width, mlp_dim, dtype=dtype, kernel_init=_normal(fc_std), rngs=rngs)
+    self.c_proj = nnx.Linear(mlp_dim, width, dtype=dtype, kernel_init=_normal(proj_std), rngs=rngs)
+    self.activation = activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.c_proj(_activation(self.activation)(self.c_fc(x)))
+
+
+class ResidualBlock(nnx.Module):
+  """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+  def __init__(self, width: int, heads: int, mlp_dim: int, *, activation: str = 'quick_gelu',
+               layer_norm_eps: float = 1e-5, depth: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+    # OpenAI CLIP's initialisation (`initialize_parameters`), scaled by the stack's depth.
+    attn_std = width ** -0.5
+    proj_std = attn_std * (2 * depth) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    self.ln_1 = nnx.LayerNorm(width, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.attn = MultiHeadAttention(
+        width, heads, in_std=attn_std, out_std=proj_std, dtype=dtype, rngs=rngs)
+    self.ln_2 = nnx.LayerNorm(width, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(width, mlp_dim, activation, fc_std=fc_std, proj_std=proj_std, dtype=dtype,
+                   rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               is_causal: bool = False) -> jax.Array:
+    x = x + self.attn(self.ln_1(x), mask=mask, is_causal=is_causal)
+    return x + self.mlp(self.ln_2(x))
+
+
+def _blocks(n: int, width: int, heads: int, mlp_dim: int, cfg: CLIPConfig, dtype, rngs):
+  return nnx.List([
+      ResidualBlock(width, heads, mlp_dim, activation=cfg.activation,
+                    layer_norm_eps=cfg.layer_norm_eps, depth=n, dtype=dtype, rngs=rngs)
+      for _ in range(n)
+  ])
+
+
+class VisionTransformer(nnx.Module):
+  """CLIP's ViT: images [N, H, W, 3] -> tokens [N, L, width] -> embedding [N, embed_dim]."""
+
+  def __init__(self, cfg: CLIPConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    width, scale = cfg.vision_width, cfg.vision_width ** -0.5
+    self.cfg = cfg
+    self.dtype = dtype
+    self.conv1 = nnx.Conv(3, width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2,
+                          padding='VALID', use_bias=False, dtype=dtype, rngs=rngs)
+    self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (width,)))
+    self.positional_embedding = nnx.Param(
+        scale * jax.random.normal(rngs.params(), (cfg.num_image_tokens, width)))
+    eps = cfg.layer_norm_eps
+    self.ln_pre = nnx.LayerNorm(width, epsilon=eps, dtype=dtype, rngs=rngs)
+    self.blocks = _blocks(cfg.vision_layers, width, cfg.vision_heads, cfg.vision_mlp_dim, cfg,
+                          dtype, rngs)
+    self.ln_post = nnx.LayerNorm(width, epsilon=eps, dtype=jnp.float32, rngs=rngs)
+    self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (width, cfg.embed_dim)))
+
+  def encode_tokens(self, images: jax.Array) -> jax.Array:
+    """[N, H, W, 3] -> [N, L, width]: every token after the last block, before `ln_post`."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'images must be [N, H, W, 3] (channels last); got shape {images.shape}.')
+    size = self.cfg.image_size
+    if images.shape[1:3] != (size, size):
+      raise ValueError(
+          f'images are {images.shape[1]}x{images.shape[2]} but this model takes {size}x{size}. '
+          'Resize the inputs, or convert the weights with --image_size to resample the '
+          'positional embedding.')
+    x = self.conv1(images.astype(self.dtype))                     # [N, g, g, width]
+    x = x.reshape(x.shape[0], -1, x.shape[-1])                    # row-major patches
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(x.dtype)
+    x = self.ln_pre(x)
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+  def pool(self, tokens: jax.Array) -> jax.Array:
+    """Class tokens [..., width] -> `ln_post` -> `proj` -> [..., embed_dim], in float32."""
+    return self.ln_post(tokens.astype(jnp.float32)) @ self.proj[...]
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return self.pool(self.encode_tokens(images)[:, 0])
+
+
+class TextTransformer(nnx.Module):
+  """CLIP's causal text transformer: tokens [N, S] -> states [N, S, width] -> [N, embed_dim]."""
+
+  def __init__(self, cfg: CLIPConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    width = cfg.text_width
+    self.cfg = cfg
+    self.dtype = dtype
+    self.token_embedding = nnx.Embed(cfg.vocab_size, width, dtype=dtype,
+                                     embedding_init=_normal(0.02), rngs=rngs)
+    self.positional_embedding = nnx.Param(
+        0.01 * jax.random.normal(rngs.params(), (cfg.context_length, width)))
+    self.blocks = _blocks(cfg.text_layers, width, cfg.text_heads, cfg.text_mlp_dim, cfg, dtype, rngs)
+    self.ln_final = nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
+                                  rngs=rngs)
+    self.text_projection = nnx.Param(
+        width ** -0.5 * jax.random.normal(rngs.params(), (width, cfg.embed_dim)))
+
+  def encode_tokens(self, tokens: jax.Array) -> jax.Array:
+    """[N, S] int -> [N, S, width] float32: every position after `ln_final`, before pooling."""
+    if tokens.ndim != 2:
+      raise ValueError(f'tokens must be [N, context]; got shape {tokens.shape}.')
+    if tokens.shape[1] > self.cfg.context_length:
+      raise ValueError(f'tokens have {tokens.shape[1]} positions but the model has '
+                       f'{self.cfg.context_length}; tokenize with context_length='
+                       f'{self.cfg.context_length}.')
+    x = self.token_embedding(tokens)
+    x = x + self.positional_embedding[:tokens.shape[1]].astype(x.dtype)
+    for block in self.blocks:
+      x = block(x, is_causal=True)
+    return self.ln_final(x)
+
+  def eot_index(self, tokens: jax.Array) -> jax.Array:
+    """[N, S] -> [N]: the position the sequence embedding is read at (see CLIPConfig)."""
+    if self.cfg.text_pooling == 'argmax':
+      return jnp.argmax(tokens, axis=-1)
+    return jnp.argmax(tokens == self.cfg.eos_token_id, axis=-1)
+
+  def pool(self, states: jax.Array, tokens: jax.Array) -> jax.Array:
+    """[N, S, width] states, [N, S] tokens -> [N, embed_dim] in float32."""
+    eot = jnp.take_along_axis(states, self.eot_index(tokens)[:, None, None], axis=1)[:, 0]
+    return eot @ self.text_projection[...]
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return self.pool(self.encode_tokens(tokens), tokens)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+
+
+class CLIP(nnx.Module):
+  """Both towers and the learned temperature."""
+
+  def __init__(self, cfg: CLIPConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.visual = VisionTransformer(cfg, dtype=dtype, rngs=rngs)
+    self.text = TextTransformer(cfg, dtype=dtype, rngs=rngs)
+    self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
+
+  def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
+    """[N, H, W, 3] -> [N, embed_dim]; with return_tokens also [N, L, vision_width]."""
+    tokens = self.visual.encode_tokens(images)
+    embedding = self.visual.pool(tokens[:, 0])
+    return (embedding, tokens) if return_tokens else embedding
+
+  def encode_text(self, tokens: jax.Array, *, return_tokens: bool = False):
+    """[N, S] int -> [N, embed_dim]; with return_tokens also [N, S, text_width] states."""
+    states = self.text.encode_tokens(tokens)
+    embedding = self.text.pool(states, tokens)
+    return (embedding, states) if return_tokens else embedding
+
+  def logits(self, images: jax.Array, tokens: jax.Array) -> jax.Array:
+    """-> [N_images, N_texts]: exp(logit_scale) times the cosine similarity."""
+    image = l2_normalize(self.encode_image(images))
+    text = l2_normalize(self.encode_text(tokens))
+    return jnp.exp(self.logit_scale[...]) * image @ text.T

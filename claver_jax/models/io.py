@@ -1,0 +1,119 @@
+"""Model directories: what converters write and `load()` reads.
+
+A model directory holds
+  config.json    {"format": "claver_jax.model", "version": 1, "kind": "clip", "config": {...}, "source": {...}}
+  params/        an orbax checkpoint of the parameters (nnx.State as a pure dict, fp32)
+  tokenizer/     vocab.json + merges.txt in CLIP's format, when the source had them
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from claver_jax.fileio import atomic_directory
+from claver_jax.models.clip import CLIP, CLIPConfig
+
+FORMAT = 'claver_jax.model'
+VERSION = 1
+
+# kind -> (config from dict, module constructor(config, dtype=, rngs=)).
+MODEL_KINDS: dict[str, tuple[Callable[[dict], Any], Callable[..., nnx.Module]]] = {
+    'clip': (CLIPConfig.from_dict, CLIP),
+}
+
+
+def flatten_params(tree: Any) -> dict[str, Any]:
+  """Nested dict -> {'visual.blocks.0.attn.qkv.kernel': leaf}."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    flat['.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)] = leaf
+  return flat
+
+
+def abstract_params(kind: str, config: Any, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graph and its parameter shapes, without allocating anything."""
+  _, build = MODEL_KINDS[kind]
+  abstract = nnx.eval_shape(lambda: build(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract)
+
+
+def write_model_dir(out: str | os.PathLike, *, kind: str, config: Any, params: Any,
+                    tokenizer: tuple[dict[str, int], list[str]] | None = None,
+                    source: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+  """Writes a model directory atomically. `params` is a pure dict of arrays."""
+  with atomic_directory(out, overwrite=overwrite) as tmp:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp / 'params', params)
+    if tokenizer is not None:
+      vocab, merges = tokenizer
+      (tmp / 'tokenizer').mkdir()
+      (tmp / 'tokenizer' / 'vocab.json').write_text(json.dumps(vocab, ensure_ascii=False))
+      (tmp / 'tokenizer' / 'merges.txt').write_text(
+          '#version: 0.2\n' + '\n'.join(merges) + '\n', encoding='utf-8')
+    meta = {'format': FORMAT, 'version': VERSION, 'kind': kind, 'config': config.to_dict(),
+            'source': source or {}}
+    (tmp / 'config.json').write_text(json.dumps(meta, indent=2) + '\n')
+  return Path(out)
+
+
+def read_model_config(path: str | os.PathLike) -> tuple[str, Any, dict[str, Any]]:
+  """-> (kind, config, the whole config.json) of a model directory, with clear errors."""
+  path = Path(path)
+  meta_file = path / 'config.json'
+  if not meta_file.is_file():
+    raise FileNotFoundError(
+        f'{path} is not a claver_jax model directory (no config.json). Convert PyTorch weights '
+        'with `python -m convert.clip_to_flax --src=... --out=DIR` and load DIR.')
+  meta = json.loads(meta_file.read_text())
+  if meta.get('format') != FORMAT:
+    raise ValueError(f'{meta_file} is not a claver_jax model config (format={meta.get("format")!r}'
+                     f'; expected {FORMAT!r}). An HF or OpenAI checkpoint must be converted first '
+                     'with `python -m convert.clip_to_flax`.')
+  if meta.get('version', 0) > VERSION:
+    raise ValueError(f'{path} was written by a newer claver_jax (model format version '
+                     f'{meta["version"]} > {VERSION}); upgrade claver_jax to read it.')
+  kind = meta.get('kind')
+  if kind not in MODEL_KINDS:
+    raise ValueError(f'{meta_file}: unknown model kind {kind!r}; known kinds: {list(MODEL_KINDS)}.')
+  from_dict, _ = MODEL_KINDS[kind]
+  return kind, from_dict(meta['config']), meta
+
+
+def load(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
+  """Loads a converted or trained model directory; `dtype` is the compute dtype (params stay fp32)."""
+  path = Path(path).absolute()
+  kind, config, _ = read_model_config(path)
+  graphdef, state = abstract_params(kind, config, jnp.dtype(dtype))
+  expected = {k: v.shape for k, v in flatten_params(state.to_pure_dict()).items()}
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored_tree = checkpointer.metadata(path / 'params').item_metadata.tree
+    stored = {k: tuple(v.shape) for k, v in flatten_params(stored_tree).items()}
+    _check_same_params(expected, stored, where=path / 'params')
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          state.to_pure_dict())
+    restored = checkpointer.restore(path / 'params', target)
+  state.replace_by_pure_dict(restored)
+  logging.info('Loaded %s model from %s.', kind, path)
+  return nnx.merge(graphdef, state)
+
+
+def _check_same_params(expected: dict[str, tuple], stored: dict[str, tuple], where: Any) -> None:
+  missing = sorted(set(expected) - set(stored))
+  unexpected = sorted(set(stored) - set(expected))
+  mismatched = sorted(k for k in set(expected) & set(stored) if tuple(expected[k]) != stored[k])
+  if missing or unexpected or mismatched:
+    lines = [f'The parameters in {where} do not match the model its config.json describes:']
+    lines += [f'  missing: {k} {expected[k]}' for k in missing]
+    lines += [f'  unexpected: {k} {stored[k]}' for k in unexpected]
+    lines += [f'  shape: {k} stored {stored[k]}, expected {tuple(expected[k])}' for k in mismatched]
+    raise ValueError('\n'.join(lines))

@@ -1,0 +1,1 @@
+"""Converters from PyTorch / HF checkpoints to claver_jax model directories."""

@@ -1,0 +1,587 @@
+r"""Converts PyTorch CLIP weights into a claver_jax model directory.
+
+    python -m convert.clip_to_flax --src=PATH --out=DIR [--bpe=bpe_simple_vocab_16e6.txt.gz] \
+        [--image_size=336] [--overwrite]
+
+PATH is one of
+  * an HF CLIP directory: config.json with model.safetensors (or its shards) or pytorch_model.bin;
+  * an OpenAI CLIP checkpoint: the TorchScript archive OpenAI distributes (ViT-B-32.pt, ...), a
+    plain state dict in OpenAI key layout saved by torch.save, or the same state dict as
+    .safetensors (read without torch).
+
+The architecture is inferred from the tensors' shapes. Head counts cannot be seen in shapes: HF
+sources give them in config.json; for OpenAI sources they follow OpenAI's width // 64 unless
+--vision_heads / --text_heads say otherwise. Nothing is written to DIR unless the conversion
+succeeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from claver_jax.models.clip import CLIPConfig
+from claver_jax.text.tokenizer import read_openai_bpe, read_vocab_merges
+
+ACCEPTED_FORMATS = (
+    'an HF CLIP directory (config.json + model.safetensors, sharded safetensors, or '
+    'pytorch_model.bin); an OpenAI CLIP TorchScript archive (e.g. ViT-B-32.pt); an OpenAI-layout '
+    'state dict saved with torch.save (.pt/.pth/.bin) or as .safetensors')
+
+# Keys that some checkpoints carry besides the weights.
+_IGNORED_OPENAI = {'input_resolution', 'context_length', 'vocab_size'}
+_IGNORED_HF = re.compile(r'.*position_ids$')
+
+HF_ACTIVATIONS = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_new': 'gelu_tanh',
+                  'gelu_pytorch_tanh': 'gelu_tanh'}
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be converted; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class Source:
+  tensors: dict[str, np.ndarray]
+  layout: str                      # 'hf' or 'openai'
+  container: str                   # 'safetensors', 'torchscript', 'torch'
+  hf_config: dict[str, Any] | None = None
+  tokenizer: tuple[dict[str, int], list[str]] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  from safetensors import safe_open  # framework='flax' reads bf16, which numpy cannot.
+  try:
+    with safe_open(str(path), framework='flax') as f:
+      return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
+  except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers.
+    raise ConversionError(f'{path} is not a readable safetensors file: {e}') from e
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+  a = np.asarray(x)
+  return a.astype(np.float32) if a.dtype.kind == 'f' or a.dtype.name == 'bfloat16' else a
+
+
+def _torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError(
+        'Reading PyTorch .pt/.pth/.bin files needs torch: `pip install torch==2.13.0` (the CPU '
+        'build is enough), or save the weights as .safetensors, which needs no torch.') from e
+  return torch
+
+
+def _torch_tensors(state: Any, path: Path) -> dict[str, np.ndarray]:
+  torch = _torch()
+  if isinstance(state, dict):
+    for wrapper in ('state_dict', 'model'):
+      if isinstance(state.get(wrapper), dict):
+        state = state[wrapper]
+        break
+  if not isinstance(state, dict) or not state:
+    raise ConversionError(f'{path} holds a {type(state).__name__}, not a state dict of tensors. '
+                          f'Accepted: {ACCEPTED_FORMATS}.')
+  tensors = {}
+  for k, v in state.items():
+    if isinstance(v, torch.Tensor):
+      v = v.detach().cpu()
+      tensors[k] = (v.to(torch.float32) if v.is_floating_point() else v).numpy()
+  if tensors and all(k.startswith('module.') for k in tensors):
+    tensors = {k[len('module.'):]: v for k, v in tensors.items()}
+  return tensors
+
+
+def _read_torch_file(path: Path) -> tuple[dict[str, np.ndarray], str]:
+  is_zip = zipfile.is_zipfile(path)
+  if is_zip:
+    names = zipfile.ZipFile(path).namelist()
+    if any(n.endswith('constants.pkl') or '/code/' in n for n in names):
+      torch = _torch()
+      try:
+        module = torch.jit.load(str(path), map_location='cpu')
+      except Exception as e:
+        raise ConversionError(f'{path} looks like a TorchScript archive but cannot be loaded: '
+                              f'{e}') from e
+      return _torch_tensors(module.state_dict(), path), 'torchscript'
+  else:
+    with open(path, 'rb') as f:
+      magic = f.read(2)
+    if magic[:1] != b'\x80':  # Not a pickle: the legacy torch.save format starts with one.
+      raise ConversionError(f'Unrecognised checkpoint format: {path}. Accepted: {ACCEPTED_FORMATS}.')
+  torch = _torch()
+  try:
+    state = torch.load(str(path), map_location='cpu', weights_only=True)
+  except Exception as e:
+    raise ConversionError(f'{path} cannot be read by torch.load ({type(e).__name__}: {e}). '
+                          f'Accepted: {ACCEPTED_FORMATS}.') from e
+  return _torch_tensors(state, path), 'torch'
+
+
+def _read_hf_tokenizer(directory: Path) -> tuple[dict[str, int], list[str]] | None:
+  if (directory / 'vocab.json').is_file() and (directory / 'merges.txt').is_file():
+    return read_vocab_merges(directory)
+  if (directory / 'tokenizer.json').is_file():
+    model = json.loads((directory / 'tokenizer.json').read_text(encoding='utf-8')).get('model', {})
+    if model.get('type') == 'BPE':
+      merges = [m if isinstance(m, str) else ' '.join(m) for m in model['merges']]
+      return model['vocab'], merges
+  return None
+
+
+def _read_hf_dir(path: Path) -> Source:
+  config = json.loads((path / 'config.json').read_text())
+  if 'vision_config' not in config or 'text_config' not in config:
+    raise ConversionError(
+        f'{path / "config.json"} is not a CLIP config (model_type={config.get("model_type")!r}; '
+        'it needs vision_config and text_config). Accepted: ' + ACCEPTED_FORMATS + '.')
+  tensors: dict[str, np.ndarray] = {}
+  if (path / 'model.safetensors').is_file():
+    tensors, container = _read_safetensors(path / 'model.safetensors'), 'safetensors'
+  elif (path / 'model.safetensors.index.json').is_file():
+    shards = sorted(set(json.loads((path / 'model.safetensors.index.json').read_text())
+                        ['weight_map'].values()))
+    for shard in shards:
+      tensors.update(_read_safetensors(path / shard))
+    container = 'safetensors'
+  elif (path / 'pytorch_model.bin').is_file():
+    tensors, container = _read_torch_file(path / 'pytorch_model.bin')
+  else:
+    raise ConversionError(
+        f'{path} has config.json but no weights: expected model.safetensors, '
+        'model.safetensors.index.json with its shards, or pytorch_model.bin.')
+  return Source(tensors, 'hf', container, config, _read_hf_tokenizer(path))
+
+
+def read_source(path: str | Path) -> Source:
+  """Reads any accepted checkpoint into float32 numpy tensors."""
+  path = Path(path)
+  if not path.exists():
+    raise ConversionError(f'--src {path} does not exist.')
+  if path.is_dir():
+    if (path / 'config.json').is_file():
+      return _read_hf_dir(path)
+    raise ConversionError(f'{path} is a directory without config.json. Accepted: '
+                          f'{ACCEPTED_FORMATS}.')
+  if path.suffix == '.safetensors':
+    tensors, container = _read_safetensors(path), 'safetensors'
+  else:
+    tensors, container = _read_torch_file(path)
+  keys = set(tensors)
+  if 'visual.conv1.weight' in keys:
+    return Source(tensors, 'openai', container)
+  if 'vision_model.embeddings.patch_embedding.weight' in keys:
+    raise ConversionError(f'{path} holds HF-layout CLIP weights; pass the HF directory with its '
+                          'config.json instead, so that head counts and activations are known.')
+  if any(k.startswith('visual.layer1.') or k.startswith('visual.attnpool.') for k in keys):
+    raise ConversionError(f'{path} is a ResNet CLIP; claver_jax needs a ViT visual tower '
+                          '(ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336).')
+  raise ConversionError(
+      f'{path} is not a CLIP state dict: its keys start {sorted(keys)[:5]}, but an OpenAI-layout '
+      f'CLIP has visual.conv1.weight, token_embedding.weight, .... Accepted: {ACCEPTED_FORMATS}.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture from shapes
+# ---------------------------------------------------------------------------------------------
+def _require(tensors: dict[str, np.ndarray], keys: list[str], what: str) -> None:
+  missing = [k for k in keys if k not in tensors]
+  if missing:
+    raise ConversionError(f'Cannot infer the architecture of this {what} CLIP; missing keys:\n'
+                          + '\n'.join(f'  missing: {k}' for k in missing))
+
+
+def _count_layers(tensors: dict[str, np.ndarray], prefix: str) -> int:
+  pattern = re.compile(re.escape(prefix) + r'(\d+)\.')
+  found = {int(m.group(1)) for k in tensors if (m := pattern.match(k))}
+  return max(found) + 1 if found else 0
+
+
+def _grid_image_size(num_positions: int, patch: int) -> int:
+  grid = math.isqrt(num_positions - 1)
+  if grid * grid != num_positions - 1:
+    raise ConversionError(f'The visual positional embedding has {num_positions} rows, which is not '
+                          '1 + a square number of patches.')
+  return grid * patch
+
+
+def infer_openai_config(tensors: dict[str, np.ndarray], *, vision_heads: int | None = None,
+                        text_heads: int | None = None) -> CLIPConfig:
+  """OpenAI's `build_model` rules; heads default to width // 64 as in every released CLIP."""
+  anchors = ['visual.conv1.weight', 'visual.positional_embedding', 'text_projection',
+             'positional_embedding', 'token_embedding.weight', 'ln_final.weight',
+             'visual.transformer.resblocks.0.mlp.c_fc.weight',
+             'transformer.resblocks.0.mlp.c_fc.weight']
+  _require(tensors, anchors, 'OpenAI-layout')
+  conv = tensors['visual.conv1.weight']
+  vision_width, patch = conv.shape[0], conv.shape[-1]
+  text_width = tensors['ln_final.weight'].shape[0]
+  vocab_size = tensors['token_embedding.weight'].shape[0]
+  return _make_config(
+      embed_dim=tensors['text_projection'].shape[1],
+      image_size=_grid_image_size(tensors['visual.positional_embedding'].shape[0], patch),
+      patch_size=patch,
+      vision_width=vision_width,
+      vision_layers=_count_layers(tensors, 'visual.transformer.resblocks.'),
+      vision_heads=vision_heads or vision_width // 64,
+      vision_mlp_dim=tensors['visual.transformer.resblocks.0.mlp.c_fc.weight'].shape[0],
+      context_length=tensors['positional_embedding'].shape[0],
+      vocab_size=vocab_size,
+      text_width=text_width,
+      text_layers=_count_layers(tensors, 'transformer.resblocks.'),
+      text_heads=text_heads or text_width // 64,
+      text_mlp_dim=tensors['transformer.resblocks.0.mlp.c_fc.weight'].shape[0],
+      text_pooling='argmax',
+      eos_token_id=vocab_size - 1)
+
+
+def _make_config(**fields) -> CLIPConfig:
+  try:
+    return CLIPConfig(**fields)
+  except ValueError as e:
+    raise ConversionError(f'{e}. For OpenAI-layout sources, set the head counts with '
+                          '--vision_heads / --text_heads.') from e
+
+
+def infer_hf_config(tensors: dict[str, np.ndarray], hf: dict[str, Any]) -> CLIPConfig:
+  """Shapes from the tensors; heads, activation, epsilon and pooling from HF's config.json."""
+  v, t = 'vision_model.', 'text_model.'
+  anchors = [v + 'embeddings.patch_embedding.weight', v + 'embeddings.position_embedding.weight',
+             v + 'encoder.layers.0.mlp.fc1.weight', t + 'encoder.layers.0.mlp.fc1.weight',
+             t + 'embeddings.token_embedding.weight', t + 'embeddings.position_embedding.weight',
+             'visual_projection.weight']
+  _require(tensors, anchors, 'HF')
+  vc, tc = hf['vision_config'], hf['text_config']
+  conv = tensors[v + 'embeddings.patch_embedding.weight']
+  vocab_size, text_width = tensors[t + 'embeddings.token_embedding.weight'].shape
+  shapes = dict(
+      embed_dim=tensors['visual_projection.weight'].shape[0],
+      image_size=_grid_image_size(tensors[v + 'embeddings.position_embedding.weight'].shape[0],
+                                  conv.shape[-1]),
+      patch_size=conv.shape[-1],
+      vision_width=conv.shape[0],
+      vision_layers=_count_layers(tensors, v + 'encoder.layers.'),
+      vision_mlp_dim=tensors[v + 'encoder.layers.0.mlp.fc1.weight'].shape[0],
+      context_length=tensors[t + 'embeddings.position_embedding.weight'].shape[0],
+      vocab_size=vocab_size,
+      text_width=text_width,
+      text_layers=_count_layers(tensors, t + 'encoder.layers.'),
+      text_mlp_dim=tensors[t + 'encoder.layers.0.mlp.fc1.weight'].shape[0])
+  # config.json and the weights must agree where both say something.
+  said = {('vision_config', 'hidden_size'): 'vision_width',
+          ('vision_config', 'num_hidden_layers'): 'vision_layers',
+          ('vision_config', 'intermediate_size'): 'vision_mlp_dim',
+          ('vision_config', 'patch_size'): 'patch_size',
+          ('vision_config', 'image_size'): 'image_size',
+          ('text_config', 'hidden_size'): 'text_width',
+          ('text_config', 'num_hidden_layers'): 'text_layers',
+          ('text_config', 'intermediate_size'): 'text_mlp_dim',
+          ('text_config', 'vocab_size'): 'vocab_size',
+          ('text_config', 'max_position_embeddings'): 'context_length'}
+  disagree = [f'  config.json {sec}.{key}={hf[sec][key]} but the weights give {shapes[field]}'
+              for (sec, key), field in said.items()
+              if key in hf[sec] and hf[sec][key] != shapes[field]]
+  if disagree:
+    raise ConversionError('config.json disagrees with the weights:\n' + '\n'.join(disagree))
+  acts = {vc.get('hidden_act', 'quick_gelu'), tc.get('hidden_act', 'quick_gelu')}
+  if len(acts) != 1 or next(iter(acts)) not in HF_ACTIVATIONS:
+    raise ConversionError(f'Unsupported hidden_act {sorted(acts)}: both towers must use one of '
+                          f'{list(HF_ACTIVATIONS)}.')
+  eps = {vc.get('layer_norm_eps', 1e-5), tc.get('layer_norm_eps', 1e-5)}
+  if len(eps) != 1:
+    raise ConversionError(f'Different layer_norm_eps per tower ({sorted(eps)}) are not supported.')
+  eos = tc.get('eos_token_id', 49407)
+  if not isinstance(eos, int):
+    raise ConversionError(f'text_config.eos_token_id={eos!r}: a single token id is needed.')
+  return CLIPConfig(
+      **shapes,
+      vision_heads=vc.get('num_attention_heads', 12),
+      text_heads=tc.get('num_attention_heads', 8),
+      # HF's rule (CLIPTextTransformer): eos_token_id == 2 marks pre-#24773 configs, pooled at
+      # the argmax id; otherwise at the first eos_token_id.
+      text_pooling='argmax' if eos == 2 else 'first_eos',
+      eos_token_id=eos,
+      activation=HF_ACTIVATIONS[next(iter(acts))],
+      layer_norm_eps=float(next(iter(eps))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Key maps: (our parameter path, source keys, source shapes, transform)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  dst: str
+  srcs: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  fn: Callable[..., np.ndarray] = lambda x: x
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x.T)
+
+
+def _conv(w: np.ndarray) -> np.ndarray:
+  """PyTorch conv weight [out, in, kh, kw] -> flax [kh, kw, in, out]."""
+  return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def _qkv_kernel(q, k, v):
+  return _t(np.concatenate([q, k, v], axis=0))
+
+
+def _qkv_bias(q, k, v):
+  return np.concatenate([q, k, v], axis=0)
+
+
+def _layer_norm(dst: str, src: str, width: int) -> list[Entry]:
+  return [Entry(f'{dst}.scale', (f'{src}.weight',), ((width,),)),
+          Entry(f'{dst}.bias', (f'{src}.bias',), ((width,),))]
+
+
+def openai_block_entries(src: str, dst: str, width: int, mlp_dim: int) -> list[Entry]:
+  """One `ResidualAttentionBlock` of OpenAI's CLIP (PyTorch nn.MultiheadAttention)."""
+  w, m = width, mlp_dim
+  return [
+      *_layer_norm(f'{dst}.ln_1', f'{src}.ln_1', w),
+      Entry(f'{dst}.attn.qkv.kernel', (f'{src}.attn.in_proj_weight',), ((3 * w, w),), _t),
+      Entry(f'{dst}.attn.qkv.bias', (f'{src}.attn.in_proj_bias',), ((3 * w,),)),
+      Entry(f'{dst}.attn.out.kernel', (f'{src}.attn.out_proj.weight',), ((w, w),), _t),
+      Entry(f'{dst}.attn.out.bias', (f'{src}.attn.out_proj.bias',), ((w,),)),
+      *_layer_norm(f'{dst}.ln_2', f'{src}.ln_2', w),
+      Entry(f'{dst}.mlp.c_fc.kernel', (f'{src}.mlp.c_fc.weight',), ((m, w),), _t),
+      Entry(f'{dst}.mlp.c_fc.bias', (f'{src}.mlp.c_fc.bias',), ((m,),)),
+      Entry(f'{dst}.mlp.c_proj.kernel', (f'{src}.mlp.c_proj.weight',), ((w, m),), _t),
+      Entry(f'{dst}.mlp.c_proj.bias', (f'{src}.mlp.c_proj.bias',), ((w,),)),
+  ]
+
+
+def openai_entries(cfg: CLIPConfig) -> list[Entry]:
+  vw, tw, e, p = cfg.vision_width, cfg.text_width, cfg.embed_dim, cfg.patch_size
+  entries = [
+      Entry('visual.conv1.kernel', ('visual.conv1.weight',), ((vw, 3, p, p),), _conv),
+      Entry('visual.class_embedding', ('visual.class_embedding',), ((vw,),)),
+      Entry('visual.positional_embedding', ('visual.positional_embedding',),
+            ((cfg.num_image_tokens, vw),)),
+      *_layer_norm('visual.ln_pre', 'visual.ln_pre', vw),
+      *_layer_norm('visual.ln_post', 'visual.ln_post', vw),
+      Entry('visual.proj', ('visual.proj',), ((vw, e),)),
+      Entry('text.token_embedding.embedding', ('token_embedding.weight',),
+            ((cfg.vocab_size, tw),)),
+      Entry('text.positional_embedding', ('positional_embedding',), ((cfg.context_length, tw),)),
+      *_layer_norm('text.ln_final', 'ln_final', tw),
+      Entry('text.text_projection', ('text_projection',), ((tw, e),)),
+      Entry('logit_scale', ('logit_scale',), ((),)),
+  ]
+  for i in range(cfg.vision_layers):
+    entries += openai_block_entries(f'visual.transformer.resblocks.{i}', f'visual.blocks.{i}',
+                                    vw, cfg.vision_mlp_dim)
+  for i in range(cfg.text_layers):
+    entries += openai_block_entries(f'transformer.resblocks.{i}', f'text.blocks.{i}', tw,
+                                    cfg.text_mlp_dim)
+  return entries
+
+
+def _hf_block_entries(src: str, dst: str, width: int, mlp_dim: int) -> list[Entry]:
+  w, m = width, mlp_dim
+  a = f'{src}.self_attn'
+  return [
+      *_layer_norm(f'{dst}.ln_1', f'{src}.layer_norm1', w),
+      Entry(f'{dst}.attn.qkv.kernel', tuple(f'{a}.{x}_proj.weight' for x in 'qkv'),
+            ((w, w),) * 3, _qkv_kernel),
+      Entry(f'{dst}.attn.qkv.bias', tuple(f'{a}.{x}_proj.bias' for x in 'qkv'), ((w,),) * 3,
+            _qkv_bias),
+      Entry(f'{dst}.attn.out.kernel', (f'{a}.out_proj.weight',), ((w, w),), _t),
+      Entry(f'{dst}.attn.out.bias', (f'{a}.out_proj.bias',), ((w,),)),
+      *_layer_norm(f'{dst}.ln_2', f'{src}.layer_norm2', w),
+      Entry(f'{dst}.mlp.c_fc.kernel', (f'{src}.mlp.fc1.weight',), ((m, w),), _t),
+      Entry(f'{dst}.mlp.c_fc.bias', (f'{src}.mlp.fc1.bias',), ((m,),)),
+      Entry(f'{dst}.mlp.c_proj.kernel', (f'{src}.mlp.fc2.weight',), ((w, m),), _t),
+      Entry(f'{dst}.mlp.c_proj.bias', (f'{src}.mlp.fc2.bias',), ((w,),)),
+  ]
+
+
+def hf_entries(cfg: CLIPConfig) -> list[Entry]:
+  vw, tw, e, p = cfg.vision_width, cfg.text_width, cfg.embed_dim, cfg.patch_size
+  v, t = 'vision_model', 'text_model'
+  entries = [
+      Entry('visual.conv1.kernel', (f'{v}.embeddings.patch_embedding.weight',), ((vw, 3, p, p),),
+            _conv),
+      Entry('visual.class_embedding', (f'{v}.embeddings.class_embedding',), ((vw,),)),
+      Entry('visual.positional_embedding', (f'{v}.embeddings.position_embedding.weight',),
+            ((cfg.num_image_tokens, vw),)),
+      *_layer_norm('visual.ln_pre', f'{v}.pre_layrnorm', vw),  # sic: HF's spelling.
+      *_layer_norm('visual.ln_post', f'{v}.post_layernorm', vw),
+      Entry('visual.proj', ('visual_projection.weight',), ((e, vw),), _t),
+      Entry('text.token_embedding.embedding', (f'{t}.embeddings.token_embedding.weight',),
+            ((cfg.vocab_size, tw),)),
+      Entry('text.positional_embedding', (f'{t}.embeddings.position_embedding.weight',),
+            ((cfg.context_length, tw),)),
+      *_layer_norm('text.ln_final', f'{t}.final_layer_norm', tw),
+      Entry('text.text_projection', ('text_projection.weight',), ((e, tw),), _t),
+      Entry('logit_scale', ('logit_scale',), ((),)),
+  ]
+  for i in range(cfg.vision_layers):
+    entries += _hf_block_entries(f'{v}.encoder.layers.{i}', f'visual.blocks.{i}', vw,
+                                 cfg.vision_mlp_dim)
+  for i in range(cfg.text_layers):
+    entries += _hf_block_entries(f'{t}.encoder.layers.{i}', f'text.blocks.{i}', tw,
+                                 cfg.text_mlp_dim)
+  return entries
+
+
+def map_params(tensors: dict[str, np.ndarray], entries: list[Entry],
+               ignored: Callable[[str], bool] = lambda k: False) -> dict[str, np.ndarray]:
+  """Applies a key map, listing every missing, unexpected or mis-shaped tensor at once."""
+  used = {s for entry in entries for s in entry.srcs}
+  missing = sorted(used - set(tensors))
+  unexpected = sorted(k for k in set(tensors) - used if not ignored(k))
+  mismatched = sorted(
+      f'  shape: {src} is {tuple(tensors[src].shape)}, expected {shape}'
+      for entry in entries for src, shape in zip(entry.srcs, entry.shapes)
+      if src in tensors and tuple(tensors[src].shape) != shape)
+  if missing or unexpected or mismatched:
+    lines = ['The checkpoint does not match the architecture inferred from it:']
+    lines += [f'  missing: {k}' for k in missing]
+    lines += [f'  unexpected: {k} {tuple(tensors[k].shape)}' for k in unexpected]
+    lines += mismatched
+    raise ConversionError('\n'.join(lines))
+  return {e.dst: np.asarray(e.fn(*(tensors[s] for s in e.srcs)), np.float32) for e in entries}
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict[Any, Any]:
+  """{'visual.blocks.0.ln_1.scale': x} -> nested dict; list indices become int keys (nnx.List)."""
+  tree: dict[Any, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = [int(p) if p.isdigit() else p for p in path.split('.')]
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def resize_positional_embedding(pos: np.ndarray, grid: int) -> np.ndarray:
+  """[1 + g*g, D] -> [1 + grid*grid, D]: the class row kept, the patch grid resampled bicubically."""
+  import jax
+  old = math.isqrt(pos.shape[0] - 1)
+  if old == grid:
+    return pos
+  patches = pos[1:].reshape(old, old, -1)
+  resized = jax.image.resize(patches, (grid, grid, pos.shape[1]), method='bicubic')
+  return np.concatenate([pos[:1], np.asarray(resized).reshape(grid * grid, -1)], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------
+def source_to_params(source: Source, *, vision_heads: int | None = None,
+                     text_heads: int | None = None,
+                     image_size: int | None = None) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
+  """-> (config, flat params) of the CLIP in `source`, optionally at another image size."""
+  if source.layout == 'hf':
+    if vision_heads or text_heads:
+      raise ConversionError('--vision_heads/--text_heads are for OpenAI-layout sources; HF '
+                            'sources take head counts from config.json.')
+    cfg = infer_hf_config(source.tensors, source.hf_config or {})
+    flat = map_params(source.tensors, hf_entries(cfg), lambda k: bool(_IGNORED_HF.match(k)))
+  else:
+    cfg = infer_openai_config(source.tensors, vision_heads=vision_heads, text_heads=text_heads)
+    flat = map_params(source.tensors, openai_entries(cfg), lambda k: k in _IGNORED_OPENAI)
+  if image_size and image_size != cfg.image_size:
+    if image_size % cfg.patch_size:
+      raise ConversionError(f'--image_size={image_size} is not a multiple of the patch size '
+                            f'{cfg.patch_size}.')
+    flat['visual.positional_embedding'] = resize_positional_embedding(
+        flat['visual.positional_embedding'], image_size // cfg.patch_size)
+    cfg = dataclasses.replace(cfg, image_size=image_size)
+  return cfg, flat
+
+
+def check_against_model(kind: str, config: Any, flat: dict[str, np.ndarray]) -> None:
+  """The converted tree must be exactly the parameter tree of the model `load()` builds."""
+  from claver_jax.models.io import abstract_params, flatten_params
+  _, state = abstract_params(kind, config)
+  expected = {k: tuple(v.shape) for k, v in flatten_params(state.to_pure_dict()).items()}
+  got = {k: tuple(v.shape) for k, v in flat.items()}
+  if expected != got:
+    diff = sorted(set(expected.items()) ^ set(got.items()))
+    raise AssertionError(f'Internal error: converted parameters differ from the model: {diff[:10]}')
+
+
+def check_tokenizer(tokenizer: tuple[dict[str, int], list[str]] | None, cfg: CLIPConfig) -> None:
+  if tokenizer is not None and len(tokenizer[0]) != cfg.vocab_size:
+    raise ConversionError(f'The tokenizer has {len(tokenizer[0])} ids but the text tower\'s '
+                          f'embedding has {cfg.vocab_size} rows: they do not belong together.')
+
+
+def convert(src: str | Path, out: str | Path, *, bpe: str | Path | None = None,
+            image_size: int | None = None, vision_heads: int | None = None,
+            text_heads: int | None = None, overwrite: bool = False) -> Path:
+  """Converts `src` into the model directory `out`; see the module docstring."""
+  from claver_jax.models.io import write_model_dir
+  out = Path(out)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f'--out {out} already exists; choose another path or pass --overwrite.')
+  source = read_source(src)
+  cfg, flat = source_to_params(source, vision_heads=vision_heads, text_heads=text_heads,
+                               image_size=image_size)
+  tokenizer = read_openai_bpe(bpe) if bpe else source.tokenizer
+  check_tokenizer(tokenizer, cfg)
+  check_against_model('clip', cfg, flat)
+  if tokenizer is None:
+    logging.warning('No tokenizer written: %s has none; pass --bpe=bpe_simple_vocab_16e6.txt.gz '
+                    'to include OpenAI\'s.', src)
+  info = {'path': str(Path(src).absolute()), 'layout': source.layout,
+          'container': source.container}
+  write_model_dir(out, kind='clip', config=cfg, params=unflatten(flat), tokenizer=tokenizer,
+                  source=info, overwrite=overwrite)
+  num_params = sum(v.size for v in flat.values())
+  print(f'Wrote {out}: {source.layout}-layout CLIP ({source.container}), {num_params / 1e6:.1f}M '
+        f'parameters, image {cfg.image_size}, patch {cfg.patch_size}, tokenizer '
+        f'{"included" if tokenizer else "absent"}.')
+  return out
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+  from absl import logging as absl_logging
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO.
+  f = flags.FLAGS
+  try:
+    convert(f.src, f.out, bpe=f.bpe, image_size=f.image_size, vision_heads=f.vision_heads,
+            text_heads=f.text_heads, overwrite=f.overwrite)
+  except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    sys.exit(f'error: {e}')
+
+
+def define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string('src', None, 'HF CLIP directory or OpenAI CLIP checkpoint.', required=True)
+  flags.DEFINE_string('out', None, 'Output model directory (must not exist).', required=True)
+  flags.DEFINE_string('bpe', None, "OpenAI's bpe_simple_vocab_16e6.txt.gz, saved as the "
+                      'tokenizer (OpenAI sources carry none).')
+  flags.DEFINE_integer('image_size', None, 'Resample the positional embedding to this image size '
+                       '(e.g. 336), bicubically over the patch grid.')
+  flags.DEFINE_integer('vision_heads', None, 'OpenAI sources: vision heads (default width // 64).')
+  flags.DEFINE_integer('text_heads', None, 'OpenAI sources: text heads (default width // 64).')
+  flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists (only once conversion succeeded).')
+
+
+if __name__ == '__main__':
+  from absl import app
+  define_flags()
+  app.run(main)

@@ -1,0 +1,48 @@
+"""Shared fixtures: one tiny random HF CLIP, its reference outputs, and its CLI conversion."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_REFERENCE = REPO.parent / 'shared' / 'reference'
+CLIP_BPE = SHARED_REFERENCE / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz'
+
+requires_clip_bpe = pytest.mark.skipif(
+    not CLIP_BPE.is_file(),
+    reason=f'OpenAI\'s CLIP BPE vocabulary is not at {CLIP_BPE} (../shared/reference is absent)')
+
+
+def run_cli(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+  """Runs `python -m module args...` as a user would; returns the finished process."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'{module} {args} exited {proc.returncode}:\n{proc.stderr[-4000:]}')
+  return proc
+
+
+@pytest.fixture(scope='session')
+def tiny_clip(tmp_path_factory):
+  """A random HF CLIPModel saved as an HF directory, inputs, and its PyTorch outputs."""
+  import torch_clip
+  model = torch_clip.tiny_hf_clip(seed=0)
+  hf_dir = tmp_path_factory.mktemp('hf_clip')
+  model.save_pretrained(hf_dir)
+  images, tokens = torch_clip.random_inputs(seed=0)
+  return dict(model=model, hf_dir=hf_dir, images=images, tokens=tokens,
+              expected=torch_clip.hf_outputs(model, images, tokens))
+
+
+@pytest.fixture(scope='session')
+def converted_hf(tiny_clip, tmp_path_factory):
+  """The tiny HF CLIP converted through the CLI."""
+  out = tmp_path_factory.mktemp('converted') / 'hf_clip_flax'
+  run_cli('convert.clip_to_flax', f'--src={tiny_clip["hf_dir"]}', f'--out={out}')
+  return out
