@@ -120,6 +120,9 @@ def _read_torch_file(path: Path) -> tuple[dict[str, np.ndarray], str]:
   else:
     with open(path, 'rb') as f:
       magic = f.read(2)
+    if magic == b'PK':
+      raise ConversionError(f'{path} starts like a zip (torch.save) archive but is not a complete '
+                            'one: the file is truncated or corrupt. Download or copy it again.')
     if magic[:1] != b'\x80':  # Not a pickle: the legacy torch.save format starts with one.
       raise ConversionError(f'Unrecognised checkpoint format: {path}. Accepted: {ACCEPTED_FORMATS}.')
   torch = _torch()

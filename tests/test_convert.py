@@ -1,0 +1,198 @@
+"""The CLIP converter on bad input: clear errors that name the problem, and nothing left in --out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import torch_clip
+from claver_jax.fileio import atomic_directory
+from claver_jax.models import load
+from conftest import run_cli
+from convert.clip_to_flax import ConversionError, convert, resize_positional_embedding
+
+
+@pytest.fixture(scope='module')
+def openai_state(tiny_clip):
+  return torch_clip.hf_to_openai_state_dict(tiny_clip['model'].state_dict())
+
+
+def assert_nothing_written(out):
+  assert not out.exists()
+  assert not [p for p in out.parent.iterdir() if p.name.startswith(f'.{out.name}.')], \
+      'a temporary directory was left behind'
+
+
+def test_unknown_format_names_accepted_formats(tmp_path):
+  src = tmp_path / 'weights.ckpt'
+  src.write_bytes(b'this is not a checkpoint at all')
+  out = tmp_path / 'out'
+  proc = run_cli('convert.clip_to_flax', f'--src={src}', f'--out={out}', check=False)
+  assert proc.returncode != 0
+  assert 'Unrecognised checkpoint format' in proc.stderr
+  for accepted in ('HF CLIP directory', 'TorchScript archive', 'safetensors'):
+    assert accepted in proc.stderr
+  assert_nothing_written(out)
+
+
+def test_missing_unexpected_and_misshapen_keys_all_listed(openai_state, tmp_path):
+  state = dict(openai_state)
+  del state['visual.transformer.resblocks.1.ln_2.bias']
+  state['visual.extra_head.weight'] = torch.zeros(3, 3)
+  state['ln_final.bias'] = torch.zeros(127)
+  src = tmp_path / 'broken.safetensors'
+  save_file(state, src)
+  out = tmp_path / 'out'
+  proc = run_cli('convert.clip_to_flax', f'--src={src}', f'--out={out}', check=False)
+  assert proc.returncode != 0
+  assert 'missing: visual.transformer.resblocks.1.ln_2.bias' in proc.stderr
+  assert 'unexpected: visual.extra_head.weight (3, 3)' in proc.stderr
+  assert 'shape: ln_final.bias is (127,), expected (128,)' in proc.stderr
+  assert_nothing_written(out)
+
+
+@pytest.mark.parametrize('case,message', [
+    ('missing', 'does not exist'),
+    ('empty_dir', 'directory without config.json'),
+    ('hf_no_weights', 'no weights'),
+    ('not_clip_config', 'is not a CLIP config'),
+    ('hf_layout_file', 'pass the HF directory'),
+    ('resnet', 'ResNet CLIP'),
+    ('other_state_dict', 'is not a CLIP state dict'),
+    ('corrupt_safetensors', 'not a readable safetensors file'),
+    ('truncated_torch', 'truncated or corrupt'),
+    ('pickle_not_dict', 'not a state dict'),
+])
+def test_bad_sources(case, message, tiny_clip, tmp_path):
+  src = tmp_path / 'src'
+  if case == 'empty_dir':
+    src.mkdir()
+  elif case == 'hf_no_weights':
+    src.mkdir()
+    shutil.copy(tiny_clip['hf_dir'] / 'config.json', src)
+  elif case == 'not_clip_config':
+    src.mkdir()
+    (src / 'config.json').write_text(json.dumps({'model_type': 'bert', 'hidden_size': 8}))
+  elif case == 'hf_layout_file':
+    src = tmp_path / 'model.safetensors'
+    save_file({k: v.contiguous() for k, v in tiny_clip['model'].state_dict().items()}, src)
+  elif case == 'resnet':
+    src = tmp_path / 'rn50.safetensors'
+    save_file({'visual.layer1.0.conv1.weight': torch.zeros(2, 2)}, src)
+  elif case == 'other_state_dict':
+    src = tmp_path / 'bert.safetensors'
+    save_file({'encoder.layer.0.weight': torch.zeros(2, 2)}, src)
+  elif case == 'corrupt_safetensors':
+    src = tmp_path / 'clip.safetensors'
+    src.write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{garbage')
+  elif case == 'truncated_torch':
+    src = tmp_path / 'clip.pt'
+    torch.save({'a': torch.zeros(100)}, src)
+    src.write_bytes(src.read_bytes()[:200])
+  elif case == 'pickle_not_dict':
+    src = tmp_path / 'clip.pt'
+    torch.save([1, 2, 3], src)
+  out = tmp_path / 'out'
+  with pytest.raises(ConversionError, match=message):
+    convert(src, out)
+  assert_nothing_written(out)
+
+
+def test_hf_config_disagreeing_with_weights(tiny_clip, tmp_path):
+  src = tmp_path / 'hf'
+  shutil.copytree(tiny_clip['hf_dir'], src)
+  config = json.loads((src / 'config.json').read_text())
+  config['vision_config']['num_hidden_layers'] = 3
+  (src / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(ConversionError, match='num_hidden_layers=3 but the weights give 2'):
+    convert(src, tmp_path / 'out')
+
+
+def test_existing_output_is_never_lost(tiny_clip, tmp_path):
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'precious.txt').write_text('keep me')
+  proc = run_cli('convert.clip_to_flax', f'--src={tiny_clip["hf_dir"]}', f'--out={out}',
+                 check=False)
+  assert proc.returncode != 0 and '--overwrite' in proc.stderr
+  bad = tmp_path / 'bad.safetensors'
+  bad.write_bytes(b'garbage')
+  with pytest.raises(ConversionError):
+    convert(bad, out, overwrite=True)  # A failed conversion leaves the old output in place.
+  assert (out / 'precious.txt').read_text() == 'keep me'
+  convert(tiny_clip['hf_dir'], out, overwrite=True)
+  assert not (out / 'precious.txt').exists() and (out / 'config.json').is_file()
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.out.')] == []
+
+
+def test_atomic_directory_cleans_up_on_failure(tmp_path):
+  out = tmp_path / 'result'
+  with pytest.raises(RuntimeError):
+    with atomic_directory(out) as tmp:
+      (tmp / 'half.bin').write_bytes(b'x')
+      raise RuntimeError('interrupted')
+  assert_nothing_written(out)
+
+
+def test_tokenizer_must_match_the_text_embedding(tiny_clip, tmp_path):
+  bpe = tmp_path / 'tiny_bpe.txt'
+  bpe.write_text('#version: 0.2\nt h\nth e</w>\n')
+  with pytest.raises(ConversionError, match='tokenizer has 516 ids but .* 1000 rows'):
+    convert(tiny_clip['hf_dir'], tmp_path / 'out', bpe=bpe)
+  assert_nothing_written(tmp_path / 'out')
+
+
+def test_openai_heads_must_divide_width(openai_state, tmp_path):
+  src = tmp_path / 'clip.safetensors'
+  save_file(openai_state, src)
+  with pytest.raises(ConversionError, match='vision_width=128 is not divisible by vision_heads=3'):
+    convert(src, tmp_path / 'out', vision_heads=3)
+
+
+def test_resize_positional_embedding_to_larger_images(tiny_clip, tmp_path):
+  out = tmp_path / 'clip48'
+  run_cli('convert.clip_to_flax', f'--src={tiny_clip["hf_dir"]}', f'--out={out}',
+          '--image_size=48')
+  model = load(out)
+  assert model.cfg.image_size == 48 and model.cfg.grid_size == 6
+  pos = np.asarray(model.visual.positional_embedding[...])
+  source = tiny_clip['model'].vision_model.embeddings.position_embedding.weight.detach().numpy()
+  assert pos.shape == (37, 128)
+  np.testing.assert_array_equal(pos[0], source[0])         # The class position is kept.
+  embedding = np.asarray(model.encode_image(np.ones((2, 48, 48, 3), np.float32)))
+  assert embedding.shape == (2, 64) and np.isfinite(embedding).all()
+  with pytest.raises(ConversionError, match='not a multiple of the patch size 8'):
+    convert(tiny_clip['hf_dir'], tmp_path / 'bad', image_size=50)
+
+
+def test_resize_is_bicubic_over_the_patch_grid():
+  grid = np.linspace(0, 1, 8)
+  # A smooth field over the 8x8 grid, plus a class row that must stay as it is.
+  field = np.stack([np.add.outer(grid, grid), np.multiply.outer(grid, grid)], -1)
+  pos = np.concatenate([np.full((1, 2), 7.0), field.reshape(64, 2)]).astype(np.float32)
+  np.testing.assert_array_equal(resize_positional_embedding(pos, 8), pos)
+  big = resize_positional_embedding(pos, 16)
+  assert big.shape == (257, 2) and (big[0] == 7.0).all()
+  # Half-pixel centres: output cell i of 16 samples the source at x = (i + .5) / 2 - .5. Where all
+  # four cubic taps lie inside the grid (1 <= x <= 6, i.e. i in 3..12) a linear field is exact.
+  x = (np.arange(16) + 0.5) / 2 - 0.5
+  inner = slice(3, 13)
+  expected = np.add.outer(x / 7, x / 7)[inner, inner]
+  np.testing.assert_allclose(big[1:].reshape(16, 16, 2)[inner, inner, 0], expected, atol=1e-5)
+
+
+def test_load_rejects_non_model_directories(tmp_path, converted_hf):
+  with pytest.raises(FileNotFoundError, match='convert.clip_to_flax'):
+    load(tmp_path)
+  edited = tmp_path / 'edited'
+  shutil.copytree(converted_hf, edited)
+  meta = json.loads((edited / 'config.json').read_text())
+  meta['config']['vision_layers'] = 3
+  (edited / 'config.json').write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match='missing: visual.blocks.2.attn.qkv.kernel'):
+    load(edited)
