@@ -147,6 +147,9 @@ def _read_hf_tokenizer(directory: Path) -> tuple[dict[str, int], list[str]] | No
 
 def _read_hf_dir(path: Path) -> Source:
   config = json.loads((path / 'config.json').read_text())
+  if config.get('format') == 'claver_jax.model':
+    raise ConversionError(f'{path} is already a claver_jax model directory: load it with '
+                          '`claver_jax.models.load`, no conversion needed.')
   if 'vision_config' not in config or 'text_config' not in config:
     raise ConversionError(
         f'{path / "config.json"} is not a CLIP config (model_type={config.get("model_type")!r}; '
@@ -515,9 +518,10 @@ def source_to_params(source: Source, *, vision_heads: int | None = None,
 
 def check_against_model(kind: str, config: Any, flat: dict[str, np.ndarray]) -> None:
   """The converted tree must be exactly the parameter tree of the model `load()` builds."""
+  from flax import nnx
   from claver_jax.models.io import abstract_params, flatten_params
   _, state = abstract_params(kind, config)
-  expected = {k: tuple(v.shape) for k, v in flatten_params(state.to_pure_dict()).items()}
+  expected = {k: tuple(v.shape) for k, v in flatten_params(nnx.to_pure_dict(state)).items()}
   got = {k: tuple(v.shape) for k, v in flat.items()}
   if expected != got:
     diff = sorted(set(expected.items()) ^ set(got.items()))
@@ -538,6 +542,7 @@ def convert(src: str | Path, out: str | Path, *, bpe: str | Path | None = None,
   out = Path(out)
   if out.exists() and not overwrite:
     raise FileExistsError(f'--out {out} already exists; choose another path or pass --overwrite.')
+  print(f'Reading {src} ...', file=sys.stderr, flush=True)
   source = read_source(src)
   cfg, flat = source_to_params(source, vision_heads=vision_heads, text_heads=text_heads,
                                image_size=image_size)
@@ -549,6 +554,7 @@ def convert(src: str | Path, out: str | Path, *, bpe: str | Path | None = None,
                     'to include OpenAI\'s.', src)
   info = {'path': str(Path(src).absolute()), 'layout': source.layout,
           'container': source.container}
+  print(f'Writing {out} ...', file=sys.stderr, flush=True)
   write_model_dir(out, kind='clip', config=cfg, params=unflatten(flat), tokenizer=tokenizer,
                   source=info, overwrite=overwrite)
   num_params = sum(v.size for v in flat.values())

@@ -18,13 +18,14 @@ requires_clip_bpe = pytest.mark.skipif(
     reason=f'OpenAI\'s CLIP BPE vocabulary is not at {CLIP_BPE} (../shared/reference is absent)')
 
 
-def run_cli(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-  """Runs `python -m module args...` as a user would; returns the finished process."""
+def run_cli(module: str, *args: str, check: bool = True,
+            argv: list[str] | None = None) -> subprocess.CompletedProcess:
+  """Runs `python -m module args...` as a user would (or `python *argv`); returns the process."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
-  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  command = [sys.executable, *(argv if argv is not None else ['-m', module, *args])]
+  proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   if check and proc.returncode != 0:
-    raise AssertionError(f'{module} {args} exited {proc.returncode}:\n{proc.stderr[-4000:]}')
+    raise AssertionError(f'{command[1:]} exited {proc.returncode}:\n{proc.stderr[-4000:]}')
   return proc
 
 

@@ -62,6 +62,8 @@ def test_openai_reference_agrees_with_hf(tiny_clip, openai_clip):
   assert_parity(got, tiny_clip['expected'])
 
 
+# OpenAI distributes TorchScript archives, so the test makes one; torch warns about tracing.
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning', 'ignore::DeprecationWarning')
 def test_openai_torchscript_archive_through_cli(tiny_clip, openai_clip, tmp_path):
   images, tokens = tiny_clip['images'], tiny_clip['tokens']
   example = (torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long())

@@ -67,8 +67,9 @@ def test_missing_unexpected_and_misshapen_keys_all_listed(openai_state, tmp_path
     ('corrupt_safetensors', 'not a readable safetensors file'),
     ('truncated_torch', 'truncated or corrupt'),
     ('pickle_not_dict', 'not a state dict'),
+    ('already_converted', 'already a claver_jax model directory'),
 ])
-def test_bad_sources(case, message, tiny_clip, tmp_path):
+def test_bad_sources(case, message, tiny_clip, converted_hf, tmp_path):
   src = tmp_path / 'src'
   if case == 'empty_dir':
     src.mkdir()
@@ -97,6 +98,8 @@ def test_bad_sources(case, message, tiny_clip, tmp_path):
   elif case == 'pickle_not_dict':
     src = tmp_path / 'clip.pt'
     torch.save([1, 2, 3], src)
+  elif case == 'already_converted':
+    src = converted_hf
   out = tmp_path / 'out'
   with pytest.raises(ConversionError, match=message):
     convert(src, out)
@@ -196,3 +199,20 @@ def test_load_rejects_non_model_directories(tmp_path, converted_hf):
   (edited / 'config.json').write_text(json.dumps(meta))
   with pytest.raises(ValueError, match='missing: visual.blocks.2.attn.qkv.kernel'):
     load(edited)
+
+
+def test_safetensors_convert_without_torch(tiny_clip, openai_state, tmp_path):
+  """safetensors sources need no torch: convert with `import torch` made to fail."""
+  src = tmp_path / 'clip.safetensors'
+  save_file(openai_state, src)
+  script = ('import sys; sys.modules["torch"] = None\n'
+            'from convert.clip_to_flax import convert\n'
+            f'convert({str(src)!r}, {str(tmp_path / "a")!r})\n'
+            f'convert({str(tiny_clip["hf_dir"])!r}, {str(tmp_path / "b")!r})\n'
+            'assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]\n')
+  run_cli('', check=True, argv=['-c', script])
+  images = tiny_clip['images']
+  np.testing.assert_allclose(load(tmp_path / 'a').encode_image(images),
+                             tiny_clip['expected']['image'], atol=1e-5)
+  np.testing.assert_allclose(load(tmp_path / 'b').encode_image(images),
+                             tiny_clip['expected']['image'], atol=1e-5)

@@ -93,16 +93,17 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
   path = Path(path).absolute()
   kind, config, _ = read_model_config(path)
   graphdef, state = abstract_params(kind, config, jnp.dtype(dtype))
-  expected = {k: v.shape for k, v in flatten_params(state.to_pure_dict()).items()}
+  pure = nnx.to_pure_dict(state)
+  expected = {k: v.shape for k, v in flatten_params(pure).items()}
   with ocp.StandardCheckpointer() as checkpointer:
     stored_tree = checkpointer.metadata(path / 'params').item_metadata.tree
     stored = {k: tuple(v.shape) for k, v in flatten_params(stored_tree).items()}
     _check_same_params(expected, stored, where=path / 'params')
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          state.to_pure_dict())
+                          pure)
     restored = checkpointer.restore(path / 'params', target)
-  state.replace_by_pure_dict(restored)
+  nnx.replace_by_pure_dict(state, restored)
   logging.info('Loaded %s model from %s.', kind, path)
   return nnx.merge(graphdef, state)
 
