@@ -38,7 +38,7 @@ ACCEPTED_FORMATS = (
     'state dict saved with torch.save (.pt/.pth/.bin) or as .safetensors')
 
 # Keys that some checkpoints carry besides the weights.
-_IGNORED_OPENAI = {'input_resolution', 'context_length', 'vocab_size'}
+IGNORED_OPENAI_KEYS = {'input_resolution', 'context_length', 'vocab_size'}
 _IGNORED_HF = re.compile(r'.*position_ids$')
 
 HF_ACTIVATIONS = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_new': 'gelu_tanh',
@@ -203,14 +203,14 @@ def read_source(path: str | Path) -> Source:
 # ---------------------------------------------------------------------------------------------
 # Architecture from shapes
 # ---------------------------------------------------------------------------------------------
-def _require(tensors: dict[str, np.ndarray], keys: list[str], what: str) -> None:
+def require_keys(tensors: dict[str, np.ndarray], keys: list[str], what: str) -> None:
   missing = [k for k in keys if k not in tensors]
   if missing:
     raise ConversionError(f'Cannot infer the architecture of this {what} CLIP; missing keys:\n'
                           + '\n'.join(f'  missing: {k}' for k in missing))
 
 
-def _count_layers(tensors: dict[str, np.ndarray], prefix: str) -> int:
+def count_layers(tensors: dict[str, np.ndarray], prefix: str) -> int:
   pattern = re.compile(re.escape(prefix) + r'(\d+)\.')
   found = {int(m.group(1)) for k in tensors if (m := pattern.match(k))}
   return max(found) + 1 if found else 0
@@ -231,7 +231,7 @@ def infer_openai_config(tensors: dict[str, np.ndarray], *, vision_heads: int | N
              'positional_embedding', 'token_embedding.weight', 'ln_final.weight',
              'visual.transformer.resblocks.0.mlp.c_fc.weight',
              'transformer.resblocks.0.mlp.c_fc.weight']
-  _require(tensors, anchors, 'OpenAI-layout')
+  require_keys(tensors, anchors, 'OpenAI-layout')
   conv = tensors['visual.conv1.weight']
   vision_width, patch = conv.shape[0], conv.shape[-1]
   text_width = tensors['ln_final.weight'].shape[0]
@@ -241,13 +241,13 @@ def infer_openai_config(tensors: dict[str, np.ndarray], *, vision_heads: int | N
       image_size=_grid_image_size(tensors['visual.positional_embedding'].shape[0], patch),
       patch_size=patch,
       vision_width=vision_width,
-      vision_layers=_count_layers(tensors, 'visual.transformer.resblocks.'),
+      vision_layers=count_layers(tensors, 'visual.transformer.resblocks.'),
       vision_heads=vision_heads or vision_width // 64,
       vision_mlp_dim=tensors['visual.transformer.resblocks.0.mlp.c_fc.weight'].shape[0],
       context_length=tensors['positional_embedding'].shape[0],
       vocab_size=vocab_size,
       text_width=text_width,
-      text_layers=_count_layers(tensors, 'transformer.resblocks.'),
+      text_layers=count_layers(tensors, 'transformer.resblocks.'),
       text_heads=text_heads or text_width // 64,
       text_mlp_dim=tensors['transformer.resblocks.0.mlp.c_fc.weight'].shape[0],
       text_pooling='argmax',
@@ -269,7 +269,7 @@ def infer_hf_config(tensors: dict[str, np.ndarray], hf: dict[str, Any]) -> CLIPC
              v + 'encoder.layers.0.mlp.fc1.weight', t + 'encoder.layers.0.mlp.fc1.weight',
              t + 'embeddings.token_embedding.weight', t + 'embeddings.position_embedding.weight',
              'visual_projection.weight']
-  _require(tensors, anchors, 'HF')
+  require_keys(tensors, anchors, 'HF')
   vc, tc = hf['vision_config'], hf['text_config']
   conv = tensors[v + 'embeddings.patch_embedding.weight']
   vocab_size, text_width = tensors[t + 'embeddings.token_embedding.weight'].shape
@@ -279,12 +279,12 @@ def infer_hf_config(tensors: dict[str, np.ndarray], hf: dict[str, Any]) -> CLIPC
                                   conv.shape[-1]),
       patch_size=conv.shape[-1],
       vision_width=conv.shape[0],
-      vision_layers=_count_layers(tensors, v + 'encoder.layers.'),
+      vision_layers=count_layers(tensors, v + 'encoder.layers.'),
       vision_mlp_dim=tensors[v + 'encoder.layers.0.mlp.fc1.weight'].shape[0],
       context_length=tensors[t + 'embeddings.position_embedding.weight'].shape[0],
       vocab_size=vocab_size,
       text_width=text_width,
-      text_layers=_count_layers(tensors, t + 'encoder.layers.'),
+      text_layers=count_layers(tensors, t + 'encoder.layers.'),
       text_mlp_dim=tensors[t + 'encoder.layers.0.mlp.fc1.weight'].shape[0])
   # config.json and the weights must agree where both say something.
   said = {('vision_config', 'hidden_size'): 'vision_width',
@@ -357,20 +357,23 @@ def _layer_norm(dst: str, src: str, width: int) -> list[Entry]:
           Entry(f'{dst}.bias', (f'{src}.bias',), ((width,),))]
 
 
-def openai_block_entries(src: str, dst: str, width: int, mlp_dim: int) -> list[Entry]:
-  """One `ResidualAttentionBlock` of OpenAI's CLIP (PyTorch nn.MultiheadAttention)."""
-  w, m = width, mlp_dim
+def openai_block_entries(src: str, dst: str, width: int, mlp_dim: int,
+                         prefix: str = '') -> list[Entry]:
+  """One `ResidualAttentionBlock` of OpenAI's CLIP (PyTorch nn.MultiheadAttention). `prefix`
+  names its parts: '' gives ln_1, attn, mlp, ln_2; 'temporal_' gives CLAVER's temporal_ln_1, ...
+  """
+  w, m, p = width, mlp_dim, f'{src}.{prefix}'
   return [
-      *_layer_norm(f'{dst}.ln_1', f'{src}.ln_1', w),
-      Entry(f'{dst}.attn.qkv.kernel', (f'{src}.attn.in_proj_weight',), ((3 * w, w),), _t),
-      Entry(f'{dst}.attn.qkv.bias', (f'{src}.attn.in_proj_bias',), ((3 * w,),)),
-      Entry(f'{dst}.attn.out.kernel', (f'{src}.attn.out_proj.weight',), ((w, w),), _t),
-      Entry(f'{dst}.attn.out.bias', (f'{src}.attn.out_proj.bias',), ((w,),)),
-      *_layer_norm(f'{dst}.ln_2', f'{src}.ln_2', w),
-      Entry(f'{dst}.mlp.c_fc.kernel', (f'{src}.mlp.c_fc.weight',), ((m, w),), _t),
-      Entry(f'{dst}.mlp.c_fc.bias', (f'{src}.mlp.c_fc.bias',), ((m,),)),
-      Entry(f'{dst}.mlp.c_proj.kernel', (f'{src}.mlp.c_proj.weight',), ((w, m),), _t),
-      Entry(f'{dst}.mlp.c_proj.bias', (f'{src}.mlp.c_proj.bias',), ((w,),)),
+      *_layer_norm(f'{dst}.ln_1', f'{p}ln_1', w),
+      Entry(f'{dst}.attn.qkv.kernel', (f'{p}attn.in_proj_weight',), ((3 * w, w),), _t),
+      Entry(f'{dst}.attn.qkv.bias', (f'{p}attn.in_proj_bias',), ((3 * w,),)),
+      Entry(f'{dst}.attn.out.kernel', (f'{p}attn.out_proj.weight',), ((w, w),), _t),
+      Entry(f'{dst}.attn.out.bias', (f'{p}attn.out_proj.bias',), ((w,),)),
+      *_layer_norm(f'{dst}.ln_2', f'{p}ln_2', w),
+      Entry(f'{dst}.mlp.c_fc.kernel', (f'{p}mlp.c_fc.weight',), ((m, w),), _t),
+      Entry(f'{dst}.mlp.c_fc.bias', (f'{p}mlp.c_fc.bias',), ((m,),)),
+      Entry(f'{dst}.mlp.c_proj.kernel', (f'{p}mlp.c_proj.weight',), ((w, m),), _t),
+      Entry(f'{dst}.mlp.c_proj.bias', (f'{p}mlp.c_proj.bias',), ((w,),)),
   ]
 
 
@@ -505,7 +508,7 @@ def source_to_params(source: Source, *, vision_heads: int | None = None,
     flat = map_params(source.tensors, hf_entries(cfg), lambda k: bool(_IGNORED_HF.match(k)))
   else:
     cfg = infer_openai_config(source.tensors, vision_heads=vision_heads, text_heads=text_heads)
-    flat = map_params(source.tensors, openai_entries(cfg), lambda k: k in _IGNORED_OPENAI)
+    flat = map_params(source.tensors, openai_entries(cfg), lambda k: k in IGNORED_OPENAI_KEYS)
   if image_size and image_size != cfg.image_size:
     if image_size % cfg.patch_size:
       raise ConversionError(f'--image_size={image_size} is not a multiple of the patch size '

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from claver_jax.fileio import atomic_directory
+from claver_jax.models.claver import CLAVER, CLAVERConfig, with_num_frames
 from claver_jax.models.clip import CLIP, CLIPConfig
 
 FORMAT = 'claver_jax.model'
@@ -28,6 +29,7 @@ VERSION = 1
 # kind -> (config from dict, module constructor(config, dtype=, rngs=)).
 MODEL_KINDS: dict[str, tuple[Callable[[dict], Any], Callable[..., nnx.Module]]] = {
     'clip': (CLIPConfig.from_dict, CLIP),
+    'claver': (CLAVERConfig.from_dict, CLAVER),
 }
 
 
@@ -88,10 +90,25 @@ def read_model_config(path: str | os.PathLike) -> tuple[str, Any, dict[str, Any]
   return kind, from_dict(meta['config']), meta
 
 
-def load(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
-  """Loads a converted or trained model directory; `dtype` is the compute dtype (params stay fp32)."""
+def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int | None = None,
+         resample_frames: bool = True) -> nnx.Module:
+  """Loads a converted or trained model directory (CLIP or CLAVER).
+
+  dtype: the compute dtype; parameters stay fp32.
+  num_frames: CLAVER only; run with this many frames. A temporal embedding trained with another
+    count is resampled linearly, with a warning, unless `resample_frames=False` makes it an error.
+  """
   path = Path(path).absolute()
   kind, config, _ = read_model_config(path)
+  if num_frames is not None and kind != 'claver':
+    raise ValueError(f'num_frames applies to CLAVER checkpoints; {path} holds a {kind} model.')
+  model = _restore(path, kind, config, dtype)
+  if num_frames is not None:
+    model = with_num_frames(model, num_frames, resample=resample_frames)
+  return model
+
+
+def _restore(path: Path, kind: str, config: Any, dtype: Any) -> nnx.Module:
   graphdef, state = abstract_params(kind, config, jnp.dtype(dtype))
   pure = nnx.to_pure_dict(state)
   expected = {k: v.shape for k, v in flatten_params(pure).items()}

@@ -1,0 +1,148 @@
+"""CLAVER: CLIP's towers plus a Kronecker-mask temporal transformer over every frame token.
+
+    >>> model = CLAVER(CLAVERConfig(clip=get_preset('ViT-B/16'), num_frames=8), rngs=nnx.Rngs(0))
+    >>> model.encode_video(video)       # float32 [B, T, H, W, 3], normalised -> [B, embed_dim]
+    >>> model.encode_text(tokens)       # int32 [N, context] -> [N, embed_dim], projected
+    >>> model.logits(video, tokens)     # [B, N], exp(logit_scale) * <video, normalised text>
+
+The video encoder: the ViT encodes the B·T frames (all L tokens, before `ln_post`); a temporal head
+(temporal.py) turns them into one class token per frame; each goes through `ln_post` and `proj`
+and is L2-normalised; the video embedding is their mean over T, not re-normalised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from claver_jax.models.clip import CLIP, CLIPConfig, get_preset, l2_normalize
+from claver_jax.models.temporal import TEMPORAL_KINDS, TemporalTransformer
+
+
+@dataclasses.dataclass(frozen=True)
+class CLAVERConfig:
+  """clip: the towers. temporal: one of TEMPORAL_KINDS. temporal_layers: None = vision_layers // 3."""
+  clip: CLIPConfig = CLIPConfig()
+  num_frames: int = 8
+  temporal: str = 'kmt'
+  temporal_layers: int | None = None
+
+  def __post_init__(self):
+    if isinstance(self.clip, dict):
+      object.__setattr__(self, 'clip', CLIPConfig.from_dict(self.clip))
+    if self.temporal not in TEMPORAL_KINDS:
+      raise ValueError(f'temporal={self.temporal!r}; choose one of {TEMPORAL_KINDS}.')
+    if self.num_frames < 1:
+      raise ValueError(f'num_frames={self.num_frames} must be at least 1.')
+    if self.temporal != 'mean' and self.temporal_depth < 1:
+      raise ValueError(
+          f'The temporal transformer would have {self.temporal_depth} layers (vision_layers '
+          f'{self.clip.vision_layers} // 3); set temporal_layers to at least 1.')
+
+  @property
+  def temporal_depth(self) -> int:
+    """The paper's default is a third of the ViT's depth; its ablation also uses 1 and 1/6."""
+    if self.temporal == 'mean':
+      return 0
+    return self.temporal_layers if self.temporal_layers is not None else self.clip.vision_layers // 3
+
+  def to_dict(self) -> dict[str, Any]:
+    return {'clip': self.clip.to_dict(), 'num_frames': self.num_frames,
+            'temporal': self.temporal, 'temporal_layers': self.temporal_layers}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> CLAVERConfig:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'Unknown CLAVERConfig fields {unknown}; known fields are {sorted(known)}.')
+    return cls(**{**d, 'clip': CLIPConfig.from_dict(d['clip'])})
+
+
+def config_from(config: Any) -> CLAVERConfig:
+  """A CLAVERConfig from a run config's `model` (arch, temporal, temporal_layers) and `data`
+  (num_frames, image_size) sections."""
+  clip = get_preset(config.model.arch)
+  if config.data.image_size != clip.image_size:
+    clip = dataclasses.replace(clip, image_size=config.data.image_size)
+  return CLAVERConfig(clip=clip, num_frames=config.data.num_frames,
+                      temporal=config.model.temporal,
+                      temporal_layers=config.model.get('temporal_layers'))
+
+
+class CLAVER(nnx.Module):
+
+  def __init__(self, cfg: CLAVERConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.clip = CLIP(cfg.clip, dtype=dtype, rngs=rngs)
+    c = cfg.clip
+    # The paper's temporal heads are width / 64 (the ViT's own count for widths that do not divide).
+    heads = c.vision_width // 64 if c.vision_width % 64 == 0 else c.vision_heads
+    self.temporal = None if cfg.temporal == 'mean' else TemporalTransformer(
+        cfg.temporal, cfg.num_frames, c.vision_width, cfg.temporal_depth, heads,
+        activation=c.activation, layer_norm_eps=c.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+  def encode_frames(self, video: jax.Array) -> jax.Array:
+    """[B, T, H, W, 3] -> [B, T, embed_dim]: L2-normalised per-frame embeddings."""
+    if video.ndim != 5 or video.shape[-1] != 3:
+      raise ValueError(f'video must be [B, T, H, W, 3]; got shape {video.shape}.')
+    b, t = video.shape[:2]
+    tokens = self.clip.visual.encode_tokens(video.reshape(b * t, *video.shape[2:]))
+    tokens = tokens.reshape(b, t, *tokens.shape[1:])              # [B, T, L, D]
+    cls = tokens[:, :, 0] if self.temporal is None else self.temporal(tokens)
+    return l2_normalize(self.clip.visual.pool(cls))
+
+  def encode_video(self, video: jax.Array) -> jax.Array:
+    """[B, T, H, W, 3] -> [B, embed_dim]: the mean over T of normalised frame embeddings."""
+    return self.encode_frames(video).mean(axis=1)
+
+  def encode_text(self, tokens: jax.Array) -> jax.Array:
+    """[N, context] -> [N, embed_dim], projected, not normalised."""
+    return self.clip.encode_text(tokens)
+
+  def logits(self, video: jax.Array, tokens: jax.Array) -> jax.Array:
+    """-> [B, N]: exp(logit_scale) * <video embedding, normalised text embedding>."""
+    text = l2_normalize(self.encode_text(tokens))
+    return jnp.exp(self.clip.logit_scale[...]) * self.encode_video(video) @ text.T
+
+
+def resample_temporal_embedding(embedding: jax.Array, num_frames: int) -> jax.Array:
+  """[T, D] -> [num_frames, D], linear interpolation over time (half-frame centres)."""
+  return jax.image.resize(embedding, (num_frames, embedding.shape[1]), method='linear')
+
+
+def with_num_frames(model: CLAVER, num_frames: int, *, resample: bool = True) -> CLAVER:
+  """The same model for clips of `num_frames`, its temporal embedding resampled linearly."""
+  cfg = model.cfg
+  if num_frames == cfg.num_frames:
+    return model
+  if model.temporal is not None and not resample:
+    raise ValueError(f'The checkpoint was trained with {cfg.num_frames} frames and {num_frames} '
+                     'were asked for, with resampling of the temporal embedding turned off.')
+  new = dataclasses.replace(cfg, num_frames=num_frames)
+  if model.temporal is not None:
+    logging.warning('Resampling the temporal embedding from %d to %d frames (linear).',
+                    cfg.num_frames, num_frames)
+  dtype = model.clip.visual.dtype
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLAVER(new, dtype=dtype, rngs=nnx.Rngs(0))))
+  pure = nnx.to_pure_dict(nnx.state(model))
+  if model.temporal is not None:
+    pure['temporal']['temporal_embedding'] = resample_temporal_embedding(
+        pure['temporal']['temporal_embedding'], num_frames)
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def claver_from_clip(clip: CLIP, cfg: CLAVERConfig, *, dtype=jnp.float32,
+                     rngs: nnx.Rngs) -> CLAVER:
+  """A CLAVER whose towers are `clip`'s weights and whose temporal parts are fresh."""
+  if clip.cfg != cfg.clip:
+    raise ValueError(f'The CLIP weights are for {clip.cfg} but the CLAVER config has {cfg.clip}.')
+  model = CLAVER(cfg, dtype=dtype, rngs=rngs)
+  nnx.update(model.clip, nnx.state(clip, nnx.Param))
+  return model

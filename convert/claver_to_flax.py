@@ -1,0 +1,114 @@
+r"""Converts an official CLAVER PyTorch checkpoint into a claver_jax model directory.
+
+    python -m convert.claver_to_flax --src=CKPT.pth --out=DIR [--mask=kmt|kmct] \
+        [--bpe=bpe_simple_vocab_16e6.txt.gz] [--overwrite]
+
+The file holds {'model': state_dict, ...} or a bare state dict: CLIP in OpenAI's key layout plus
+  visual.temporal_embedding                                        [1, T, W]
+  visual.transformer_t.resblocks.{i}.temporal_attn.{in_proj_weight,in_proj_bias,out_proj.*}
+  visual.transformer_t.resblocks.{i}.temporal_ln_1 / temporal_mlp.c_fc / c_proj / temporal_ln_2
+T comes from the temporal embedding, the depth from the blocks. The checkpoint does not record
+which Kronecker mask it was trained with: --mask says it (KMT by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from claver_jax.models.claver import CLAVERConfig
+from convert.clip_to_flax import (
+    IGNORED_OPENAI_KEYS, ConversionError, Entry, check_against_model, check_tokenizer,
+    count_layers, infer_openai_config, map_params, openai_block_entries, openai_entries,
+    read_openai_bpe, read_source, require_keys, unflatten)
+
+MASKS = ('kmt', 'kmct')
+
+
+def temporal_entries(width: int, num_frames: int, layers: int) -> list[Entry]:
+  entries = [Entry('temporal.temporal_embedding', ('visual.temporal_embedding',),
+                   ((1, num_frames, width),), lambda x: x[0])]
+  for i in range(layers):
+    entries += openai_block_entries(f'visual.transformer_t.resblocks.{i}', f'temporal.blocks.{i}',
+                                    width, 4 * width, prefix='temporal_')
+  return entries
+
+
+def convert(src: str | Path, out: str | Path, *, mask: str = 'kmt',
+            bpe: str | Path | None = None, ignore_keys: str | None = None,
+            vision_heads: int | None = None, text_heads: int | None = None,
+            overwrite: bool = False) -> Path:
+  """Converts the official checkpoint `src` into the model directory `out`."""
+  from claver_jax.models.io import write_model_dir
+  if mask not in MASKS:
+    raise ConversionError(f'--mask={mask!r}; the official model uses one of {MASKS}.')
+  out = Path(out)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f'--out {out} already exists; choose another path or pass --overwrite.')
+  print(f'Reading {src} ...', file=sys.stderr, flush=True)
+  source = read_source(src)
+  tensors = source.tensors
+  if source.layout != 'openai':
+    raise ConversionError(f'{src} is an HF CLIP; official CLAVER checkpoints are OpenAI-layout '
+                          'state dicts. Convert a plain CLIP with `python -m convert.clip_to_flax`.')
+  if 'visual.temporal_embedding' not in tensors:
+    raise ConversionError(f'{src} has no visual.temporal_embedding: it is a plain CLIP, not a '
+                          'CLAVER checkpoint. Use `python -m convert.clip_to_flax` for it.')
+  require_keys(tensors, ['visual.transformer_t.resblocks.0.temporal_attn.in_proj_weight'],
+               'CLAVER')
+  clip = infer_openai_config(tensors, vision_heads=vision_heads, text_heads=text_heads)
+  embedding = tensors['visual.temporal_embedding']
+  if embedding.ndim != 3 or embedding.shape[0] != 1 or embedding.shape[2] != clip.vision_width:
+    raise ConversionError(f'visual.temporal_embedding is {embedding.shape}; expected '
+                          f'[1, T, {clip.vision_width}].')
+  cfg = CLAVERConfig(clip=clip, num_frames=embedding.shape[1], temporal=mask,
+                     temporal_layers=count_layers(tensors, 'visual.transformer_t.resblocks.'))
+  entries = [dataclasses.replace(e, dst=f'clip.{e.dst}') for e in openai_entries(clip)]
+  entries += temporal_entries(clip.vision_width, cfg.num_frames, cfg.temporal_depth)
+  skip = re.compile(ignore_keys) if ignore_keys else None
+  try:
+    flat = map_params(tensors, entries,
+                      lambda k: k in IGNORED_OPENAI_KEYS or bool(skip and skip.search(k)))
+  except ConversionError as e:
+    raise ConversionError(f'{e}\nIf the unexpected keys belong to modules claver_jax does not '
+                          "use, skip them with --ignore_keys='REGEX'.") from e
+  tokenizer = read_openai_bpe(bpe) if bpe else None
+  check_tokenizer(tokenizer, clip)
+  check_against_model('claver', cfg, flat)
+  print(f'Writing {out} ...', file=sys.stderr, flush=True)
+  info = {'path': str(Path(src).absolute()), 'layout': 'openai+claver',
+          'container': source.container}
+  write_model_dir(out, kind='claver', config=cfg, params=unflatten(flat), tokenizer=tokenizer,
+                  source=info, overwrite=overwrite)
+  print(f'Wrote {out}: CLAVER ({mask}, {cfg.num_frames} frames, {cfg.temporal_depth} temporal '
+        f'layers) on a ViT with patch {clip.patch_size} at {clip.image_size} px, '
+        f'{sum(v.size for v in flat.values()) / 1e6:.1f}M parameters.')
+  return out
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+  from absl import logging as absl_logging
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO.
+  f = flags.FLAGS
+  try:
+    convert(f.src, f.out, mask=f.mask, bpe=f.bpe, ignore_keys=f.ignore_keys,
+            vision_heads=f.vision_heads, text_heads=f.text_heads, overwrite=f.overwrite)
+  except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_string('src', None, 'Official CLAVER checkpoint (.pth).', required=True)
+  flags.DEFINE_string('out', None, 'Output model directory (must not exist).', required=True)
+  flags.DEFINE_enum('mask', 'kmt', MASKS, 'The Kronecker mask the checkpoint was trained with.')
+  flags.DEFINE_string('bpe', None, "OpenAI's bpe_simple_vocab_16e6.txt.gz, saved as the tokenizer.")
+  flags.DEFINE_string('ignore_keys', None, 'Regex of checkpoint keys to skip (unused modules).')
+  flags.DEFINE_integer('vision_heads', None, 'Vision heads (default width // 64).')
+  flags.DEFINE_integer('text_heads', None, 'Text heads (default width // 64).')
+  flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists (only once conversion succeeded).')
+  app.run(main)

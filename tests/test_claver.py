@@ -1,0 +1,225 @@
+"""CLAVER: Kronecker masks, the temporal-modelling family, and parity with the official model."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import torch_claver
+import torch_clip
+from claver_jax.models import (CLAVER, CLAVERConfig, CLIPConfig, MASK_KINDS, claver_from_clip,
+                               get_preset, kronecker_mask, load)
+from conftest import run_cli
+from convert.claver_to_flax import convert as convert_claver
+from convert.clip_to_flax import ConversionError
+
+# A tiny CLIP whose vision width gives 2 temporal heads (width / 64): T=4 frames of L=5 tokens.
+TINY = CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=128, vision_layers=2,
+                  vision_heads=2, vision_mlp_dim=256, context_length=8, vocab_size=100,
+                  text_width=64, text_layers=1, text_heads=1, text_mlp_dim=128)
+
+
+# ------------------------------------------------------------------------------------------ masks
+@pytest.mark.parametrize('kind', MASK_KINDS)
+@pytest.mark.parametrize('t,l', [(1, 1), (2, 3), (3, 2), (4, 5)])
+def test_masks_match_their_definitions(kind, t, l):
+  mask = kronecker_mask(kind, t, l)
+  assert mask.dtype == bool and mask.shape == (t * l, t * l)
+  np.testing.assert_array_equal(mask, torch_claver.loop_mask(kind, t, l).numpy())
+
+
+def test_masks_are_built_once():
+  assert kronecker_mask('kmt', 8, 50) is kronecker_mask('kmt', 8, 50)
+  with pytest.raises(ValueError):
+    kronecker_mask('kmt', 8, 50)[0, 0] = False  # The cached mask is read-only.
+  with pytest.raises(ValueError, match='kmct'):
+    kronecker_mask('causal', 2, 2)
+
+
+def attention_weights(mask: np.ndarray, seed: int = 0) -> np.ndarray:
+  """The weights jax.nn.dot_product_attention uses: with identity values, output = weights."""
+  s = mask.shape[0]
+  q, k = jax.random.normal(jax.random.key(seed), (2, 1, s, 2, s))
+  v = jnp.broadcast_to(jnp.eye(s)[None, :, None, :], (1, s, 2, s))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])   # [1, S(query), 2, S(key)]
+  return np.asarray(out[0].transpose(1, 0, 2))                          # [heads, query, key]
+
+
+@pytest.mark.parametrize('kind', ['kmt', 'kmct'])
+def test_attention_weights_are_zero_where_masked(kind):
+  mask = kronecker_mask(kind, 3, 4)
+  weights = attention_weights(mask)
+  assert (weights[:, ~mask] == 0).all()
+  assert (weights[:, mask] > 0).all()
+  np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+
+
+def test_kmct_attention_matrix_is_full_rank():
+  """The paper's Appendix A: under KMCT the attention matrix has full rank."""
+  for seed in range(3):
+    for head in attention_weights(kronecker_mask('kmct', 4, 5), seed).astype(np.float64):
+      assert np.linalg.matrix_rank(head) == 20
+      # Why: the matrix is block lower-triangular and each diagonal block is diagonal (a token
+      # sees only itself in its own frame), so its determinant is the product of self-weights.
+      assert np.diag(head).min() > 0
+      np.testing.assert_allclose(np.linalg.det(head), np.prod(np.diag(head)), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- the model
+def tiny_model(temporal: str, num_frames: int = 4, seed: int = 0) -> CLAVER:
+  cfg = CLAVERConfig(clip=TINY, num_frames=num_frames, temporal=temporal, temporal_layers=1)
+  model = CLAVER(cfg, rngs=nnx.Rngs(seed))
+  if model.temporal is not None:  # Make time visible: the fresh embedding (std .02) is faint.
+    model.temporal.temporal_embedding[...] = jax.random.normal(jax.random.key(seed), (4, 128))
+  return model
+
+
+def random_video(b=2, t=4, seed=1):
+  return np.asarray(jax.random.normal(jax.random.key(seed), (b, t, 16, 16, 3)))
+
+
+@pytest.mark.parametrize('temporal,invariant', [('mean', True), ('kmt', False), ('kmct', False),
+                                                ('joint', False), ('pipeline', False),
+                                                ('cls_only', False)])
+def test_frame_order(temporal, invariant):
+  model = tiny_model(temporal)
+  video = random_video()
+  embedding = np.asarray(model.encode_video(video))
+  reversed_order = np.asarray(model.encode_video(video[:, ::-1]))
+  assert embedding.shape == (2, 32)
+  difference = np.abs(embedding - reversed_order).max()
+  if invariant:
+    assert difference < 1e-6
+  else:
+    assert difference > 1e-3
+
+
+def test_video_embedding_is_the_mean_of_normalised_frames():
+  model = tiny_model('kmt')
+  frames = np.asarray(model.encode_frames(random_video()))
+  np.testing.assert_allclose(np.linalg.norm(frames, axis=-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(model.encode_video(random_video()), frames.mean(1), atol=1e-6)
+
+
+def test_default_depth_is_a_third_of_the_vit():
+  assert CLAVERConfig(clip=get_preset('ViT-B/16')).temporal_depth == 4
+  assert CLAVERConfig(clip=get_preset('ViT-L/14')).temporal_depth == 8
+  assert CLAVERConfig(clip=get_preset('ViT-B/16'), temporal_layers=1).temporal_depth == 1
+  with pytest.raises(ValueError, match='temporal_layers'):
+    CLAVERConfig(clip=TINY)  # 2 // 3 = 0 layers.
+  with pytest.raises(ValueError, match='kmct'):
+    CLAVERConfig(clip=TINY, temporal='kronecker', temporal_layers=1)
+
+
+@pytest.mark.parametrize('arch', ['ViT-B/32', 'ViT-B/16', 'ViT-L/14'])
+@pytest.mark.parametrize('frames', [8, 16])
+def test_abstract_shapes_of_presets(arch, frames):
+  cfg = CLAVERConfig(clip=get_preset(arch), num_frames=frames)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLAVER(cfg, rngs=nnx.Rngs(0))))
+  video = jax.ShapeDtypeStruct((2, frames, 224, 224, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((5, 77), jnp.int32)
+  logits = jax.eval_shape(lambda s, v, t: nnx.merge(graphdef, s).logits(v, t), state, video, tokens)
+  assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+  assert state['temporal']['temporal_embedding'].shape == (frames, cfg.clip.vision_width)
+  assert len(state['temporal']['blocks']) == cfg.clip.vision_layers // 3
+
+
+# ------------------------------------------------------------------- official checkpoint parity
+@pytest.fixture(scope='module')
+def official(tmp_path_factory):
+  """A random official-layout CLAVER (KMT), saved as the official code saves it."""
+  model = torch_claver.OfficialCLAVER(num_frames=4, temporal_layers=2, mask='kmt')
+  torch_clip.randomize_(model, seed=3)
+  path = tmp_path_factory.mktemp('official') / 'claver_k400_b16.pth'
+  torch.save({'model': model.state_dict(), 'epoch': 30, 'max_accuracy': 0.0}, path)
+  images, tokens = torch_clip.random_inputs(seed=5, n_images=2)
+  video = np.stack([images, images[::-1]], axis=0)[:, :, :, :, :]         # [2, 2, H, W, 3]
+  video = np.concatenate([video, video[:, ::-1] * 0.5], axis=1)           # [2, 4, H, W, 3]
+  return dict(model=model, path=path, video=video.astype(np.float32), tokens=tokens)
+
+
+@torch.no_grad()
+def official_outputs(model, video, tokens):
+  v = torch.from_numpy(video).permute(0, 1, 4, 2, 3)
+  t = torch.from_numpy(tokens).long()
+  return model.encode_video(v).numpy(), model.video_logits(v, t).numpy()
+
+
+@pytest.mark.parametrize('mask', ['kmt', 'kmct'])
+def test_parity_with_official_model(official, mask, tmp_path):
+  reference = official['model']
+  reference.mask = mask
+  expected_video, expected_logits = official_outputs(reference, official['video'],
+                                                     official['tokens'])
+  out = tmp_path / f'claver_{mask}'
+  if mask == 'kmt':  # Through the CLI, as a user would.
+    proc = run_cli('convert.claver_to_flax', f'--src={official["path"]}', f'--out={out}')
+    assert 'CLAVER (kmt, 4 frames, 2 temporal layers)' in proc.stdout
+  else:
+    convert_claver(official['path'], out, mask=mask)
+  model = load(out)
+  assert model.cfg.temporal == mask and model.cfg.num_frames == 4
+  video = np.asarray(model.encode_video(official['video']))
+  logits = np.asarray(model.logits(official['video'], official['tokens']))
+  diffs = (np.abs(video - expected_video).max(), np.abs(logits - expected_logits).max())
+  print(f'{mask}: max abs diff video embedding {diffs[0]:.2e}, logits {diffs[1]:.2e}')
+  assert np.abs(expected_logits).max() > 1.0
+  assert diffs[1] <= 1e-4 and diffs[0] <= 1e-5
+
+
+def test_num_frames_resampling(official, tmp_path, caplog):
+  out = tmp_path / 'claver'
+  convert_claver(official['path'], out)
+  stored = np.asarray(load(out).temporal.temporal_embedding[...])
+  with caplog.at_level(logging.WARNING):
+    model = load(out, num_frames=8)
+  assert 'Resampling the temporal embedding from 4 to 8 frames' in caplog.text
+  resampled = np.asarray(model.temporal.temporal_embedding[...])
+  assert resampled.shape == (8, stored.shape[1]) and model.cfg.num_frames == 8
+  # Half-frame centres: new frame i of 8 sits at (i + .5) / 2 - .5 in the old frames' index.
+  np.testing.assert_allclose(resampled[3], (stored[1] + stored[2]) / 2 + (stored[1] - stored[2]) / 4,
+                             atol=1e-6)
+  video8 = np.concatenate([official['video'], official['video']], axis=1)
+  assert model.encode_video(video8).shape == (2, 64)
+  with pytest.raises(ValueError, match='resampling of the temporal embedding turned off'):
+    load(out, num_frames=8, resample_frames=False)
+  with pytest.raises(ValueError, match='num_frames=8 to resample'):
+    load(out).encode_video(video8)
+
+
+def test_claver_from_converted_clip(tiny_clip, converted_hf):
+  clip = load(converted_hf)
+  cfg = CLAVERConfig(clip=clip.cfg, num_frames=3, temporal='kmct', temporal_layers=1)
+  model = claver_from_clip(clip, cfg, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(model.encode_text(tiny_clip['tokens']),
+                                clip.encode_text(tiny_clip['tokens']))
+  # Every CLIP weight came along; the temporal parts are fresh (std .02 embedding).
+  for a, b in zip(jax.tree.leaves(nnx.state(model.clip)), jax.tree.leaves(nnx.state(clip))):
+    np.testing.assert_array_equal(a, b)
+  assert 0.005 < float(jnp.std(model.temporal.temporal_embedding[...])) < 0.05
+  video = np.stack([tiny_clip['images'][:3]] * 2)
+  assert model.encode_video(video).shape == (2, clip.cfg.embed_dim)
+  with pytest.raises(ValueError, match='CLAVER config has'):
+    claver_from_clip(clip, dataclasses.replace(cfg, clip=TINY), rngs=nnx.Rngs(0))
+
+
+def test_converter_rejects_plain_clip_and_lists_unexpected_keys(official, tmp_path):
+  plain = torch_clip.hf_to_openai_state_dict(torch_clip.tiny_hf_clip().state_dict())
+  torch.save(plain, tmp_path / 'clip.pt')
+  with pytest.raises(ConversionError, match='plain CLIP'):
+    convert_claver(tmp_path / 'clip.pt', tmp_path / 'a')
+  state = dict(official['model'].state_dict())
+  state['prompts_generator.alpha'] = torch.zeros(3)
+  torch.save({'model': state}, tmp_path / 'extra.pth')
+  with pytest.raises(ConversionError, match='unexpected: prompts_generator.alpha'):
+    convert_claver(tmp_path / 'extra.pth', tmp_path / 'b')
+  assert not (tmp_path / 'b').exists()
+  convert_claver(tmp_path / 'extra.pth', tmp_path / 'b', ignore_keys='^prompts_generator')
+  assert load(tmp_path / 'b').cfg.temporal_depth == 2

@@ -1,0 +1,68 @@
+"""The FLOPs report counts what the model does, and the k400 config presets parse."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from claver_jax.flops import report
+from claver_jax.models import CLAVERConfig, CLIP
+from claver_jax.presets import parse_preset
+from conftest import REPO, run_cli
+from test_claver import TINY
+
+
+def image_flops(cfg) -> float:
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
+  image = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  cost = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x)).lower(state, image)
+  return float(cost.cost_analysis()['flops'])
+
+
+def test_vit_share_is_frames_times_one_image():
+  cfg = CLAVERConfig(clip=TINY, num_frames=4, temporal='kmt', temporal_layers=1)
+  r = report(cfg)
+  assert r['vit'] * 1e9 == pytest.approx(4 * image_flops(TINY), rel=0.02)
+
+
+def test_temporal_head_matches_a_hand_count():
+  """Matmuls of one pre-LN block over S = T·L tokens of width D: qkv 3D², out D², MLP 8D², and
+  attention scores + weighted sum 2·S·D per token; 2 FLOPs per multiply-add."""
+  layers, t = 2, 4
+  cfg = CLAVERConfig(clip=TINY, num_frames=t, temporal='kmt', temporal_layers=layers)
+  s, d = t * TINY.num_image_tokens, TINY.vision_width
+  by_hand = layers * 2 * s * (12 * d * d + 2 * s * d)
+  assert report(cfg)['temporal'] * 1e9 == pytest.approx(by_hand, rel=0.05)
+
+
+def test_cli_on_the_k400_config():
+  proc = run_cli('claver_jax.flops', '--config=configs/k400.py:B32,8')
+  match = re.search(r'per view: ([\d.]+) GFLOPs .*ViT over 8 frames ([\d.]+)', proc.stdout)
+  assert match, proc.stdout
+  total, vit = map(float, match.groups())
+  # CLIP ViT-B/32 is 4.4 GMACs per 224px image: 8 frames are about 70 GFLOPs.
+  assert 68 < vit < 73 and total > vit
+
+
+def load_k400():
+  spec = importlib.util.spec_from_file_location('k400', REPO / 'configs' / 'k400.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_k400_presets():
+  k400 = load_k400()
+  c = k400.get_config('L14_336,32,kmct')
+  assert (c.model.arch, c.data.num_frames, c.model.temporal, c.data.image_size) == (
+      'L14_336', 32, 'kmct', 336)
+  d = k400.get_config(None)
+  assert (d.model.arch, d.data.num_frames, d.model.temporal) == ('B16', 8, 'kmt')
+  assert parse_preset('16, B32') == {'arch': 'B32', 'num_frames': 16, 'temporal': 'kmt'}
+  with pytest.raises(ValueError, match='e.g. "B16,16,kmct"'):
+    parse_preset('B16,12')
