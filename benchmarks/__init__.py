@@ -1,0 +1,1 @@
+"""Scripts that measure and print ratios within one run (`python -m benchmarks.<name>`)."""

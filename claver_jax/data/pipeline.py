@@ -1,0 +1,355 @@
+"""grain input pipelines for training and evaluation, built from `config.data`.
+
+    >>> data = build_pipelines(config.data)            # config.data starts from default_config()
+    >>> train_iter = iter(data.train)                  # checkpointable: get_state() / set_state()
+    >>> batch = next(train_iter)                       # host batch, fixed shapes, see below
+    >>> batch = make_global_batch(batch, NamedSharding(mesh, P('data')))
+    >>> video = normalize(batch['video'])              # on device, under jit
+    >>> video, targets = mixup_cutmix(rng, video, batch['label'], len(data.class_names))
+
+Host batches (per JAX process, B = config.data.batch_size):
+  train: {'video': uint8 [B, T, S, S, 3], 'label': int32 [B], 'substituted': bool [B]}
+  eval:  {'video': uint8 [B, V, T, S, S, 3], 'label': int32 [B], 'substituted': bool [B],
+          'valid': bool [B]}, V = num_clips * num_crops views, clip-major (clip 0's crops first).
+'substituted' marks a sample whose video could not be read: in training it is replaced by the
+next readable video of the list (its label comes along), in evaluation by a black clip with the
+original label (count it wrong, or mask it out and report the count). 'valid' is False only for
+the padding of each process's last batch, so that one pass covers every eval sample exactly once
+and every process runs the same number of batches. Substitutions are counted by
+`Pipelines.train_substitutions` / `.eval_substitutions` (the first 20 paths are logged, then a
+count); `Pipelines.metrics()` gives the totals for the run's metrics.
+
+Train order: the list is sharded over JAX processes (ShardByJaxProcess, interleaved), shuffled
+with config.data.seed, reshuffled every epoch, and repeated forever. Each sample's augmentation
+is drawn from default_rng((seed, process, position)), so batches do not depend on
+config.data.num_workers, and a restored iterator state replays exactly the batches that followed
+it. A state is tied to its num_workers: grain's in-process and multi-worker states differ.
+Worker processes (num_workers > 0) need the caller's entry point under
+`if __name__ == '__main__':`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from claver_jax.data import synthetic
+from claver_jax.data.sources import (DataError, FileListSource, PreparedSource, SyntheticSource,
+                                     Ucf101TfdsSource, read_labels)
+from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, MULTI_SCALES, augment_train_clip,
+                                        normalize, spatial_crops, train_short_side)
+from claver_jax.data.video import VideoError, eval_indices, train_indices
+
+__all__ = ['Pipelines', 'SubstitutionLog', 'build_pipelines', 'default_config',
+           'make_global_batch', 'normalize']
+
+MAX_LOGGED = 20
+SOURCES = ('filelist', 'tfds', 'synthetic')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The default `config.data`; configs start from it and override what they need.
+
+  source:        'filelist' (videos + list files), 'tfds' (a prepared dataset, or tfds's own
+                 ucf101 with tfds_name='ucf101'), or 'synthetic' (the motion set, in memory).
+  root:          filelist: folder or uncompressed tar of the videos; tfds: the directory written
+                 by `python -m claver_jax.data.prepare` (tfds_name='ucf101': tfds's data_dir).
+  train_list, val_list: filelist: list files ("relative/path.mp4 LABEL" lines); tfds: split
+                 names. '' skips that pipeline. Unused for synthetic.
+  labels:        labels CSV (id,name). tfds: defaults to root/labels.csv. Unused for synthetic.
+  num_frames:    T, frames per clip.          image_size: S, the square crop side.
+  batch_size:    host batch per JAX process (train); eval_batch_size likewise for eval.
+  num_workers:   grain worker processes; 0 decodes in the calling process.
+  worker_buffer_size: batches each worker prepares ahead.
+  read_threads, read_buffer: threads that prepare batches in each process (the caller's when
+                 num_workers is 0, else each worker's), and how many batches they run ahead.
+  seed:          shuffling and augmentation seed.
+  num_clips, num_crops: eval views (temporal clips x spatial crops); the paper tests with 4 x 3.
+  mean, std:     per-channel normalisation of `normalize` (CLIP's by default).
+  scales, flip_prob, jitter_prob, jitter (brightness, contrast, saturation, hue),
+  grayscale_prob: train augmentation. flip_prob None means 0.5, or 0 for the synthetic motion
+                 set, whose left/right and clockwise classes a horizontal flip would swap.
+  synthetic_videos, synthetic_frames, synthetic_size, synthetic_seed: the synthetic set: clips
+                 0..synthetic_videos-1 (i % 5 == 4 go to val), frames per clip, frame side, seed.
+  tfds_name:     '' for a prepared dataset; 'ucf101' for tfds's own builder (needs TensorFlow).
+  """
+  return ml_collections.ConfigDict(dict(
+      source='filelist', root='', train_list='', val_list='', labels='', num_frames=8,
+      image_size=224, batch_size=8, eval_batch_size=8, num_workers=0, worker_buffer_size=2,
+      read_threads=2, read_buffer=2,
+      seed=0, num_clips=1, num_crops=1, mean=CLIP_MEAN, std=CLIP_STD, scales=MULTI_SCALES,
+      flip_prob=None, jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2,
+      synthetic_videos=1200, synthetic_frames=16, synthetic_size=64, synthetic_seed=0,
+      tfds_name=''))
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting substitutions
+# ---------------------------------------------------------------------------------------------
+class SubstitutionLog:
+  """Counts substituted samples seen by the caller and logs the first MAX_LOGGED paths."""
+
+  def __init__(self, split: str, name_of: Callable[[int], str]):
+    self.split, self._name_of = split, name_of
+    self.count = 0
+    self.paths: list[str] = []
+
+  def record(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Takes the internal 'index' field off a host batch and logs its substitutions."""
+    indices = batch.pop('index')
+    for index in indices[batch['substituted']]:
+      self.count += 1
+      if len(self.paths) < MAX_LOGGED:
+        self.paths.append(self._name_of(int(index)))
+        logging.warning('Unreadable video replaced by a substitute (%s): %s', self.split,
+                        self.paths[-1])
+        if len(self.paths) == MAX_LOGGED:
+          logging.warning('Further unreadable %s videos are counted, not logged.', self.split)
+    return batch
+
+  def summary(self) -> dict[str, int]:
+    return {f'data/{self.split}_substituted': self.count}
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples (these run in grain workers)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SampleLoader:
+  """Reads and augments one clip of `source`; picklable for grain workers."""
+
+  source: Any
+  num_frames: int
+  image_size: int
+  seed: int = 0
+  shard_index: int = 0
+  num_clips: int = 1
+  num_crops: int = 1
+  scales: tuple[float, ...] = MULTI_SCALES
+  flip_prob: float = 0.5
+  jitter_prob: float = 0.8
+  jitter: tuple[float, ...] = (0.4, 0.4, 0.2, 0.1)
+  grayscale_prob: float = 0.2
+  max_substitution_tries: int = 8
+
+  def _train_clip(self, source_index: int, rng: np.random.Generator) -> np.ndarray:
+    video = self.source.open(source_index)
+    indices = train_indices(video.num_frames, self.num_frames, rng)
+    clip = video.frames(indices, short_side=train_short_side(self.image_size))
+    return augment_train_clip(clip, self.image_size, rng, scales=self.scales,
+                              flip_prob=self.flip_prob, jitter_prob=self.jitter_prob,
+                              jitter=self.jitter, grayscale_prob=self.grayscale_prob)
+
+  def train_sample(self, position: int, source_index: int) -> dict[str, np.ndarray]:
+    """The sample at `position` of this process's endless shuffled stream."""
+    size = len(self.source)
+    for attempt in range(self.max_substitution_tries + 1):
+      candidate = (source_index + attempt) % size
+      rng = np.random.default_rng((self.seed, self.shard_index, position, attempt))
+      try:
+        video = self._train_clip(candidate, rng)
+      except VideoError:
+        continue
+      return dict(video=video, label=np.int32(self.source.label(candidate)),
+                  substituted=np.bool_(attempt > 0), index=np.int64(source_index))
+    return dict(video=np.zeros((self.num_frames, self.image_size, self.image_size, 3), np.uint8),
+                label=np.int32(self.source.label(source_index)), substituted=np.bool_(True),
+                index=np.int64(source_index))
+
+  def eval_views(self, source_index: int) -> np.ndarray:
+    """uint8 [V, T, S, S, 3]: num_clips deterministic clips x num_crops crops."""
+    video = self.source.open(source_index)
+    indices = eval_indices(video.num_frames, self.num_frames, self.num_clips)
+    frames = video.frames(indices.reshape(-1), short_side=self.image_size)
+    clips = frames.reshape(self.num_clips, self.num_frames, *frames.shape[1:])
+    views = np.stack([spatial_crops(clip, self.image_size, self.num_crops) for clip in clips])
+    return views.reshape(-1, *views.shape[2:])
+
+  def eval_item(self, item: tuple[int, bool]) -> dict[str, np.ndarray]:
+    """(source index, valid) -> eval sample; padding (valid False) is a black clip."""
+    source_index, valid = item
+    num_views = self.num_clips * self.num_crops
+    blank = np.zeros((num_views, self.num_frames, self.image_size, self.image_size, 3), np.uint8)
+    substituted = False
+    if valid:
+      try:
+        views = self.eval_views(source_index)
+      except VideoError:
+        views, substituted = blank, True
+    else:
+      views = blank
+    return dict(video=views, label=np.int32(self.source.label(source_index) if valid else 0),
+                substituted=np.bool_(substituted), valid=np.bool_(valid),
+                index=np.int64(source_index))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Pipelines:
+  """What `build_pipelines` returns.
+
+  train: endless grain IterDataset of train host batches; `iter(train)` is a DatasetIterator
+      with get_state() / set_state() for checkpoints. None without a train list.
+  eval: grain IterDataset of eval host batches; each `iter(eval)` is one full pass of
+      `eval_batches` batches (`eval_pass()` iterates one and closes it). None without a val
+      list. Close train / eval iterators (`.close()`) when done with them, or grain's workers
+      complain at interpreter exit.
+  class_names: class names in label-id order (from the labels CSV).
+  num_train, num_eval: clips in the whole train / eval split (all processes).
+  """
+
+  train: grain.IterDataset | None
+  eval: grain.IterDataset | None
+  class_names: list[str]
+  num_train: int
+  num_eval: int
+  eval_batches: int
+  train_substitutions: SubstitutionLog
+  eval_substitutions: SubstitutionLog
+
+  def eval_pass(self) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over the eval split; closes grain's worker processes at the end."""
+    iterator = iter(self.eval)
+    try:
+      yield from iterator
+    finally:
+      iterator.close()
+
+  def metrics(self) -> dict[str, int]:
+    """Totals of substituted (unreadable) videos so far, for the run's metrics."""
+    return {**self.train_substitutions.summary(), **self.eval_substitutions.summary()}
+
+
+def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
+  if cfg.source == 'synthetic':
+    return list(synthetic.CLASS_NAMES)
+  if cfg.source == 'tfds' and not cfg.labels:
+    if cfg.tfds_name:
+      return []
+    return read_labels(Path(cfg.root) / 'labels.csv')
+  if not cfg.labels:
+    raise DataError('config.data.labels is empty; set it to the labels CSV (id,name).')
+  return read_labels(cfg.labels)
+
+
+def _make_source(cfg: ml_collections.ConfigDict, split: str, list_or_split: str,
+                 num_classes: int):
+  if cfg.source == 'filelist':
+    return FileListSource(cfg.root, list_or_split, num_classes)
+  if cfg.source == 'synthetic':
+    return SyntheticSource(split, cfg.synthetic_videos, cfg.synthetic_frames, cfg.synthetic_size,
+                           cfg.synthetic_seed)
+  if cfg.tfds_name == 'ucf101':
+    return Ucf101TfdsSource(cfg.root, list_or_split)
+  if cfg.tfds_name:
+    raise DataError(f'config.data.tfds_name={cfg.tfds_name!r} is not supported: use "" (a '
+                    'dataset prepared by claver_jax.data.prepare) or "ucf101".')
+  return PreparedSource(cfg.root, list_or_split)
+
+
+def _flip_prob(cfg: ml_collections.ConfigDict, class_names: list[str]) -> float:
+  motion_set = tuple(class_names) == synthetic.CLASS_NAMES
+  if cfg.flip_prob is None:
+    return 0.0 if motion_set else 0.5
+  if motion_set and cfg.flip_prob > 0:
+    raise DataError('config.data.flip_prob > 0 on the synthetic motion set would turn "moving '
+                    'left" into "moving right" (and clockwise into counterclockwise) without '
+                    'changing the label; set flip_prob to 0 or None.')
+  return float(cfg.flip_prob)
+
+
+def _read_options(cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
+  # grain's defaults (16 threads, 500 elements ahead) would hold 500 batches in memory.
+  return grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer)
+
+
+def _prefetch(ds: grain.IterDataset, cfg: ml_collections.ConfigDict) -> grain.IterDataset:
+  if cfg.num_workers <= 0:
+    return ds
+  from absl import flags
+  if not flags.FLAGS.is_parsed():   # grain reads its flags in workers; outside absl.app.run.
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+
+
+def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None = None,
+                    shard_count: int | None = None) -> Pipelines:
+  """Builds the train and eval pipelines of `config.data` (see `default_config`).
+
+  Lists and labels are read and checked here, so malformed input fails before training.
+  `shard_index` / `shard_count` default to this JAX process and the process count.
+  """
+  if cfg.source not in SOURCES:
+    raise DataError(f'config.data.source={cfg.source!r}; use one of {SOURCES}.')
+  if shard_index is None or shard_count is None:
+    sharding = grain.sharding.ShardByJaxProcess()
+    shard_index, shard_count = sharding.shard_index, sharding.shard_count
+  class_names = _class_names(cfg)
+  train_list = 'train' if cfg.source == 'synthetic' else cfg.train_list
+  val_list = 'val' if cfg.source == 'synthetic' else cfg.val_list
+  train_source = _make_source(cfg, 'train', train_list, len(class_names)) if train_list else None
+  eval_source = _make_source(cfg, 'val', val_list, len(class_names)) if val_list else None
+  if not class_names:
+    class_names = (train_source or eval_source).class_names
+  loader_args = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, seed=cfg.seed,
+                     shard_index=shard_index)
+
+  train, train_log = None, SubstitutionLog(
+      'train', train_source.name if train_source else str)
+  if train_source is not None:
+    if len(train_source) < shard_count:
+      raise DataError(f'The train split has {len(train_source)} clips, fewer than the '
+                      f'{shard_count} processes.')
+    loader = SampleLoader(train_source, scales=tuple(cfg.scales),
+                          flip_prob=_flip_prob(cfg, class_names), jitter_prob=cfg.jitter_prob,
+                          jitter=tuple(cfg.jitter), grayscale_prob=cfg.grayscale_prob,
+                          **loader_args)
+    ds = (grain.MapDataset.range(len(train_source))
+          .slice(slice(shard_index, None, shard_count))
+          .shuffle(seed=cfg.seed)
+          .repeat()
+          .map_with_index(loader.train_sample)
+          .batch(cfg.batch_size, drop_remainder=True)
+          .to_iter_dataset(_read_options(cfg)))
+    train = _prefetch(ds, cfg).map(train_log.record)
+
+  evaluation, eval_batches = None, 0
+  eval_log = SubstitutionLog('eval', eval_source.name if eval_source else str)
+  if eval_source is not None:
+    loader = SampleLoader(eval_source, num_clips=cfg.num_clips, num_crops=cfg.num_crops,
+                          **loader_args)
+    shard = list(range(len(eval_source)))[shard_index::shard_count]
+    per_process = -(-len(eval_source) // shard_count)
+    eval_batches = -(-per_process // cfg.eval_batch_size)
+    padded = shard + [shard[0] if shard else 0] * (eval_batches * cfg.eval_batch_size - len(shard))
+    valid = [True] * len(shard) + [False] * (len(padded) - len(shard))
+    ds = (grain.MapDataset.source(list(zip(padded, valid)))
+          .map(loader.eval_item)
+          .batch(cfg.eval_batch_size)
+          .to_iter_dataset(_read_options(cfg)))
+    evaluation = _prefetch(ds, cfg).map(eval_log.record)
+
+  return Pipelines(train=train, eval=evaluation, class_names=class_names,
+                   num_train=len(train_source) if train_source else 0,
+                   num_eval=len(eval_source) if eval_source else 0, eval_batches=eval_batches,
+                   train_substitutions=train_log, eval_substitutions=eval_log)
+
+
+def make_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+                      ) -> dict[str, jax.Array]:
+  """Host batches of all processes -> global jax.Arrays, split over devices along the batch axis.
+
+  `sharding` is e.g. NamedSharding(mesh, PartitionSpec('data')); the global batch is the
+  concatenation of every process's host batch.
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,267 @@
+"""Where clips come from: a list file over a video folder or tar, a prepared array_record
+dataset, or the synthetic motion set.
+
+Every source has `len(source)`, `source.label(i)` (int), `source.name(i)` (a path for logs) and
+`source.open(i)`, which returns a `video.Video` or raises `video.VideoError`. Sources are
+picklable and open their files lazily, so grain worker processes can use them.
+
+List files have one clip per line, `relative/path.mp4 LABEL_ID` (the path may contain spaces; the
+label is the last field); blank lines are skipped. Labels CSVs have `id,name` rows with ids
+0..C-1, optionally under an `id,name` header.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from claver_jax.data import synthetic
+from claver_jax.data.video import ArrayVideo, Video, VideoError, open_video
+
+
+class DataError(ValueError):
+  """Malformed dataset metadata (list file, labels CSV, prepared dataset); says where and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata files
+# ---------------------------------------------------------------------------------------------
+def read_labels(path: str | os.PathLike) -> list[str]:
+  """A labels CSV (`id,name`) -> class names in id order."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f'Labels CSV {path} does not exist; pass config.data.labels=<id,name CSV>.')
+  names: dict[int, str] = {}
+  with open(path, newline='', encoding='utf-8') as f:
+    for line_number, row in enumerate(csv.reader(f), 1):
+      if not row or (line_number == 1 and [c.strip() for c in row] == ['id', 'name']):
+        continue
+      where = f'{path}:{line_number}'
+      if len(row) != 2 or not row[0].strip().lstrip('-').isdigit() or not row[1].strip():
+        raise DataError(f'{where}: expected "id,name" (e.g. "0,abseiling"), got {",".join(row)!r}.')
+      class_id, name = int(row[0]), row[1].strip()
+      if class_id in names:
+        raise DataError(f'{where}: id {class_id} appears twice ({names[class_id]!r}, {name!r}).')
+      names[class_id] = name
+  if not names:
+    raise DataError(f'Labels CSV {path} has no classes.')
+  if sorted(names) != list(range(len(names))):
+    missing = sorted(set(range(max(names) + 1)) - set(names))[:10]
+    raise DataError(f'Labels CSV {path}: ids must be 0..{len(names) - 1} without gaps; '
+                    f'missing {missing}{" (negative ids present)" if min(names) < 0 else ""}.')
+  return [names[i] for i in range(len(names))]
+
+
+def read_list(path: str | os.PathLike, num_classes: int | None = None
+              ) -> list[tuple[str, int]]:
+  """A list file -> [(relative path, label)]; errors name the file and line."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f'List file {path} does not exist.')
+  items = []
+  with open(path, encoding='utf-8') as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      fields = line.strip().rsplit(None, 1)
+      where = f'{path}:{line_number}'
+      if len(fields) != 2 or not fields[1].isdigit():
+        raise DataError(f'{where}: expected "relative/path.mp4 LABEL_ID" with an integer label, '
+                        f'got {line.strip()!r}.')
+      label = int(fields[1])
+      if num_classes is not None and label >= num_classes:
+        raise DataError(f'{where}: label {label} is not in the labels CSV, which has ids '
+                        f'0..{num_classes - 1}; the list and the labels CSV disagree.')
+      items.append((fields[0], label))
+  if not items:
+    raise DataError(f'List file {path} has no clips.')
+  return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+class FileListSource:
+  """Clips of a list file, in a folder or an uncompressed tar (members read in place)."""
+
+  def __init__(self, root: str | os.PathLike, list_path: str | os.PathLike,
+               num_classes: int | None = None):
+    self.root = Path(root)
+    self.items = read_list(list_path, num_classes)
+    self.is_tar = self.root.is_file()
+    if not self.is_tar and not self.root.is_dir():
+      raise DataError(f'Video root {self.root} is neither a folder nor a tar archive; set '
+                      'config.data.root.')
+    if self.is_tar and not tarfile.is_tarfile(self.root):
+      raise DataError(f'Video root {self.root} is a file but not a tar archive.')
+    self._members: dict[str, tuple[int, int]] | None = None
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, '_members': None}   # Each process indexes the tar itself.
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def label(self, index: int) -> int:
+    return self.items[index][1]
+
+  def name(self, index: int) -> str:
+    return self.items[index][0]
+
+  def _tar_members(self) -> dict[str, tuple[int, int]]:
+    if self._members is None:
+      with tarfile.open(self.root, 'r:') as tar:
+        self._members = {os.path.normpath(m.name): (m.offset_data, m.size)
+                         for m in tar if m.isfile()}
+    return self._members
+
+  def open(self, index: int) -> Video:
+    relative = self.items[index][0]
+    if not self.is_tar:
+      return open_video(self.root / relative, name=str(self.root / relative))
+    name = f'{self.root}:{relative}'
+    member = self._tar_members().get(os.path.normpath(relative))
+    if member is None:
+      raise VideoError(f'{name}: no such member in the tar archive')
+    offset, size = member
+    with open(self.root, 'rb') as f:
+      f.seek(offset)
+      data = f.read(size)
+    return open_video(io.BytesIO(data), name=name)
+
+
+class SyntheticSource:
+  """The synthetic motion set's `split` among its first `num_videos` clips, made in memory."""
+
+  def __init__(self, split: str, num_videos: int, num_frames: int = 16, size: int = 64,
+               seed: int = 0):
+    self.indices = synthetic.split_indices(num_videos, split)
+    if not self.indices:
+      raise DataError(f'The synthetic {split} split of {num_videos} clips is empty; raise '
+                      'config.data.synthetic_videos.')
+    self.num_frames, self.size, self.seed = num_frames, size, seed
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def label(self, index: int) -> int:
+    return self.indices[index] % synthetic.NUM_CLASSES
+
+  def name(self, index: int) -> str:
+    return f'synthetic:{self.indices[index]}'
+
+  def open(self, index: int) -> Video:
+    clip, _ = synthetic.make_clip(self.indices[index], seed=self.seed,
+                                  num_frames=self.num_frames, size=self.size)
+    return ArrayVideo(clip)
+
+
+class JpegVideo:
+  """A prepared record's JPEG frames behind the `Video` interface; decodes only what is asked."""
+
+  def __init__(self, jpeg: np.ndarray, offsets: np.ndarray, name: str):
+    self._jpeg, self._offsets, self.name = jpeg, offsets, name
+    self.num_frames = len(offsets) - 1
+    if self.num_frames < 1:
+      raise VideoError(f'{name}: the record holds no frames')
+
+  def frames(self, indices, short_side: int | None = None) -> np.ndarray:
+    from PIL import Image
+    decoded = {}
+    for i in dict.fromkeys(int(i) for i in indices):
+      data = self._jpeg[self._offsets[i]:self._offsets[i + 1]].tobytes()
+      try:
+        decoded[i] = Image.open(io.BytesIO(data)).convert('RGB')
+      except OSError as e:
+        raise VideoError(f'{self.name}: frame {i} is not a readable JPEG ({e})') from e
+    from claver_jax.data.video import resized_shape
+    first = next(iter(decoded.values()))
+    h, w = resized_shape(first.height, first.width, short_side)
+    arrays = {i: np.asarray(im if im.size == (w, h) else im.resize((w, h), Image.BILINEAR))
+              for i, im in decoded.items()}
+    return np.stack([arrays[int(i)] for i in indices])
+
+
+class PreparedSource:
+  """A split of a dataset written by `python -m claver_jax.data.prepare`, read through
+  `tfds.data_source` (array_record, no TensorFlow)."""
+
+  def __init__(self, directory: str | os.PathLike, split: str):
+    from claver_jax.data.prepare import find_dataset_dir
+    self.directory = find_dataset_dir(directory)
+    self.split = split
+    self._source = None
+    self._cached: tuple[int, dict] | None = None
+    self._length = len(self._data())
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, '_source': None, '_cached': None}
+
+  def _data(self):
+    if self._source is None:
+      import tensorflow_datasets as tfds
+      builder = tfds.builder_from_directory(str(self.directory))
+      if self.split not in builder.info.splits:
+        raise DataError(f'{self.directory} has no split {self.split!r}; it has '
+                        f'{sorted(builder.info.splits)}.')
+      self._source = builder.as_data_source(split=self.split)
+    return self._source
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _record(self, index: int) -> dict:
+    if self._cached is None or self._cached[0] != index:   # label() then open() read once.
+      self._cached = (index, self._data()[index])
+    return self._cached[1]
+
+  def label(self, index: int) -> int:
+    return int(self._record(index)['label'])
+
+  def name(self, index: int) -> str:
+    return _text(self._record(index)['video_id'])
+
+  def open(self, index: int) -> Video:
+    record = self._record(index)
+    return JpegVideo(record['jpeg'], record['offsets'], _text(record['video_id']))
+
+
+def _text(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+class Ucf101TfdsSource:
+  """tensorflow-datasets' own `ucf101` builder (an optional extra: it needs TensorFlow)."""
+
+  def __init__(self, data_dir: str | os.PathLike | None, split: str):
+    try:
+      import tensorflow  # noqa: F401  (tfds decodes ucf101's Video feature with TensorFlow.)
+    except ImportError as e:
+      raise DataError('config.data.tfds_name="ucf101" reads tfds\'s own ucf101 builder, whose '
+                      'Video feature needs TensorFlow: `pip install tensorflow`. Or prepare '
+                      'UCF-101 from its videos with `python -m claver_jax.data.prepare`, which '
+                      'needs no TensorFlow.') from e
+    import tensorflow_datasets as tfds
+    self._source = tfds.data_source('ucf101', split=split, data_dir=data_dir or None)
+    self._names = tfds.builder('ucf101', data_dir=data_dir or None).info.features['label'].names
+
+  @property
+  def class_names(self) -> list[str]:
+    return list(self._names)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def label(self, index: int) -> int:
+    return int(self._source[index]['label'])
+
+  def name(self, index: int) -> str:
+    return f'ucf101:{index}'
+
+  def open(self, index: int) -> Video:
+    return ArrayVideo(np.asarray(self._source[index]['video']))

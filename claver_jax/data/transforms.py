@@ -1,0 +1,158 @@
+"""The paper's clip augmentations in numpy (host side, one clip at a time) and the device-side
+normalisation.
+
+Every random choice is drawn once per clip, so all frames of a clip get the same crop, flip,
+colour jitter and grayscale. Clips stay uint8 [T, H, W, 3] until `normalize`, which runs under
+jit on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)
+_GRAY = np.array([0.299, 0.587, 0.114], np.float32)   # ITU-R 601 luma, as torchvision.
+
+
+def train_short_side(image_size: int) -> int:
+  """The short side a training clip is resized to before cropping: int(256 / 224 * S)."""
+  return int(256 / 224 * image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops
+# ---------------------------------------------------------------------------------------------
+def multi_scale_crop_box(height: int, width: int, image_size: int, rng: np.random.Generator,
+                         scales: Sequence[float] = MULTI_SCALES, max_distort: int = 1
+                         ) -> tuple[int, int, int, int]:
+  """TSN's GroupMultiScaleCrop with fixed offsets: a random box (x0, y0, x1, y1).
+
+  Crop sides are min(H, W) * scale (snapped to `image_size` within 3 px), height and width
+  scale indices at most `max_distort` apart; the box sits at one of TSN's 13 fixed offsets
+  (corners, centre, edge centres, quarter points).
+  """
+  base = min(height, width)
+  sizes = [int(base * s) for s in scales]
+  sizes = [image_size if abs(s - image_size) < 3 else s for s in sizes]
+  pairs = [(w, h) for i, h in enumerate(sizes) for j, w in enumerate(sizes)
+           if abs(i - j) <= max_distort]
+  crop_w, crop_h = pairs[rng.integers(len(pairs))]
+  w_step, h_step = (width - crop_w) // 4, (height - crop_h) // 4
+  offsets = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
+             (1, 1), (3, 1), (1, 3), (3, 3)]
+  ox, oy = offsets[rng.integers(len(offsets))]
+  x0, y0 = ox * w_step, oy * h_step
+  return x0, y0, x0 + crop_w, y0 + crop_h
+
+
+def crop_resize(clip: np.ndarray, box: tuple[int, int, int, int], image_size: int) -> np.ndarray:
+  """uint8 [T, H, W, 3] -> the box of every frame resized bilinearly to [T, S, S, 3]."""
+  from PIL import Image
+  x0, y0, x1, y1 = box
+  if (x1 - x0, y1 - y0) == (image_size, image_size):
+    return clip[:, y0:y1, x0:x1]
+  return np.stack([np.asarray(Image.fromarray(frame).resize(
+      (image_size, image_size), Image.BILINEAR, box=box)) for frame in clip])
+
+
+def spatial_crops(clip: np.ndarray, image_size: int, num_crops: int) -> np.ndarray:
+  """uint8 [T, H, W, 3] with short side S -> [num_crops, T, S, S, 3].
+
+  One crop is the centre crop; n > 1 crops are evenly spaced along the long side from one end
+  to the other (3: start, centre, end), centred on the short side.
+  """
+  _, height, width, _ = clip.shape
+  if min(height, width) != image_size:
+    raise ValueError(f'spatial_crops expects a short side of {image_size}, got {height}x{width}.')
+  if num_crops == 1:
+    starts = [(max(height, width) - image_size) // 2]
+  else:
+    starts = np.linspace(0, max(height, width) - image_size, num_crops).round().astype(int)
+  if height > width:
+    return np.stack([clip[:, s:s + image_size] for s in starts])
+  return np.stack([clip[:, :, s:s + image_size] for s in starts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour
+# ---------------------------------------------------------------------------------------------
+def _gray(x: np.ndarray) -> np.ndarray:
+  return x @ _GRAY
+
+
+def _hue_matrix(hue: float) -> np.ndarray:
+  """A 3x3 RGB matrix rotating hue by `hue` turns, through the YIQ chroma plane."""
+  to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                    np.float32)
+  c, s = math.cos(2 * math.pi * hue), math.sin(2 * math.pi * hue)
+  rotate = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
+  return (np.linalg.inv(to_yiq) @ rotate @ to_yiq).astype(np.float32)
+
+
+def color_jitter(clip: np.ndarray, rng: np.random.Generator, brightness: float = 0.4,
+                 contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1) -> np.ndarray:
+  """torchvision's ColorJitter with one set of factors for the whole clip.
+
+  Brightness, contrast and saturation factors are uniform in [1 - a, 1 + a], the hue shift in
+  [-hue, hue] turns; the four are applied in a random order with clipping after each, as
+  torchvision does. Contrast blends each frame towards its mean gray level. The hue shift is a
+  rotation of the YIQ chroma plane, a linear stand-in for torchvision's HSV shift.
+  uint8 [T, H, W, 3] -> uint8 [T, H, W, 3].
+  """
+  factors = [rng.uniform(1 - brightness, 1 + brightness), rng.uniform(1 - contrast, 1 + contrast),
+             rng.uniform(1 - saturation, 1 + saturation), rng.uniform(-hue, hue)]
+  x = clip.astype(np.float32)
+  for op in rng.permutation(4):
+    f = factors[op]
+    if op == 0:
+      x *= f
+    elif op == 1:
+      mean = _gray(x).mean(axis=(1, 2), keepdims=True)[..., None]
+      x = f * x + (1 - f) * mean
+    elif op == 2:
+      x = f * x + (1 - f) * _gray(x)[..., None]
+    else:
+      x = x @ _hue_matrix(f).T
+    np.clip(x, 0, 255, out=x)
+  return (x + 0.5).astype(np.uint8)
+
+
+def grayscale(clip: np.ndarray) -> np.ndarray:
+  """uint8 [T, H, W, 3] -> its luma repeated over the 3 channels."""
+  return np.repeat((_gray(clip.astype(np.float32)) + 0.5).astype(np.uint8)[..., None], 3, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-clip transforms
+# ---------------------------------------------------------------------------------------------
+def augment_train_clip(clip: np.ndarray, image_size: int, rng: np.random.Generator, *,
+                       scales: Sequence[float] = MULTI_SCALES, flip_prob: float = 0.5,
+                       jitter_prob: float = 0.8,
+                       jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+                       grayscale_prob: float = 0.2) -> np.ndarray:
+  """The training augmentation of a clip already resized to `train_short_side(S)`.
+
+  MultiScaleCrop -> resize to S x S -> horizontal flip -> colour jitter -> grayscale, each
+  drawn once for the clip. uint8 [T, H, W, 3] -> uint8 [T, S, S, 3].
+  """
+  box = multi_scale_crop_box(clip.shape[1], clip.shape[2], image_size, rng, scales)
+  clip = crop_resize(clip, box, image_size)
+  if rng.random() < flip_prob:
+    clip = clip[:, :, ::-1]
+  if rng.random() < jitter_prob:
+    clip = color_jitter(clip, rng, *jitter)
+  if rng.random() < grayscale_prob:
+    clip = grayscale(clip)
+  return np.ascontiguousarray(clip)
+
+
+def normalize(video, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+  """Jittable, device side: uint8 [..., 3] -> float32 (x / 255 - mean) / std."""
+  import jax.numpy as jnp
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  return (jnp.asarray(video, jnp.float32) / 255.0 - mean) / std

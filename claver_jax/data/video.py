@@ -1,0 +1,200 @@
+"""Video decoding with PyAV and frame sampling (TSN segments for training, multi-clip for eval).
+
+    >>> video = open_video('clip.mp4')              # or open_video(io.BytesIO(data), name=...)
+    >>> indices = train_indices(video.num_frames, 8, np.random.default_rng(0))
+    >>> frames = video.frames(indices, short_side=256)   # uint8 [8, 256, W', 3]
+
+Only the sampled frames are decoded where the container allows it: the packets are demuxed
+(cheap, no decoding), and decoding starts at the last keyframe before each sampled frame instead
+of at the start of the file. Containers without packet timestamps are decoded front to back.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import os
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class VideoError(ValueError):
+  """A video that cannot be read: missing, empty, corrupt, or without a video stream."""
+
+
+class Video(Protocol):
+  """A readable clip: its frame count and its frames at given indices."""
+
+  num_frames: int
+
+  def frames(self, indices: Sequence[int], short_side: int | None = None) -> np.ndarray:
+    """uint8 [len(indices), H, W, 3]; the short side resized to `short_side` when given."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+def train_indices(num_frames: int, num_samples: int, rng: np.random.Generator) -> np.ndarray:
+  """TSN sampling: `num_samples` equal segments, one uniformly random frame in each.
+
+  Segment i covers frames [floor(i n / T), floor((i + 1) n / T)). A video with fewer frames than
+  T loops them: 0, 1, .., n - 1, 0, 1, ... Returns int64 [T].
+  """
+  _check_counts(num_frames, num_samples)
+  if num_frames < num_samples:
+    return np.arange(num_samples) % num_frames
+  starts = np.arange(num_samples + 1) * num_frames // num_samples
+  return starts[:-1] + rng.integers(0, starts[1:] - starts[:-1])
+
+
+def eval_indices(num_frames: int, num_samples: int, num_clips: int = 1) -> np.ndarray:
+  """Deterministic multi-clip sampling, int64 [num_clips, T].
+
+  Clip k takes, in each of the T equal segments, the frame at fraction (k + 1/2) / num_clips of
+  the segment: for one clip that is each segment's centre frame, for several they are evenly
+  spaced. A video with fewer frames than T loops them, clip k starting at frame k n // num_clips.
+  """
+  _check_counts(num_frames, num_samples)
+  clips = np.arange(num_clips)[:, None]
+  if num_frames < num_samples:
+    return (np.arange(num_samples)[None] + clips * num_frames // num_clips) % num_frames
+  positions = (np.arange(num_samples)[None] + (clips + 0.5) / num_clips) * num_frames / num_samples
+  return np.minimum(np.floor(positions).astype(np.int64), num_frames - 1)
+
+
+def _check_counts(num_frames: int, num_samples: int) -> None:
+  if num_frames < 1 or num_samples < 1:
+    raise ValueError(f'Cannot sample {num_samples} frames from a video of {num_frames} frames.')
+
+
+def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+  """(height, width) with the short side scaled to `short_side`, aspect ratio kept."""
+  if short_side is None:
+    return height, width
+  scale = short_side / min(height, width)
+  return (short_side if height <= width else max(1, round(height * scale)),
+          short_side if width < height else max(1, round(width * scale)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+class ArrayVideo:
+  """Frames already in memory (uint8 [N, H, W, 3]) behind the `Video` interface."""
+
+  def __init__(self, frames: np.ndarray):
+    self._frames = frames
+    self.num_frames = len(frames)
+
+  def frames(self, indices: Sequence[int], short_side: int | None = None) -> np.ndarray:
+    selected = self._frames[np.asarray(indices)]
+    h, w = resized_shape(*selected.shape[1:3], short_side)
+    if (h, w) == selected.shape[1:3]:
+      return selected
+    from PIL import Image
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR))
+                     for f in selected])
+
+
+class PyAVVideo:
+  """A video file decoded with PyAV; see the module docstring for how frames are found."""
+
+  def __init__(self, source: str | os.PathLike | io.IOBase, name: str):
+    import av
+    self.name = name
+    try:
+      self._container = av.open(source if isinstance(source, io.IOBase) else os.fspath(source))
+    except FileNotFoundError as e:
+      raise VideoError(f'{name}: no such file') from e
+    except (av.FFmpegError, OSError, ValueError) as e:
+      raise VideoError(f'{name}: not a readable video ({type(e).__name__}: {e})') from e
+    if not self._container.streams.video:
+      self.close()
+      raise VideoError(f'{name}: the container has no video stream')
+    self._stream = self._container.streams.video[0]
+    try:
+      self._packets = [p for p in self._container.demux(self._stream) if p.size]
+    except (av.FFmpegError, OSError) as e:
+      self.close()
+      raise VideoError(f'{name}: cannot demux ({type(e).__name__}: {e})') from e
+    self._seekable = bool(self._packets) and all(p.pts is not None for p in self._packets)
+    if self._seekable:
+      self._frame_pts = sorted(p.pts for p in self._packets)
+      self._key_positions = [i for i, p in enumerate(self._packets) if p.is_keyframe]
+      self._key_pts = [self._packets[i].pts for i in self._key_positions]
+      self._seekable = self._key_pts == sorted(self._key_pts)
+    if self._seekable:
+      self.num_frames = len(self._frame_pts)
+    else:
+      self._all_frames = self._decode_all()
+      self.num_frames = len(self._all_frames)
+    if self.num_frames == 0:
+      self.close()
+      raise VideoError(f'{name}: the video stream has no frames')
+
+  def close(self) -> None:
+    self._container.close()
+
+  def __enter__(self) -> PyAVVideo:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _decode_all(self) -> list:
+    import av
+    try:
+      self._container.seek(0)
+      return list(self._container.decode(self._stream))
+    except (av.FFmpegError, OSError) as e:
+      raise VideoError(f'{self.name}: cannot decode ({type(e).__name__}: {e})') from e
+
+  def _decode_at(self, wanted: set[int]) -> dict[int, object]:
+    """Decodes the frames with pts in `wanted`, jumping to keyframes over gaps: pts -> frame."""
+    import av
+    context = self._stream.codec_context
+    found: dict[int, object] = {}
+    position, flushed = 0, False
+    try:
+      context.flush_buffers()  # A previous call may have drained the decoder to its end.
+      for target in sorted(wanted):
+        key = bisect.bisect_right(self._key_pts, target) - 1
+        if key >= 0 and self._key_positions[key] > position and target not in found:
+          context.flush_buffers()
+          position, flushed = self._key_positions[key], False
+        while target not in found:
+          if position < len(self._packets):
+            frames = context.decode(self._packets[position])
+            position += 1
+          elif not flushed:
+            frames, flushed = context.decode(None), True
+          else:
+            raise VideoError(f'{self.name}: the frame at pts {target} never decoded')
+          found.update((f.pts, f) for f in frames if f.pts in wanted)
+    except (av.FFmpegError, OSError) as e:
+      raise VideoError(f'{self.name}: cannot decode ({type(e).__name__}: {e})') from e
+    return found
+
+  def frames(self, indices: Sequence[int], short_side: int | None = None) -> np.ndarray:
+    """uint8 [len(indices), H, W, 3]; see `Video.frames`."""
+    indices = [int(i) for i in indices]
+    if self._seekable:
+      pts = [self._frame_pts[i] for i in indices]
+      decoded = self._decode_at(set(pts))
+      selected = [decoded[p] for p in pts]
+    else:
+      selected = [self._all_frames[i] for i in indices]
+    h, w = resized_shape(selected[0].height, selected[0].width, short_side)
+    converted = {}
+    for frame in selected:
+      if id(frame) not in converted:
+        converted[id(frame)] = frame.to_ndarray(format='rgb24', width=w, height=h)
+    return np.stack([converted[id(f)] for f in selected])
+
+
+def open_video(source: str | os.PathLike | io.IOBase, name: str | None = None) -> PyAVVideo:
+  """Opens a video file or file-like object; raises VideoError if it cannot be read."""
+  return PyAVVideo(source, name or (os.fspath(source) if not isinstance(source, io.IOBase)
+                                    else '<stream>'))
+

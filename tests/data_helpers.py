@@ -1,0 +1,24 @@
+"""Small on-disk video datasets for the data tests (written with PyAV, a few KB each)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from claver_jax.data import synthetic
+
+
+def synthetic_dir(out: Path, num_videos: int = 24, num_frames: int = 8, size: int = 32) -> Path:
+  """The synthetic motion set as mp4s + train.txt, val.txt, labels.csv under `out`."""
+  return synthetic.write_dataset(out, num_videos, num_frames=num_frames, size=size,
+                                 progress=False)
+
+
+def with_bad_videos(src: Path, out: Path) -> Path:
+  """A copy of a synthetic dir whose train.txt line 1 is corrupt and line 2 missing."""
+  shutil.copytree(src, out)
+  lines = (out / 'train.txt').read_text().splitlines()
+  corrupt, missing = (line.rsplit(' ', 1)[0] for line in lines[:2])
+  (out / corrupt).write_bytes(b'\x00\x00\x00\x18ftypmp42 this is not a video')
+  (out / missing).unlink()
+  return out

@@ -1,0 +1,219 @@
+"""grain pipelines over list files and the synthetic set: batches, bad input, resumable state."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from claver_jax.data import synthetic
+from claver_jax.data.pipeline import build_pipelines, default_config
+from claver_jax.data.sources import DataError, read_labels, read_list
+from conftest import run_cli
+from data_helpers import synthetic_dir, with_bad_videos
+
+
+@pytest.fixture(scope='module')
+def motion_dir(tmp_path_factory):
+  return synthetic_dir(tmp_path_factory.mktemp('synthetic') / 'set')
+
+
+def filelist_config(root, **overrides):
+  cfg = default_config()
+  cfg.update(dict(root=str(root), train_list=str(root / 'train.txt'),
+                  val_list=str(root / 'val.txt'), labels=str(root / 'labels.csv'),
+                  num_frames=4, image_size=32, batch_size=4, eval_batch_size=3))
+  cfg.update(overrides)
+  return cfg
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_train_and_eval_batches_have_the_promised_shapes(motion_dir):
+  data = build_pipelines(filelist_config(motion_dir, num_clips=2, num_crops=3))
+  assert data.class_names == list(synthetic.CLASS_NAMES)
+  assert (data.num_train, data.num_eval) == (20, 4)
+  batch = next(iter(data.train))
+  assert set(batch) == {'video', 'label', 'substituted'}
+  assert batch['video'].shape == (4, 4, 32, 32, 3) and batch['video'].dtype == np.uint8
+  assert batch['label'].dtype == np.int32 and batch['substituted'].dtype == bool
+  assert not batch['substituted'].any()
+  passes = [list(data.eval_pass()) for _ in range(2)]
+  assert_batches_equal(*passes)                            # Eval is deterministic.
+  batches = passes[0]
+  assert len(batches) == data.eval_batches == 2
+  assert batches[0]['video'].shape == (3, 6, 4, 32, 32, 3)
+  valid = np.concatenate([b['valid'] for b in batches])
+  assert valid.tolist() == [True] * 4 + [False] * 2        # Every val clip exactly once.
+  labels = np.concatenate([b['label'] for b in batches])[valid]
+  expected = [int(line.split()[-1]) for line in (motion_dir / 'val.txt').read_text().splitlines()]
+  assert labels.tolist() == expected
+
+
+def test_processes_split_the_data_without_overlap(motion_dir):
+  cfg = filelist_config(motion_dir, eval_batch_size=1)
+  shards = [build_pipelines(cfg, shard_index=i, shard_count=3) for i in range(3)]
+  assert len({d.eval_batches for d in shards}) == 1        # Same batch count everywhere.
+  labels = sorted(int(b['label'][0]) for d in shards for b in d.eval_pass() if b['valid'][0])
+  expected = sorted(int(line.split()[-1])
+                    for line in (motion_dir / 'val.txt').read_text().splitlines())
+  assert labels == expected
+
+
+def test_iterator_state_resumes_the_same_batches(motion_dir):
+  data = build_pipelines(filelist_config(motion_dir, batch_size=3))
+  iterator = iter(data.train)
+  take(iterator, 7)                                         # Past the first epoch (20 // 3 = 6).
+  state = iterator.get_state()
+  expected = take(iterator, 3)
+  resumed = iter(build_pipelines(filelist_config(motion_dir, batch_size=3)).train)
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 3), expected)
+
+
+def test_each_epoch_is_a_new_shuffle_of_every_clip(motion_dir):
+  batches = take(iter(build_pipelines(filelist_config(motion_dir, batch_size=5)).train), 8)
+  labels = np.concatenate([b['label'] for b in batches])
+  listed = sorted(int(line.split()[-1]) for line in
+                  (motion_dir / 'train.txt').read_text().splitlines())
+  assert sorted(labels[:20].tolist()) == sorted(labels[20:40].tolist()) == listed
+  assert labels[:20].tolist() != labels[20:40].tolist()
+
+
+def test_workers_give_the_same_batches_and_state(motion_dir):
+  expected = take(iter(build_pipelines(filelist_config(motion_dir)).train), 4)
+  cfg = filelist_config(motion_dir, num_workers=2)
+  workers = iter(build_pipelines(cfg).train)
+  try:
+    assert_batches_equal(take(workers, 2), expected[:2])
+    state = workers.get_state()
+  finally:
+    workers.close()
+  resumed = iter(build_pipelines(cfg).train)
+  try:
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 2), expected[2:])
+  finally:
+    resumed.close()
+
+
+def test_bad_videos_are_substituted_counted_and_logged(motion_dir, tmp_path, caplog):
+  bad = with_bad_videos(motion_dir, tmp_path / 'bad')
+  data = build_pipelines(filelist_config(bad, batch_size=5, val_list=str(bad / 'train.txt'),
+                                         eval_batch_size=5))
+  with caplog.at_level(logging.WARNING):
+    batches = take(iter(data.train), 4)                     # One epoch: 20 clips.
+    eval_batches = list(data.eval_pass())
+  substituted = np.concatenate([b['substituted'] for b in batches])
+  assert substituted.sum() == 2
+  assert all(b['video'].shape == (5, 4, 32, 32, 3) for b in batches)
+  assert np.concatenate([b['substituted'] for b in eval_batches]).sum() == 2
+  bad_rows = [b['video'][b['substituted']] for b in eval_batches]
+  assert all((v == 0).all() for v in bad_rows)              # Eval substitutes are black.
+  assert data.metrics() == {'data/train_substituted': 2, 'data/eval_substituted': 2}
+  first, second = (line.split()[0] for line in (bad / 'train.txt').read_text().splitlines()[:2])
+  logged = '\n'.join(r.getMessage() for r in caplog.records)
+  assert first in logged and second in logged
+  assert set(data.train_substitutions.paths) == {first, second}
+
+
+def test_synthetic_source_matches_the_written_files(motion_dir):
+  cfg = filelist_config(motion_dir, source='synthetic', synthetic_videos=24,
+                        synthetic_frames=8, synthetic_size=32, num_clips=1, num_crops=1)
+  data = build_pipelines(cfg)
+  assert data.class_names == list(synthetic.CLASS_NAMES) and data.num_eval == 4
+  in_memory = np.concatenate([b['video'] for b in data.eval_pass()])[:4]
+  from_files = np.concatenate([b['video'] for b in build_pipelines(
+      filelist_config(motion_dir, flip_prob=0.0)).eval_pass()])[:4]
+  assert in_memory.shape == from_files.shape == (4, 1, 4, 32, 32, 3)
+  assert np.abs(in_memory.astype(int) - from_files).mean() < 6   # H.264 at crf 18.
+  with pytest.raises(DataError, match='flip_prob'):
+    build_pipelines(filelist_config(motion_dir, flip_prob=0.5))
+
+
+@pytest.mark.parametrize('text,message', [
+    ('videos/a.mp4 0\nvideos/b.mp4\n', r'train.txt:2: expected "relative/path.mp4 LABEL_ID"'),
+    ('videos/a.mp4 0\n\nvideos/b.mp4 x\n', r'train.txt:3: expected'),
+    ('videos/a.mp4 12\n', r'train.txt:1: label 12 is not in the labels CSV'),
+])
+def test_malformed_lists_give_line_numbered_errors(motion_dir, tmp_path, text, message):
+  (tmp_path / 'train.txt').write_text(text)
+  with pytest.raises(DataError, match=message):
+    build_pipelines(filelist_config(motion_dir, train_list=str(tmp_path / 'train.txt')))
+
+
+@pytest.mark.parametrize('text,message', [
+    ('id,name\n0,a\n2,b\n', r'ids must be 0..1 without gaps; missing \[1\]'),
+    ('id,name\n0,a\n0,b\n', r'labels.csv:3: id 0 appears twice'),
+    ('0,a\nb\n', r'labels.csv:2: expected "id,name"'),
+])
+def test_malformed_labels_give_clear_errors(tmp_path, text, message):
+  (tmp_path / 'labels.csv').write_text(text)
+  with pytest.raises(DataError, match=message):
+    read_labels(tmp_path / 'labels.csv')
+
+
+def test_list_paths_may_contain_spaces(tmp_path):
+  (tmp_path / 'list.txt').write_text('air drumming/x y.mp4 3\n')
+  assert read_list(tmp_path / 'list.txt') == [('air drumming/x y.mp4', 3)]
+
+
+def test_ucf101_through_tfds_asks_for_tensorflow(motion_dir):
+  pytest.importorskip('tensorflow_datasets')
+  try:
+    import tensorflow  # noqa: F401
+    pytest.skip('TensorFlow is installed; this test checks the error without it.')
+  except ImportError:
+    pass
+  cfg = filelist_config(motion_dir, source='tfds', tfds_name='ucf101', labels='',
+                        train_list='train', val_list='')
+  with pytest.raises(DataError, match='pip install tensorflow'):
+    build_pipelines(cfg)
+
+
+def test_synthetic_cli_writes_a_readable_set(tmp_path):
+  out = tmp_path / 'cli'
+  run_cli('claver_jax.data.synthetic', f'--out={out}', '--num_videos=13', '--num_frames=6',
+          '--size=32', '--width=48')
+  assert read_labels(out / 'labels.csv') == list(synthetic.CLASS_NAMES)
+  items = read_list(out / 'train.txt') + read_list(out / 'val.txt')
+  assert len(items) == 13 and {label for _, label in items} == set(range(12))
+  from claver_jax.data.video import open_video
+  with open_video(out / items[0][0]) as video:
+    assert video.num_frames == 6 and video.frames([0]).shape == (1, 32, 48, 3)
+  proc = run_cli('claver_jax.data.synthetic', f'--out={out}', '--num_videos=1', check=False)
+  assert proc.returncode != 0 and 'already exists' in proc.stderr
+
+
+def test_reverse_twins_are_time_reversed_draws_of_one_family():
+  for index in range(12):
+    clip, label = synthetic.make_clip(index, seed=3, num_frames=6, size=32)
+    assert label == index % 12 and clip.shape == (6, 32, 32, 3)
+    forward = synthetic.render_forward(label // 2, np.random.default_rng((3, index)), 6, 32, 32)
+    np.testing.assert_array_equal(clip, forward[::-1] if label % 2 else forward)
+    np.testing.assert_array_equal(clip, synthetic.make_clip(index, seed=3, num_frames=6,
+                                                            size=32)[0])
+  a, b = synthetic.make_clip(0, seed=0)[0], synthetic.make_clip(12, seed=0)[0]
+  assert not np.array_equal(a, b)                          # Different draws per index.
+
+
+def test_make_global_batch_shards_the_batch_axis():
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  from claver_jax.data.pipeline import make_global_batch
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  batch = {'video': np.ones((2, 3, 4, 4, 3), np.uint8), 'label': np.array([1, 2], np.int32)}
+  out = make_global_batch(batch, NamedSharding(mesh, PartitionSpec('data')))
+  assert out['video'].shape == (2 * jax.process_count(), 3, 4, 4, 3)
+  np.testing.assert_array_equal(out['label'], [1, 2])

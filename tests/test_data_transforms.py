@@ -1,0 +1,189 @@
+"""Frame sampling, decoding, clip augmentations, normalisation and mixup/cutmix."""
+
+from __future__ import annotations
+
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from claver_jax.data import synthetic, transforms
+from claver_jax.data.mixup import cutmix_box, mixup_cutmix
+from claver_jax.data.sources import FileListSource
+from claver_jax.data.video import VideoError, eval_indices, open_video, train_indices
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+class FixedOffsets:
+  """Stands in for a Generator: `integers(0, high)` returns high - 1 (the last frame)."""
+
+  def integers(self, low, high):
+    return np.asarray(high) - 1
+
+
+def test_train_indices_one_random_frame_per_segment():
+  # 10 frames, 4 segments: starts 0, 2, 5, 7, 10 -> segments [0,2) [2,5) [5,7) [7,10).
+  assert train_indices(10, 4, FixedOffsets()).tolist() == [1, 4, 6, 9]
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    i = train_indices(10, 4, rng)
+    assert 0 <= i[0] < 2 <= i[1] < 5 <= i[2] < 7 <= i[3] < 10
+  assert train_indices(8, 8, rng).tolist() == list(range(8))
+
+
+def test_short_videos_loop_their_frames():
+  assert train_indices(3, 8, np.random.default_rng(0)).tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+  assert eval_indices(3, 5).tolist() == [[0, 1, 2, 0, 1]]
+  assert eval_indices(3, 4, num_clips=3).tolist() == [[0, 1, 2, 0], [1, 2, 0, 1], [2, 0, 1, 2]]
+
+
+def test_eval_indices_centre_frames_and_even_clips():
+  # 10 frames, 4 segments of 2.5 frames: centres at 1.25, 3.75, 6.25, 8.75.
+  assert eval_indices(10, 4).tolist() == [[1, 3, 6, 8]]
+  # 2 clips: fractions 1/4 and 3/4 of each 5-frame segment of 20 frames.
+  assert eval_indices(20, 4, num_clips=2).tolist() == [[1, 6, 11, 16], [3, 8, 13, 18]]
+  with pytest.raises(ValueError, match='0 frames'):
+    eval_indices(0, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def mp4s(tmp_path_factory):
+  """Two 40-frame clips: default GOP (one keyframe) and a keyframe every 8 frames."""
+  import av
+  root = tmp_path_factory.mktemp('mp4s')
+  clip, _ = synthetic.make_clip(0, num_frames=40, size=(32, 48))
+  for name, gop in (('long_gop.mp4', None), ('short_gop.mp4', 8)):
+    with av.open(str(root / name), 'w') as container:
+      stream = container.add_stream('libx264', rate=10)
+      stream.height, stream.width, stream.pix_fmt = 32, 48, 'yuv420p'
+      if gop:
+        stream.codec_context.gop_size = gop
+      for frame in clip:
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+      container.mux(stream.encode())
+  return root
+
+
+@pytest.mark.parametrize('name', ['long_gop.mp4', 'short_gop.mp4'])
+def test_sampled_frames_equal_a_full_decode(mp4s, name):
+  import av
+  with av.open(str(mp4s / name)) as container:
+    full = np.stack([f.to_ndarray(format='rgb24') for f in container.decode(video=0)])
+  with open_video(mp4s / name) as video:
+    assert video.num_frames == 40
+    if name == 'short_gop.mp4':
+      assert len(video._key_positions) > 1, 'the keyframe-jump path is not exercised'
+    for indices in ([0, 9, 17, 33, 39], [39, 2, 2, 20], list(range(0, 40, 5))):
+      np.testing.assert_array_equal(video.frames(indices), full[indices])
+    assert video.frames([5], short_side=16).shape == (1, 16, 24, 3)
+
+
+def test_tar_members_are_read_in_place(mp4s, tmp_path):
+  archive = tmp_path / 'videos.tar'
+  with tarfile.open(archive, 'w') as tar:
+    tar.add(mp4s / 'short_gop.mp4', arcname='clips/a.mp4')
+  (tmp_path / 'list.txt').write_text('clips/a.mp4 0\nclips/absent.mp4 1\n')
+  source = FileListSource(archive, tmp_path / 'list.txt')
+  with open_video(mp4s / 'short_gop.mp4') as direct:
+    np.testing.assert_array_equal(source.open(0).frames([3, 30]), direct.frames([3, 30]))
+  with pytest.raises(VideoError, match='no such member'):
+    source.open(1)
+
+
+@pytest.mark.parametrize('content', [b'', b'\x00\x00\x00\x18ftypmp42 garbage', None])
+def test_unreadable_videos_raise_video_error(tmp_path, content):
+  path = tmp_path / 'bad.mp4'
+  if content is not None:
+    path.write_bytes(content)
+  with pytest.raises(VideoError, match='bad.mp4'):
+    open_video(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentations
+# ---------------------------------------------------------------------------------------------
+def test_multi_scale_crop_boxes_follow_tsn():
+  rng = np.random.default_rng(0)
+  sizes = {int(256 * s) for s in transforms.MULTI_SCALES}   # 256, 224, 192, 168.
+  for _ in range(200):
+    x0, y0, x1, y1 = transforms.multi_scale_crop_box(256, 340, 224, rng)
+    assert 0 <= x0 < x1 <= 340 and 0 <= y0 < y1 <= 256
+    assert x1 - x0 in sizes and y1 - y0 in sizes
+    ranks = sorted(sizes, reverse=True)
+    assert abs(ranks.index(x1 - x0) - ranks.index(y1 - y0)) <= 1   # Max aspect gap 1.
+
+
+def test_train_augment_keeps_shape_and_treats_frames_alike():
+  frame = np.random.default_rng(1).integers(0, 256, (1, 73, 97, 3), dtype=np.uint8)
+  clip = np.repeat(frame, 6, axis=0)
+  changed = 0
+  for seed in range(12):
+    out = transforms.augment_train_clip(clip, 64, np.random.default_rng(seed))
+    assert out.shape == (6, 64, 64, 3) and out.dtype == np.uint8
+    assert (out == out[:1]).all(), 'frames of one clip were augmented differently'
+    changed += not np.array_equal(out, transforms.augment_train_clip(
+        clip, 64, np.random.default_rng(seed + 100)))
+  assert changed >= 10, 'the augmentation hardly depends on its random draws'
+
+
+def test_color_jitter_same_factors_per_frame_and_identity_at_zero():
+  rng = np.random.default_rng(0)
+  clip = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+  same = transforms.color_jitter(clip, np.random.default_rng(0), 0, 0, 0, 0)
+  assert np.abs(same.astype(int) - clip).max() <= 1
+  jittered = transforms.color_jitter(clip, np.random.default_rng(3))
+  per_frame = [transforms.color_jitter(clip[i:i + 1], np.random.default_rng(3)) for i in range(4)]
+  np.testing.assert_array_equal(jittered, np.concatenate(per_frame))
+  gray = transforms.grayscale(clip)
+  assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+
+
+def test_spatial_crops_along_the_long_side():
+  clip = np.arange(2 * 4 * 10 * 3, dtype=np.uint8).reshape(2, 4, 10, 3)
+  crops = transforms.spatial_crops(clip, 4, 3)
+  assert crops.shape == (3, 2, 4, 4, 3)
+  for crop, start in zip(crops, (0, 3, 6)):
+    np.testing.assert_array_equal(crop, clip[:, :, start:start + 4])
+  np.testing.assert_array_equal(transforms.spatial_crops(clip, 4, 1)[0], clip[:, :, 3:7])
+
+
+def test_normalize_uses_clip_mean_std_and_is_jittable():
+  video = np.full((1, 2, 2, 2, 3), 255, np.uint8)
+  out = jax.jit(transforms.normalize)(video)
+  expected = (1 - np.array(transforms.CLIP_MEAN)) / np.array(transforms.CLIP_STD)
+  np.testing.assert_allclose(out[0, 0, 0, 0], expected, rtol=1e-6)
+  assert out.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixup / CutMix
+# ---------------------------------------------------------------------------------------------
+def test_mixup_cutmix_targets_sum_to_one():
+  video = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 16, 16, 3)), jnp.float32)
+  labels = jnp.array([0, 3, 3, 9])
+  step = jax.jit(lambda rng, switch: mixup_cutmix(rng, video, labels, 10, switch_prob=switch))
+  for switch in (0.0, 1.0):     # All mixup, then all cutmix.
+    for seed in range(3):
+      mixed, targets = step(jax.random.key(seed), switch)
+      assert mixed.shape == video.shape and targets.shape == (4, 10)
+      np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
+      assert float(targets.min()) >= 0.1 / 10 - 1e-6      # Smoothing keeps every class > 0.
+      # Sample 0 is mixed with sample 3: its target mass splits between their labels.
+      lam = (float(targets[0, 0]) - 0.01) / 0.9
+      if switch == 1.0:
+        kept = np.isclose(np.asarray(mixed[0]), np.asarray(video[0])).all(axis=(0, -1))
+        np.testing.assert_allclose(kept.mean(), lam, atol=1e-5)  # lambda = the kept area.
+      else:
+        np.testing.assert_allclose(mixed[0], lam * video[0] + (1 - lam) * video[3], atol=1e-4)
+
+
+def test_cutmix_box_area_corrects_lambda():
+  mask, lam = cutmix_box(jax.random.key(0), jnp.float32(0.6), 20, 30)
+  np.testing.assert_allclose(lam, 1 - mask.mean(), rtol=1e-6)
