@@ -1,0 +1,302 @@
+"""Class texts -> [A, C, 77] tokens; shipped prompt sets cover their datasets and fit CLIP."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from claver_jax.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
+from claver_jax.text import Tokenizer, load_tokenizer, prompts
+from claver_jax.text.prompts import (ASPECTS, TEMPLATES, Collision, MissingPromptsError,
+                                     build_prompt_texts, find_collisions, load_prompt_set,
+                                     prompt_tokens, read_class_names, readable_name)
+from conftest import CLIP_BPE, SHARED_REFERENCE, requires_clip_bpe, run_cli
+from prompt_helpers import tiny_clip_vocab, write_tiny_clip_vocab
+
+LABELS = SHARED_REFERENCE / 'labels'
+# Shipped set -> its reference class list (a labels CSV, or the names themselves).
+REFERENCE_CLASSES = {
+    'kinetics400': 'kinetics_400_labels.csv',
+    'kinetics600': 'kinetics_600_labels.csv',
+    'ucf101': 'ucf_101_labels.csv',
+    'hmdb51': 'hmdb_51_labels.csv',
+    'synthetic_motion': list(SYNTHETIC_CLASSES),  # claver_jax.data.synthetic's, in label order.
+}
+
+SET = {
+    'jumping': {'decomposition': ['crouch then spring up', 'leave the ground'],
+                'synonyms': ['leaping', 'hopping', 'bounding'],
+                'body_parts': ['legs extend']},
+    'ApplyLipstick': {'decomposition': ['uncap a tube', 'trace the lips', 'press lips together'],
+                      'synonyms': ['coloring the lips'],
+                      'body_parts': ['the wrist turns', 'the lips pout']},
+}
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return Tokenizer(*tiny_clip_vocab())
+
+
+@pytest.fixture(scope='module')
+def real_tok():
+  return load_tokenizer(CLIP_BPE)
+
+
+def shipped_sets():
+  return [s for s in REFERENCE_CLASSES if s in prompts.available_sets()]
+
+
+def reference_classes(name):
+  source = REFERENCE_CLASSES[name]
+  if isinstance(source, list):
+    return source
+  if not (LABELS / source).is_file():
+    pytest.skip(f'{LABELS / source} is absent (../shared/reference is not checked out)')
+  return read_class_names(LABELS / source)
+
+
+def require_shipped(name):
+  if name not in prompts.available_sets():
+    pytest.skip(f'claver_jax/text/interpretive/{name}.json is not written yet')
+  return load_prompt_set(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loader
+# ------------------------------------------------------------------------------------------------
+def test_shapes_kinds_alignment_and_cycling(tok):
+  templates = ['a video of {}.', 'someone {}.']
+  names = ['ApplyLipstick', 'jumping']
+  out = prompt_tokens(names, tok, SET, templates=templates)
+  # 2 templates, then per aspect the most texts any class has: 3 + 3 + 2.
+  assert out.tokens.shape == (10, 2, 77) and out.tokens.dtype == np.int32
+  assert out.kinds == ('template',) * 2 + ('decomposition',) * 3 + ('synonyms',) * 3 + (
+      'body_parts',) * 2
+  column = {c: [row[i] for row in out.texts] for i, c in enumerate(names)}
+  assert column['ApplyLipstick'] == [
+      'a video of apply lipstick.', 'someone apply lipstick.',
+      'uncap a tube', 'trace the lips', 'press lips together',
+      'coloring the lips', 'coloring the lips', 'coloring the lips',  # One text, cycled.
+      'the wrist turns', 'the lips pout']
+  assert column['jumping'] == [
+      'a video of jumping.', 'someone jumping.',
+      'crouch then spring up', 'leave the ground', 'crouch then spring up',  # Cycled.
+      'leaping', 'hopping', 'bounding', 'legs extend', 'legs extend']
+  for a, row in enumerate(out.texts):
+    np.testing.assert_array_equal(out.tokens[a], tok(row))
+  assert out.num_truncated == 0
+
+
+def test_templates_only_and_readable_names(tok):
+  out = prompt_tokens(['ApplyEyeMakeup', 'brush_hair', 'YoYo', 'passing American football'], tok)
+  assert out.tokens.shape == (len(TEMPLATES), 4, 77) and set(out.kinds) == {'template'}
+  assert out.texts[0] == [TEMPLATES[0].format(n) for n in
+                          ['apply eye makeup', 'brush hair', 'yo yo', 'passing american football']]
+  assert readable_name('TVWatching') == 'tv watching'
+  assert len(TEMPLATES) == len(set(TEMPLATES)) >= 16
+
+
+def test_aspect_subset_and_bad_arguments(tok):
+  texts, kinds = build_prompt_texts(['jumping'], SET, templates=[], aspects=['synonyms'])
+  assert kinds == ('synonyms',) * 3 and texts == [['leaping'], ['hopping'], ['bounding']]
+  with pytest.raises(ValueError, match='exactly one'):
+    build_prompt_texts(['jumping'], templates=['no slot'])
+  with pytest.raises(ValueError, match='Unknown aspects'):
+    build_prompt_texts(['jumping'], SET, aspects=['colour'])
+  with pytest.raises(ValueError, match='No class names'):
+    prompt_tokens([], tok)
+
+
+def test_truncation_keeps_end_of_text_and_warns(tok, caplog):
+  long_set = {'jumping': {a: [('ab ' * 120).strip(), 'cd'] for a in ASPECTS}}
+  with caplog.at_level(logging.WARNING):
+    out = prompt_tokens(['jumping'], tok, long_set, templates=['{}'])
+  assert out.num_truncated == 1  # The same long text in three aspects is one distinct text.
+  assert '1 of 3 distinct class texts are longer than 77 tokens' in caplog.text
+  row = out.tokens[out.kinds.index('synonyms'), 0]
+  assert row[0] == tok.sot_token_id and row[-1] == tok.eot_token_id and (row != 0).all()
+  assert (row[1:-1] == tok.vocab['ab</w>']).all()
+  short = out.tokens[out.kinds.index('synonyms') + 1, 0]
+  np.testing.assert_array_equal(short[:3], [tok.sot_token_id, tok.vocab['cd</w>'],
+                                            tok.eot_token_id])
+
+
+def test_missing_class_is_an_error_naming_it_with_close_matches(tok):
+  with pytest.raises(MissingPromptsError) as e:
+    prompt_tokens(['Jumping', 'apply lipstick', 'ApplyLipstick', 'sleeping'], tok, SET)
+  message = str(e.value)
+  assert "3 of 4 classes" in message
+  assert "'Jumping': not in the prompt set (close: ['jumping'])" in message
+  assert "'apply lipstick': not in the prompt set (close: ['ApplyLipstick'])" in message
+  assert "'sleeping': not in the prompt set\n" in message + '\n'
+  assert 'allow the template fallback' in message
+  empty_aspect = {'jumping': dict(SET['jumping'], body_parts=[])}
+  with pytest.raises(MissingPromptsError, match=r"'jumping': no texts for \['body_parts'\]"):
+    prompt_tokens(['jumping'], tok, empty_aspect)
+
+
+def test_missing_class_falls_back_to_templates_when_allowed(tok, caplog):
+  templates = ['a video of {}.', 'someone {}.', 'people {}.']
+  with caplog.at_level(logging.WARNING):
+    out = prompt_tokens(['sleeping', 'jumping'], tok, SET, templates=templates,
+                        allow_missing=True)
+  assert "'sleeping': not in the prompt set" in caplog.text
+  assert 'fall back to their template texts' in caplog.text
+  assert out.tokens.shape == (3 + 2 + 3 + 1, 2, 77)
+  sleeping = [row[0] for row in out.texts]
+  assert sleeping[3:] == ['a video of sleeping.', 'someone sleeping.',
+                          'a video of sleeping.', 'someone sleeping.', 'people sleeping.',
+                          'a video of sleeping.']
+  assert [row[1] for row in out.texts][3:5] == SET['jumping']['decomposition']
+
+
+def test_loading_sets_by_name_and_path(tmp_path):
+  path = tmp_path / 'set.json'
+  path.write_text(json.dumps({'jumping': {'synonyms': ['  leaping ']}}))
+  assert load_prompt_set(path) == {'jumping': {'decomposition': [], 'synonyms': ['leaping'],
+                                               'body_parts': []}}
+  assert load_prompt_set(str(path)) == load_prompt_set(path)
+  with pytest.raises(FileNotFoundError, match='No shipped prompt set .*shipped: \\['):
+    load_prompt_set('kinetics4000')
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    load_prompt_set(tmp_path / 'absent.json')
+  for text, match in [('{"a": {"synonyms": ["x"],}}', r'set.json:1:\d+: not valid JSON'),
+                      ('["a"]', 'JSON object mapping class names'),
+                      ('{"a": {}, "a": {}}', "the key 'a' appears twice"),
+                      ('{"a": {"body parts": ["x"]}}', r"unknown keys \['body parts'\]"),
+                      ('{"a": {"synonyms": "x"}}', 'list of non-empty strings'),
+                      ('{"a": {"synonyms": ["x", " "]}}', 'list of non-empty strings')]:
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+      load_prompt_set(path)
+
+
+def test_read_class_names(tmp_path):
+  path = tmp_path / 'labels.csv'
+  path.write_text('id,name\n1,b c\n0,"a, with comma"\n')
+  assert read_class_names(path) == ['a, with comma', 'b c']
+  path.write_text('0,a\n1\n')
+  with pytest.raises(ValueError, match='labels.csv:2: expected "id,name"'):
+    read_class_names(path)
+  path.write_text('0,a\n2,b\n')
+  with pytest.raises(ValueError, match='0..N-1'):
+    read_class_names(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Collisions and the check CLI
+# ------------------------------------------------------------------------------------------------
+def test_collision_report_finds_a_planted_collision():
+  planted = {
+      'playing basketball': {'decomposition': ['Dribbling Basketball, then a jump shot'],
+                             'synonyms': ['playing basketball with friends'],
+                             'body_parts': ['hands keep dribbling basketballs']},
+      'dribbling basketball': {'decomposition': ['bouncing the ball low'],
+                               'synonyms': ['ball handling'], 'body_parts': ['the wrist snaps']},
+      'ApplyLipstick': {'decomposition': ['uncap the tube'], 'synonyms': ['lip color'],
+                        'body_parts': ['the lips pout']},
+      'ApplyEyeMakeup': {'decomposition': ['then apply lipstick too'],
+                         'synonyms': ['eyeshadow'], 'body_parts': ['the eyes close']},
+  }
+  assert find_collisions(planted) == [
+      Collision('playing basketball', 'decomposition', 'Dribbling Basketball, then a jump shot',
+                'dribbling basketball'),
+      Collision('ApplyEyeMakeup', 'decomposition', 'then apply lipstick too', 'ApplyLipstick'),
+  ]  # Word boundaries ('basketballs'), and a class naming itself, do not count.
+  # Against a larger class list, names outside the set count too.
+  assert find_collisions({'jumping': {'synonyms': ['like skipping rope']}},
+                         ['jumping', 'skipping rope']) == [
+      Collision('jumping', 'synonyms', 'like skipping rope', 'skipping rope')]
+
+
+def test_check_cli(tmp_path):
+  labels = tmp_path / 'labels.csv'
+  labels.write_text('id,name\n0,jumping\n1,ApplyLipstick\n2,dribbling basketball\n')
+  path = tmp_path / 'set.json'
+  path.write_text(json.dumps(dict(SET, jumping=dict(SET['jumping'], body_parts=[
+      'legs extend', 'like dribbling basketball ' + 'ab ' * 80]))))
+  vocab = write_tiny_clip_vocab(tmp_path / 'tokenizer')
+  proc = run_cli('claver_jax.text.prompts', f'--check={path}', f'--labels={labels}',
+                 f'--tokenizer={vocab}', check=False)
+  assert proc.returncode == 1, proc.stderr
+  assert 'coverage: 2/3 classes' in proc.stdout
+  assert "missing: 'dribbling basketball'" in proc.stdout
+  assert 'synonyms       min 1, max 3, total 4' in proc.stdout
+  assert 'over-length: 1 of 13 texts exceed 77 tokens' in proc.stdout
+  assert "'jumping' body_parts names 'dribbling basketball'" in proc.stdout
+  labels.write_text('id,name\n0,jumping\n1,ApplyLipstick\n')
+  path.write_text(json.dumps(SET))
+  proc = run_cli('claver_jax.text.prompts', f'--check={path}', f'--labels={labels}')
+  assert 'coverage: 2/2 classes' in proc.stdout and 'collisions: 0' in proc.stdout
+  assert 'over-length: not checked' in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Shipped sets
+# ------------------------------------------------------------------------------------------------
+def test_shipped_sets_are_found_by_name():
+  from claver_jax import text
+  assert text.prompt_tokens is prompt_tokens and 'prompt_tokens' in text.__all__
+  found = prompts.available_sets()
+  assert {'ucf101', 'hmdb51', 'synthetic_motion'} <= set(found) <= set(prompts.SHIPPED_SETS)
+  assert prompts.shipped_set_path('ucf101').name == 'ucf101.json'
+  assert load_prompt_set('hmdb51') == load_prompt_set(prompts.shipped_set_path('hmdb51'))
+
+
+@pytest.mark.parametrize('name', list(REFERENCE_CLASSES))
+def test_shipped_set_covers_its_classes(name):
+  classes = reference_classes(name)
+  shipped = require_shipped(name)
+  missing = [c for c in classes if c not in shipped]
+  extra = [c for c in shipped if c not in set(classes)]
+  assert not missing and not extra, f'{name}: missing {missing[:20]}, extra {extra[:20]}'
+  for c in classes:
+    texts = [t for a in ASPECTS for t in shipped[c][a]]
+    assert all(len(shipped[c][a]) >= 2 for a in ASPECTS), (c, shipped[c])
+    assert len(set(texts)) == len(texts), f'{name}: {c!r} repeats a text'
+    assert all('\n' not in t for t in texts), c
+
+
+@pytest.mark.parametrize('name', list(REFERENCE_CLASSES))
+def test_shipped_set_collisions(name):
+  """No text names another class of its dataset by a multi-word name; one-word names reported.
+
+  A multi-word class name inside a text ('dribbling basketball' in a 'playing basketball' text)
+  is that other action, named: ambiguous, so it fails. A one-word class name is mostly a generic
+  verb or noun that a description needs (HMDB's 'walk', 'turn', 'sword'; UCF's 'Swing'), so those
+  are printed for review (pytest -rP shows them) but do not fail.
+  """
+  classes = reference_classes(name)
+  collisions = find_collisions(require_shipped(name), classes)
+  multi_word = [c for c in collisions if len(readable_name(c.other_class).split()) > 1]
+  print(f'{name}: {len(collisions) - len(multi_word)} texts name a one-word class:')
+  for c in collisions:
+    if c not in multi_word:
+      print(f'  {c.class_name!r} {c.aspect} names {c.other_class!r}: {c.text}')
+  assert not multi_word, '\n'.join(
+      f'{c.class_name!r} {c.aspect} names {c.other_class!r}: {c.text}' for c in multi_word)
+
+
+@requires_clip_bpe
+@pytest.mark.parametrize('name', list(REFERENCE_CLASSES))
+def test_shipped_texts_fit_clip_context(name, real_tok):
+  shipped = require_shipped(name)
+  texts = [t for entry in shipped.values() for a in ASPECTS for t in entry[a]]
+  lengths = [len(ids) + 2 for ids in real_tok.encode(texts)]
+  over = [(n, t) for n, t in zip(lengths, texts) if n > 77]
+  assert not over, over[:10]
+
+
+@requires_clip_bpe
+def test_shipped_set_tokens_for_a_dataset(real_tok):
+  classes = reference_classes('ucf101')
+  out = prompt_tokens(classes, real_tok, 'ucf101')
+  assert out.tokens.shape == (len(TEMPLATES) + 9, 101, 77) and out.num_truncated == 0
+  assert out.texts[len(TEMPLATES)][0] == load_prompt_set('ucf101')['ApplyEyeMakeup'][
+      'decomposition'][0]
+  eot = (out.tokens == real_tok.eot_token_id).sum(-1)
+  assert (eot == 1).all()  # Every row has exactly one end-of-text token.
