@@ -1,0 +1,114 @@
+"""The optimizer: parameter groups, frozen towers, weight-decay masks and the schedule.
+
+Groups, by parameter path in a CLAVER model:
+  image    clip.visual.*                 frozen when `freeze_image` (the paper's default)
+  text     clip.text.*                   frozen when `freeze_text`
+  new      temporal.*                    learning rate x `new_lr_multiplier` (10 in the paper)
+  base     everything else (logit_scale)
+No weight decay on biases, on 0-/1-D parameters (LayerNorm, class embedding, logit scale) and on
+positional and temporal embeddings.
+
+Frozen parameters are not differentiated at all (`trainable_filter` goes to `nnx.grad` and
+`nnx.Optimizer(wrt=...)`), so a frozen image tower costs no backward pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+NO_DECAY_NAMES = ('positional_embedding', 'temporal_embedding', 'class_embedding')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The paper's AdamW settings for full supervision (few-shot uses lr=2e-6)."""
+  c = ml_collections.ConfigDict()
+  c.lr = 12e-6
+  c.b1, c.b2, c.eps = 0.9, 0.98, 1e-8
+  c.weight_decay = 0.001
+  c.new_lr_multiplier = 10.0
+  c.warmup_epochs = 5.0
+  c.end_lr_ratio = 0.01          # Cosine decay per step to lr / 100.
+  c.freeze_image = True
+  c.freeze_text = False
+  c.grad_clip_norm = ml_collections.config_dict.placeholder(float)
+  return c
+
+
+def _path_str(path: tuple) -> str:
+  """An nnx path (str/int keys) or a jax key path (DictKey, ..., GetAttrKey('value')) -> 'a.b.0'."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.GetAttrKey):  # The `.value` of an nnx Variable.
+      continue
+    parts.append(str(getattr(k, 'key', getattr(k, 'idx', k))))
+  return '.'.join(parts)
+
+
+def group_of(path: tuple | str) -> str:
+  """'image' | 'text' | 'new' | 'base' for a parameter path of a CLAVER (or CLIP) model."""
+  p = path if isinstance(path, str) else _path_str(path)
+  if p.startswith('clip.visual.') or p.startswith('visual.'):
+    return 'image'
+  if p.startswith('clip.text.') or p.startswith('text.'):
+    return 'text'
+  if p.startswith('temporal.'):
+    return 'new'
+  return 'base'
+
+
+def frozen_groups(config: ml_collections.ConfigDict) -> set[str]:
+  return ({'image'} if config.freeze_image else set()) | ({'text'} if config.freeze_text else set())
+
+
+def trainable_filter(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
+  """An nnx filter for the parameters that train: every Param outside the frozen groups."""
+  frozen = frozen_groups(config)
+
+  def trainable(path, value) -> bool:
+    return isinstance(value, nnx.Param) and group_of(path) not in frozen
+
+  return trainable
+
+
+def decays(path: tuple | str, ndim: int) -> bool:
+  p = path if isinstance(path, str) else _path_str(path)
+  name = p.rsplit('.', 1)[-1]
+  return ndim >= 2 and name != 'bias' and not any(n in p for n in NO_DECAY_NAMES)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: int,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup from 0 over `warmup_epochs`, then cosine per step down to lr * end_lr_ratio."""
+  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.end_lr_ratio)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, *, total_steps: int,
+                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with the groups above, new parts at x new_lr_multiplier. Give it to
+  `nnx.Optimizer(model, tx, wrt=trainable_filter(config))`.
+
+  Returns the transformation and the base learning-rate schedule (for logging).
+  """
+  schedule = learning_rate_schedule(config, total_steps=total_steps,
+                                    steps_per_epoch=steps_per_epoch)
+  def mask(tree):  # Called on the sub-tree each group's AdamW sees (others are MaskedNodes).
+    return jax.tree_util.tree_map_with_path(lambda p, x: decays(p, x.ndim), tree)
+
+  def adamw(multiplier: float) -> optax.GradientTransformation:
+    return optax.adamw(lambda step: multiplier * schedule(step), b1=config.b1, b2=config.b2,
+                       eps=config.eps, weight_decay=config.weight_decay, mask=mask)
+
+  def labels(tree):  # A callable, so it matches whatever tree (State or arrays) optax is given.
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: 'new' if group_of(p) == 'new' else 'base', tree)
+
+  tx = optax.multi_transform({'base': adamw(1.0), 'new': adamw(config.new_lr_multiplier)}, labels)
+  if config.get('grad_clip_norm'):
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx, schedule
