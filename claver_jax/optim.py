@@ -19,6 +19,8 @@ import ml_collections
 import optax
 from flax import nnx
 
+from claver_jax.models.io import path_str
+
 NO_DECAY_NAMES = ('positional_embedding', 'temporal_embedding', 'class_embedding')
 
 
@@ -37,19 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _path_str(path: tuple) -> str:
-  """An nnx path (str/int keys) or a jax key path (DictKey, ..., GetAttrKey('value')) -> 'a.b.0'."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.GetAttrKey):  # The `.value` of an nnx Variable.
-      continue
-    parts.append(str(getattr(k, 'key', getattr(k, 'idx', k))))
-  return '.'.join(parts)
-
-
 def group_of(path: tuple | str) -> str:
   """'image' | 'text' | 'new' | 'base' for a parameter path of a CLAVER (or CLIP) model."""
-  p = path if isinstance(path, str) else _path_str(path)
+  p = path if isinstance(path, str) else path_str(path)
   if p.startswith('clip.visual.') or p.startswith('visual.'):
     return 'image'
   if p.startswith('clip.text.') or p.startswith('text.'):
@@ -74,7 +66,7 @@ def trainable_filter(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
 
 
 def decays(path: tuple | str, ndim: int) -> bool:
-  p = path if isinstance(path, str) else _path_str(path)
+  p = path if isinstance(path, str) else path_str(path)
   name = p.rsplit('.', 1)[-1]
   return ndim >= 2 and name != 'bias' and not any(n in p for n in NO_DECAY_NAMES)
 

@@ -209,3 +209,25 @@ def test_bad_tokenizer_paths(tmp_path):
     load_tokenizer(wrong)
   with pytest.raises(ValueError, match='special tokens'):
     Tokenizer({'a': 0}, [])
+
+
+def test_trained_vocabulary_is_deterministic_and_covers_its_texts(tmp_path):
+  """The demo learns its vocabulary; two processes must learn the same one (hash-seeded tie
+  breaking in a trainer would differ between processes), in CLIP's layout."""
+  script = ('import sys\n'
+            'from claver_jax.text.tokenizer import train_tokenizer\n'
+            'from claver_jax.text.prompts import build_prompt_texts, load_prompt_set\n'
+            'from claver_jax.data import synthetic\n'
+            'texts, _ = build_prompt_texts(synthetic.CLASS_NAMES, load_prompt_set("synthetic_motion"))\n'
+            'train_tokenizer([t for r in texts for t in r], sys.argv[1], num_merges=300)\n')
+  for name in ('a', 'b'):
+    run_cli('', argv=['-c', script, str(tmp_path / name)])
+  assert (tmp_path / 'a' / 'merges.txt').read_text() == (tmp_path / 'b' / 'merges.txt').read_text()
+  tok = load_tokenizer(tmp_path / 'a')
+  assert tok.eot_token_id == tok.vocab_size - 1 and tok.sot_token_id == tok.vocab_size - 2
+  assert len(tok.merges) == 300
+  from claver_jax.text.prompts import build_prompt_texts, load_prompt_set
+  from claver_jax.data import synthetic
+  texts, _ = build_prompt_texts(synthetic.CLASS_NAMES, load_prompt_set('synthetic_motion'))
+  ids = tok([t for r in texts for t in r], context_length=77)
+  assert (ids[:, 1:] == tok.eot_token_id).sum() == len(ids)     # Only the real end tokens.

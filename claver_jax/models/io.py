@@ -33,12 +33,20 @@ MODEL_KINDS: dict[str, tuple[Callable[[dict], Any], Callable[..., nnx.Module]]] 
 }
 
 
+def path_str(path: tuple) -> str:
+  """An nnx path (str/int keys) or a jax key path (DictKey, ..., GetAttrKey('value') of an nnx
+  Variable) -> 'visual.blocks.0.attn.qkv.kernel'."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.GetAttrKey):
+      continue
+    parts.append(str(getattr(k, 'key', getattr(k, 'idx', k))))
+  return '.'.join(parts)
+
+
 def flatten_params(tree: Any) -> dict[str, Any]:
   """Nested dict -> {'visual.blocks.0.attn.qkv.kernel': leaf}."""
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    flat['.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)] = leaf
-  return flat
+  return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_params(kind: str, config: Any, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:

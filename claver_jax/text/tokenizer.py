@@ -113,6 +113,72 @@ class Tokenizer:
     return sum(len(ids) > context_length - 2 for ids in self.encode(texts))
 
 
+def train_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike,
+                    num_merges: int = 1000, min_frequency: int = 2) -> Tokenizer:
+  """Learns a small BPE vocabulary on `texts` and writes it to OUT_DIR in CLIP's format.
+
+  Words are split exactly as CLIP's tokenizer splits them (the `tokenizers` library's
+  normaliser and pre-tokeniser); merges are learnt by pair frequency with ties broken by the
+  pair's text, so the same texts always give the same vocabulary (the library's own trainer
+  breaks ties in hash order, which changes from process to process). The vocabulary has CLIP's
+  layout: the 256 byte characters, the same with '</w>', the merges in order, then
+  <|startoftext|> and <|endoftext|> (end-of-text is the largest id, as OpenAI-style argmax
+  pooling expects). For models trained from scratch, e.g. the demo, where no CLIP vocabulary
+  can ship.
+  """
+  import collections
+  from tokenizers import Regex, normalizers, pre_tokenizers
+  normalizer = normalizers.Sequence(
+      [normalizers.NFC(), normalizers.Replace(Regex(r'\s+'), ' '), normalizers.Lowercase()])
+  splitter = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                           behavior='removed', invert=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  words: collections.Counter = collections.Counter()
+  for text in texts:
+    for piece, _ in splitter.pre_tokenize_str(normalizer.normalize_str(Tokenizer.clean(text))):
+      words[tuple(piece[:-1]) + (piece[-1] + '</w>',)] += 1
+  merges: list[str] = []
+  while len(merges) < num_merges:
+    pairs: collections.Counter = collections.Counter()
+    for word, count in words.items():
+      for pair in zip(word, word[1:]):
+        pairs[pair] += count
+    if not pairs:
+      break
+    best = min(pairs, key=lambda p: (-pairs[p], p))
+    if pairs[best] < min_frequency:
+      break
+    merges.append(' '.join(best))
+    merged = {}
+    for word, count in words.items():
+      out, i = [], 0
+      while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+          out.append(word[i] + word[i + 1])
+          i += 2
+        else:
+          out.append(word[i])
+          i += 1
+      merged[tuple(out)] = merged.get(tuple(out), 0) + count
+    words = collections.Counter(merged)
+  byte_chars = list(bytes_to_unicode().values())
+  tokens = byte_chars + [c + '</w>' for c in byte_chars]
+  known = set(tokens)
+  for m in merges:
+    merged_token = m.replace(' ', '')
+    if merged_token not in known:
+      tokens.append(merged_token)
+      known.add(merged_token)
+  vocab = {t: i for i, t in enumerate(tokens + [SOT, EOT])}
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  from claver_jax.fileio import atomic_write_text
+  atomic_write_text(out_dir / 'vocab.json', json.dumps(vocab, ensure_ascii=False))
+  atomic_write_text(out_dir / 'merges.txt', '#version: 0.2\n' + '\n'.join(merges) + '\n')
+  return Tokenizer(vocab, merges)
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """PATH: OpenAI's BPE file (.txt.gz), a directory with vocab.json + merges.txt, or a model
   directory whose tokenizer/ holds them."""

@@ -1,0 +1,92 @@
+"""Evaluation: class scores from video and text embeddings, accuracy, per-class results.
+
+Protocol (the paper's): for each view of a video and each description set a, softmax over the
+C classes; mean over the A sets; sum over the V views. Top-k counts a video as correct when its
+label is among its k best classes, over all videos (the official code divides by A: wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from claver_jax.fileio import atomic_write_text
+from claver_jax.models.clip import l2_normalize
+
+
+def encode_texts(encode_text, tokens: np.ndarray, chunk: int = 512) -> jax.Array:
+  """tokens int32 [A, C, S] -> L2-normalised embeddings [A, C, E], `chunk` texts at a time."""
+  a, c, s = tokens.shape
+  flat = tokens.reshape(a * c, s)
+  parts = [encode_text(flat[i:i + chunk]) for i in range(0, a * c, chunk)]
+  return l2_normalize(jnp.concatenate(parts)).reshape(a, c, -1)
+
+
+def class_scores(video: jax.Array, text: jax.Array, logit_scale: jax.Array) -> jax.Array:
+  """video [B, V, E] (one embedding per view), text [A, C, E] normalised -> scores [B, C]."""
+  logits = jnp.exp(logit_scale) * jnp.einsum('bve,ace->bvac', video, text)
+  return jax.nn.softmax(logits, axis=-1).mean(axis=2).sum(axis=1)
+
+
+def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+  """bool [N]: the label is among the k highest scores (ties broken by class order)."""
+  k = min(k, scores.shape[1])
+  top = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  return (top == labels[:, None]).any(axis=1)
+
+
+def summarize(scores: np.ndarray, labels: np.ndarray,
+              class_names: Sequence[str]) -> dict[str, Any]:
+  """Top-1/top-5 in percent over all N videos, per-class top-1, and the confusion matrix."""
+  num_classes = len(class_names)
+  predicted = scores.argmax(axis=1)
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(confusion, (labels, predicted), 1)
+  support = confusion.sum(axis=1)
+  per_class = {name: (100.0 * confusion[i, i] / support[i] if support[i] else None)
+               for i, name in enumerate(class_names)}
+  return {'top1': 100.0 * float(topk_correct(scores, labels, 1).mean()),
+          'top5': 100.0 * float(topk_correct(scores, labels, 5).mean()),
+          'num_videos': int(len(labels)), 'per_class_top1': per_class, 'confusion': confusion}
+
+
+def write_reports(summary: dict[str, Any], class_names: Sequence[str],
+                  directory: str | os.PathLike) -> None:
+  """DIR/per_class.json and DIR/confusion.png (rows: true class, columns: predicted)."""
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  report = {k: v for k, v in summary.items() if k != 'confusion'}
+  report['confusion'] = summary['confusion'].tolist()
+  report['class_names'] = list(class_names)
+  atomic_write_text(directory / 'per_class.json', json.dumps(report, indent=1) + '\n')
+  confusion_png(summary['confusion'], class_names, directory / 'confusion.png')
+
+
+def confusion_png(confusion: np.ndarray, class_names: Sequence[str],
+                  path: str | os.PathLike) -> None:
+  """A row-normalised confusion matrix as an image; class names drawn when there are few."""
+  from PIL import Image, ImageDraw
+  num = len(class_names)
+  rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+  cell = max(1, min(24, 960 // max(num, 1)))
+  heat = (255 * (1 - rows)).astype(np.uint8)                  # white = 0, black = the whole row
+  grid = np.kron(heat, np.ones((cell, cell), np.uint8))
+  labelled = num <= 40
+  margin = 8 + 7 * max((len(n) for n in class_names), default=0) if labelled else 0
+  image = Image.new('L', (margin + grid.shape[1] + 2, margin + grid.shape[0] + 2), 255)
+  image.paste(Image.fromarray(grid), (margin + 1, margin + 1))
+  draw = ImageDraw.Draw(image)
+  draw.rectangle([margin, margin, margin + grid.shape[1] + 1, margin + grid.shape[0] + 1],
+                 outline=0)
+  if labelled:
+    for i, name in enumerate(class_names):
+      draw.text((2, margin + 1 + i * cell + max(cell // 2 - 5, 0)), name, fill=0)
+  tmp = Path(path).with_suffix('.tmp.png')
+  image.save(tmp)
+  os.replace(tmp, path)

@@ -1,0 +1,132 @@
+r"""Open-vocabulary prediction: which of any set of labels a video shows.
+
+    python -m claver_jax.predict --checkpoint=DIR --video=FILE \
+        [--labels "a" "b" ... | --label_file=F] [--top_k=5] [--json] [--prompts=SET_OR_PATH]
+
+DIR is a model directory (a converted checkpoint, or a run's WORKDIR/model; a WORKDIR also
+works). The video is sampled as in evaluation: T frames, one at the centre of each of T equal
+segments, short side resized to the model's image size, centre crop. Each label is described
+by the 16 templates (and, with --prompts, by a prompt set's interpretive texts where it has
+them); scores are the softmax over the labels, averaged over descriptions. --label_file takes
+one label per line, or a labels CSV with an `id,name` header.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from claver_jax import evaluate
+from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD, normalize, spatial_crops
+from claver_jax.data.video import VideoError, eval_indices, open_video
+from claver_jax.models import CLAVER, CLAVERConfig, claver_from_clip, load, read_model_config
+from claver_jax.text import load_tokenizer
+from claver_jax.text.prompts import prompt_tokens
+
+
+def model_dir(path: str | Path) -> Path:
+  """A model directory, or a run's workdir holding one in model/."""
+  path = Path(path)
+  if not (path / 'config.json').is_file() and (path / 'model' / 'config.json').is_file():
+    return path / 'model'
+  return path
+
+
+def read_label_file(path: str | Path) -> list[str]:
+  lines = [line.strip() for line in Path(path).read_text(encoding='utf-8').splitlines()]
+  lines = [line for line in lines if line]
+  if lines and lines[0].replace(' ', '').lower() == 'id,name':
+    return [row['name'] for row in csv.DictReader(lines)]
+  return lines
+
+
+def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int) -> np.ndarray:
+  """uint8 [T, S, S, 3]: the evaluation sampling of one clip and its centre crop."""
+  with open_video(video_path) as video:
+    frames = video.frames(eval_indices(video.num_frames, num_frames)[0], short_side=image_size)
+  return spatial_crops(frames, image_size, 1)[0]
+
+
+def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str], *,
+            top_k: int = 5, prompts: str | None = None) -> list[dict[str, float]]:
+  """-> [{'label', 'score'}] for the top_k labels, best first."""
+  if len(labels) < 1:
+    raise ValueError('No labels given: pass --labels "a" "b" ... or --label_file=F.')
+  if len(set(labels)) != len(labels):
+    raise ValueError('The labels contain duplicates.')
+  directory = model_dir(checkpoint)
+  kind, _, _ = read_model_config(directory)
+  model = load(directory)
+  if kind == 'clip':  # A plain CLIP predicts as CLIP-Mean over 8 frames.
+    model = claver_from_clip(model, CLAVERConfig(clip=model.cfg, temporal='mean'),
+                             rngs=nnx.Rngs(0))
+  assert isinstance(model, CLAVER)
+  tokenizer = load_tokenizer(directory)
+  cfg = model.cfg
+  frames = load_clip_frames(video_path, cfg.num_frames, cfg.clip.image_size)
+  texts = prompt_tokens(list(labels), tokenizer, prompts, allow_missing=True,
+                        context_length=cfg.clip.context_length)
+
+  @jax.jit
+  def scores(video, tokens):
+    text = evaluate.encode_texts(model.encode_text, tokens)
+    embedding = model.encode_video(normalize(video, CLIP_MEAN, CLIP_STD))
+    return evaluate.class_scores(embedding[:, None], text, model.clip.logit_scale[...])[0]
+
+  probabilities = np.asarray(scores(jnp.asarray(frames[None]), jnp.asarray(texts.tokens)))
+  order = np.argsort(-probabilities, kind='stable')[:top_k]
+  return [{'label': labels[i], 'score': float(probabilities[i])} for i in order]
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from absl import flags
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  f = flags.FLAGS
+  if bool(f.labels) == bool(f.label_file):
+    sys.exit('error: pass exactly one of --labels "a" "b" ... and --label_file=F.')
+  labels = list(f.labels) if f.labels else read_label_file(f.label_file)
+  try:
+    result = predict(f.checkpoint, f.video, labels, top_k=f.top_k, prompts=f.prompts)
+  except (VideoError, FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: {e}')
+  if f.json:
+    print(json.dumps(result))
+    return
+  width = max(len(r['label']) for r in result)
+  print(f'{"label":<{width}}  score')
+  for r in result:
+    print(f'{r["label"]:<{width}}  {r["score"]:.4f}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+
+  # --labels takes the words after it, up to the next flag: --labels "a b" "c d".
+  argv, labels, i = [sys.argv[0]], [], 1
+  while i < len(sys.argv):
+    if sys.argv[i] == '--labels':
+      i += 1
+      while i < len(sys.argv) and not sys.argv[i].startswith('--'):
+        labels.append(sys.argv[i])
+        i += 1
+    else:
+      argv.append(sys.argv[i])
+      i += 1
+  flags.DEFINE_string('checkpoint', None, 'Model directory (or a run workdir).', required=True)
+  flags.DEFINE_string('video', None, 'Video file.', required=True)
+  flags.DEFINE_multi_string('labels', labels or None, 'Labels (after --labels, space separated).')
+  flags.DEFINE_string('label_file', None, 'One label per line, or a labels CSV (id,name).')
+  flags.DEFINE_integer('top_k', 5, 'How many labels to show.')
+  flags.DEFINE_bool('json', False, 'Print a JSON list of {"label", "score"}.')
+  flags.DEFINE_string('prompts', None, 'A prompt set (name or JSON) for labels it describes.')
+  app.run(main, argv=argv)

@@ -1,0 +1,56 @@
+"""The full run config that every configs/*.py starts from; each key is documented here.
+
+    mode                 'train' (train + periodic eval) or 'eval' (evaluate a checkpoint)
+    model.arch           B32 | B16 | L14 | L14_336, or 'custom' with model.clip (CLIPConfig fields)
+    model.temporal       kmt | kmct | joint | pipeline | cls_only | mean
+    model.temporal_layers  None: a third of the ViT's depth
+    model.dtype          compute dtype: 'float32' or 'bfloat16' (parameters stay fp32)
+    model.resample_frames  loading a checkpoint trained with other T resamples its temporal
+                         embedding (True) or is an error (False)
+    data                 see claver_jax.data.default_config (source, root, lists, labels, T, S, ...)
+    text.tokenizer       BPE file / vocab dir / model dir; '' = the init checkpoint's; 'train' =
+                         learn one on the class texts (models from scratch)
+    text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only
+    text.sets_per_step   description sets sampled per train step (K = 5 in the paper)
+    optim                see claver_jax.optim.default_config (AdamW, groups, freezing, schedule)
+    train.batch_size     global batch, independent of the device count
+    train.epochs, train.max_steps (0 = no cap), train.grad_accum_steps
+    train.label_smoothing, mixup_alpha, cutmix_alpha, mixup_switch_prob
+    eval.batch_size, eval.num_clips, eval.num_crops (views per video)
+    eval_every_steps     0 = at the end of each epoch
+    log_every_steps, checkpoint_every_steps (checkpoints are also saved at each epoch end)
+    checkpoint.keep, checkpoint.keep_best (by val/top1)
+    mesh.data, mesh.fsdp  device mesh axes; -1 fills
+    init.clip            a converted CLIP directory (towers; temporal parts fresh)
+    init.checkpoint      a CLAVER model directory (converted or WORKDIR/model of a run)
+"""
+
+import ml_collections
+
+from claver_jax import optim, sharding
+from claver_jax.data import default_config as data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = 'train'
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      arch='B16', clip=ml_collections.ConfigDict(), temporal='kmt',
+      temporal_layers=ml_collections.config_dict.placeholder(int), dtype='float32',
+      resample_frames=True))
+  c.data = data_config()
+  c.text = ml_collections.ConfigDict(dict(
+      tokenizer='', num_merges=1000, prompts='', allow_missing=False, sets_per_step=5))
+  c.optim = optim.default_config()
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=128, epochs=30, max_steps=0, grad_accum_steps=1, label_smoothing=0.1,
+      mixup_alpha=0.8, cutmix_alpha=1.0, mixup_switch_prob=0.5))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=64, num_clips=1, num_crops=1))
+  c.eval_every_steps = 0
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=2, keep_best=1))
+  c.mesh = sharding.default_config()
+  c.init = ml_collections.ConfigDict(dict(clip='', checkpoint=''))
+  return c

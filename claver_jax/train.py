@@ -1,0 +1,357 @@
+"""The train loop: one function, read top to bottom (mesh, input, text, model + optimizer,
+shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
+
+Loss: each step samples `config.text.sets_per_step` of the A description sets; the loss is the
+soft cross-entropy over the C classes for each set, averaged. With a frozen text tower all A·C
+texts are encoded once and cached; otherwise the sampled sets are encoded inside the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from claver_jax import evaluate, optim, sharding
+from claver_jax.checkpoint import Checkpointer
+from claver_jax.data import build_pipelines, make_global_batch
+from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
+from claver_jax.data.transforms import normalize
+from claver_jax.metrics import MetricWriter, progress_bar
+from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, claver_from_clip, load
+from claver_jax.models.claver import config_from
+from claver_jax.models.clip import l2_normalize
+from claver_jax.models.io import write_model_dir
+from claver_jax.text import load_tokenizer
+from claver_jax.text.prompts import build_prompt_texts, load_prompt_set, prompt_tokens
+from claver_jax.text.tokenizer import Tokenizer, train_tokenizer
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces the loop is made of
+# ---------------------------------------------------------------------------------------------
+def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
+                   class_names: list[str]) -> Tokenizer:
+  """config.text.tokenizer: a BPE file / vocab dir / model dir; '' = the init CLIP's; 'train' =
+  learn a small BPE on the class texts, saved in WORKDIR/tokenizer (for models from scratch)."""
+  source = config.text.tokenizer
+  if source == 'train':
+    if (workdir / 'tokenizer' / 'vocab.json').is_file():  # Resuming: the vocabulary must not move.
+      return load_tokenizer(workdir / 'tokenizer')
+    prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
+    texts, _ = build_prompt_texts(class_names, prompt_set,
+                                  allow_missing=config.text.allow_missing)
+    return train_tokenizer([t for row in texts for t in row], workdir / 'tokenizer',
+                           num_merges=config.text.num_merges)
+  source = source or config.init.clip or config.init.checkpoint
+  if not source:
+    raise ValueError('config.text.tokenizer is empty and there is no config.init.clip or '
+                     'config.init.checkpoint to take one from: set it to a BPE file or directory, '
+                     "or to 'train' for a model trained from scratch.")
+  return load_tokenizer(source)
+
+
+def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nnx.Rngs) -> CLAVER:
+  """From config.init.checkpoint (a CLAVER model dir), config.init.clip (a CLIP model dir, with
+  fresh temporal parts) or from scratch (config.model.arch, or 'custom' with config.model.clip)."""
+  dtype = jnp.dtype(config.model.dtype)
+  frames = config.data.num_frames
+  if config.init.checkpoint:
+    return load(config.init.checkpoint, dtype=dtype, num_frames=frames,
+                resample_frames=config.model.resample_frames)
+  if config.init.clip:
+    clip = load(config.init.clip, dtype=dtype)
+    cfg = CLAVERConfig(clip=clip.cfg, num_frames=frames, temporal=config.model.temporal,
+                       temporal_layers=config.model.temporal_layers)
+    return claver_from_clip(clip, cfg, dtype=dtype, rngs=rngs)
+  if config.model.arch == 'custom':
+    clip_cfg = CLIPConfig(**{**config.model.clip.to_dict(), 'vocab_size': tokenizer.vocab_size,
+                             'eos_token_id': tokenizer.eot_token_id,
+                             'image_size': config.data.image_size})
+    cfg = CLAVERConfig(clip=clip_cfg, num_frames=frames, temporal=config.model.temporal,
+                       temporal_layers=config.model.temporal_layers)
+  else:
+    cfg = config_from(config)
+  if cfg.clip.vocab_size != tokenizer.vocab_size:
+    raise ValueError(f'The tokenizer has {tokenizer.vocab_size} ids but the text tower '
+                     f'{cfg.clip.vocab_size}; they must belong together.')
+  return CLAVER(cfg, dtype=dtype, rngs=rngs)
+
+
+def all_finite(state: Any) -> bool:
+  """True when every floating-point array of `state` is finite (checked before each save)."""
+  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return bool(jax.device_get(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))))
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """logits [..., B, C], targets [B, C] (rows sum to 1) -> mean over everything but C."""
+  return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(-1).mean()
+
+
+def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: int,
+                    num_sets: int, text_frozen: bool):
+  """(state, batch, text, step) -> (state, metrics). `text` is [A, C, E] cached normalised
+  embeddings when the text tower is frozen, else [A, C, S] tokens."""
+  tc, dc = config.train, config.data
+  sets = min(config.text.sets_per_step, num_sets)
+  wrt = optim.trainable_filter(config.optim)
+
+  def loss_fn(model: CLAVER, video, targets, text, set_ids):
+    v = model.encode_video(video)                                          # [B, E]
+    if text_frozen:
+      t = text[set_ids]                                                    # [K, C, E]
+    else:
+      tokens = text[set_ids]
+      t = l2_normalize(model.encode_text(tokens.reshape(-1, tokens.shape[-1])))
+      t = t.reshape(sets, num_classes, -1)
+    logits = jnp.exp(model.clip.logit_scale[...]) * jnp.einsum('be,kce->kbc', v, t)
+    return soft_cross_entropy(logits, targets)
+
+  def train_step(state, batch, text, step):
+    model, optimizer = nnx.merge(graphdef, state)
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    mix_rng, set_rng = jax.random.split(rng)
+    video = normalize(batch['video'], tuple(dc.mean), tuple(dc.std))
+    if tc.mixup_alpha > 0 or tc.cutmix_alpha > 0:
+      video, targets = mixup_cutmix(mix_rng, video, batch['label'], num_classes,
+                                    mixup_alpha=tc.mixup_alpha, cutmix_alpha=tc.cutmix_alpha,
+                                    switch_prob=tc.mixup_switch_prob,
+                                    label_smoothing=tc.label_smoothing)
+    else:
+      targets = smooth_one_hot(batch['label'], num_classes, tc.label_smoothing)
+    set_ids = jax.random.choice(set_rng, num_sets, (sets,), replace=False)
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))
+    micro = video.shape[0] // tc.grad_accum_steps
+    loss, grads = 0.0, None
+    for i in range(tc.grad_accum_steps):                  # Gradient accumulation, unrolled.
+      part = slice(i * micro, (i + 1) * micro)
+      l, g = grad_fn(model, video[part], targets[part], text, set_ids)
+      loss = loss + l / tc.grad_accum_steps
+      g = jax.tree.map(lambda x: x / tc.grad_accum_steps, g)
+      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), {'loss': loss}
+
+  return train_step
+
+
+def make_eval_fns(graphdef, config: ml_collections.ConfigDict):
+  """Jittable (state, tokens [N, S]) -> [N, E] and (state, video [B, V, ...], text) -> [B, C]."""
+  dc = config.data
+
+  def encode_text(state, tokens):
+    model, _ = nnx.merge(graphdef, state)
+    return model.encode_text(tokens)
+
+  def scores(state, video, text):
+    model, _ = nnx.merge(graphdef, state)
+    b, v = video.shape[:2]
+    flat = normalize(video.reshape(b * v, *video.shape[2:]), tuple(dc.mean), tuple(dc.std))
+    embeddings = model.encode_video(flat).reshape(b, v, -1)
+    return evaluate.class_scores(embeddings, text, model.clip.logit_scale[...])
+
+  return encode_text, scores
+
+
+def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh) -> dict[str, Any]:
+  """One pass over the eval split -> evaluate.summarize(...) over the valid videos."""
+  from jax.experimental import multihost_utils
+  text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens)
+  all_scores, all_labels = [], []
+  batch_sharding = sharding.batch_sharding(mesh)
+  for host_batch in data.eval_pass():
+    batch = make_global_batch(host_batch, batch_sharding)
+    s = scores(state, batch['video'], text)
+    gathered = multihost_utils.process_allgather(
+        {'scores': s, 'label': batch['label'], 'valid': batch['valid']}, tiled=True)
+    keep = np.asarray(gathered['valid'])
+    all_scores.append(np.asarray(gathered['scores'])[keep])
+    all_labels.append(np.asarray(gathered['label'])[keep])
+  return evaluate.summarize(np.concatenate(all_scores), np.concatenate(all_labels),
+                            data.class_names)
+
+
+def export_model(model: CLAVER, tokenizer: Tokenizer, out: Path, source: dict[str, Any]) -> None:
+  """WORKDIR/model: a model directory that `load()` and `predict` read."""
+  if jax.process_index() != 0:
+    return
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  write_model_dir(out, kind='claver', config=model.cfg, params=params,
+                  tokenizer=(tokenizer.vocab, tokenizer.merges), source=source, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (config.mode='train') or evaluates (config.mode='eval'); returns the last metrics."""
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # ----------------------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(config.mesh)
+  num_devices = mesh.size
+  tc = config.train
+  if tc.batch_size % (num_devices * tc.grad_accum_steps):
+    raise ValueError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
+                     f'devices x grad_accum_steps={tc.grad_accum_steps}.')
+  if tc.batch_size % jax.process_count() or config.eval.batch_size % num_devices:
+    raise ValueError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
+                     f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} devices.')
+
+  # ----------------------------------------------------------------------------- input
+  data_config = config.data.copy_and_resolve_references()
+  data_config.batch_size = tc.batch_size // jax.process_count()
+  data_config.eval_batch_size = config.eval.batch_size // jax.process_count()
+  data_config.num_clips, data_config.num_crops = config.eval.num_clips, config.eval.num_crops
+  if config.mode == 'eval':
+    data_config.train_list = ''
+  data = build_pipelines(data_config)
+  class_names = data.class_names
+
+  # ----------------------------------------------------------------------------- text
+  tokenizer = make_tokenizer(config, workdir, class_names)
+
+  # ----------------------------------------------------------------------------- model + optimizer
+  model = make_model(config, tokenizer, nnx.Rngs(config.seed))
+  prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None,
+                          allow_missing=config.text.allow_missing,
+                          context_length=model.cfg.clip.context_length)
+  logging.info('Texts: %d description sets x %d classes (%s).', *prompts.tokens.shape[:2],
+               ', '.join(sorted(set(prompts.kinds))))
+  steps_per_epoch = max(data.num_train // tc.batch_size, 1)
+  total_steps = int(round(tc.epochs * steps_per_epoch))
+  if tc.max_steps:
+    total_steps = min(total_steps, tc.max_steps)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
+                                      steps_per_epoch=steps_per_epoch)
+  optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim))
+
+  # ----------------------------------------------------------------------------- shard
+  graphdef, state = nnx.split((model, optimizer))
+  state_sharding = sharding.state_shardings(mesh, state)
+  state = jax.device_put(state, state_sharding)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+
+  # ----------------------------------------------------------------------------- steps
+  text_frozen = config.optim.freeze_text
+  train_step = jax.jit(
+      make_train_step(graphdef, config, len(class_names), prompts.tokens.shape[0], text_frozen),
+      in_shardings=(state_sharding, batch_sharding, replicated, replicated),
+      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  encode_text_fn, scores_fn = make_eval_fns(graphdef, config)
+  encode_text = jax.jit(encode_text_fn, in_shardings=(state_sharding, replicated),
+                        out_shardings=replicated)
+  scores = jax.jit(scores_fn, in_shardings=(state_sharding, batch_sharding, replicated),
+                   out_shardings=replicated)
+
+  # ----------------------------------------------------------------------------- checkpoint
+  checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
+                              keep_best=config.checkpoint.keep_best)
+  train_iter = iter(data.train) if data.train is not None else None
+  start_step = 0
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, state_sharding)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    restored = checkpointer.restore(latest, nnx.to_pure_dict(abstract), train_iter)
+    nnx.replace_by_pure_dict(state, restored)
+    start_step = latest
+    logging.info('Resuming from step %d in %s.', start_step, workdir)
+  writer = MetricWriter(workdir, resume_step=start_step)
+
+  def evaluate_now(step: int) -> dict[str, Any]:
+    summary = run_eval(data, state, encode_text, scores, prompts.tokens, mesh)
+    metrics = {'val/top1': summary['top1'], 'val/top5': summary['top5'], **data.metrics()}
+    writer.write(step, metrics)
+    if jax.process_index() == 0:
+      evaluate.write_reports(summary, class_names, workdir / 'eval')
+    logging.info('step %d: val top-1 %.2f%%, top-5 %.2f%% over %d videos.', step,
+                 summary['top1'], summary['top5'], summary['num_videos'])
+    return metrics
+
+  if config.mode == 'eval':
+    metrics = evaluate_now(start_step)
+    writer.close()
+    checkpointer.close()
+    return metrics
+  if config.mode != 'train':
+    raise ValueError(f"config.mode={config.mode!r}; use 'train' or 'eval'.")
+
+  # ----------------------------------------------------------------------------- loop
+  text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen
+          else jnp.asarray(prompts.tokens))
+  stop = {'signal': None}
+  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+  eval_every = config.eval_every_steps or steps_per_epoch
+  bar = progress_bar(total_steps, start_step)
+  losses, metrics, best = [], {}, -1.0
+  tick, clips = time.time(), 0
+
+  def save(step: int, extra: dict[str, Any] | None = None) -> None:
+    checkpointer.save(step, nnx.to_pure_dict(state), train_iter, config, extra)
+
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = make_global_batch(next(train_iter), batch_sharding)
+      state, out = train_step(state, batch, text, jnp.asarray(step, jnp.int32))
+      losses.append(out['loss'])
+      clips += tc.batch_size
+      bar.update(1)
+      last = step == total_steps
+      if step % config.log_every_steps == 0 or last:
+        loss = float(np.mean(jax.device_get(losses)))
+        if not np.isfinite(loss):
+          raise NonFiniteLossError(
+              f'The training loss is {loss} at step {step}. Stopping; the last good checkpoint '
+              f'(step {checkpointer.latest_step()}) is kept. Lower config.optim.lr, check the '
+              'data, or enable config.optim.grad_clip_norm.')
+        rate = clips / (time.time() - tick)
+        metrics = {'train/loss': loss, 'train/lr': float(schedule(step - 1)),
+                   'train/clips_per_s': rate}
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f'{loss:.4f}', lr=f'{metrics["train/lr"]:.2e}',
+                        clips_s=f'{rate:.1f}')
+        losses, tick, clips = [], time.time(), 0
+      evaluated = None
+      if step % eval_every == 0 or last:
+        evaluated = evaluate_now(step)
+        metrics.update(evaluated)
+        if evaluated['val/top1'] > best:
+          best = evaluated['val/top1']
+          export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
+                       {'workdir': str(workdir), 'step': step, 'val/top1': best})
+      if (step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or last
+          or evaluated is not None or stop['signal']):
+        if not all_finite(state):
+          raise NonFiniteLossError(f'The parameters are not finite after step {step}; nothing '
+                                   f'saved. The last good checkpoint '
+                                   f'(step {checkpointer.latest_step()}) is kept. Lower '
+                                   'config.optim.lr or enable config.optim.grad_clip_norm.')
+        save(step, {'val/top1': evaluated['val/top1']} if evaluated else None)
+      if stop['signal']:
+        logging.warning('SIGTERM: saved step %d; exiting. Run again to resume.', step)
+        break
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    if train_iter is not None and hasattr(train_iter, 'close'):
+      train_iter.close()
+  return metrics
