@@ -35,6 +35,19 @@ def run_main(workdir, *overrides, devices: int = 1, check: bool = True):
   return proc
 
 
+def start_and_wait_for_step(workdir, step: int, *overrides) -> subprocess.Popen:
+  """Starts main in the background and returns once it has logged `step` (or exited)."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(main_command(workdir, *overrides), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if (workdir / 'metrics.jsonl').exists() and max(train_losses(workdir), default=0) >= step:
+      break
+    time.sleep(0.2)
+  return proc
+
+
 def train_losses(workdir) -> dict[int, float]:
   return {r['step']: r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r}
 
@@ -95,16 +108,9 @@ def test_a_run_writes_what_it_promises(uninterrupted):
 def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
   expected = train_losses(uninterrupted[0])
   workdir = tmp_path / 'killed'
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen(main_command(workdir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if (workdir / 'metrics.jsonl').exists() and max(train_losses(workdir), default=0) >= 5:
-      break
-    time.sleep(0.2)
+  proc = start_and_wait_for_step(workdir, 5)
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc.communicate()
   assert max(train_losses(workdir)) >= 5, 'the run did not get far enough to be killed mid-way'
   run_main(workdir)
   got = train_losses(workdir)
@@ -115,14 +121,7 @@ def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = tmp_path / 'term'
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen(main_command(workdir, '--config.checkpoint_every_steps=100'), cwd=REPO,
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if (workdir / 'metrics.jsonl').exists() and max(train_losses(workdir), default=0) >= 2:
-      break
-    time.sleep(0.2)
+  proc = start_and_wait_for_step(workdir, 2, '--config.checkpoint_every_steps=100')
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 0, stderr[-3000:]
