@@ -78,15 +78,16 @@ def confusion_png(confusion: np.ndarray, class_names: Sequence[str],
   heat = (255 * (1 - rows)).astype(np.uint8)                  # white = 0, black = the whole row
   grid = np.kron(heat, np.ones((cell, cell), np.uint8))
   labelled = num <= 40
-  margin = 8 + 7 * max((len(n) for n in class_names), default=0) if labelled else 0
-  image = Image.new('L', (margin + grid.shape[1] + 2, margin + grid.shape[0] + 2), 255)
-  image.paste(Image.fromarray(grid), (margin + 1, margin + 1))
+  left = 8 + 7 * max((len(n) for n in class_names), default=0) if labelled else 0
+  top = 16                                                     # one line of caption
+  image = Image.new('L', (max(left + grid.shape[1] + 2, 260), top + grid.shape[0] + 2), 255)
+  image.paste(Image.fromarray(grid), (left + 1, top + 1))
   draw = ImageDraw.Draw(image)
-  draw.rectangle([margin, margin, margin + grid.shape[1] + 1, margin + grid.shape[0] + 1],
-                 outline=0)
+  draw.rectangle([left, top, left + grid.shape[1] + 1, top + grid.shape[0] + 1], outline=0)
+  draw.text((2, 2), 'rows: true class, columns: predicted (row-normalised)', fill=0)
   if labelled:
     for i, name in enumerate(class_names):
-      draw.text((2, margin + 1 + i * cell + max(cell // 2 - 5, 0)), name, fill=0)
+      draw.text((2, top + 1 + i * cell + max(cell // 2 - 5, 0)), name, fill=0)
   tmp = Path(path).with_suffix('.tmp.png')
   image.save(tmp)
   os.replace(tmp, path)
