@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
   from claver_jax.train import NonFiniteLossError, train_and_evaluate
   try:
     metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
-  except NonFiniteLossError as e:
+  except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}
   print(f'Done. {shown}')

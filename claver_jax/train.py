@@ -285,6 +285,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return metrics
 
   if config.mode == 'eval':
+    if latest is None and not config.init.checkpoint:
+      raise ValueError(f'config.mode=eval, but {workdir} has no checkpoint and '
+                       'config.init.checkpoint is empty: there is nothing to evaluate.')
     metrics = evaluate_now(start_step)
     writer.close()
     checkpointer.close()

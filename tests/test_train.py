@@ -181,3 +181,8 @@ def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path):
   bad = run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}', f'--video={broken}',
                 '--labels', 'a', 'b', check=False)
   assert bad.returncode != 0 and 'error:' in bad.stderr
+
+
+def test_eval_mode_needs_something_to_evaluate(tmp_path):
+  proc = run_main(tmp_path / 'empty', '--config.mode=eval', check=False)
+  assert proc.returncode != 0 and 'nothing to evaluate' in proc.stderr
