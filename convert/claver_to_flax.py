@@ -22,7 +22,7 @@ from claver_jax.models.claver import CLAVERConfig
 from convert.clip_to_flax import (
     IGNORED_OPENAI_KEYS, ConversionError, Entry, check_against_model, check_tokenizer,
     count_layers, infer_openai_config, map_params, openai_block_entries, openai_entries,
-    read_openai_bpe, read_source, require_keys, unflatten)
+    read_openai_bpe, read_source, require_keys, run_cli, unflatten)
 
 MASKS = ('kmt', 'kmct')
 
@@ -90,15 +90,11 @@ def convert(src: str | Path, out: str | Path, *, mask: str = 'kmt',
 
 def main(argv: list[str]) -> None:
   from absl import flags
-  from absl import logging as absl_logging
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO.
   f = flags.FLAGS
-  try:
-    convert(f.src, f.out, mask=f.mask, bpe=f.bpe, ignore_keys=f.ignore_keys,
-            vision_heads=f.vision_heads, text_heads=f.text_heads, overwrite=f.overwrite)
-  except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
-    sys.exit(f'error: {e}')
+  run_cli(lambda: convert(f.src, f.out, mask=f.mask, bpe=f.bpe, ignore_keys=f.ignore_keys,
+                          vision_heads=f.vision_heads, text_heads=f.text_heads,
+                          overwrite=f.overwrite))
 
 
 if __name__ == '__main__':

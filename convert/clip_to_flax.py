@@ -567,17 +567,23 @@ def convert(src: str | Path, out: str | Path, *, bpe: str | Path | None = None,
   return out
 
 
-def main(argv: list[str]) -> None:
-  from absl import flags
+def run_cli(convert_call: Callable[[], Any]) -> None:
+  """Runs a converter the way the CLIs do: quiet orbax, one clear line on bad input, exit 1."""
   from absl import logging as absl_logging
-  del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO.
-  f = flags.FLAGS
   try:
-    convert(f.src, f.out, bpe=f.bpe, image_size=f.image_size, vision_heads=f.vision_heads,
-            text_heads=f.text_heads, overwrite=f.overwrite)
+    convert_call()
   except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
     sys.exit(f'error: {e}')
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  run_cli(lambda: convert(f.src, f.out, bpe=f.bpe, image_size=f.image_size,
+                          vision_heads=f.vision_heads, text_heads=f.text_heads,
+                          overwrite=f.overwrite))
 
 
 def define_flags() -> None:

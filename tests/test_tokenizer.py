@@ -6,7 +6,6 @@ import gzip
 import html
 import json
 import shutil
-import string
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import regex
 from safetensors.torch import save_file
 
 import torch_clip
+from prompt_helpers import tiny_clip_vocab
 from claver_jax.models import load
 from claver_jax.text import Tokenizer, load_tokenizer
 from claver_jax.text.tokenizer import read_openai_bpe
@@ -152,19 +152,8 @@ def test_converter_stores_openai_tokenizer(real_tokenizer, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Always run: a small synthetic vocabulary in CLIP's format.
 # ------------------------------------------------------------------------------------------------
-def tiny_vocab(num_ids: int = 1000) -> tuple[dict[str, int], list[str]]:
-  """512 byte tokens, merges of letter pairs, and the two specials: `num_ids` ids in all."""
-  from claver_jax.text.tokenizer import bytes_to_unicode
-  letters = string.ascii_lowercase
-  merges = [f'{a} {b}</w>' for a in letters for b in letters][:num_ids - 514]
-  chars = list(bytes_to_unicode().values())
-  tokens = chars + [c + '</w>' for c in chars] + [m.replace(' ', '') for m in merges]
-  tokens += ['<|startoftext|>', '<|endoftext|>']
-  return {t: i for i, t in enumerate(tokens)}, merges
-
-
 def test_synthetic_vocab_shapes_padding_truncation():
-  tok = Tokenizer(*tiny_vocab())
+  tok = Tokenizer(*tiny_clip_vocab())
   assert (tok.sot_token_id, tok.eot_token_id, tok.vocab_size) == (998, 999, 1000)
   out = tok(['ab', 'ab cd', 'x' * 40], context_length=8)
   assert out.shape == (3, 8) and out.dtype == np.int32
@@ -178,7 +167,7 @@ def test_synthetic_vocab_shapes_padding_truncation():
 
 
 def test_hf_directory_tokenizer_travels_with_the_conversion(tiny_clip, tmp_path):
-  vocab, merges = tiny_vocab(torch_clip.VOCAB)
+  vocab, merges = tiny_clip_vocab(torch_clip.VOCAB)
   hf_dir = tmp_path / 'hf'
   shutil.copytree(tiny_clip['hf_dir'], hf_dir)
   (hf_dir / 'vocab.json').write_text(json.dumps(vocab))
