@@ -61,14 +61,6 @@ class Checkpointer:
     logging.info('Restored step %d from %s.', step, self.directory)
     return restored['state']
 
-  def best_step(self) -> int | None:
-    best, value = None, None
-    for step in self.manager.all_steps():
-      metrics = self.manager.metrics(step)
-      if metrics and BEST_METRIC in metrics and (value is None or metrics[BEST_METRIC] > value):
-        best, value = step, metrics[BEST_METRIC]
-    return best
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

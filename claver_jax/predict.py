@@ -75,13 +75,13 @@ def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str
   texts = prompt_tokens(list(labels), tokenizer, prompts, allow_missing=True,
                         context_length=cfg.clip.context_length)
 
-  @jax.jit
-  def scores(video, tokens):
+  @nnx.jit  # The model is an argument: captured by a closure, its weights would be constants.
+  def scores(model, video, tokens):
     text = evaluate.encode_texts(model.encode_text, tokens)
     embedding = model.encode_video(normalize(video, CLIP_MEAN, CLIP_STD))
     return evaluate.class_scores(embedding[:, None], text, model.clip.logit_scale[...])[0]
 
-  probabilities = np.asarray(scores(jnp.asarray(frames[None]), jnp.asarray(texts.tokens)))
+  probabilities = np.asarray(scores(model, jnp.asarray(frames[None]), jnp.asarray(texts.tokens)))
   order = np.argsort(-probabilities, kind='stable')[:top_k]
   return [{'label': labels[i], 'score': float(probabilities[i])} for i in order]
 

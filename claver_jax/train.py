@@ -90,10 +90,15 @@ def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nn
   return CLAVER(cfg, dtype=dtype, rngs=rngs)
 
 
+@jax.jit
+def _all_finite(state: Any) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
 def all_finite(state: Any) -> bool:
   """True when every floating-point array of `state` is finite (checked before each save)."""
-  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-  return bool(jax.device_get(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))))
+  return bool(jax.device_get(_all_finite(state)))
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

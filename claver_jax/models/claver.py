@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from claver_jax.models.clip import CLIP, CLIPConfig, get_preset, l2_normalize
+from claver_jax.models.clip import (CLIP, CLIPConfig, check_known_fields, get_preset,
+                                    l2_normalize)
 from claver_jax.models.temporal import TEMPORAL_KINDS, TemporalTransformer
 
 
@@ -57,10 +58,7 @@ class CLAVERConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> CLAVERConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f'Unknown CLAVERConfig fields {unknown}; known fields are {sorted(known)}.')
+    check_known_fields(cls, d)
     return cls(**{**d, 'clip': CLIPConfig.from_dict(d['clip'])})
 
 

@@ -89,11 +89,16 @@ class CLIPConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f'Unknown CLIPConfig fields {unknown}; known fields are {sorted(known)}.')
+    check_known_fields(cls, d)
     return cls(**d)
+
+
+def check_known_fields(cls: type, d: dict[str, Any]) -> None:
+  """A clear error for keys of `d` that are not fields of the dataclass `cls`."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f'Unknown {cls.__name__} fields {unknown}; known fields are {sorted(known)}.')
 
 
 PRESETS: dict[str, CLIPConfig] = {

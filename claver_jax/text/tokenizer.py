@@ -117,23 +117,18 @@ def train_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike,
                     num_merges: int = 1000, min_frequency: int = 2) -> Tokenizer:
   """Learns a small BPE vocabulary on `texts` and writes it to OUT_DIR in CLIP's format.
 
-  Words are split exactly as CLIP's tokenizer splits them (the `tokenizers` library's
-  normaliser and pre-tokeniser); merges are learnt by pair frequency with ties broken by the
-  pair's text, so the same texts always give the same vocabulary (the library's own trainer
-  breaks ties in hash order, which changes from process to process). The vocabulary has CLIP's
-  layout: the 256 byte characters, the same with '</w>', the merges in order, then
-  <|startoftext|> and <|endoftext|> (end-of-text is the largest id, as OpenAI-style argmax
-  pooling expects). For models trained from scratch, e.g. the demo, where no CLIP vocabulary
-  can ship.
+  Words are split by CLIP's tokenizer itself (transformers' `CLIPTokenizer` normaliser and
+  pre-tokeniser); merges are learnt by pair frequency with ties broken by the pair's text, so the
+  same texts always give the same vocabulary (the `tokenizers` trainer breaks ties in hash order,
+  which changes from process to process). The vocabulary has CLIP's layout: the 256 byte
+  characters, the same with '</w>', the merges in order, then <|startoftext|> and <|endoftext|>
+  (end-of-text is the largest id, as OpenAI-style argmax pooling expects). For models trained
+  from scratch, e.g. the demo, where no CLIP vocabulary can ship.
   """
   import collections
-  from tokenizers import Regex, normalizers, pre_tokenizers
-  normalizer = normalizers.Sequence(
-      [normalizers.NFC(), normalizers.Replace(Regex(r'\s+'), ' '), normalizers.Lowercase()])
-  splitter = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                           behavior='removed', invert=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  from transformers import CLIPTokenizer
+  backend = CLIPTokenizer().backend_tokenizer
+  normalizer, splitter = backend.normalizer, backend.pre_tokenizer
   words: collections.Counter = collections.Counter()
   for text in texts:
     for piece, _ in splitter.pre_tokenize_str(normalizer.normalize_str(Tokenizer.clean(text))):
