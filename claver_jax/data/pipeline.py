@@ -31,7 +31,9 @@ Worker processes (num_workers > 0) need the caller's entry point under
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -41,11 +43,13 @@ import ml_collections
 import numpy as np
 
 from claver_jax.data import synthetic
-from claver_jax.data.sources import (DataError, FileListSource, PreparedSource, SyntheticSource,
-                                     Ucf101TfdsSource, read_labels)
+from claver_jax.data.sources import (DataError, FileListSource, PreparedSource, SubsetSource,
+                                     SyntheticSource, Ucf101TfdsSource, few_shot_indices,
+                                     read_labels)
 from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, MULTI_SCALES, augment_train_clip,
                                         normalize, spatial_crops, train_short_side)
 from claver_jax.data.video import VideoError, eval_indices, train_indices
+from claver_jax.fileio import atomic_write_text
 
 __all__ = ['Pipelines', 'SubstitutionLog', 'build_pipelines', 'default_config',
            'make_global_batch', 'normalize']
@@ -71,6 +75,12 @@ def default_config() -> ml_collections.ConfigDict:
   read_threads, read_buffer: threads that prepare batches in each process (the caller's when
                  num_workers is 0, else each worker's), and how many batches they run ahead.
   seed:          shuffling and augmentation seed.
+  shots, shots_seed: few-shot training: keep `shots` clips of every class of the train list (0 =
+                 all), drawn by `few_shot_indices` with shots_seed: the same list in every
+                 process and every run. filelist and synthetic sources only. The kept list is
+                 logged with a digest and, given a workdir, written to
+                 WORKDIR/train_<shots>shot_seed<shots_seed>.txt (for filelist a list file: as
+                 train_list with shots=0 it trains on exactly those clips).
   num_clips, num_crops: eval views (temporal clips x spatial crops); the paper tests with 4 x 3.
   mean, std:     per-channel normalisation of `normalize` (CLIP's by default).
   scales, flip_prob, jitter_prob, jitter (brightness, contrast, saturation, hue),
@@ -84,7 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
       source='filelist', root='', train_list='', val_list='', labels='', num_frames=8,
       image_size=224, batch_size=8, eval_batch_size=8, num_workers=0, worker_buffer_size=2,
       read_threads=2, read_buffer=2,
-      seed=0, num_clips=1, num_crops=1, mean=CLIP_MEAN, std=CLIP_STD, scales=MULTI_SCALES,
+      seed=0, shots=0, shots_seed=0, num_clips=1, num_crops=1, mean=CLIP_MEAN, std=CLIP_STD,
+      scales=MULTI_SCALES,
       flip_prob=None, jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2,
       synthetic_videos=1200, synthetic_frames=16, synthetic_size=64, synthetic_seed=0,
       tfds_name=''))
@@ -256,6 +267,31 @@ def _make_source(cfg: ml_collections.ConfigDict, split: str, list_or_split: str,
   return PreparedSource(cfg.root, list_or_split)
 
 
+def _few_shot(cfg: ml_collections.ConfigDict, source, class_names: list[str], write: bool,
+              workdir: str | os.PathLike | None) -> SubsetSource:
+  """The K-shot subset (cfg.shots per class, cfg.shots_seed) of a train source; logged, and
+  written to the workdir when `write`."""
+  if cfg.source not in ('filelist', 'synthetic'):
+    raise DataError(f'config.data.shots works with source="filelist" or "synthetic", not '
+                    f'{cfg.source!r}: make a list file of the split and use the filelist source.')
+  where = cfg.train_list if cfg.source == 'filelist' else 'the synthetic train split'
+  labels = [source.label(i) for i in range(len(source))]
+  subset = SubsetSource(source, few_shot_indices(labels, class_names, cfg.shots,
+                                                 cfg.shots_seed, where))
+  lines = ''.join(f'{subset.name(i)} {subset.label(i)}\n' for i in range(len(subset)))
+  digest = hashlib.sha256(lines.encode('utf-8')).hexdigest()[:12]
+  written = ''
+  if write and workdir is not None:
+    path = Path(workdir) / f'train_{cfg.shots}shot_seed{cfg.shots_seed}.txt'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, lines)
+    written = f'; written to {path}'
+  logging.info('Few-shot: %d clips of each of %d classes, %d of the %d clips of %s '
+               '(shots_seed=%d, list sha256 %s)%s.', cfg.shots, len(class_names), len(subset),
+               len(source), where, cfg.shots_seed, digest, written)
+  return subset
+
+
 def _flip_prob(cfg: ml_collections.ConfigDict, class_names: list[str]) -> float:
   motion_set = tuple(class_names) == synthetic.CLASS_NAMES
   if cfg.flip_prob is None:
@@ -283,11 +319,13 @@ def _prefetch(ds: grain.IterDataset, cfg: ml_collections.ConfigDict) -> grain.It
 
 
 def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None = None,
-                    shard_count: int | None = None) -> Pipelines:
+                    shard_count: int | None = None,
+                    workdir: str | os.PathLike | None = None) -> Pipelines:
   """Builds the train and eval pipelines of `config.data` (see `default_config`).
 
   Lists and labels are read and checked here, so malformed input fails before training.
-  `shard_index` / `shard_count` default to this JAX process and the process count.
+  `shard_index` / `shard_count` default to this JAX process and the process count. With
+  cfg.shots, shard 0 writes the K-shot train list into `workdir` when one is given.
   """
   if cfg.source not in SOURCES:
     raise DataError(f'config.data.source={cfg.source!r}; use one of {SOURCES}.')
@@ -301,6 +339,8 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
   eval_source = _make_source(cfg, 'val', val_list, len(class_names)) if val_list else None
   if not class_names:
     class_names = (train_source or eval_source).class_names
+  if train_source is not None and cfg.shots:
+    train_source = _few_shot(cfg, train_source, class_names, shard_index == 0, workdir)
   loader_args = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, seed=cfg.seed,
                      shard_index=shard_index)
 

@@ -7,7 +7,8 @@ picklable and open their files lazily, so grain worker processes can use them.
 
 List files have one clip per line, `relative/path.mp4 LABEL_ID` (the path may contain spaces; the
 label is the last field); blank lines are skipped. Labels CSVs have `id,name` rows with ids
-0..C-1, optionally under an `id,name` header.
+0..C-1, optionally under an `id,name` header. `few_shot_indices` draws a K-shot subset of a
+list and `SubsetSource` serves it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -81,6 +83,33 @@ def read_list(path: str | os.PathLike, num_classes: int | None = None
   if not items:
     raise DataError(f'List file {path} has no clips.')
   return items
+
+
+def few_shot_indices(labels: Sequence[int], class_names: Sequence[str], shots: int, seed: int,
+                     where: str = 'the train list') -> list[int]:
+  """Indices of `shots` clips of every class, in list order: the K-shot subset of a split.
+
+  Class c's clips are drawn without replacement by default_rng((seed, c)), so a class's draw
+  depends only on the seed, its own clips and their order in the list, never on the process or
+  the run. A class with fewer than `shots` clips is an error that names it and its count.
+  """
+  if shots < 1:
+    raise ValueError(f'shots must be >= 1 (0 means all clips and needs no subset), got {shots}.')
+  members: list[list[int]] = [[] for _ in class_names]
+  for index, label in enumerate(labels):
+    members[label].append(index)
+  short = [(c, len(m)) for c, m in enumerate(members) if len(m) < shots]
+  if short:
+    listed = ', '.join(f'{class_names[c]!r} (id {c}): {n}' for c, n in short[:20])
+    more = f' and {len(short) - 20} more' if len(short) > 20 else ''
+    raise DataError(f'config.data.shots={shots}, but {len(short)} of {len(class_names)} classes '
+                    f'have fewer clips than that in {where}: {listed}{more}. Lower shots or fix '
+                    'the list.')
+  chosen = []
+  for c, m in enumerate(members):
+    rng = np.random.default_rng((seed, c))
+    chosen.extend(m[i] for i in rng.choice(len(m), shots, replace=False))
+  return sorted(chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +188,25 @@ class SyntheticSource:
     clip, _ = synthetic.make_clip(self.indices[index], seed=self.seed,
                                   num_frames=self.num_frames, size=self.size)
     return ArrayVideo(clip)
+
+
+class SubsetSource:
+  """The clips `indices` of another source, in that order (e.g. a K-shot draw of a train list)."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self.source, self.indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def label(self, index: int) -> int:
+    return self.source.label(self.indices[index])
+
+  def name(self, index: int) -> str:
+    return self.source.name(self.indices[index])
+
+  def open(self, index: int) -> Video:
+    return self.source.open(self.indices[index])
 
 
 class JpegVideo:

@@ -1,0 +1,382 @@
+r"""Zero-shot evaluation of a Kinetics-400-trained model on UCF-101, HMDB-51 and Kinetics-600.
+
+    python -m claver_jax.main --config=configs/zeroshot.py --workdir=DIR \
+        --config.init.checkpoint=runs/k400_b16_32 [--config.zeroshot.ucf101.root=... ...]
+    python -m claver_jax.zeroshot --config=configs/zeroshot.py --workdir=DIR [the same flags]
+
+The protocol is X-CLIP's, which CLAVER follows. The model never sees these classes in training;
+each class is described by the 16 templates plus its interpretive prompts:
+  * UCF-101 and HMDB-51: all classes, on each of the 3 official test splits; the mean ± std of
+    top-1 and top-5 over the splits, and each split.
+  * Kinetics-600: its classes that are not in Kinetics-400 (by name, ignoring case and spacing,
+    or a given list); 3 draws of 160 of them by fixed seeds; the clips of the drawn classes in
+    the K600 list, relabelled 0..159 in K600 id order; mean ± std over the draws.
+Scores are train.run_eval's over evaluate.class_scores (softmax over classes per description
+set, mean over sets, sum over views); top-k counts over all videos. std is numpy's (ddof=0).
+
+WORKDIR/zeroshot.json holds every number; WORKDIR/zeroshot/<dataset>/<run>/ the per-class
+accuracy and confusion matrix of each run, and for Kinetics-600 the draw's list (val.txt) and
+classes (labels.csv). A table is printed at the end.
+
+Kinetics-600's new classes: the literature's 220 (ER-ZSAR's list, cleaned by names and video
+ids) cannot be rebuilt from the class lists alone: by name, the Kinetics-400 and -600 labels CSVs
+give 231 K600 classes not in K400 (232 without ignoring case). For the paper's 220, pass
+ER-ZSAR's list as zeroshot.k600.new_classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from claver_jax import distributed, evaluate, sharding
+from claver_jax.data import build_pipelines
+from claver_jax.data.pipeline import Pipelines
+from claver_jax.data.sources import DataError, read_labels, read_list
+from claver_jax.fileio import atomic_write_text
+from claver_jax.models import load, read_model_config
+from claver_jax.predict import model_dir, read_label_file
+from claver_jax.text import load_tokenizer
+from claver_jax.text.prompts import prompt_tokens
+from claver_jax.train import make_eval_fns, run_eval
+
+DATASETS = ('ucf101', 'hmdb51', 'k600')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.zeroshot: which datasets to evaluate and where they are.
+
+  datasets:      comma-separated, from 'ucf101', 'hmdb51', 'k600'. A dataset whose paths are all
+                 empty is skipped with a message; one with some paths set must have all.
+  ucf101, hmdb51:
+    root         the folder (or uncompressed tar) of the videos.
+    test_list    list file of a test split; '{split}' in it is replaced by the split number,
+                 e.g. 'ucf101/split{split}/test.txt' (from claver_jax.data.annotations).
+    labels       labels CSV (id,name); may contain '{split}' too.
+    prompts      the prompt set of the classes (a shipped set's name or a JSON path).
+    splits       the test splits to evaluate.
+  k600:
+    root, labels (K600's labels CSV), prompts: as above.
+    val_list     list file of the K600 clips to evaluate (K600 label ids).
+    k400_labels  K400's labels CSV: the new classes are K600's classes not in it.
+    new_classes  instead: a file of the new classes' names (one a line, or an id,name CSV).
+    num_classes  classes per draw (160).       seeds: one draw per seed.
+  """
+  split_set = dict(root='', test_list='', labels='', splits=(1, 2, 3))
+  return ml_collections.ConfigDict(dict(
+      datasets=','.join(DATASETS),
+      ucf101={**split_set, 'prompts': 'ucf101'},
+      hmdb51={**split_set, 'prompts': 'hmdb51'},
+      k600=dict(root='', val_list='', labels='', k400_labels='', new_classes='',
+                prompts='kinetics600', num_classes=160, seeds=(0, 1, 2))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinetics-600's new classes
+# ---------------------------------------------------------------------------------------------
+def _name_key(name: str) -> str:
+  return ' '.join(name.lower().split())
+
+
+def new_classes(k600_names: Sequence[str], k400_names: Sequence[str]) -> list[str]:
+  """K600's classes whose names (ignoring case and spacing) are not K400's, in K600 order."""
+  known = {_name_key(n) for n in k400_names}
+  return [n for n in k600_names if _name_key(n) not in known]
+
+
+def class_draws(num_candidates: int, size: int, seeds: Sequence[int]) -> list[list[int]]:
+  """For each seed, `size` distinct indices of range(num_candidates), sorted:
+  default_rng(seed).choice without replacement."""
+  if size > num_candidates:
+    raise ValueError(f'Cannot draw {size} classes from {num_candidates} new classes; lower '
+                     'config.zeroshot.k600.num_classes.')
+  return [sorted(int(i) for i in np.random.default_rng(seed).choice(
+      num_candidates, size, replace=False)) for seed in seeds]
+
+
+def restrict_to_classes(items: Sequence[tuple[str, int]], class_ids: Sequence[int]
+                        ) -> list[tuple[str, int]]:
+  """The clips of `class_ids`, relabelled by position: class_ids[j] -> j; others dropped."""
+  new_id = {c: j for j, c in enumerate(class_ids)}
+  return [(path, new_id[label]) for path, label in items if label in new_id]
+
+
+def _labels_csv(names: Sequence[str]) -> str:
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator='\n')
+  writer.writerow(['id', 'name'])
+  writer.writerows(enumerate(names))
+  return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning the runs
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+  """One evaluation: a dataset's split or class draw, as a list file + labels + prompt set."""
+  dataset: str
+  name: str
+  root: str
+  list_path: str
+  labels: str
+  prompts: str
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _paths_set(cfg: ml_collections.ConfigDict, dataset: str, keys: Sequence[str]) -> bool:
+  """False when every path is empty (skip); an error when only some are set."""
+  missing = [k for k in keys if not cfg[k]]
+  if len(missing) == len(keys):
+    return False
+  if missing:
+    raise ValueError(f'config.zeroshot.{dataset}: {", ".join(missing)} not set, but '
+                     f'{", ".join(k for k in keys if k not in missing)} is; set all of them, or '
+                     'none to skip the dataset.')
+  return True
+
+
+def _split_runs(cfg: ml_collections.ConfigDict, dataset: str) -> list[Run]:
+  if len(cfg.splits) > 1 and '{split}' not in cfg.test_list:
+    raise ValueError(f'config.zeroshot.{dataset}.test_list={cfg.test_list!r} has no "{{split}}", '
+                     f'so the splits {tuple(cfg.splits)} would all read one list; write it as '
+                     f'e.g. "{dataset}/split{{split}}/test.txt".')
+  return [Run(dataset, f'split{s}', cfg.root, cfg.test_list.format(split=s),
+              cfg.labels.format(split=s), cfg.prompts, {'split': int(s)}) for s in cfg.splits]
+
+
+def _k600_runs(cfg: ml_collections.ConfigDict, out: Path, write: bool) -> list[Run]:
+  """Draws the classes, and (when `write`) writes each draw's list and labels under `out`."""
+  if not cfg.k400_labels and not cfg.new_classes:
+    raise ValueError('config.zeroshot.k600: set k400_labels (the new classes are K600\'s not in '
+                     'it) or new_classes (a file of their names).')
+  k600_names = read_labels(cfg.labels)
+  if cfg.new_classes:
+    candidates = read_label_file(cfg.new_classes)
+    unknown = [n for n in candidates if n not in k600_names]
+    if unknown:
+      raise DataError(f'{cfg.new_classes}: {len(unknown)} classes are not in {cfg.labels}: '
+                      f'{unknown[:10]}.')
+  else:
+    candidates = new_classes(k600_names, read_labels(cfg.k400_labels))
+  logging.info('Kinetics-600: %d new classes (%s); %d draws of %d.', len(candidates),
+               cfg.new_classes or f'not in {cfg.k400_labels}', len(cfg.seeds), cfg.num_classes)
+  items = read_list(cfg.val_list, len(k600_names))
+  k600_id = {n: i for i, n in enumerate(k600_names)}
+  runs = []
+  for number, (seed, draw) in enumerate(zip(cfg.seeds, class_draws(
+      len(candidates), cfg.num_classes, cfg.seeds)), 1):
+    class_ids = sorted(k600_id[candidates[i]] for i in draw)
+    names = [k600_names[c] for c in class_ids]
+    clips = restrict_to_classes(items, class_ids)
+    directory = out / f'draw{number}_seed{seed}'
+    if write:
+      directory.mkdir(parents=True, exist_ok=True)
+      atomic_write_text(directory / 'val.txt', ''.join(f'{p} {l}\n' for p, l in clips))
+      atomic_write_text(directory / 'labels.csv', _labels_csv(names))
+    runs.append(Run('k600', directory.name, cfg.root, str(directory / 'val.txt'),
+                    str(directory / 'labels.csv'), cfg.prompts,
+                    {'seed': int(seed), 'classes': names, 'num_new_classes': len(candidates)}))
+  return runs
+
+
+def plan_runs(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list[Run], dict[str, str]]:
+  """-> (runs in order, {skipped dataset: why}). Process 0 writes the K600 draws' lists."""
+  zc = config.zeroshot
+  wanted = [d.strip() for d in zc.datasets.split(',') if d.strip()]
+  unknown = sorted(set(wanted) - set(DATASETS))
+  if unknown:
+    raise ValueError(f'config.zeroshot.datasets names {unknown}; choose from {list(DATASETS)}.')
+  runs, skipped = [], {}
+  for dataset in wanted:
+    cfg = zc[dataset]
+    keys = ('root', 'val_list', 'labels') if dataset == 'k600' else ('root', 'test_list', 'labels')
+    if not _paths_set(cfg, dataset, keys):
+      skipped[dataset] = (f'no paths: set --config.zeroshot.{dataset}.' +
+                          f', .'.join(keys) + ' to evaluate it')
+      continue
+    if dataset == 'k600':
+      runs += _k600_runs(cfg, workdir / 'zeroshot' / 'k600', jax.process_index() == 0)
+    else:
+      runs += _split_runs(cfg, dataset)
+  distributed.barrier('zeroshot_lists')
+  return runs, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Progress:
+  """Pipelines whose eval pass advances a progress bar (what train.run_eval iterates)."""
+  data: Pipelines
+  bar: Any
+
+  @property
+  def class_names(self) -> list[str]:
+    return self.data.class_names
+
+  def eval_pass(self) -> Iterator[dict[str, np.ndarray]]:
+    for batch in self.data.eval_pass():
+      yield batch
+      self.bar.update(1)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+  return float(np.mean(values)), float(np.std(values))
+
+
+def summarize_runs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """{run: {'top1', 'top5', ...}} -> mean and std of top-1 and top-5 over the runs, and the runs."""
+  top1_mean, top1_std = _mean_std([r['top1'] for r in results.values()])
+  top5_mean, top5_std = _mean_std([r['top5'] for r in results.values()])
+  return {'top1_mean': top1_mean, 'top1_std': top1_std, 'top5_mean': top5_mean,
+          'top5_std': top5_std, 'runs': results}
+
+
+def format_table(datasets: dict[str, dict[str, Any]], skipped: dict[str, str]) -> str:
+  """The printed summary: one line per dataset, then one per run."""
+  lines = [f'{"dataset":<8} {"run":<14} {"videos":>7}  {"top-1 (%)":>14}  {"top-5 (%)":>14}']
+  for dataset, summary in datasets.items():
+    videos = sum(r['num_videos'] for r in summary['runs'].values())
+    lines.append(f'{dataset:<8} {"mean ± std":<14} {videos:>7}  '
+                 f'{summary["top1_mean"]:>6.2f} ± {summary["top1_std"]:<5.2f}  '
+                 f'{summary["top5_mean"]:>6.2f} ± {summary["top5_std"]:<5.2f}')
+    for name, r in summary['runs'].items():
+      lines.append(f'{"":<8} {name:<14} {r["num_videos"]:>7}  {r["top1"]:>14.2f}  '
+                   f'{r["top5"]:>14.2f}')
+  lines += [f'{dataset:<8} skipped: {why}' for dataset, why in skipped.items()]
+  return '\n'.join(lines)
+
+
+def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates config.init.checkpoint zero-shot (see the module docstring); writes
+  WORKDIR/zeroshot.json, prints a table and returns what it wrote."""
+  if 'zeroshot' not in config:
+    raise ValueError('The config has no zeroshot section; start from configs/zeroshot.py.')
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  if not config.init.checkpoint:
+    raise ValueError('config.init.checkpoint is empty: set it to the K400-trained model directory '
+                     '(or the workdir of its run) to evaluate.')
+  checkpoint = model_dir(config.init.checkpoint)
+  kind, model_cfg, _ = read_model_config(checkpoint)
+  if kind != 'claver':
+    raise ValueError(f'{checkpoint} holds a {kind} model; zero-shot evaluates a CLAVER model '
+                     '(a run\'s WORKDIR/model or a converted CLAVER checkpoint).')
+  image_size = model_cfg.clip.image_size
+  if config.data.image_size != image_size:
+    raise ValueError(f'config.data.image_size={config.data.image_size}, but the model in '
+                     f'{checkpoint} takes {image_size} px frames; set '
+                     f'--config.data.image_size={image_size}.')
+  mesh = sharding.make_mesh(config.mesh)
+  if config.eval.batch_size % mesh.size or config.eval.batch_size % jax.process_count():
+    raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
+                     f'{mesh.size} devices and the {jax.process_count()} processes.')
+
+  # ----------------------------------------------------------------------------- input
+  runs, skipped = plan_runs(config, workdir)
+  for dataset, why in skipped.items():
+    logging.warning('Zero-shot: skipping %s: %s.', dataset, why)
+  if not runs:
+    raise ValueError('Zero-shot: nothing to evaluate; set the paths of at least one dataset in '
+                     'config.zeroshot (see claver_jax/zeroshot.py).')
+  pipelines = []
+  for run in runs:
+    data_config = config.data.copy_and_resolve_references()
+    data_config.update(dict(
+        source='filelist', root=run.root, train_list='', val_list=run.list_path,
+        labels=run.labels, shots=0, eval_batch_size=config.eval.batch_size // jax.process_count(),
+        num_clips=config.eval.num_clips, num_crops=config.eval.num_crops))
+    pipelines.append(build_pipelines(data_config))
+
+  # ----------------------------------------------------------------------------- model
+  model = load(checkpoint, dtype=jnp.dtype(config.model.dtype),
+               num_frames=config.data.num_frames, resample_frames=config.model.resample_frames)
+  tokenizer = load_tokenizer(config.text.tokenizer or checkpoint)
+  graphdef, state = nnx.split((model, None))    # train's eval fns take a (model, optimizer) state
+  state_sharding = sharding.state_shardings(mesh, state)
+  state = jax.device_put(state, state_sharding)
+  replicated = sharding.replicated(mesh)
+  encode_text_fn, scores_fn = make_eval_fns(graphdef, config)
+  encode_text = jax.jit(encode_text_fn, in_shardings=(state_sharding, replicated),
+                        out_shardings=replicated)
+  scores = jax.jit(scores_fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh),
+                                            replicated), out_shardings=replicated)
+
+  # ----------------------------------------------------------------------------- evaluate
+  lead = jax.process_index() == 0
+  results: dict[str, dict[str, Any]] = {}
+  bar = tqdm.tqdm(total=sum(d.eval_batches for d in pipelines), unit='batch', dynamic_ncols=True,
+                  disable=not lead)
+  try:
+    for run, data in zip(runs, pipelines):
+      bar.set_description(f'{run.dataset} {run.name}')
+      texts = prompt_tokens(data.class_names, tokenizer, run.prompts,
+                            allow_missing=config.text.allow_missing,
+                            context_length=model.cfg.clip.context_length)
+      summary = run_eval(_Progress(data, bar), state, encode_text, scores, texts.tokens, mesh)
+      if lead:
+        evaluate.write_reports(summary, data.class_names,
+                               workdir / 'zeroshot' / run.dataset / run.name)
+      results.setdefault(run.dataset, {})[run.name] = {
+          'top1': summary['top1'], 'top5': summary['top5'],
+          'num_videos': summary['num_videos'], 'num_classes': len(data.class_names),
+          'substituted': data.eval_substitutions.count, **run.info}
+      logging.info('Zero-shot %s %s: top-1 %.2f%%, top-5 %.2f%% over %d videos.', run.dataset,
+                   run.name, summary['top1'], summary['top5'], summary['num_videos'])
+  finally:
+    bar.close()
+
+  datasets = {name: summarize_runs(r) for name, r in results.items()}
+  report = {'checkpoint': str(checkpoint), 'num_frames': config.data.num_frames,
+            'views': [config.eval.num_clips, config.eval.num_crops], 'datasets': datasets,
+            'skipped': skipped}
+  if lead:
+    atomic_write_text(workdir / 'zeroshot.json', json.dumps(report, indent=1) + '\n')
+    print(format_table(datasets, skipped))
+    print(f'Wrote {workdir / "zeroshot.json"}.')
+  return report
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+  from absl import logging as absl_logging
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  try:
+    distributed.initialize()
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  absl_logging.set_verbosity(absl_logging.INFO if jax.process_index() == 0
+                             else absl_logging.WARNING)
+  for noisy in ('absl', 'orbax', 'jax._src', 'grain'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  absl_logging.get_absl_handler().setFormatter(logging.Formatter('%(levelname).1s %(message)s'))
+  try:
+    run_zeroshot(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'configs/zeroshot.py, or another config with a '
+                                  'zeroshot section.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where zeroshot.json and the reports go.', required=True)
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

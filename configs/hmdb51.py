@@ -1,0 +1,46 @@
+r"""HMDB-51: few-shot from CLIP, or fully supervised from a Kinetics-400 model. ViT-B/16, 32 frames.
+
+configs/ucf101.py with HMDB-51's classes and prompts; the same arguments (`shots=K` with K in
+2, 4, 8, 16, or `full`, optionally a temporal head). First the list files of split 1:
+
+    python -m claver_jax.data.annotations --format=hmdb51 \
+        --src=HMDB51/testTrainMulti_7030_splits --split=1 --out=lists/hmdb51/split1
+
+Few-shot, from CLIP (K clips per class of split 1's train list, tested on split 1's test list):
+
+    python -m claver_jax.main --config=configs/hmdb51.py:shots=2 --workdir=runs/hmdb51_2shot \
+        --config.init.clip=ckpt/clip_b16 --config.data.root=HMDB51/videos \
+        --config.data.train_list=lists/hmdb51/split1/train.txt \
+        --config.data.val_list=lists/hmdb51/split1/test.txt \
+        --config.data.labels=lists/hmdb51/split1/labels.csv
+
+Fully supervised, from the 32-frame K400 model: the same flags with
+
+    --config=configs/hmdb51.py:full --workdir=runs/hmdb51_full \
+        --config.init.checkpoint=runs/k400_b16_32/model     (instead of --config.init.clip)
+
+HMDB-51's root is the folder of the extracted class folders (brush_hair/...).
+
+Expected top-1 (%), few-shot, B/16 32 frames, from the official CLAVER model zoo:
+  K      2     4     8     16
+  KMT   58.6  63.9  68.0  72.5
+  KMCT  58.3  64.5  68.6  72.9
+The model zoo lists no fully supervised HMDB-51 result.
+
+Where the numbers come from: few-shot, microsoft/VideoX X-CLIP/configs/hmdb51/16_32.yaml (B/16,
+32 frames, 50 epochs, lr 2e-6, batch 4 per GPU x 2 accumulation steps); full, yjyddq/CLAVER
+configs/hmdb51/16_32.yaml (B/16, 32 frames, KMT, 80 epochs, lr 2e-6, batch 4 x 2, resumed from
+the K400 B/16 32-frame model, descriptions = action decomposition + body + synonyms); the global
+batch of 64 (8 GPUs) and the rest as in configs/ucf101.py.
+"""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location('ucf101', Path(__file__).with_name('ucf101.py'))
+_ucf101 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ucf101)
+
+
+def get_config(arg=None):
+  return _ucf101.make_config('hmdb51', arg)

@@ -1,0 +1,91 @@
+r"""UCF-101: few-shot from CLIP, or fully supervised from a Kinetics-400 model. ViT-B/16, 32 frames.
+
+The argument is `shots=K` (or just K), K in 2, 4, 8, 16, for few-shot, or `full` (the default);
+a temporal head may follow: `configs/ucf101.py:shots=2,kmct`. First the list files of split 1:
+
+    python -m claver_jax.data.annotations --format=ucf101 --src=UCF101/ucfTrainTestlist \
+        --split=1 --out=lists/ucf101/split1
+
+Few-shot (X-CLIP's protocol, which CLAVER reuses): K clips of each class drawn from split 1's
+train list (config.data.shots, by config.data.shots_seed; the draw is written to
+WORKDIR/train_<K>shot_seed<seed>.txt when the run passes its workdir to the data pipeline),
+tested on split 1's whole test list. Initialised from CLIP:
+
+    python -m claver_jax.main --config=configs/ucf101.py:shots=2 --workdir=runs/ucf101_2shot \
+        --config.init.clip=ckpt/clip_b16 --config.data.root=UCF101/videos \
+        --config.data.train_list=lists/ucf101/split1/train.txt \
+        --config.data.val_list=lists/ucf101/split1/test.txt \
+        --config.data.labels=lists/ucf101/split1/labels.csv
+
+Fully supervised: all of split 1's train list, initialised from the 32-frame K400 model (the
+official config resumes from k400_exp_16_32_KMT/best.pth); the same flags with
+
+    --config=configs/ucf101.py:full --workdir=runs/ucf101_full \
+        --config.init.checkpoint=runs/k400_b16_32/model     (instead of --config.init.clip)
+
+UCF-101's root is the folder that holds the class folders (ApplyEyeMakeup/...).
+
+Expected top-1 (%), few-shot, B/16 32 frames, from the official CLAVER model zoo:
+  K      2     4     8     16
+  KMT   89.7  92.9  96.1  98.0
+  KMCT  90.0  92.9  96.6  98.1
+The model zoo lists no fully supervised UCF-101 result.
+
+Where the numbers come from:
+  * few-shot: microsoft/VideoX X-CLIP/configs/ucf101/16_32.yaml: ViT-B/16, 32 frames, 50 epochs,
+    lr 2e-6, batch 4 per GPU x 2 accumulation steps (X-CLIP has no other UCF-101 config; its
+    few-shot models are B/16 32x224).
+  * full: yjyddq/CLAVER configs/ucf101/16_32.yaml: ViT-B/16, 32 frames, KMT, 80 epochs, lr 2e-6,
+    batch 4 per GPU x 2 accumulation steps, resumed from the K400 B/16 32-frame model, class
+    descriptions = action decomposition + body + synonyms (the shipped `ucf101` prompt set).
+  * the global batch: 8 GPUs (the CLAVER README's setup) x 4 = 32 clips per micro-batch, 64 per
+    update. Everything else is the official defaults (utils/config.py): 5 warmup epochs, cosine,
+    weight decay 0.001, label smoothing .1, mixup .8, cutmix 1, tests with 1 clip x 1 crop.
+"""
+
+from claver_jax.models.temporal import TEMPORAL_KINDS
+from claver_jax.run_config import base_config
+
+SHOTS = (2, 4, 8, 16)
+
+
+def parse_setting(arg: str | None) -> tuple[int, str]:
+  """'shots=2,kmct' -> (2, 'kmct'); 'full' -> (0, 'kmt'). 0 shots = fully supervised."""
+  shots, temporal = 0, 'kmt'
+  for token in filter(None, (arg or '').replace(' ', '').split(',')):
+    value = token[len('shots='):] if token.startswith('shots=') else token
+    if token == 'full':
+      shots = 0
+    elif value.isdigit() and int(value) in SHOTS:
+      shots = int(value)
+    elif token in TEMPORAL_KINDS:
+      temporal = token
+    else:
+      raise ValueError(f'Unknown setting {token!r} in {arg!r}: use shots=K (K in {SHOTS}) or '
+                       f'full, optionally with a temporal head {list(TEMPORAL_KINDS)}; e.g. '
+                       '"shots=2,kmct".')
+  return shots, temporal
+
+
+def make_config(prompts: str, arg: str | None):
+  """The UCF-101 / HMDB-51 config; `prompts` is the dataset's prompt set."""
+  shots, temporal = parse_setting(arg)
+  c = base_config()
+  c.model.arch = 'B16'
+  c.model.temporal = temporal
+  c.model.dtype = 'bfloat16'
+  c.data.source = 'filelist'
+  c.data.num_frames = 32
+  c.data.image_size = 224
+  c.data.shots = shots
+  c.text.prompts = prompts
+  c.optim.lr = 2e-6
+  c.train.epochs = 50 if shots else 80
+  c.train.batch_size = 64
+  c.train.grad_accum_steps = 2
+  c.eval.batch_size = 16
+  return c
+
+
+def get_config(arg=None):
+  return make_config('ucf101', arg)

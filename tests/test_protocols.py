@@ -1,0 +1,287 @@
+"""The paper's few-shot and zero-shot protocols: K-shot train lists, configs, zero-shot runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from claver_jax import evaluate, zeroshot
+from claver_jax.data import synthetic
+from claver_jax.data.pipeline import build_pipelines, default_config
+from claver_jax.data.sources import DataError, few_shot_indices, read_labels, read_list
+from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD, normalize
+from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, load, write_model_dir
+from claver_jax.models.io import path_str
+from claver_jax.predict import load_clip_frames
+from claver_jax.text import load_tokenizer
+from claver_jax.text.prompts import prompt_tokens
+from conftest import REPO, run_cli
+from data_helpers import synthetic_dir
+from prompt_helpers import tiny_clip_vocab
+
+FRAMES, SIZE = 4, 16
+# Three test splits of different sizes over the 36 clips, overlapping as real splits do not,
+# so that their accuracies differ.
+SPLITS = {1: range(0, 12), 2: range(10, 30), 3: range(24, 36)}
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def motion_dir(tmp_path_factory):
+  """36 synthetic clips (32 px, 8 frames): train.txt (29), val.txt (7), all.txt and split lists."""
+  root = synthetic_dir(tmp_path_factory.mktemp('protocols') / 'set', num_videos=36)
+  lines = [f'{synthetic.relative_path(i)} {i % synthetic.NUM_CLASSES}\n' for i in range(36)]
+  (root / 'all.txt').write_text(''.join(lines))
+  for split, indices in SPLITS.items():
+    (root / f'test{split}.txt').write_text(''.join(lines[i] for i in indices))
+  return root
+
+
+# ------------------------------------------------------------------------------------ few-shot
+def test_few_shot_draw_is_exact_deterministic_and_seeded():
+  names = ['a', 'b', 'c', 'd', 'e']
+  labels = [i % 5 for i in range(53)]
+  draw = few_shot_indices(labels, names, 3, seed=0)
+  assert np.bincount([labels[i] for i in draw], minlength=5).tolist() == [3] * 5
+  assert draw == sorted(set(draw))                                  # Distinct, in list order.
+  assert few_shot_indices(labels, names, 3, seed=0) == draw
+  assert few_shot_indices(labels, names, 3, seed=1) != draw
+  # A class's draw depends on its own clips only: drop class 'e' and the others keep theirs.
+  kept = [i for i, label in enumerate(labels) if label != 4]
+  without_e = few_shot_indices([labels[i] for i in kept], names[:4], 3, seed=0)
+  assert [kept[i] for i in without_e] == [i for i in draw if labels[i] != 4]
+
+
+def test_too_few_clips_name_the_class_and_the_counts():
+  labels = [0, 0, 0, 1, 2, 2, 2]
+  with pytest.raises(DataError) as error:
+    few_shot_indices(labels, ['run', 'jump', 'swim', 'sit'], 3, seed=0, where='train.txt')
+  message = str(error.value)
+  assert "'jump' (id 1): 1" in message and "'sit' (id 3): 0" in message
+  assert 'shots=3' in message and 'train.txt' in message and "'run'" not in message
+
+
+def test_pipeline_keeps_k_clips_per_class_and_writes_the_list(motion_dir, tmp_path, caplog):
+  cfg = default_config()
+  cfg.update(dict(root=str(motion_dir), train_list=str(motion_dir / 'train.txt'),
+                  labels=str(motion_dir / 'labels.csv'), num_frames=FRAMES, image_size=SIZE,
+                  batch_size=4, shots=2, shots_seed=3))
+  with caplog.at_level(logging.INFO):
+    data = build_pipelines(cfg, workdir=tmp_path)
+  assert data.num_train == 2 * synthetic.NUM_CLASSES
+  written = tmp_path / 'train_2shot_seed3.txt'
+  kept = read_list(written)
+  assert np.bincount([label for _, label in kept]).tolist() == [2] * synthetic.NUM_CLASSES
+  assert set(kept) <= set(read_list(motion_dir / 'train.txt'))
+  assert 'Few-shot: 2 clips of each of 12 classes, 24 of the 29 clips' in caplog.text
+  batch = next(iter(data.train))
+  assert batch['video'].shape == (4, FRAMES, SIZE, SIZE, 3) and not batch['substituted'].any()
+  build_pipelines(cfg, workdir=tmp_path / 'again')
+  assert (tmp_path / 'again' / written.name).read_text() == written.read_text()
+  cfg.shots_seed = 4
+  build_pipelines(cfg, workdir=tmp_path)
+  assert (tmp_path / 'train_2shot_seed4.txt').read_text() != written.read_text()
+  cfg.shots = 3     # 'moving left' has clips 0 and 12 in train; 24 went to val.
+  with pytest.raises(DataError, match=r"'moving left' \(id 0\): 2"):
+    build_pipelines(cfg)
+
+
+def test_few_shot_and_full_configs():
+  few = load_config('ucf101', 'shots=4,kmct')
+  assert (few.data.shots, few.model.temporal, few.train.epochs) == (4, 'kmct', 50)
+  assert (few.optim.lr, few.train.batch_size, few.train.grad_accum_steps) == (2e-6, 64, 2)
+  assert (few.data.num_frames, few.model.arch, few.text.prompts) == (32, 'B16', 'ucf101')
+  full = load_config('hmdb51', 'full')
+  assert (full.data.shots, full.train.epochs, full.text.prompts) == (0, 80, 'hmdb51')
+  assert load_config('hmdb51', '8').data.shots == 8
+  with pytest.raises(ValueError, match='shots=K'):
+    load_config('ucf101', 'shots=3')
+
+
+# ----------------------------------------------------------------------------------- zero-shot
+def test_restricting_to_classes_remaps_labels_by_position():
+  items = [('a.mp4', 5), ('b.mp4', 2), ('c.mp4', 7), ('d.mp4', 5), ('e.mp4', 0)]
+  assert zeroshot.restrict_to_classes(items, [2, 5, 7]) == [
+      ('a.mp4', 1), ('b.mp4', 0), ('c.mp4', 2), ('d.mp4', 1)]
+  assert zeroshot.new_classes(['Dyeing hair', 'hugging  Baby', 'zumba'],
+                              ['dyeing Hair', 'hugging baby']) == ['zumba']
+  draws = zeroshot.class_draws(220, 160, [0, 1, 2])
+  assert draws == zeroshot.class_draws(220, 160, [0, 1, 2])
+  assert [len(set(d)) for d in draws] == [160] * 3 and max(max(d) for d in draws) < 220
+  assert len({tuple(d) for d in draws}) == 3
+  with pytest.raises(ValueError, match='Cannot draw 9'):
+    zeroshot.class_draws(8, 9, [0])
+
+
+def random_params(cfg: CLAVERConfig, seed: int = 0) -> dict:
+  """Random parameters of a CLAVER, drawn with numpy (no per-initialiser compiles): fan-in
+  scaled normals, unit LayerNorm scales, CLIP's initial logit scale."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path_str(path)
+    if name.endswith('logit_scale'):
+      return np.asarray(np.log(1 / 0.07), np.float32)
+    if name.endswith('scale'):
+      return np.ones(leaf.shape, np.float32)
+    std = np.prod(leaf.shape[:-1]) ** -0.5 if len(leaf.shape) > 1 else 0.1
+    return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  abstract = nnx.eval_shape(lambda: CLAVER(cfg, rngs=nnx.Rngs(0)))
+  return jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+
+
+@pytest.fixture(scope='module')
+def tiny_model_dir(tmp_path_factory):
+  """A random tiny KMT CLAVER (4 frames of 16 px) with a tiny CLIP-format vocabulary."""
+  vocab, merges = tiny_clip_vocab()
+  clip = CLIPConfig(embed_dim=32, image_size=SIZE, patch_size=8, vision_width=64,
+                    vision_layers=1, vision_heads=1, vision_mlp_dim=128, context_length=77,
+                    vocab_size=len(vocab), text_width=32, text_layers=1, text_heads=1,
+                    text_mlp_dim=64, eos_token_id=vocab['<|endoftext|>'])
+  cfg = CLAVERConfig(clip=clip, num_frames=FRAMES, temporal='kmt', temporal_layers=1)
+  return write_model_dir(tmp_path_factory.mktemp('model') / 'tiny', kind='claver', config=cfg,
+                         params=random_params(cfg), tokenizer=(vocab, merges))
+
+
+@pytest.fixture(scope='module')
+def independent_top_k(tiny_model_dir):
+  """(root, items, class_names) -> top-1 / top-5 (%) of the videos `items`, read one by one as
+  predict reads them, scored by evaluate.class_scores over templates + synthetic_motion texts."""
+  model, tokenizer = load(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+  @nnx.jit
+  def scores(model, video, tokens):
+    text = evaluate.encode_texts(model.encode_text, tokens)
+    embedding = model.encode_video(normalize(video, CLIP_MEAN, CLIP_STD))
+    return evaluate.class_scores(embedding[:, None], text, model.clip.logit_scale[...])
+
+  def top_k(root, items, class_names) -> tuple[float, float]:
+    texts = prompt_tokens(class_names, tokenizer, 'synthetic_motion')
+    video = np.stack([load_clip_frames(root / path, FRAMES, SIZE) for path, _ in items])
+    s = np.asarray(scores(model, jnp.asarray(video), jnp.asarray(texts.tokens)))
+    labels = np.array([label for _, label in items])
+    return (100 * evaluate.topk_correct(s, labels, 1).mean(),
+            100 * evaluate.topk_correct(s, labels, 5).mean())
+
+  return top_k
+
+
+def zeroshot_config(model_dir, motion_dir, datasets: str):
+  c = load_config('zeroshot', datasets)
+  c.init.checkpoint = str(model_dir)
+  c.model.dtype = 'float32'
+  c.data.update(dict(num_frames=FRAMES, image_size=SIZE))
+  c.eval.batch_size = 4
+  c.zeroshot.ucf101.update(dict(root=str(motion_dir), test_list=str(motion_dir / 'test{split}.txt'),
+                                labels=str(motion_dir / 'labels.csv'), prompts='synthetic_motion'))
+  k400 = motion_dir / 'k400_labels.csv'     # 4 of the 12 classes "seen", spelt differently.
+  k400.write_text('id,name\n0,Moving  Left\n1,growing\n2,fading out\n3,rotating clockwise\n')
+  c.zeroshot.k600.update(dict(root=str(motion_dir), val_list=str(motion_dir / 'all.txt'),
+                              labels=str(motion_dir / 'labels.csv'), k400_labels=str(k400),
+                              prompts='synthetic_motion', num_classes=5, seeds=(0, 1, 2)))
+  return c
+
+
+@pytest.fixture(scope='module')
+def zeroshot_run(tiny_model_dir, motion_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('zeroshot')
+  config = zeroshot_config(tiny_model_dir, motion_dir, 'ucf101,hmdb51,k600')
+  return workdir, config, zeroshot.run_zeroshot(config, str(workdir))
+
+
+def test_split_results_and_their_mean_and_std(zeroshot_run, independent_top_k, motion_dir):
+  workdir, _, report = zeroshot_run
+  assert report == json.loads((workdir / 'zeroshot.json').read_text())
+  assert 'hmdb51' in report['skipped'] and 'hmdb51' not in report['datasets']
+  ucf = report['datasets']['ucf101']
+  names = read_labels(motion_dir / 'labels.csv')
+  expected = {f'split{s}': independent_top_k(motion_dir, read_list(motion_dir / f'test{s}.txt'),
+                                             names)
+              for s in SPLITS}
+  assert list(ucf['runs']) == list(expected)
+  for name, (top1, top5) in expected.items():
+    run = ucf['runs'][name]
+    assert run['num_videos'] == len(SPLITS[int(name[-1])])
+    assert run['top1'] == pytest.approx(top1) and run['top5'] == pytest.approx(top5)
+  top1s, top5s = zip(*expected.values())
+  assert len(set(top1s)) > 1 or len(set(top5s)) > 1, 'all splits score alike: std checks nothing'
+  assert ucf['top1_mean'] == pytest.approx(np.mean(top1s))
+  assert ucf['top1_std'] == pytest.approx(np.std(top1s))
+  assert ucf['top5_mean'] == pytest.approx(np.mean(top5s))
+  assert ucf['top5_std'] == pytest.approx(np.std(top5s))
+  assert (workdir / 'zeroshot' / 'ucf101' / 'split2' / 'per_class.json').is_file()
+
+
+def test_k600_draws_are_seeded_subsets_of_the_new_classes(zeroshot_run, independent_top_k,
+                                                         motion_dir):
+  workdir, _, report = zeroshot_run
+  k600 = report['datasets']['k600']
+  names = read_labels(motion_dir / 'labels.csv')
+  new = [n for n in names if n not in ('moving left', 'growing', 'fading out',
+                                       'rotating clockwise')]
+  runs = k600['runs']
+  assert list(runs) == ['draw1_seed0', 'draw2_seed1', 'draw3_seed2']
+  all_items = read_list(motion_dir / 'all.txt')
+  for seed, (name, run) in enumerate(runs.items()):
+    classes = run['classes']
+    assert run['num_new_classes'] == 8 and len(set(classes)) == 5 and set(classes) <= set(new)
+    assert classes == sorted(classes, key=names.index)              # K600 id order.
+    picks = np.random.default_rng(seed).choice(8, 5, replace=False)
+    assert set(classes) == {new[i] for i in picks}
+    # The draw's list: exactly the clips of its classes, label j = classes[j].
+    draw_dir = workdir / 'zeroshot' / 'k600' / name
+    assert read_labels(draw_dir / 'labels.csv') == classes
+    remapped = read_list(draw_dir / 'val.txt')
+    assert sorted(remapped) == sorted((p, classes.index(names[l])) for p, l in all_items
+                                      if names[l] in classes)
+    top1, top5 = independent_top_k(motion_dir, remapped, classes)
+    assert run['top1'] == pytest.approx(top1) and run['top5'] == pytest.approx(top5)
+  assert len({tuple(r['classes']) for r in runs.values()}) == 3
+  assert k600['top1_mean'] == pytest.approx(np.mean([r['top1'] for r in runs.values()]))
+  assert k600['top1_std'] == pytest.approx(np.std([r['top1'] for r in runs.values()]))
+
+
+def test_nothing_configured_is_a_clear_error(tiny_model_dir, tmp_path):
+  config = load_config('zeroshot')
+  config.init.checkpoint = str(tiny_model_dir)
+  config.data.image_size = SIZE
+  with pytest.raises(ValueError, match='nothing to evaluate'):
+    zeroshot.run_zeroshot(config, str(tmp_path))
+  config.zeroshot.hmdb51.root = '/somewhere'
+  with pytest.raises(ValueError, match=r'hmdb51: test_list, labels not set'):
+    zeroshot.run_zeroshot(config, str(tmp_path))
+
+
+def test_cli_on_eight_devices_skips_unset_datasets_and_matches_the_direct_call(
+    zeroshot_run, tiny_model_dir, tmp_path, monkeypatch):
+  _, config, report = zeroshot_run
+  ucf = config.zeroshot.ucf101
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  proc = run_cli('claver_jax.zeroshot', '--config=configs/zeroshot.py', f'--workdir={tmp_path}',
+                 f'--config.init.checkpoint={tiny_model_dir}', '--config.model.dtype=float32',
+                 f'--config.data.num_frames={FRAMES}', f'--config.data.image_size={SIZE}',
+                 '--config.eval.batch_size=8', '--config.mesh.fsdp=2',
+                 f'--config.zeroshot.ucf101.root={ucf.root}',
+                 f'--config.zeroshot.ucf101.test_list={ucf.test_list}',
+                 f'--config.zeroshot.ucf101.labels={ucf.labels}',
+                 '--config.zeroshot.ucf101.prompts=synthetic_motion')
+  cli = json.loads((tmp_path / 'zeroshot.json').read_text())
+  assert list(cli['datasets']) == ['ucf101'] and set(cli['skipped']) == {'hmdb51', 'k600'}
+  assert 'skipping hmdb51' in proc.stderr and 'over fsdp=2' in proc.stderr
+  for key in ('top1_mean', 'top1_std', 'top5_mean', 'top5_std'):
+    assert cli['datasets']['ucf101'][key] == pytest.approx(report['datasets']['ucf101'][key])
+  assert 'mean ± std' in proc.stdout and 'split3' in proc.stdout
