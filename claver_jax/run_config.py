@@ -1,13 +1,20 @@
 """The full run config that every configs/*.py starts from; each key is documented here.
 
-    mode                 'train' (train + periodic eval) or 'eval' (evaluate a checkpoint)
+    mode                 'train' (train + periodic eval), 'eval' (evaluate a checkpoint) or
+                         'zeroshot' (configs/zeroshot.py: claver_jax.zeroshot.run_zeroshot)
     model.arch           B32 | B16 | L14 | L14_336, or 'custom' with model.clip (CLIPConfig fields)
     model.temporal       kmt | kmct | joint | pipeline | cls_only | mean
     model.temporal_layers  None: a third of the ViT's depth
+    model.temporal_init_std  std of a fresh temporal embedding (0.02, the official code's);
+                         models from scratch want ~1 (their tokens are O(1) per channel)
     model.dtype          compute dtype: 'float32' or 'bfloat16' (parameters stay fp32)
+    model.remat          recompute each transformer block's activations in the backward pass
+                         (less memory, about a third more compute)
     model.resample_frames  loading a checkpoint trained with other T resamples its temporal
                          embedding (True) or is an error (False)
     data                 see claver_jax.data.default_config (source, root, lists, labels, T, S, ...)
+    data.shots           few-shot: keep this many clips of every class of the train list (0 = all)
+    data.shots_seed      the seed of that draw: the same K-shot list in every process and run
     text.tokenizer       BPE file / vocab dir / model dir; '' = the init checkpoint's; 'train' =
                          learn one on the class texts (models from scratch)
     text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only
@@ -23,6 +30,8 @@
     mesh.data, mesh.fsdp  device mesh axes; -1 fills
     init.clip            a converted CLIP directory (towers; temporal parts fresh)
     init.checkpoint      a CLAVER model directory (converted or WORKDIR/model of a run)
+    zeroshot             configs/zeroshot.py only: datasets and their paths, see
+                         claver_jax.zeroshot.default_config
 """
 
 import ml_collections
@@ -37,8 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
       arch='B16', clip=ml_collections.ConfigDict(), temporal='kmt',
-      temporal_layers=ml_collections.config_dict.placeholder(int), dtype='float32',
-      resample_frames=True))
+      temporal_layers=ml_collections.config_dict.placeholder(int), temporal_init_std=0.02,
+      dtype='float32', remat=False, resample_frames=True))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
       tokenizer='', num_merges=1000, prompts='', allow_missing=False, sets_per_step=5))

@@ -108,6 +108,31 @@ def test_video_embedding_is_the_mean_of_normalised_frames():
   np.testing.assert_allclose(model.encode_video(random_video()), frames.mean(1), atol=1e-6)
 
 
+def test_remat_gives_the_same_gradients():
+  from claver_jax.models.clip import set_remat
+  model, video = tiny_model('kmt'), random_video()
+  tokens = jnp.asarray([[1, 5, 9, 15] + [0] * 4])
+
+  def loss(m):
+    return m.logits(video, tokens).sum()
+
+  def checkpointed_blocks(m):   # Rematerialised regions in the gradient's program.
+    graphdef, state = nnx.split(m)
+    grad = jax.grad(lambda s: loss(nnx.merge(graphdef, s)))
+    return str(jax.make_jaxpr(grad)(state)).count('remat2[')
+
+  plain_loss, plain_grads = nnx.value_and_grad(loss)(model)
+  assert checkpointed_blocks(model) == 0
+  set_remat(model)
+  blocks = [m for _, m in nnx.iter_modules(model) if type(m).__name__ == 'ResidualBlock']
+  assert len(blocks) == 2 + 1 + 1 and all(b.remat for b in blocks)   # ViT, text, temporal.
+  remat_loss, remat_grads = nnx.value_and_grad(loss)(model)
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert checkpointed_blocks(model) == len(blocks)
+
+
 def test_default_depth_is_a_third_of_the_vit():
   assert CLAVERConfig(clip=get_preset('ViT-B/16')).temporal_depth == 4
   assert CLAVERConfig(clip=get_preset('ViT-L/14')).temporal_depth == 8

@@ -12,9 +12,9 @@ _spec.loader.exec_module(_demo)
 def get_config(arg=None):
   del arg
   c = _demo.get_config()
-  c.model.clip.update(dict(embed_dim=32, vision_width=64, vision_layers=1, vision_heads=1,
-                           vision_mlp_dim=128, context_length=32, text_width=32, text_layers=1,
-                           text_heads=1, text_mlp_dim=64))
+  c.model.clip.update(dict(embed_dim=32, patch_size=8, vision_width=64, vision_layers=1,
+                           vision_heads=1, vision_mlp_dim=128, context_length=32, text_width=32,
+                           text_layers=1, text_heads=1, text_mlp_dim=64))
   c.data.num_frames = 4
   c.data.image_size = 16
   c.data.synthetic_size = 32

@@ -8,9 +8,10 @@ writes N mp4 clips (H.264 through PyAV) under DIR/videos/, with DIR/train.txt, D
 so the file-list pipeline runs end to end. `make_clip(index, seed=...)` generates the same clips
 in memory.
 
-Clip i has label i % 12 and is drawn from np.random.default_rng((seed, i)): textured shapes
-(stripes, an off-centre marker dot that makes rotation visible) over a textured background with
-fresh pixel noise in every frame. Class 2k + 1 is literally the time reversal of a clip drawn
+Clip i has label i % 12 and is drawn from np.random.default_rng((seed, i)): striped shapes with
+an off-centre marker dot, light on a dark ground or dark on a light one, over a faintly textured
+background with fresh pixel noise in every frame. The rotating classes use a one-armed pointer,
+whose angle is unambiguous over a full turn (a square's repeats every quarter turn). Class 2k + 1 is literally the time reversal of a clip drawn
 like class 2k, so within a twin the multiset of frames has the same distribution: a model blind
 to frame order is at chance within each pair, one that models time is not.
 """
@@ -28,7 +29,7 @@ CLASS_NAMES = (
     'rotating clockwise', 'rotating counterclockwise', 'fading in', 'fading out',
     'two objects approaching', 'two objects separating')
 NUM_CLASSES = len(CLASS_NAMES)
-SHAPES = ('disk', 'square', 'diamond', 'ellipse')
+SHAPES = ('disk', 'square', 'diamond', 'ellipse')   # Rotation uses a 'pointer'.
 
 
 def is_val(index: int) -> bool:
@@ -44,22 +45,25 @@ def split_indices(num_videos: int, split: str) -> list[int]:
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-  """A static float32 [H, W, 3] texture: a random colour plus three low-frequency gratings."""
+  """A static float32 [H, W, 3] texture: a mid-range colour plus three low-frequency gratings."""
   ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-  base = rng.uniform(40, 200, size=3).astype(np.float32)
+  base = rng.uniform(70, 180, size=3).astype(np.float32)
   texture = np.zeros((height, width, 3), np.float32)
   for _ in range(3):
     theta, period = rng.uniform(0, np.pi), rng.uniform(6, 24)
-    phase, amplitude = rng.uniform(0, 2 * np.pi), rng.uniform(8, 20, size=3)
+    phase, amplitude = rng.uniform(0, 2 * np.pi), rng.uniform(4, 10, size=3)
     grating = np.sin(2 * np.pi * (xs * np.cos(theta) + ys * np.sin(theta)) / period + phase)
     texture += grating[..., None] * amplitude
   return base + texture
 
 
-def _object(rng: np.random.Generator) -> dict:
-  colour = rng.uniform(0, 255, size=3)
-  colour[rng.integers(3)] = rng.choice([15.0, 240.0])   # Saturated: stands out from the ground.
-  return dict(shape=SHAPES[rng.integers(len(SHAPES))], colour=colour.astype(np.float32),
+def _object(rng: np.random.Generator, background: np.ndarray, shape: str | None = None) -> dict:
+  """A striped object whose colour contrasts with the background: dark on a light ground,
+  light on a dark one."""
+  colour = rng.uniform(0, 255, size=3) * 0.35
+  if background.mean() < 125:
+    colour += 165
+  return dict(shape=shape or SHAPES[rng.integers(len(SHAPES))], colour=colour.astype(np.float32),
               stripe_angle=rng.uniform(0, np.pi), stripe_period=rng.uniform(0.5, 0.9))
 
 
@@ -79,13 +83,16 @@ def _render(frames: np.ndarray, obj: dict, radius: float, cx: np.ndarray, cy: np
     distance = np.maximum(abs(u), abs(v)) - 0.85
   elif shape == 'diamond':
     distance = (abs(u) + abs(v) - 1.2) / math.sqrt(2)
-  else:
+  elif shape == 'ellipse':
     distance = np.hypot(u, v / 0.6) - 1
+  else:             # 'pointer': a hub with one arm, so its angle is unambiguous over 2 pi.
+    arm = np.hypot(u - np.clip(u, 0, 1), v) - 0.3
+    distance = np.minimum(np.hypot(u, v) - 0.5, arm)
   alpha = np.clip(0.5 - distance * s, 0, 1) * opacity[:, None, None]
   stripes = np.sin(2 * np.pi * (u * math.cos(obj['stripe_angle']) + v * math.sin(
       obj['stripe_angle'])) / obj['stripe_period']) > 0
   shade = np.where(stripes, 1.0, 0.65).astype(np.float32)
-  shade = np.where(np.hypot(u - 0.55, v) < 0.25, 0.25, shade)        # The orientation marker.
+  shade = np.where(np.hypot(u - 0.6, v) < 0.28, 0.25, shade)         # The orientation marker.
   colour = shade[..., None] * obj['colour']
   frames *= 1 - alpha[..., None]
   frames += alpha[..., None] * colour
@@ -109,25 +116,27 @@ def render_forward(pair: int, rng: np.random.Generator, num_frames: int, height:
   """A clip of twin pair `pair`'s even (forward) class, uint8 [T, H, W, 3]; the odd class is
   its time reversal."""
   side = min(height, width)
-  frames = np.broadcast_to(_background(rng, height, width), (num_frames, height, width, 3)).copy()
+  background = _background(rng, height, width)
+  frames = np.broadcast_to(background, (num_frames, height, width, 3)).copy()
   u = np.linspace(0.0, 1.0, num_frames, dtype=np.float32)
   ones = np.ones(num_frames, np.float32)
   if pair == 5:   # Two objects approaching.
-    radius = rng.uniform(0.07, 0.1) * side
+    radius = rng.uniform(0.1, 0.13) * side
     phi = rng.uniform(0, 2 * np.pi)
     mx, my = width / 2 + rng.uniform(-.05, .05) * side, height / 2 + rng.uniform(-.05, .05) * side
-    gap, gap_end = rng.uniform(0.5, 0.62) * side, rng.uniform(0.2, 0.28) * side
+    gap, gap_end = rng.uniform(0.6, 0.7) * side, rng.uniform(0.26, 0.32) * side
     half = (gap + (gap_end - gap) * u) / 2
     for sign in (1, -1):
-      _render(frames, _object(rng), radius, mx + sign * half * math.cos(phi),
+      _render(frames, _object(rng, background), radius, mx + sign * half * math.cos(phi),
               my + sign * half * math.sin(phi), ones, rng.uniform(0, 2 * np.pi) * ones, ones)
   else:
-    radius = rng.uniform(0.12, 0.18) * side
+    radius = rng.uniform(0.15, 0.2) * side
     cx, cy = (rng.uniform(0.3, 0.7) * width) * ones, (rng.uniform(0.3, 0.7) * height) * ones
     scale, angle, opacity = ones, rng.uniform(0, 2 * np.pi) * ones, ones
+    shape = None
     if pair in (0, 1):   # Moving left / moving up: travel d from a start that keeps it in frame.
       extent = width if pair == 0 else height
-      distance = rng.uniform(0.35, 0.5) * extent
+      distance = rng.uniform(0.4, 0.55) * extent
       start = rng.uniform(radius + distance, extent - radius)
       if pair == 0:
         cx = start - distance * u
@@ -136,10 +145,11 @@ def render_forward(pair: int, rng: np.random.Generator, num_frames: int, height:
     elif pair == 2:      # Growing.
       scale = rng.uniform(0.35, 0.55) + (rng.uniform(1.4, 1.8) - 0.45) * u
     elif pair == 3:      # Rotating clockwise on screen (y points down: angle increases).
-      angle = angle + rng.uniform(0.4, 0.8) * np.pi * u
+      angle = angle + rng.uniform(0.5, 0.9) * np.pi * u
+      shape = 'pointer'
     else:                # Fading in.
       opacity = u
-    _render(frames, _object(rng), radius, cx, cy, scale, angle, opacity)
+    _render(frames, _object(rng, background, shape), radius, cx, cy, scale, angle, opacity)
   frames += rng.normal(0, 6, size=frames.shape).astype(np.float32)
   return np.clip(frames + 0.5, 0, 255).astype(np.uint8)
 

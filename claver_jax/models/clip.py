@@ -182,10 +182,27 @@ class ResidualBlock(nnx.Module):
     self.mlp = MLP(width, mlp_dim, activation, fc_std=fc_std, proj_std=proj_std, dtype=dtype,
                    rngs=rngs)
 
+    self.remat = False   # See `set_remat`.
+
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
                is_causal: bool = False) -> jax.Array:
-    x = x + self.attn(self.ln_1(x), mask=mask, is_causal=is_causal)
-    return x + self.mlp(self.ln_2(x))
+    if self.remat:
+      return nnx.remat(_block_forward, static_argnums=(3,))(self, x, mask, is_causal)
+    return _block_forward(self, x, mask, is_causal)
+
+
+def _block_forward(block: ResidualBlock, x: jax.Array, mask: jax.Array | None,
+                   is_causal: bool) -> jax.Array:
+  x = x + block.attn(block.ln_1(x), mask=mask, is_causal=is_causal)
+  return x + block.mlp(block.ln_2(x))
+
+
+def set_remat(model: nnx.Module, remat: bool = True) -> None:
+  """Rematerialisation: every transformer block of `model` recomputes its activations in the
+  backward pass instead of keeping them, trading compute for activation memory."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, ResidualBlock):
+      module.remat = remat
 
 
 def _blocks(n: int, width: int, heads: int, mlp_dim: int, cfg: CLIPConfig, dtype, rngs):
