@@ -5,6 +5,11 @@ dict), `data` (the grain iterator's state, so a resumed run sees exactly the bat
 have seen) and `config` (JSON). Saves are asynchronous. The last `keep` checkpoints are kept
 and, separately, the `keep_best` best by val/top1: a preservation policy, because `best_fn`
 with `max_to_keep` alone can delete the latest one.
+
+In a multi-process run every process calls save and restore with its global arrays (orbax writes
+each array shard once) and its own iterator (one state file per process); WORKDIR must be a
+directory all of them share (a network file system, or a bucket mounted with gcsfuse, where
+a save is written in place and marked complete by a commit file instead of renamed).
 """
 
 from __future__ import annotations
@@ -16,11 +21,27 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 BEST_METRIC = 'val/top1'
+
+
+def on_gcsfuse(path: Path, mounts: str = '/proc/mounts') -> bool:
+  """True when `path` is on a Cloud Storage FUSE mount (as launch/tpu_pod.sh makes them)."""
+  try:
+    lines = Path(mounts).read_text().splitlines()
+  except OSError:
+    return False
+  for line in lines:
+    fields = line.split()
+    if len(fields) > 2 and fields[2] == 'fuse.gcsfuse':
+      mount_point = Path(fields[1].replace('\\040', ' '))
+      if path == mount_point or mount_point in path.parents:
+        return True
+  return False
 
 
 class Checkpointer:
@@ -31,9 +52,13 @@ class Checkpointer:
         pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=keep_best,
                  keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy,
-                                           enable_async_checkpointing=True)
     self.directory = Path(workdir).absolute() / 'checkpoints'
+    atomicity = None
+    if on_gcsfuse(self.directory):  # A rename there copies every file: write in place instead.
+      atomicity = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                           enable_async_checkpointing=True,
+                                           atomicity_options=atomicity)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -53,11 +78,29 @@ class Checkpointer:
     self.manager.save(step, args=args, metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
-    """Restores `state` into the shapes and shardings of `abstract_state`, and the iterator."""
+    """Restores `state` into the shapes and shardings of `abstract_state`, and the iterator.
+
+    A checkpoint written by another number of processes restores too: the arrays are resharded
+    onto this run's mesh, and every process's iterator continues from process 0's saved position
+    (each process has consumed the same number of batches). The clips are then split over the
+    processes differently, so their order is not the one the interrupted run would have seen.
+    """
+    data_dir = self.directory / str(step) / 'data'
+    own_file = data_dir / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    if data_iterator is not None and own_file.is_file():
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None and not own_file.is_file():
+      first = sorted(data_dir.glob('process_0-of-*.json'))
+      if not first:
+        raise FileNotFoundError(f'{data_dir} has no data iterator state (process_0-of-N.json); '
+                                'the checkpoint is incomplete. Delete it to resume from the one '
+                                'before, or start a fresh workdir.')
+      data_iterator.set_state(json.loads(first[0].read_text()))
+      logging.warning('Step %d was saved by %s processes and is restored by %d: the data '
+                      'continues from the same position, but in another order.', step,
+                      first[0].stem.rsplit('-of-', 1)[1], jax.process_count())
     logging.info('Restored step %d from %s.', step, self.directory)
     return restored['state']
 

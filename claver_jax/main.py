@@ -5,6 +5,12 @@ r"""Train or evaluate CLAVER: the command users run.
 `config.mode` selects 'train' (train + periodic eval) or 'eval' (evaluate the workdir's latest
 checkpoint, or config.init.checkpoint). A second run with the same workdir resumes. SIGTERM
 saves a checkpoint and exits 0.
+
+Several processes (one per host) run the same command: on Cloud TPU VMs, in Slurm job steps and
+under mpirun they find each other; elsewhere pass --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (see claver_jax/distributed.py and launch/). Process 0 logs and
+writes metrics; every process takes part in checkpoints; SIGTERM on any process stops all of
+them after the same step, with a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,23 +26,43 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. c
                                           lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the model go.',
                     required=True)
+flags.DEFINE_string('coordinator_address', '', 'Multi-process runs: HOST:PORT of process 0.')
+flags.DEFINE_integer('num_processes', 0, 'Multi-process runs: how many processes.')
+flags.DEFINE_integer('process_id', -1, 'Multi-process runs: this process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config'])
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  absl_logging.set_verbosity(absl_logging.INFO)
-  for noisy in ('absl', 'orbax', 'jax._src', 'grain'):  # Keep our own INFO lines readable.
-    logging.getLogger(noisy).setLevel(logging.WARNING)
   absl_logging.get_absl_handler().setFormatter(logging.Formatter('%(levelname).1s %(message)s'))
+  logging.getLogger('jax._src').setLevel(logging.WARNING)
+  from claver_jax import distributed  # Before anything else touches JAX.
+  try:
+    setup = distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                                   flags.FLAGS.process_id)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  import jax
+  lead = jax.process_index() == 0  # Process 0 logs INFO; the others warnings and errors only.
+  absl_logging.set_verbosity(absl_logging.INFO if lead else absl_logging.WARNING)
+  for noisy in ('absl', 'orbax', 'grain'):  # Keep our own INFO lines readable.
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  if jax.process_count() > 1:
+    logging.info('Process 0 of %d (%s), %d of %d devices local.', jax.process_count(), setup,
+                 jax.local_device_count(), jax.device_count())
   from claver_jax.train import NonFiniteLossError, train_and_evaluate
   try:
+    if _CONFIG.value.mode == 'zeroshot':      # configs/zeroshot.py: prints its table.
+      from claver_jax.zeroshot import run_zeroshot
+      run_zeroshot(_CONFIG.value, flags.FLAGS.workdir)
+      return
     metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
   except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
-  shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}
-  print(f'Done. {shown}')
+  if lead:
+    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}
+    print(f'Done. {shown}')
 
 
 if __name__ == '__main__':

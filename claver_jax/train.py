@@ -9,7 +9,6 @@ texts are encoded once and cached; otherwise the sampled sets are encoded inside
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from claver_jax import evaluate, optim, sharding
+from claver_jax import distributed, evaluate, optim, sharding
 from claver_jax.checkpoint import Checkpointer
 from claver_jax.data import build_pipelines, make_global_batch
 from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
@@ -28,7 +27,7 @@ from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar
 from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, claver_from_clip, load
 from claver_jax.models.claver import config_from
-from claver_jax.models.clip import l2_normalize
+from claver_jax.models.clip import l2_normalize, set_remat
 from claver_jax.models.io import write_model_dir
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import build_prompt_texts, load_prompt_set, prompt_tokens
@@ -48,19 +47,24 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
   learn a small BPE on the class texts, saved in WORKDIR/tokenizer (for models from scratch)."""
   source = config.text.tokenizer
   if source == 'train':
-    if (workdir / 'tokenizer' / 'vocab.json').is_file():  # Resuming: the vocabulary must not move.
-      return load_tokenizer(workdir / 'tokenizer')
-    prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
-    texts, _ = build_prompt_texts(class_names, prompt_set,
-                                  allow_missing=config.text.allow_missing)
-    return train_tokenizer([t for row in texts for t in row], workdir / 'tokenizer',
-                           num_merges=config.text.num_merges)
+    out = workdir / 'tokenizer'
+    # Resuming: the vocabulary must not move. Process 0 writes it; the others read it.
+    if jax.process_index() == 0 and not (out / 'vocab.json').is_file():
+      prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
+      texts, _ = build_prompt_texts(class_names, prompt_set,
+                                    allow_missing=config.text.allow_missing)
+      train_tokenizer([t for row in texts for t in row], out, num_merges=config.text.num_merges)
+    distributed.barrier('tokenizer')
+    return load_tokenizer(out)
   source = source or config.init.clip or config.init.checkpoint
   if not source:
     raise ValueError('config.text.tokenizer is empty and there is no config.init.clip or '
                      'config.init.checkpoint to take one from: set it to a BPE file or directory, '
                      "or to 'train' for a model trained from scratch.")
   return load_tokenizer(source)
+
+
+TEMPORAL_INIT_STD = 0.02   # The temporal embedding's initialisation in the official code.
 
 
 def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nnx.Rngs) -> CLAVER:
@@ -87,7 +91,14 @@ def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nn
   if cfg.clip.vocab_size != tokenizer.vocab_size:
     raise ValueError(f'The tokenizer has {tokenizer.vocab_size} ids but the text tower '
                      f'{cfg.clip.vocab_size}; they must belong together.')
-  return CLAVER(cfg, dtype=dtype, rngs=rngs)
+  model = CLAVER(cfg, dtype=dtype, rngs=rngs)
+  std = config.model.temporal_init_std
+  if model.temporal is not None and std != TEMPORAL_INIT_STD:
+    # From scratch, ViT tokens are O(1) per channel: a 0.02 temporal embedding is invisible, and
+    # a frame-order-blind start is slow to leave. Only fresh models get this.
+    embedding = model.temporal.temporal_embedding
+    embedding[...] = std * jax.random.normal(rngs.params(), embedding.shape)
+  return model
 
 
 @jax.jit
@@ -190,8 +201,12 @@ def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh) -> dict
 
 
 def export_model(model: CLAVER, tokenizer: Tokenizer, out: Path, source: dict[str, Any]) -> None:
-  """WORKDIR/model: a model directory that `load()` and `predict` read."""
-  if jax.process_index() != 0:
+  """WORKDIR/model: a model directory that `load()` and `predict` read. Single-process runs only:
+  `write_model_dir` saves through an orbax checkpointer that waits for every process, so process
+  0 cannot write it alone; a multi-process run keeps its weights in WORKDIR/checkpoints."""
+  if jax.process_count() > 1:
+    logging.warning('Not writing %s: multi-process runs cannot export a model directory yet; the '
+                    'weights are in the checkpoints.', out)
     return
   params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   write_model_dir(out, kind='claver', config=model.cfg, params=params,
@@ -224,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_config.num_clips, data_config.num_crops = config.eval.num_clips, config.eval.num_crops
   if config.mode == 'eval':
     data_config.train_list = ''
-  data = build_pipelines(data_config)
+  data = build_pipelines(data_config, workdir=workdir)
   class_names = data.class_names
 
   # ----------------------------------------------------------------------------- text
@@ -232,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----------------------------------------------------------------------------- model + optimizer
   model = make_model(config, tokenizer, nnx.Rngs(config.seed))
+  set_remat(model, config.model.remat)
   prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None,
                           allow_missing=config.text.allow_missing,
                           context_length=model.cfg.clip.context_length)
@@ -248,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- shard
   graphdef, state = nnx.split((model, optimizer))
   state_sharding = sharding.state_shardings(mesh, state)
-  state = jax.device_put(state, state_sharding)
+  state = distributed.device_put_identical(state, state_sharding)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
 
@@ -303,8 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- loop
   text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen
           else jnp.asarray(prompts.tokens))
-  stop = {'signal': None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+  stop = distributed.StopRequest(start_step)
   eval_every = config.eval_every_steps or steps_per_epoch
   bar = progress_bar(total_steps, start_step)
   losses, metrics, best = [], {}, -1.0
@@ -343,19 +358,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           best = evaluated['val/top1']
           export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
                        {'workdir': str(workdir), 'step': step, 'val/top1': best})
+      stopping = stop(step)                  # The same answer on every process.
       if (step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or last
-          or evaluated is not None or stop['signal']):
+          or evaluated is not None or stopping):
         if not all_finite(state):
           raise NonFiniteLossError(f'The parameters are not finite after step {step}; nothing '
                                    f'saved. The last good checkpoint '
                                    f'(step {checkpointer.latest_step()}) is kept. Lower '
                                    'config.optim.lr or enable config.optim.grad_clip_norm.')
         save(step, {'val/top1': evaluated['val/top1']} if evaluated else None)
-      if stop['signal']:
+      if stopping:
         logging.warning('SIGTERM: saved step %d; exiting. Run again to resume.', step)
         break
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    stop.close()
     bar.close()
     checkpointer.wait()
     checkpointer.close()

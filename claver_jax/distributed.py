@@ -1,0 +1,155 @@
+"""Multi-process runs: starting jax.distributed, barriers, and a SIGTERM stop all processes share.
+
+One JAX process runs per host (a TPU VM worker, a Slurm task, a process of
+launch/local_multiprocess.sh); each drives its local devices, and jax.devices() lists the devices
+of all of them. `initialize` must run before anything else uses JAX. It starts jax.distributed
+  * explicitly, from coordinator_address / num_processes / process_id (main.py's flags, or the
+    environment variables CLAVER_COORDINATOR_ADDRESS, CLAVER_NUM_PROCESSES, CLAVER_PROCESS_ID);
+  * automatically on Cloud TPU VMs and GKE TPU pods, in Slurm job steps of more than one task,
+    and under Open MPI's mpirun: jax.distributed.initialize() reads the rest from there;
+  * not at all otherwise: one process, as before.
+CLAVER_LOCAL_DEVICE_IDS (e.g. "0,1,2,3,4,5,6,7") lists the GPUs a process drives; without it,
+Slurm and Open MPI give each process one GPU (JAX's default: one task per GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import jax
+import numpy as np
+
+ENV_COORDINATOR = 'CLAVER_COORDINATOR_ADDRESS'
+ENV_NUM_PROCESSES = 'CLAVER_NUM_PROCESSES'
+ENV_PROCESS_ID = 'CLAVER_PROCESS_ID'
+ENV_LOCAL_DEVICE_IDS = 'CLAVER_LOCAL_DEVICE_IDS'
+_SLURM_STEP = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+               'SLURM_LOCALID')
+
+
+def detected_cluster() -> str | None:
+  """The multi-process environment jax.distributed can configure itself from, or None."""
+  from jax._src import cloud_tpu_init  # Set at `import jax` when libtpu finds TPU chips.
+  if getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False):
+    return 'Cloud TPU'
+  if all(v in os.environ for v in _SLURM_STEP) and int(os.environ['SLURM_NTASKS']) > 1:
+    return 'Slurm'
+  if 'OMPI_MCA_orte_hnp_uri' in os.environ and int(os.environ.get('OMPI_COMM_WORLD_SIZE', 1)) > 1:
+    return 'Open MPI'
+  return None
+
+
+def _env_ints(name: str, default: list[int] | None) -> list[int] | None:
+  """A comma-separated list of integers from the environment variable `name`."""
+  value = os.environ.get(name, '').strip()
+  if not value:
+    return default
+  try:
+    return [int(v) for v in value.split(',')]
+  except ValueError:
+    raise ValueError(f'{name}={value!r} is not an integer (or a comma-separated list of them, '
+                     f'for {ENV_LOCAL_DEVICE_IDS}).') from None
+
+
+def initialize(coordinator_address: str = '', num_processes: int = 0,
+               process_id: int = -1) -> str:
+  """Starts jax.distributed when this is one process of several; returns how the run is set up.
+
+  Empty arguments fall back to the CLAVER_* environment variables, then to auto-detection.
+  Returns 'single process', 'explicit' or the detected environment ('Cloud TPU', 'Slurm', ...).
+  """
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR, '')
+  num_processes = num_processes or _env_ints(ENV_NUM_PROCESSES, [0])[0]
+  process_id = process_id if process_id >= 0 else _env_ints(ENV_PROCESS_ID, [-1])[0]
+  local_device_ids = _env_ints(ENV_LOCAL_DEVICE_IDS, None)
+  explicit = {'--coordinator_address': bool(coordinator_address),
+              '--num_processes': num_processes > 0, '--process_id': process_id >= 0}
+  if any(explicit.values()):
+    if not all(explicit.values()):
+      missing = ', '.join(k for k, given in explicit.items() if not given)
+      raise ValueError(f'Multi-process runs need all of --coordinator_address, --num_processes '
+                       f'and --process_id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, '
+                       f'{ENV_PROCESS_ID}); missing: {missing}.')
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'--process_id={process_id} must be in [0, --num_processes='
+                       f'{num_processes}).')
+    how = 'explicit'
+  else:
+    how = detected_cluster()
+    if how is None:
+      return 'single process'
+  # CPU devices talk to other processes through gloo (it must be chosen before the CPU backend
+  # starts); TPU and GPU collectives do not use it.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address or None, num_processes or None,
+                             process_id if process_id >= 0 else None,
+                             local_device_ids=local_device_ids)
+  return how
+
+
+def is_multiprocess() -> bool:
+  return jax.process_count() > 1
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier `name`; nothing in a one-process run."""
+  if is_multiprocess():
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def device_put_identical(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put(tree, shardings)` for values that are the same on every process (one seed's
+  initialisation, one file's weights) onto global shardings.
+
+  Each process transfers only the shards of its own devices. jax.device_put would first
+  all-gather every array from every process to check that they agree: on a pod that is the whole
+  model and optimizer state through the network, and 0.05 s per array even on one CPU here.
+  """
+  if not is_multiprocess():
+    return jax.device_put(tree, shardings)
+  host = jax.device_get(tree)
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: x[index]),
+      host, shardings)
+
+
+class StopRequest:
+  """SIGTERM -> every process stops after the same step (saves there, exits 0, resumes later).
+
+  With jax.distributed running, JAX's preemption service owns SIGTERM: the process that gets it
+  tells the coordination service, the processes agree on the first step none of them has begun,
+  and `stop(step)` is True at that step on every process, so they save the same checkpoint. Each
+  call is a local check: no device work and no network round trip per step. In a one-process run
+  a Python handler sets a flag that `stop(step)` reads. Create it just before the loop, call
+  `stop(step)` once after each step from start_step + 1 on, and `close()` it after the loop.
+  """
+
+  def __init__(self, start_step: int):
+    self.distributed = jax.distributed.is_initialized()
+    self.signal: int | None = None
+    self._previous: Any = None
+    if self.distributed:
+      from jax.experimental import multihost_utils
+      # Where this run starts: a notice during the first step's compilation then stops after
+      # step start_step + 1. (A notice before this point, e.g. while restoring, is missed.)
+      multihost_utils.reached_preemption_sync_point(start_step)
+    else:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    self.signal = signum
+
+  def __call__(self, step: int) -> bool:
+    if self.distributed:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal = signal.SIGTERM
+    return self.signal is not None
+
+  def close(self) -> None:
+    if not self.distributed:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Trains on GPU nodes under Slurm: one task per node, each driving all of its node's GPUs.
+#
+#   launch/slurm_gpu.sh --nodes=2 [options] -- --config=configs/k400.py --workdir=/shared/runs/k400
+#
+# Options:
+#   --nodes=N            nodes (default 1)
+#   --gpus_per_node=G    GPUs per node (default 8)
+#   --partition=P --account=A --time=HH:MM:SS (default 24:00:00) --job_name=NAME (default claver)
+#   --python=PATH        interpreter with claver_jax installed, on every node (default: python)
+#   --grace=SECONDS      Slurm sends SIGTERM this long before the time limit, so that every
+#                        process saves a checkpoint and exits 0 (default 300)
+#   --sbatch_arg=ARG     any other sbatch option, e.g. --sbatch_arg=--qos=high (repeatable)
+#   --dry_run            print the sbatch command and the srun command of the job, submit nothing
+# The script submits itself with sbatch (--requeue: a preempted job starts again and resumes from
+# its last checkpoint). In the job, `srun` starts main once per node and jax.distributed finds
+# the other tasks from Slurm's variables (coordinator: the first node). Run it from the
+# repository root, where configs/ is; the workdir must be on a file system every node sees.
+# A run stopped by the time limit resumes when the same command is submitted again.
+set -euo pipefail
+
+readonly NAME=slurm_gpu
+
+usage() {
+  sed -n '2,21s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+  exit 2
+}
+
+die() {
+  echo "$NAME: $*" >&2
+  exit 2
+}
+
+nodes=1 gpus_per_node=8 partition='' account='' time_limit=24:00:00 job_name=claver
+python=python grace=300 dry_run=0 in_job=0
+sbatch_args=()
+while (($#)); do
+  case $1 in
+    --nodes=*) nodes=${1#*=} ;;
+    --gpus_per_node=*) gpus_per_node=${1#*=} ;;
+    --partition=*) partition=${1#*=} ;;
+    --account=*) account=${1#*=} ;;
+    --time=*) time_limit=${1#*=} ;;
+    --job_name=*) job_name=${1#*=} ;;
+    --python=*) python=${1#*=} ;;
+    --grace=*) grace=${1#*=} ;;
+    --sbatch_arg=*) sbatch_args+=("${1#*=}") ;;
+    --dry_run) dry_run=1 ;;
+    --in_job) in_job=1 ;;
+    --) shift; break ;;
+    -h | --help) usage ;;
+    *) die "unknown option $1 (main's arguments go after --); see --help." ;;
+  esac
+  shift
+done
+main_args=("$@")
+[[ " ${main_args[*]} " != *' --dry_run '* ]] || die '--dry_run goes before --, not to main.'
+[[ $nodes =~ ^[1-9][0-9]*$ && $gpus_per_node =~ ^[1-9][0-9]*$ && $grace =~ ^[0-9]+$ ]] ||
+  die '--nodes and --gpus_per_node must be positive numbers, --grace a number of seconds.'
+printf '%s\n' "${main_args[@]}" | grep -q -- '^--workdir=' ||
+  die 'main needs --workdir=DIR (on a shared file system) after --; see --help.'
+
+quote() {  # One shell word, readable: --flag='value with spaces'.
+  local word=$1 flag=''
+  if [[ $word =~ ^[][A-Za-z0-9_./:=@%+,-]*$ ]]; then
+    printf '%s' "$word"
+    return
+  fi
+  if [[ $word =~ ^(--[A-Za-z0-9_-]+=)(.*)$ ]]; then
+    flag=${BASH_REMATCH[1]}
+    word=${BASH_REMATCH[2]}
+  fi
+  printf "%s'%s'" "$flag" "${word//\'/\'\\\'\'}"
+}
+
+run() {  # Runs a command, or prints it with --dry_run.
+  if ((dry_run)); then
+    local word line=''
+    for word in "$@"; do
+      line+="${line:+ }$(quote "$word")"
+    done
+    printf '%s\n' "$line"
+  else
+    "$@"
+  fi
+}
+
+# Inside the job: every GPU of the node to the node's one process (JAX's Slurm default would be
+# one GPU per task), then one task per node.
+in_job_command=(env "CLAVER_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus_per_node - 1)))"
+                srun --ntasks-per-node=1 --kill-on-bad-exit=1
+                "$python" -m claver_jax.main "${main_args[@]}")
+if ((in_job)); then
+  exec "${in_job_command[@]}"
+fi
+
+submit=(sbatch --job-name="$job_name" --nodes="$nodes" --ntasks-per-node=1
+        --gpus-per-node="$gpus_per_node" --time="$time_limit" --signal="TERM@$grace" --requeue
+        --output="$job_name-%j.out")
+[[ -z $partition ]] || submit+=(--partition="$partition")
+[[ -z $account ]] || submit+=(--account="$account")
+submit+=("${sbatch_args[@]}" "${BASH_SOURCE[0]}" --in_job --gpus_per_node="$gpus_per_node"
+         --python="$python" -- "${main_args[@]}")
+run "${submit[@]}"
+if ((dry_run)); then
+  echo "# The job then runs:"
+  run "${in_job_command[@]}"
+fi

@@ -1,0 +1,396 @@
+"""Multi-process runs and the launchers.
+
+Real runs of main through launch/local_multiprocess.sh: 2 processes x 2 CPU devices give the same
+losses as 1 process x 4 devices; SIGTERM to one process stops both after the same step with a
+checkpoint; that checkpoint resumes in one process. The launchers' process handling is checked
+with stand-in processes, and the cloud launchers through --dry_run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from claver_jax import distributed
+from claver_jax.checkpoint import on_gcsfuse
+from claver_jax.metrics import read_metrics
+from conftest import REPO, run_cli
+
+LAUNCH = REPO / 'launch'
+SCRIPTS = sorted(LAUNCH.glob('*.sh'))
+TINY = 'tests/tiny_config.py'
+# Each batch is the whole train split (40 synthetic videos: 32 train, 8 val), every clip is
+# deterministic (synthetic frames = T, one crop scale, no flip or jitter) and the learning rate
+# constant. So each step sees the same data however many processes read it (each process reads
+# its own shard, in an order that depends on the process count), and a run's steps do not depend
+# on its length. The mesh is data=2 x fsdp=2 in every run. Sizes are pinned here, whatever the
+# demo config they start from says.
+SAME_DATA = ('--config.data.synthetic_videos=40', '--config.data.num_frames=4',
+             '--config.data.synthetic_frames=4', '--config.data.image_size=16',
+             '--config.data.synthetic_size=32', '--config.model.clip.patch_size=8',
+             '--config.data.scales=(1.0,)', '--config.train.batch_size=32',
+             '--config.optim.warmup_epochs=0', '--config.optim.end_lr_ratio=1.0',
+             '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.eval_every_steps=2')
+
+
+# Compiling dominates these runs: XLA's CPU backend without LLVM optimisation compiles in 3/4 of
+# the time (the same flag in every run, so the runs stay comparable).
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+
+
+@pytest.fixture(scope='module')
+def run_env(tmp_path_factory):
+  """The environment of every run: CPU, and one compilation cache, so that the one-process runs
+  share what they compile. The launcher adds its device count to XLA_FLAGS."""
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHON': sys.executable,
+          'XLA_FLAGS': FAST_COMPILE,
+          'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def losses(workdir) -> dict[int, float]:
+  return {r['step']: r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r}
+
+
+def val(workdir, step: int) -> dict[str, float]:
+  [row] = [r for r in read_metrics(workdir) if r['step'] == step and 'val/top1' in r]
+  return {k: row[k] for k in ('val/top1', 'val/top5')}
+
+
+def saved_steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+def start_one_process(workdir, env, *overrides) -> subprocess.Popen:
+  """main in one process with 4 CPU devices."""
+  devices = '--xla_force_host_platform_device_count=4'
+  return subprocess.Popen(
+      [sys.executable, '-m', 'claver_jax.main', f'--config={TINY}', f'--workdir={workdir}',
+       *SAME_DATA, *overrides],
+      cwd=REPO, env={**env, 'XLA_FLAGS': f'{FAST_COMPILE} {devices}'},
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+  _, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-5000:]
+  return stderr
+
+
+@pytest.fixture(scope='module')
+def two_processes(run_env, tmp_path_factory):
+  """2 processes x 2 devices through the launcher, every step kept; once step 3 is logged,
+  process 1 alone gets SIGTERM. -> (workdir, launcher exit status, its stderr)."""
+  workdir = tmp_path_factory.mktemp('two') / 'run'
+  log = workdir.parent / 'launcher.log'
+  with open(log, 'w') as stderr:
+    launcher = subprocess.Popen(
+        ['bash', str(LAUNCH / 'local_multiprocess.sh'), '2', f'--config={TINY}',
+         f'--workdir={workdir}', *SAME_DATA, '--config.train.epochs=100',
+         '--config.checkpoint.keep=100'],
+        cwd=REPO, env=run_env, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 300
+    while time.time() < deadline and launcher.poll() is None:
+      if (workdir / 'metrics.jsonl').exists() and max(losses(workdir), default=0) >= 3:
+        break
+      time.sleep(0.2)
+    if launcher.poll() is None:        # else it failed: the tests show its stderr
+      [pid] = re.findall(r'process 1 of 2: pid (\d+)', log.read_text())
+      os.kill(int(pid), signal.SIGTERM)
+    launcher.wait(timeout=300)
+  return workdir, launcher.returncode, log.read_text()
+
+
+@pytest.fixture(scope='module')
+def one_process(two_processes, run_env, tmp_path_factory):
+  """1 process x 4 devices, 3 steps, with the vocabulary the two-process run learnt (the same
+  texts give the same vocabulary; this skips learning it again)."""
+  workdir = tmp_path_factory.mktemp('one') / 'run'
+  shutil.copytree(two_processes[0] / 'tokenizer', workdir / 'tokenizer')
+  finish(start_one_process(workdir, run_env, '--config.train.epochs=100',
+                           '--config.train.max_steps=3'))
+  return workdir
+
+
+# ------------------------------------------------------------------------------- real runs
+def test_two_processes_give_the_losses_of_one(two_processes, one_process):
+  workdir, status, stderr = two_processes
+  assert status == 0, stderr[-5000:]
+  got, expected = losses(workdir), losses(one_process)
+  assert sorted(expected) == [1, 2, 3] and {1, 2, 3} <= set(got)
+  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)],
+                             rtol=1e-5)
+  assert got[3] < got[1]                                    # it learns
+  assert val(workdir, 2) == val(one_process, 2)             # eval gathers every process's clips
+  assert 'Process 0 of 2 (explicit), 2 of 4 devices local.' in stderr
+  assert stderr.count('I Texts:') == 1                      # INFO from process 0 only
+  assert list(workdir.glob('events.out.tfevents.*'))
+  assert (workdir / 'tokenizer' / 'vocab.json').is_file()
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(two_processes):
+  workdir, status, stderr = two_processes
+  assert status == 0, stderr[-5000:]
+  stops = re.findall(r'SIGTERM: saved step (\d+)', stderr)
+  assert len(stops) == 2 and stops[0] == stops[1], stderr[-5000:]   # one line per process
+  stop = int(stops[0])
+  assert stop >= 3 and max(losses(workdir)) == stop
+  assert saved_steps(workdir)[-1] == stop
+  data = workdir / 'checkpoints' / str(stop) / 'data'
+  assert sorted(p.name for p in data.glob('*.json')) == ['process_0-of-2.json',
+                                                          'process_1-of-2.json']
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, run_env,
+                                                    tmp_path):
+  workdir = tmp_path / 'resumed'
+  shutil.copytree(two_processes[0], workdir)
+  for step in saved_steps(workdir):                         # resume from step 2
+    if step > 2:
+      shutil.rmtree(workdir / 'checkpoints' / str(step))
+  stderr = finish(start_one_process(workdir, run_env, '--config.train.epochs=100',
+                                    '--config.train.max_steps=3'))
+  assert 'Step 2 was saved by 2 processes and is restored by 1' in stderr
+  assert 'Resuming from step 2' in stderr
+  got = losses(workdir)
+  assert sorted(got) == [1, 2, 3]
+  np.testing.assert_allclose(got[3], losses(two_processes[0])[3], rtol=1e-5)
+  np.testing.assert_allclose(got[3], losses(one_process)[3], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- start-up
+SLURM_STEP = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'gpu[01-04]', 'SLURM_NTASKS': '4',
+              'SLURM_PROCID': '2', 'SLURM_LOCALID': '0'}
+
+
+def test_multi_process_environments_are_detected(monkeypatch):
+  from jax._src import cloud_tpu_init
+  monkeypatch.setattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False)  # even on a TPU VM
+  for var in [*SLURM_STEP, 'OMPI_MCA_orte_hnp_uri', 'OMPI_COMM_WORLD_SIZE',
+              distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+              distributed.ENV_PROCESS_ID]:
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.detected_cluster() is None
+  assert distributed.initialize() == 'single process'      # starts nothing
+  for var, value in SLURM_STEP.items():
+    monkeypatch.setenv(var, value)
+  assert distributed.detected_cluster() == 'Slurm'
+  monkeypatch.setenv('SLURM_NTASKS', '1')                   # one task: nothing to coordinate
+  assert distributed.detected_cluster() is None
+  monkeypatch.setenv('OMPI_MCA_orte_hnp_uri', '1531576320.0;tcp://10.96.0.1:34911')
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '8')
+  assert distributed.detected_cluster() == 'Open MPI'
+
+
+def test_explicit_settings_must_be_complete(monkeypatch):
+  for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+              distributed.ENV_PROCESS_ID):
+    monkeypatch.delenv(var, raising=False)
+  proc = run_cli('claver_jax.main', f'--config={TINY}', '--workdir=/nowhere', '--num_processes=2',
+                 check=False)
+  assert proc.returncode != 0
+  assert 'error: Multi-process runs need all of --coordinator_address' in proc.stderr
+  with pytest.raises(ValueError, match='missing: --coordinator_address, --process_id'):
+    distributed.initialize(num_processes=2)
+  monkeypatch.setenv(distributed.ENV_COORDINATOR, '10.0.0.1:1234')
+  monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, '2')
+  with pytest.raises(ValueError, match='missing: --process_id'):
+    distributed.initialize()
+  with pytest.raises(ValueError, match=r'--process_id=2 must be in \[0, --num_processes=2\)'):
+    distributed.initialize(process_id=2)
+  monkeypatch.setenv(distributed.ENV_PROCESS_ID, 'first')
+  with pytest.raises(ValueError, match="CLAVER_PROCESS_ID='first' is not an integer"):
+    distributed.initialize()
+
+
+def test_gcsfuse_mounts_are_recognised(tmp_path):
+  mounts = tmp_path / 'mounts'
+  mounts.write_text('/dev/root / ext4 rw,relatime 0 0\n'
+                    'runs-bucket /gcs/runs-bucket fuse.gcsfuse rw,nosuid,nodev 0 0\n')
+  assert on_gcsfuse(Path('/gcs/runs-bucket/k400/checkpoints'), str(mounts))
+  assert on_gcsfuse(Path('/gcs/runs-bucket'), str(mounts))
+  assert not on_gcsfuse(Path('/gcs/runs-bucket-2/k400'), str(mounts))
+  assert not on_gcsfuse(Path('/tmp/k400'), str(mounts))
+  assert not on_gcsfuse(Path('/tmp/k400'), str(tmp_path / 'absent'))
+
+
+# ------------------------------------------------------------------------------- the launcher
+@pytest.fixture
+def stand_in(tmp_path):
+  """A PYTHON for the launcher that, instead of main, runs a bash snippet per process id."""
+
+  def make(behaviour: dict[int, str]):
+    script = tmp_path / 'python'
+    cases = ''.join(f'  --process_id={i}) {body} ;;\n' for i, body in behaviour.items())
+    script.write_text('#!/usr/bin/env bash\n'
+                      f'cd {tmp_path}\n'
+                      'for arg in "$@"; do case $arg in\n'
+                      '  --coordinator_address=*) echo "${arg#*=}" > coordinator ;;\n'
+                      f'{cases}'
+                      'esac; done\n')
+    script.chmod(0o755)
+    return {**os.environ, 'PYTHON': str(script), 'CLAVER_GRACE_SECONDS': '2'}
+
+  return make
+
+
+def launch(env) -> subprocess.Popen:
+  return subprocess.Popen(['bash', str(LAUNCH / 'local_multiprocess.sh'), '2',
+                           '--workdir=/nowhere'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_launcher_stops_the_others_when_one_process_fails(stand_in, tmp_path):
+  # Process 1 fails at once; process 0 ignores SIGTERM (as one stuck in a collective would) and
+  # would run for a minute: the launcher kills it after CLAVER_GRACE_SECONDS=2.
+  env = stand_in({0: "trap '' TERM; exec sleep 60", 1: 'exit 3'})
+  start = time.time()
+  proc = launch(env)
+  _, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 3, stderr
+  assert 2 <= time.time() - start < 30
+  assert 'process 1 (pid' in stderr and 'exited with status 3' in stderr
+  assert re.fullmatch(r'127\.0\.0\.1:\d+\n', (tmp_path / 'coordinator').read_text())
+
+
+def test_launcher_passes_ctrl_c_on_as_sigterm(stand_in, tmp_path):
+  # Each process records the SIGTERM it gets and exits 0, as main does after its save.
+  wait_for_term = ('trap "touch term_$id; exit 0" TERM; touch started_$id; '
+                   'while true; do sleep 0.1; done')
+  env = stand_in({i: f'id={i}; {wait_for_term}' for i in (0, 1)})
+  proc = launch(env)
+  deadline = time.time() + 30
+  while time.time() < deadline and not all((tmp_path / f'started_{i}').exists() for i in (0, 1)):
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=30)
+  assert proc.returncode == 0, stderr
+  assert (tmp_path / 'term_0').exists() and (tmp_path / 'term_1').exists()
+
+
+def test_launcher_usage():
+  proc = subprocess.run(['bash', str(LAUNCH / 'local_multiprocess.sh')], capture_output=True,
+                        text=True)
+  assert proc.returncode == 2 and 'local_multiprocess.sh N' in proc.stderr
+
+
+# ------------------------------------------------------------------------------- cloud launchers
+def dry_run(script: str, *args: str, tmp_path) -> list[str]:
+  """The script's --dry_run output; gcloud, sbatch and srun are stand-ins that fail if run."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir(exist_ok=True)
+  for tool in ('gcloud', 'sbatch', 'srun'):
+    (bin_dir / tool).write_text(f'#!/bin/sh\ntouch {tmp_path}/ran_{tool}\nexit 99\n')
+    (bin_dir / tool).chmod(0o755)
+  env = {**os.environ, 'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}'}
+  proc = subprocess.run(['bash', str(LAUNCH / script), '--dry_run', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert not list(tmp_path.glob('ran_*')), 'a --dry_run ran a command'
+  return proc.stdout.splitlines()
+
+
+def test_tpu_pod_dry_run_names_every_gcloud_command(tmp_path):
+  lines = dry_run('tpu_pod.sh', '--name=claver-k400', '--zone=us-central2-b',
+                  '--accelerator_type=v4-32', '--workdir=gs://runs-bucket/k400', '--spot',
+                  '--', '--config=configs/k400.py', '--config.data.root=gs://data-bucket/k400',
+                  tmp_path=tmp_path)
+  text = '\n'.join(lines)
+  assert lines[1] == ('gcloud compute tpus queued-resources create claver-k400 '
+                      '--node-id=claver-k400 --accelerator-type=v4-32 '
+                      '--runtime-version=tpu-ubuntu2204-base --spot --zone=us-central2-b')
+  assert re.search(r'^gcloud compute tpus tpu-vm scp \S+\.tgz claver-k400:claver_jax.tgz '
+                   r'--worker=all', text, re.M)
+  ssh = [line for line in lines if line.startswith('gcloud compute tpus tpu-vm ssh claver-k400 '
+                                                   '--worker=all --command=')]
+  assert len(ssh) >= 2                                       # install, then train
+  assert "pip install -q jax\\[tpu\\] -e ~/claver_jax" in text
+  train = ssh[-1]
+  assert 'gcsfuse --implicit-dirs --rename-dir-limit=1000000 runs-bucket /gcs/runs-bucket' in train
+  assert 'gcsfuse --implicit-dirs --rename-dir-limit=1000000 data-bucket /gcs/data-bucket' in train
+  assert ('python -m claver_jax.main --workdir=/gcs/runs-bucket/k400 --config=configs/k400.py '
+          '--config.data.root=/gcs/data-bucket/k400') in train
+  direct = dry_run('tpu_pod.sh', '--name=n', '--zone=z', '--accelerator_type=v5litepod-64',
+                   '--workdir=gs://b/r', '--create=direct', '--', '--config=configs/demo.py',
+                   tmp_path=tmp_path)
+  assert ('gcloud compute tpus tpu-vm create n --accelerator-type=v5litepod-64 '
+          '--version=v2-alpha-tpuv5-lite --zone=z') in direct
+  assert not any('queued-resources' in line for line in direct)
+
+
+def test_tpu_pod_recreates_a_preempted_slice(tmp_path):
+  # A stand-in gcloud: the TPU VM is absent, then preempted during the first run, then absent
+  # again once deleted, then READY after the second run. Every call is logged.
+  states = tmp_path / 'states'
+  states.write_text('ABSENT\nPREEMPTED\nABSENT\nREADY\n')
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'gcloud').write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {tmp_path}/calls
+case "$*" in
+  *'tpu-vm describe'*)
+    state=$(head -n 1 {states}); sed -i 1d {states}
+    [[ $state == ABSENT ]] && exit 1
+    echo "$state" ;;
+  *'queued-resources describe'*) echo ACTIVE ;;
+esac
+""")
+  (bin_dir / 'tar').write_text('#!/bin/sh\n')
+  for tool in ('gcloud', 'tar'):
+    (bin_dir / tool).chmod(0o755)
+  proc = subprocess.run(
+      ['bash', str(LAUNCH / 'tpu_pod.sh'), '--name=pod', '--zone=z', '--accelerator_type=v4-32',
+       '--workdir=gs://b/run', '--spot', '--', '--config=configs/k400.py'], cwd=REPO,
+      env={**os.environ, 'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}'},
+      capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert 'pod is PREEMPTED; recreating it (restart 1 of 20)' in proc.stderr
+  calls = (tmp_path / 'calls').read_text().splitlines()
+  verbs = [re.sub(r' pod.*', '', c) for c in calls]
+  create, delete = 'compute tpus queued-resources create', 'compute tpus queued-resources delete'
+  assert verbs.count(create) == 2 and verbs.count(delete) == 1
+  assert verbs.index(create) < verbs.index(delete) < len(verbs) - 1 - verbs[::-1].index(create)
+  trains = [c for c in calls if 'claver_jax.main' in c]
+  assert len(trains) == 2 and all('--workdir=/gcs/b/run' in c for c in trains)
+
+
+def test_tpu_pod_rejects_a_local_workdir():
+  proc = subprocess.run(['bash', str(LAUNCH / 'tpu_pod.sh'), '--name=n', '--zone=z',
+                         '--accelerator_type=v4-8', '--workdir=/tmp/run', '--dry_run'],
+                        capture_output=True, text=True)
+  assert proc.returncode == 2 and '--workdir must be gs://BUCKET/PATH' in proc.stderr
+
+
+def test_slurm_dry_run_names_sbatch_and_srun(tmp_path):
+  lines = dry_run('slurm_gpu.sh', '--nodes=4', '--partition=gpu', '--', '--config=configs/k400.py',
+                  '--workdir=/shared/k400', '--config.mesh.fsdp=8', tmp_path=tmp_path)
+  [sbatch] = [line for line in lines if line.startswith('sbatch ')]
+  for option in ('--nodes=4', '--ntasks-per-node=1', '--gpus-per-node=8', '--signal=TERM@300',
+                 '--requeue', '--partition=gpu'):
+    assert f' {option} ' in sbatch
+  assert sbatch.endswith('launch/slurm_gpu.sh --in_job --gpus_per_node=8 --python=python -- '
+                         '--config=configs/k400.py --workdir=/shared/k400 --config.mesh.fsdp=8')
+  [srun] = [line for line in lines if ' srun ' in line]
+  assert srun == ('env CLAVER_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7 srun --ntasks-per-node=1 '
+                  '--kill-on-bad-exit=1 python -m claver_jax.main --config=configs/k400.py '
+                  '--workdir=/shared/k400 --config.mesh.fsdp=8')
+
+
+# ------------------------------------------------------------------------------- the scripts
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
+def test_script_is_valid_bash(script):
+  assert subprocess.run(['bash', '-n', str(script)], capture_output=True).returncode == 0
+  assert os.access(script, os.X_OK), f'{script} is not executable'
+  if shutil.which('shellcheck'):
+    proc = subprocess.run(['shellcheck', str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
