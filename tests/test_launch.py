@@ -253,7 +253,8 @@ def launch(env) -> subprocess.Popen:
 def test_launcher_stops_the_others_when_one_process_fails(stand_in, tmp_path):
   # Process 1 fails at once; process 0 ignores SIGTERM (as one stuck in a collective would) and
   # would run for a minute: the launcher kills it after CLAVER_GRACE_SECONDS=2.
-  env = stand_in({0: "trap '' TERM; exec sleep 60", 1: 'exit 3'})
+  env = stand_in({0: "trap '' TERM; touch ready; exec sleep 60",
+                  1: 'until [ -e ready ]; do sleep 0.05; done; exit 3'})
   start = time.time()
   proc = launch(env)
   _, stderr = proc.communicate(timeout=60)
