@@ -5,8 +5,9 @@
     model.arch           B32 | B16 | L14 | L14_336, or 'custom' with model.clip (CLIPConfig fields)
     model.temporal       kmt | kmct | joint | pipeline | cls_only | mean
     model.temporal_layers  None: a third of the ViT's depth
-    model.temporal_init_std  std of a fresh temporal embedding (0.02, the official code's);
-                         models from scratch want ~1 (their tokens are O(1) per channel)
+    model.temporal_init_std  std of the temporal embedding of a model built from scratch (0.02,
+                         the official code's; ~1 suits them, their tokens being O(1) per
+                         channel); init.clip / init.checkpoint models keep 0.02 / their own
     model.dtype          compute dtype: 'float32' or 'bfloat16' (parameters stay fp32)
     model.remat          recompute each transformer block's activations in the backward pass
                          (less memory, about a third more compute)
