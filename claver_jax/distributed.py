@@ -14,9 +14,12 @@ Slurm and Open MPI give each process one GPU (JAX's default: one task per GPU).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -98,6 +101,37 @@ def barrier(name: str) -> None:
   if is_multiprocess():
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+  """`fileio.atomic_directory` for a directory that every process writes into together (an orbax
+  save of sharded arrays). Every process must enter it; all yield the same temporary directory
+  beside `out` (on a file system they share), and process 0 renames it to `out` once every
+  process is done. In a one-process run it is fileio.atomic_directory."""
+  from claver_jax.fileio import atomic_directory as one_process
+  if not is_multiprocess():
+    with one_process(out, overwrite=overwrite) as tmp:
+      yield tmp
+    return
+  out = Path(out).absolute()
+  if out.exists() and not overwrite:     # The same answer on every process: no one waits.
+    raise FileExistsError(f'{out} already exists; choose another output path or pass --overwrite.')
+  tmp = out.parent / f'.{out.name}.tmp-multiprocess'
+  if jax.process_index() == 0:
+    shutil.rmtree(tmp, ignore_errors=True)         # Left by a run that died while writing.
+    tmp.mkdir(parents=True)
+  barrier(f'atomic_directory_start:{out}')
+  yield tmp
+  barrier(f'atomic_directory_written:{out}')
+  if jax.process_index() == 0:
+    old = out.parent / f'.{out.name}.old-multiprocess'
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+      os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+  barrier(f'atomic_directory_done:{out}')
 
 
 def device_put_identical(tree: Any, shardings: Any) -> Any:

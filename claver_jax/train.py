@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from claver_jax import distributed, evaluate, optim, sharding
 from claver_jax.checkpoint import Checkpointer
@@ -184,7 +185,6 @@ def make_eval_fns(graphdef, config: ml_collections.ConfigDict):
 
 def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh) -> dict[str, Any]:
   """One pass over the eval split -> evaluate.summarize(...) over the valid videos."""
-  from jax.experimental import multihost_utils
   text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens)
   all_scores, all_labels = [], []
   batch_sharding = sharding.batch_sharding(mesh)
@@ -201,14 +201,9 @@ def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh) -> dict
 
 
 def export_model(model: CLAVER, tokenizer: Tokenizer, out: Path, source: dict[str, Any]) -> None:
-  """WORKDIR/model: a model directory that `load()` and `predict` read. Single-process runs only:
-  `write_model_dir` saves through an orbax checkpointer that waits for every process, so process
-  0 cannot write it alone; a multi-process run keeps its weights in WORKDIR/checkpoints."""
-  if jax.process_count() > 1:
-    logging.warning('Not writing %s: multi-process runs cannot export a model directory yet; the '
-                    'weights are in the checkpoints.', out)
-    return
-  params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  """WORKDIR/model: a model directory that `load()` and `predict` read. Every process calls this:
+  each writes its shards of the parameters, process 0 the rest."""
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   write_model_dir(out, kind='claver', config=model.cfg, params=params,
                   tokenizer=(tokenizer.vocab, tokenizer.merges), source=source, overwrite=True)
 

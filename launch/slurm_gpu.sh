@@ -60,31 +60,6 @@ main_args=("$@")
 printf '%s\n' "${main_args[@]}" | grep -q -- '^--workdir=' ||
   die 'main needs --workdir=DIR (on a shared file system) after --; see --help.'
 
-quote() {  # One shell word, readable: --flag='value with spaces'.
-  local word=$1 flag=''
-  if [[ $word =~ ^[][A-Za-z0-9_./:=@%+,-]*$ ]]; then
-    printf '%s' "$word"
-    return
-  fi
-  if [[ $word =~ ^(--[A-Za-z0-9_-]+=)(.*)$ ]]; then
-    flag=${BASH_REMATCH[1]}
-    word=${BASH_REMATCH[2]}
-  fi
-  printf "%s'%s'" "$flag" "${word//\'/\'\\\'\'}"
-}
-
-run() {  # Runs a command, or prints it with --dry_run.
-  if ((dry_run)); then
-    local word line=''
-    for word in "$@"; do
-      line+="${line:+ }$(quote "$word")"
-    done
-    printf '%s\n' "$line"
-  else
-    "$@"
-  fi
-}
-
 # Inside the job: every GPU of the node to the node's one process (JAX's Slurm default would be
 # one GPU per task), then one task per node.
 in_job_command=(env "CLAVER_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus_per_node - 1)))"
@@ -93,6 +68,10 @@ in_job_command=(env "CLAVER_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus_per_node - 1)))
 if ((in_job)); then
   exec "${in_job_command[@]}"
 fi
+
+# Sourced only here: inside the job this script runs from Slurm's spool copy, beside nothing.
+# shellcheck source=dry_run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"
 
 submit=(sbatch --job-name="$job_name" --nodes="$nodes" --ntasks-per-node=1
         --gpus-per-node="$gpus_per_node" --time="$time_limit" --signal="TERM@$grace" --requeue

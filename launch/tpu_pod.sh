@@ -94,30 +94,8 @@ for arg in "--workdir=$workdir" "${main_args[@]}"; do
   remote_args+=("$arg")
 done
 
-quote() {  # One shell word, readable: --flag='value with spaces', 'it'\''s'.
-  local word=$1 flag=''
-  if [[ $word =~ ^[][A-Za-z0-9_./:=@%+,-]*$ ]]; then
-    printf '%s' "$word"
-    return
-  fi
-  if [[ $word =~ ^(--[A-Za-z0-9_-]+=)(.*)$ ]]; then
-    flag=${BASH_REMATCH[1]}
-    word=${BASH_REMATCH[2]}
-  fi
-  printf "%s'%s'" "$flag" "${word//\'/\'\\\'\'}"
-}
-
-run() {  # Runs a command, or prints it with --dry_run.
-  if ((dry_run)); then
-    local word line=''
-    for word in "$@"; do
-      line+="${line:+ }$(quote "$word")"
-    done
-    printf '%s\n' "$line"
-  else
-    "$@"
-  fi
-}
+# shellcheck source=dry_run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"
 
 query() {  # query VAR ANSWER COMMAND...: VAR=$(COMMAND); with --dry_run, prints it, VAR=ANSWER.
   local var=$1 answer=$2 output=''

@@ -27,6 +27,7 @@ from conftest import REPO, run_cli
 
 LAUNCH = REPO / 'launch'
 SCRIPTS = sorted(LAUNCH.glob('*.sh'))
+SOURCED = {'dry_run.sh'}             # Helpers the launchers source; not run on their own.
 TINY = 'tests/tiny_config.py'
 # Each batch is the whole train split (40 synthetic videos: 32 train, 8 val), every clip is
 # deterministic (synthetic frames = T, one crop scale, no flip or jitter) and the learning rate
@@ -391,7 +392,25 @@ def test_slurm_dry_run_names_sbatch_and_srun(tmp_path):
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
 def test_script_is_valid_bash(script):
   assert subprocess.run(['bash', '-n', str(script)], capture_output=True).returncode == 0
-  assert os.access(script, os.X_OK), f'{script} is not executable'
+  assert os.access(script, os.X_OK) != (script.name in SOURCED), f'{script}: wrong mode'
   if shutil.which('shellcheck'):
     proc = subprocess.run(['shellcheck', str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_two_process_run_exports_the_model(two_processes, one_process):
+  """Every process writes its shards of WORKDIR/model's parameters (fsdp=2 spans both) and process
+  0 the rest: the model gives the outputs of the one the one-process run exports at that step.
+  (Outputs, not raw parameters: AdamW turns the float noise in the zero gradient of attention's
+  key bias into updates of lr's size, which differ between the runs and change no output.)"""
+  from claver_jax.models import load
+  from claver_jax.models.io import read_model_config
+  from claver_jax.text import load_tokenizer
+  two, one = two_processes[0], one_process
+  assert read_model_config(two / 'model')[2]['source']['step'] == 2    # the best val: step 2
+  assert read_model_config(one / 'model')[2]['source']['step'] == 2
+  assert not [p.name for p in two.iterdir() if p.name.startswith('.model.')]  # no temp dirs left
+  video = np.random.default_rng(0).normal(size=(2, 4, 16, 16, 3)).astype(np.float32)
+  tokens = load_tokenizer(two / 'model')(['moving left', 'fading in', 'growing'], context_length=32)
+  logits = [np.asarray(load(w / 'model').logits(video, tokens)) for w in (two, one)]
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from claver_jax.fileio import atomic_directory
+from claver_jax import distributed
 from claver_jax.models.claver import CLAVER, CLAVERConfig, with_num_frames
 from claver_jax.models.clip import CLIP, CLIPConfig
 
@@ -59,19 +59,24 @@ def abstract_params(kind: str, config: Any, dtype=jnp.float32) -> tuple[nnx.Grap
 def write_model_dir(out: str | os.PathLike, *, kind: str, config: Any, params: Any,
                     tokenizer: tuple[dict[str, int], list[str]] | None = None,
                     source: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-  """Writes a model directory atomically. `params` is a pure dict of arrays."""
-  with atomic_directory(out, overwrite=overwrite) as tmp:
+  """Writes a model directory atomically. `params` is a pure dict of arrays.
+
+  In a multi-process run every process calls this with the same global arrays: each writes its
+  shards of the parameters, and process 0 the other files.
+  """
+  with distributed.atomic_directory(out, overwrite=overwrite) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(tmp / 'params', params)
-    if tokenizer is not None:
-      vocab, merges = tokenizer
-      (tmp / 'tokenizer').mkdir()
-      (tmp / 'tokenizer' / 'vocab.json').write_text(json.dumps(vocab, ensure_ascii=False))
-      (tmp / 'tokenizer' / 'merges.txt').write_text(
-          '#version: 0.2\n' + '\n'.join(merges) + '\n', encoding='utf-8')
-    meta = {'format': FORMAT, 'version': VERSION, 'kind': kind, 'config': config.to_dict(),
-            'source': source or {}}
-    (tmp / 'config.json').write_text(json.dumps(meta, indent=2) + '\n')
+    if jax.process_index() == 0:
+      if tokenizer is not None:
+        vocab, merges = tokenizer
+        (tmp / 'tokenizer').mkdir()
+        (tmp / 'tokenizer' / 'vocab.json').write_text(json.dumps(vocab, ensure_ascii=False))
+        (tmp / 'tokenizer' / 'merges.txt').write_text(
+            '#version: 0.2\n' + '\n'.join(merges) + '\n', encoding='utf-8')
+      meta = {'format': FORMAT, 'version': VERSION, 'kind': kind, 'config': config.to_dict(),
+              'source': source or {}}
+      (tmp / 'config.json').write_text(json.dumps(meta, indent=2) + '\n')
   return Path(out)
 
 
