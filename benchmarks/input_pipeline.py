@@ -1,6 +1,6 @@
 r"""Input pipeline throughput against bare PyAV decoding of the same files, in one run.
 
-    python -m benchmarks.input_pipeline [--num_videos=24] [--num_frames=75] [--batches=6]
+    python -m benchmarks.input_pipeline [--num_videos=24] [--num_frames=75] [--batches=12]
 
 Writes synthetic mp4s at 320x240 (H.264, --num_frames frames each) to a temporary folder, then
 measures clips/s for
@@ -91,7 +91,7 @@ def define_flags() -> None:
   from absl import flags
   flags.DEFINE_integer('num_videos', 24, 'Synthetic mp4s to write.')
   flags.DEFINE_integer('num_frames', 75, 'Frames per video (3 s at 25 fps).')
-  flags.DEFINE_integer('batches', 6, 'Timed batches of 8 clips per measurement.')
+  flags.DEFINE_integer('batches', 12, 'Timed batches of 8 clips per measurement.')
 
 
 if __name__ == '__main__':

@@ -133,6 +133,22 @@ def test_train_augment_keeps_shape_and_treats_frames_alike():
   assert changed >= 10, 'the augmentation hardly depends on its random draws'
 
 
+def test_train_augment_resizes_once_from_any_size():
+  """A clip at its own size gives what the same clip resized to train_short_side(S) first gives
+  (the same crop, one resampling instead of two), and shrinking is not required of the caller."""
+  from PIL import Image
+  ys, xs = np.mgrid[0:60, 0:80].astype(np.float32)
+  smooth = np.stack([xs * 3, ys * 4, (xs + ys) * 1.5], -1).astype(np.uint8)[None]   # 60x80
+  side = transforms.train_short_side(48)                                             # 54
+  resized = np.asarray(Image.fromarray(smooth[0]).resize((72, side), Image.BILINEAR))[None]
+  options = dict(flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0)
+  for seed in range(8):
+    native = transforms.augment_train_clip(smooth, 48, np.random.default_rng(seed), **options)
+    two_step = transforms.augment_train_clip(resized, 48, np.random.default_rng(seed), **options)
+    assert native.shape == two_step.shape == (1, 48, 48, 3)
+    assert np.abs(native.astype(int) - two_step).mean() < 2.5, seed
+
+
 def test_color_jitter_same_factors_per_frame_and_identity_at_zero():
   rng = np.random.default_rng(0)
   clip = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)

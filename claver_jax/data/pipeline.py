@@ -153,7 +153,9 @@ class SampleLoader:
   def _train_clip(self, source_index: int, rng: np.random.Generator) -> np.ndarray:
     video = self.source.open(source_index)
     indices = train_indices(video.num_frames, self.num_frames, rng)
-    clip = video.frames(indices, short_side=train_short_side(self.image_size))
+    # Frames larger than the resize target shrink while they are converted (fewer pixels to
+    # convert); smaller ones are converted as they are and resized inside the crop.
+    clip = video.frames(indices, short_side=train_short_side(self.image_size), enlarge=False)
     return augment_train_clip(clip, self.image_size, rng, scales=self.scales,
                               flip_prob=self.flip_prob, jitter_prob=self.jitter_prob,
                               jitter=self.jitter, grayscale_prob=self.grayscale_prob)

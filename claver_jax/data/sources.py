@@ -218,7 +218,7 @@ class JpegVideo:
     if self.num_frames < 1:
       raise VideoError(f'{name}: the record holds no frames')
 
-  def frames(self, indices, short_side: int | None = None) -> np.ndarray:
+  def frames(self, indices, short_side: int | None = None, enlarge: bool = True) -> np.ndarray:
     from PIL import Image
     decoded = {}
     for i in dict.fromkeys(int(i) for i in indices):
@@ -229,7 +229,7 @@ class JpegVideo:
         raise VideoError(f'{self.name}: frame {i} is not a readable JPEG ({e})') from e
     from claver_jax.data.video import resized_shape
     first = next(iter(decoded.values()))
-    h, w = resized_shape(first.height, first.width, short_side)
+    h, w = resized_shape(first.height, first.width, short_side, enlarge)
     arrays = {i: np.asarray(im if im.size == (w, h) else im.resize((w, h), Image.BILINEAR))
               for i, im in decoded.items()}
     return np.stack([arrays[int(i)] for i in indices])

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from claver_jax.data.video import resized_shape
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)
@@ -50,17 +52,18 @@ def multi_scale_crop_box(height: int, width: int, image_size: int, rng: np.rando
   return x0, y0, x0 + crop_w, y0 + crop_h
 
 
-def crop_resize(clip: np.ndarray, box: tuple[int, int, int, int], image_size: int,
+def crop_resize(clip: np.ndarray, box: tuple[float, float, float, float], image_size: int,
                 flip: bool = False) -> np.ndarray:
-  """uint8 [T, H, W, 3] -> the box of every frame resized bilinearly to [T, S, S, 3], mirrored
-  left-right when `flip` (done by PIL per frame: a strided numpy flip copies 4x slower)."""
+  """uint8 [T, H, W, 3] -> the box (x0, y0, x1, y1; pixel edges, may be fractional) of every
+  frame resized bilinearly to [T, S, S, 3], mirrored left-right when `flip` (done by PIL per
+  frame: a strided numpy flip copies 4x slower)."""
   from PIL import Image
   x0, y0, x1, y1 = box
   frames = []
   for frame in clip:
     image = Image.fromarray(frame)
-    if (x1 - x0, y1 - y0) == (image_size, image_size):
-      image = image.crop(box)
+    if (x1 - x0, y1 - y0) == (image_size, image_size) and all(float(v).is_integer() for v in box):
+      image = image.crop(tuple(int(v) for v in box))
     else:
       image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
     if flip:
@@ -155,12 +158,19 @@ def augment_train_clip(clip: np.ndarray, image_size: int, rng: np.random.Generat
                        jitter_prob: float = 0.8,
                        jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
                        grayscale_prob: float = 0.2) -> np.ndarray:
-  """The training augmentation of a clip already resized to `train_short_side(S)`.
+  """The training augmentation of a clip of any size.
 
-  MultiScaleCrop -> resize to S x S -> horizontal flip -> colour jitter -> grayscale, each
-  drawn once for the clip. uint8 [T, H, W, 3] -> uint8 [T, S, S, 3].
+  Resize the short side to `train_short_side(S)` -> MultiScaleCrop -> resize to S x S ->
+  horizontal flip -> colour jitter -> grayscale, each drawn once for the clip. The crop box is
+  drawn on the resized frame, as TSN does, and mapped back onto the clip, so the two resizes are
+  one resampling of the clip's own pixels. uint8 [T, H, W, 3] -> uint8 [T, S, S, 3].
   """
-  box = multi_scale_crop_box(clip.shape[1], clip.shape[2], image_size, rng, scales)
+  height, width = clip.shape[1:3]
+  resized_h, resized_w = resized_shape(height, width, train_short_side(image_size))
+  box = multi_scale_crop_box(resized_h, resized_w, image_size, rng, scales)
+  if (resized_h, resized_w) != (height, width):
+    sx, sy = width / resized_w, height / resized_h
+    box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
   clip = crop_resize(clip, box, image_size, flip=rng.random() < flip_prob)
   if rng.random() < jitter_prob:
     clip = color_jitter(clip, rng, *jitter)

@@ -28,8 +28,10 @@ class Video(Protocol):
 
   num_frames: int
 
-  def frames(self, indices: Sequence[int], short_side: int | None = None) -> np.ndarray:
-    """uint8 [len(indices), H, W, 3]; the short side resized to `short_side` when given."""
+  def frames(self, indices: Sequence[int], short_side: int | None = None,
+             enlarge: bool = True) -> np.ndarray:
+    """uint8 [len(indices), H, W, 3]; the short side resized to `short_side` when given (only
+    when it is longer, with enlarge=False)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,9 +70,11 @@ def _check_counts(num_frames: int, num_samples: int) -> None:
     raise ValueError(f'Cannot sample {num_samples} frames from a video of {num_frames} frames.')
 
 
-def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int, int]:
-  """(height, width) with the short side scaled to `short_side`, aspect ratio kept."""
-  if short_side is None:
+def resized_shape(height: int, width: int, short_side: int | None,
+                  enlarge: bool = True) -> tuple[int, int]:
+  """(height, width) with the short side scaled to `short_side`, aspect ratio kept; unchanged
+  when short_side is None, or with enlarge=False when the short side is not longer."""
+  if short_side is None or (not enlarge and min(height, width) <= short_side):
     return height, width
   scale = short_side / min(height, width)
   return (short_side if height <= width else max(1, round(height * scale)),
@@ -87,9 +91,10 @@ class ArrayVideo:
     self._frames = frames
     self.num_frames = len(frames)
 
-  def frames(self, indices: Sequence[int], short_side: int | None = None) -> np.ndarray:
+  def frames(self, indices: Sequence[int], short_side: int | None = None,
+             enlarge: bool = True) -> np.ndarray:
     selected = self._frames[np.asarray(indices)]
-    h, w = resized_shape(*selected.shape[1:3], short_side)
+    h, w = resized_shape(*selected.shape[1:3], short_side, enlarge)
     if (h, w) == selected.shape[1:3]:
       return selected
     from PIL import Image
@@ -176,7 +181,8 @@ class PyAVVideo:
       raise VideoError(f'{self.name}: cannot decode ({type(e).__name__}: {e})') from e
     return found
 
-  def frames(self, indices: Sequence[int], short_side: int | None = None) -> np.ndarray:
+  def frames(self, indices: Sequence[int], short_side: int | None = None,
+             enlarge: bool = True) -> np.ndarray:
     """uint8 [len(indices), H, W, 3]; see `Video.frames`."""
     indices = [int(i) for i in indices]
     if self._seekable:
@@ -185,7 +191,7 @@ class PyAVVideo:
       selected = [decoded[p] for p in pts]
     else:
       selected = [self._all_frames[i] for i in indices]
-    h, w = resized_shape(selected[0].height, selected[0].width, short_side)
+    h, w = resized_shape(selected[0].height, selected[0].width, short_side, enlarge)
     converted = {}
     for frame in selected:
       if id(frame) not in converted:
