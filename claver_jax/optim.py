@@ -2,7 +2,8 @@
 
 Groups, by parameter path in a CLAVER model:
   image    clip.visual.*                 frozen when `freeze_image` (the paper's default)
-  text     clip.text.*                   frozen when `freeze_text`
+  text     clip.text.*                   frozen when `freeze_text`; else learning rate x
+                                         `text_lr_multiplier` (1)
   new      temporal.*                    learning rate x `new_lr_multiplier` (10 in the paper)
   base     everything else (logit_scale)
 No weight decay on biases, on 0-/1-D parameters (LayerNorm, class embedding, logit scale) and on
@@ -31,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.b1, c.b2, c.eps = 0.9, 0.98, 1e-8
   c.weight_decay = 0.001
   c.new_lr_multiplier = 10.0
+  c.text_lr_multiplier = 1.0
   c.warmup_epochs = 5.0
   c.end_lr_ratio = 0.01          # Cosine decay per step to lr / 100.
   c.freeze_image = True
@@ -82,7 +84,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
 
 def make_optimizer(config: ml_collections.ConfigDict, *, total_steps: int,
                    steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with the groups above, new parts at x new_lr_multiplier. Give it to
+  """AdamW with the groups above, new parts at x new_lr_multiplier and the text tower at
+  x text_lr_multiplier. Give it to
   `nnx.Optimizer(model, tx, wrt=trainable_filter(config))`.
 
   Returns the transformation and the base learning-rate schedule (for logging).
@@ -98,9 +101,10 @@ def make_optimizer(config: ml_collections.ConfigDict, *, total_steps: int,
 
   def labels(tree):  # A callable, so it matches whatever tree (State or arrays) optax is given.
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: 'new' if group_of(p) == 'new' else 'base', tree)
+        lambda p, _: {'new': 'new', 'text': 'text'}.get(group_of(p), 'base'), tree)
 
-  tx = optax.multi_transform({'base': adamw(1.0), 'new': adamw(config.new_lr_multiplier)}, labels)
+  tx = optax.multi_transform({'base': adamw(1.0), 'new': adamw(config.new_lr_multiplier),
+                              'text': adamw(config.text_lr_multiplier)}, labels)
   if config.get('grad_clip_norm'):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx, schedule

@@ -42,10 +42,11 @@ def test_groups():
   assert optim.group_of('clip.logit_scale') == 'base'
 
 
-def one_step(freeze_image: bool, freeze_text: bool):
+def one_step(freeze_image: bool, freeze_text: bool, text_lr_multiplier: float = 1.0):
   """One AdamW step with unit gradients; returns (before, after) parameter dicts by path."""
   config = optim.default_config()
   config.freeze_image, config.freeze_text = freeze_image, freeze_text
+  config.text_lr_multiplier = text_lr_multiplier
   config.warmup_epochs, config.weight_decay = 0.0, 0.0
   model = tiny_claver()
   wrt = optim.trainable_filter(config)
@@ -68,6 +69,16 @@ def test_new_parts_learn_ten_times_faster_and_frozen_towers_stay():
   # logit_scale is ~2.66, where float32 steps are 2.4e-7: compare to within two of them.
   assert moved['clip.logit_scale'] == pytest.approx(config.lr, abs=5e-7)
   assert all(v == 0 for k, v in moved.items() if k.startswith('clip.visual.'))
+
+
+def test_text_tower_learning_rate_multiplier():
+  config, before, after = one_step(freeze_image=False, freeze_text=False, text_lr_multiplier=0.1)
+  moved = {k: np.abs(after[k] - before[k]).max() for k in before}
+  # Float32 steps of these weights are up to 3e-8: compare to 1%.
+  assert moved['clip.text.token_embedding.embedding'] == pytest.approx(0.1 * config.lr, rel=1e-2)
+  assert moved['clip.text.blocks.0.attn.qkv.kernel'] == pytest.approx(0.1 * config.lr, rel=1e-2)
+  assert moved['clip.visual.conv1.kernel'] == pytest.approx(config.lr, rel=1e-3)
+  assert moved['temporal.temporal_embedding'] == pytest.approx(10 * config.lr, rel=1e-3)
 
 
 def test_freezing_the_text_tower_too():
