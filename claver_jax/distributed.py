@@ -109,7 +109,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
   save of sharded arrays). Every process must enter it; all yield the same temporary directory
   beside `out` (on a file system they share), and process 0 renames it to `out` once every
   process is done. In a one-process run it is fileio.atomic_directory."""
-  from claver_jax.fileio import atomic_directory as one_process
+  from claver_jax.fileio import atomic_directory as one_process, replace_directory
   if not is_multiprocess():
     with one_process(out, overwrite=overwrite) as tmp:
       yield tmp
@@ -125,12 +125,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
   yield tmp
   barrier(f'atomic_directory_written:{out}')
   if jax.process_index() == 0:
-    old = out.parent / f'.{out.name}.old-multiprocess'
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-      os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out)
   barrier(f'atomic_directory_done:{out}')
 
 

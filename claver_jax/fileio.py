@@ -24,16 +24,21 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
   tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
   try:
     yield tmp
-    if out.exists():
-      old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
-      os.replace(out, old / out.name)
-      os.replace(tmp, out)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, out)
+    replace_directory(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def replace_directory(new: Path, out: Path) -> None:
+  """Renames the complete directory `new` to `out`, replacing an existing `out` only then."""
+  if out.exists():
+    old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(new, out)
+    shutil.rmtree(old)
+  else:
+    os.replace(new, out)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
