@@ -142,6 +142,21 @@ def test_synthetic_source_matches_the_written_files(motion_dir):
     build_pipelines(filelist_config(motion_dir, flip_prob=0.5))
 
 
+def test_synthetic_source_renders_each_clip_once_when_it_fits(monkeypatch):
+  from claver_jax.data.sources import SyntheticSource
+  made = []
+  real = synthetic.make_clip
+  monkeypatch.setattr(synthetic, 'make_clip', lambda i, **kw: made.append(i) or real(i, **kw))
+  cached = SyntheticSource('train', 10, num_frames=4, size=16)
+  first = cached.open(3).frames(range(4))
+  again = cached.open(3).frames(range(4))
+  assert made == [cached.indices[3]] and np.array_equal(first, again)
+  np.testing.assert_array_equal(first, real(cached.indices[3], num_frames=4, size=16)[0])
+  uncached = SyntheticSource('train', 10, num_frames=4, size=16, cache_bytes=0)
+  uncached.open(3), uncached.open(3)
+  assert made == [cached.indices[3]] * 3
+
+
 @pytest.mark.parametrize('text,message', [
     ('videos/a.mp4 0\nvideos/b.mp4\n', r'train.txt:2: expected "relative/path.mp4 LABEL_ID"'),
     ('videos/a.mp4 0\n\nvideos/b.mp4 x\n', r'train.txt:3: expected'),

@@ -165,15 +165,22 @@ class FileListSource:
 
 
 class SyntheticSource:
-  """The synthetic motion set's `split` among its first `num_videos` clips, made in memory."""
+  """The synthetic motion set's `split` among its first `num_videos` clips, made in memory.
+
+  Each clip is made on first use and kept while the whole split fits in `cache_bytes` (in each
+  process: grain workers keep their own), so later epochs cost no rendering. 0 keeps nothing.
+  """
 
   def __init__(self, split: str, num_videos: int, num_frames: int = 16, size: int = 64,
-               seed: int = 0):
+               seed: int = 0, cache_bytes: int = 2 << 30):
     self.indices = synthetic.split_indices(num_videos, split)
     if not self.indices:
       raise DataError(f'The synthetic {split} split of {num_videos} clips is empty; raise '
                       'config.data.synthetic_videos.')
     self.num_frames, self.size, self.seed = num_frames, size, seed
+    height, width = (size, size) if isinstance(size, int) else size
+    split_bytes = len(self.indices) * num_frames * height * width * 3
+    self._cache: dict[int, np.ndarray] | None = {} if split_bytes <= cache_bytes else None
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -185,8 +192,13 @@ class SyntheticSource:
     return f'synthetic:{self.indices[index]}'
 
   def open(self, index: int) -> Video:
-    clip, _ = synthetic.make_clip(self.indices[index], seed=self.seed,
-                                  num_frames=self.num_frames, size=self.size)
+    clip = None if self._cache is None else self._cache.get(index)
+    if clip is None:
+      clip, _ = synthetic.make_clip(self.indices[index], seed=self.seed,
+                                    num_frames=self.num_frames, size=self.size)
+      clip.setflags(write=False)       # Shared by every later epoch.
+      if self._cache is not None:
+        self._cache[index] = clip
     return ArrayVideo(clip)
 
 
