@@ -29,7 +29,7 @@ from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD, normalize, spatial_c
 from claver_jax.data.video import VideoError, eval_indices, open_video
 from claver_jax.models import CLAVER, CLAVERConfig, claver_from_clip, load, read_model_config
 from claver_jax.text import load_tokenizer
-from claver_jax.text.prompts import prompt_tokens
+from claver_jax.text.prompts import TEMPLATES, prompt_tokens, resolve_templates
 
 
 def model_dir(path: str | Path) -> Path:
@@ -63,7 +63,7 @@ def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str
   if len(set(labels)) != len(labels):
     raise ValueError('The labels contain duplicates.')
   directory = model_dir(checkpoint)
-  kind, _, _ = read_model_config(directory)
+  kind, _, meta = read_model_config(directory)
   model = load(directory)
   if kind == 'clip':  # A plain CLIP predicts as CLIP-Mean over 8 frames.
     model = claver_from_clip(model, CLAVERConfig(clip=model.cfg, temporal='mean'),
@@ -72,7 +72,10 @@ def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str
   tokenizer = load_tokenizer(directory)
   cfg = model.cfg
   frames = load_clip_frames(video_path, cfg.num_frames, cfg.clip.image_size)
+  # The templates the model was trained with (WORKDIR/model records them), else CLIP's.
+  templates = meta.get('source', {}).get('templates') or TEMPLATES
   texts = prompt_tokens(list(labels), tokenizer, prompts, allow_missing=True,
+                        templates=resolve_templates(templates),
                         context_length=cfg.clip.context_length)
 
   @nnx.jit  # The model is an argument: captured by a closure, its weights would be constants.

@@ -5,9 +5,13 @@
     model.arch           B32 | B16 | L14 | L14_336, or 'custom' with model.clip (CLIPConfig fields)
     model.temporal       kmt | kmct | joint | pipeline | cls_only | mean
     model.temporal_layers  None: a third of the ViT's depth
+    model.temporal_heads   None: the paper's vision width / 64
     model.temporal_init_std  std of the temporal embedding of a model built from scratch (0.02,
                          the official code's; ~1 suits them, their tokens being O(1) per
                          channel); init.clip / init.checkpoint models keep 0.02 / their own
+    model.pos_init       the ViT's patch positions in a model built from scratch: 'random'
+                         (CLIP's) or 'sincos' (2-D sine-cosine, as MAE); init.clip /
+                         init.checkpoint models keep their own
     model.dtype          compute dtype: 'float32' or 'bfloat16' (parameters stay fp32)
     model.remat          recompute each transformer block's activations in the backward pass
                          (less memory, about a third more compute)
@@ -19,6 +23,9 @@
     text.tokenizer       BPE file / vocab dir / model dir; '' = the init checkpoint's; 'train' =
                          learn one on the class texts (models from scratch)
     text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only
+    text.templates       'actions' (people: "a video of a person {}.", the default), 'objects'
+                         (short, for the synthetic set), or templates with one "{}" each,
+                         joined by '|'. WORKDIR/model records them; predict uses them
     text.sets_per_step   description sets sampled per train step (K = 5 in the paper)
     optim                see claver_jax.optim.default_config (AdamW, groups, freezing, schedule)
     train.batch_size     global batch, independent of the device count
@@ -47,11 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
       arch='B16', clip=ml_collections.ConfigDict(), temporal='kmt',
-      temporal_layers=ml_collections.config_dict.placeholder(int), temporal_init_std=0.02,
-      dtype='float32', remat=False, resample_frames=True))
+      temporal_layers=ml_collections.config_dict.placeholder(int),
+      temporal_heads=ml_collections.config_dict.placeholder(int), temporal_init_std=0.02,
+      pos_init='random', dtype='float32', remat=False, resample_frames=True))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
-      tokenizer='', num_merges=1000, prompts='', allow_missing=False, sets_per_step=5))
+      tokenizer='', num_merges=1000, prompts='', templates='actions', allow_missing=False,
+      sets_per_step=5))
   c.optim = optim.default_config()
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128, epochs=30, max_steps=0, grad_accum_steps=1, label_smoothing=0.1,

@@ -28,10 +28,11 @@ from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar
 from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, claver_from_clip, load
 from claver_jax.models.claver import config_from
-from claver_jax.models.clip import l2_normalize, set_remat
+from claver_jax.models.clip import l2_normalize, set_remat, sincos_position_embedding
 from claver_jax.models.io import write_model_dir
 from claver_jax.text import load_tokenizer
-from claver_jax.text.prompts import build_prompt_texts, load_prompt_set, prompt_tokens
+from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
+                                     resolve_templates)
 from claver_jax.text.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -53,6 +54,7 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
     if jax.process_index() == 0 and not (out / 'vocab.json').is_file():
       prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
       texts, _ = build_prompt_texts(class_names, prompt_set,
+                                    templates=resolve_templates(config.text.templates),
                                     allow_missing=config.text.allow_missing)
       train_tokenizer([t for row in texts for t in row], out, num_merges=config.text.num_merges)
     distributed.barrier('tokenizer')
@@ -73,20 +75,25 @@ def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nn
   fresh temporal parts) or from scratch (config.model.arch, or 'custom' with config.model.clip)."""
   dtype = jnp.dtype(config.model.dtype)
   frames = config.data.num_frames
+  if config.model.pos_init not in ('random', 'sincos'):
+    raise ValueError(f"config.model.pos_init={config.model.pos_init!r}; use 'random' (CLIP's) "
+                     "or 'sincos'.")
   if config.init.checkpoint:
     return load(config.init.checkpoint, dtype=dtype, num_frames=frames,
                 resample_frames=config.model.resample_frames)
   if config.init.clip:
     clip = load(config.init.clip, dtype=dtype)
     cfg = CLAVERConfig(clip=clip.cfg, num_frames=frames, temporal=config.model.temporal,
-                       temporal_layers=config.model.temporal_layers)
+                       temporal_layers=config.model.temporal_layers,
+                       temporal_heads=config.model.temporal_heads)
     return claver_from_clip(clip, cfg, dtype=dtype, rngs=rngs)
   if config.model.arch == 'custom':
     clip_cfg = CLIPConfig(**{**config.model.clip.to_dict(), 'vocab_size': tokenizer.vocab_size,
                              'eos_token_id': tokenizer.eot_token_id,
                              'image_size': config.data.image_size})
     cfg = CLAVERConfig(clip=clip_cfg, num_frames=frames, temporal=config.model.temporal,
-                       temporal_layers=config.model.temporal_layers)
+                       temporal_layers=config.model.temporal_layers,
+                       temporal_heads=config.model.temporal_heads)
   else:
     cfg = config_from(config)
   if cfg.clip.vocab_size != tokenizer.vocab_size:
@@ -99,6 +106,12 @@ def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nn
     # a frame-order-blind start is slow to leave. Only fresh models get this.
     embedding = model.temporal.temporal_embedding
     embedding[...] = std * jax.random.normal(rngs.params(), embedding.shape)
+  if config.model.pos_init == 'sincos':
+    # From scratch, a smooth 2-D layout of the patches from step 0: where an object is, and so
+    # how it moves, is readable before the ViT has learnt its own positions.
+    visual = model.clip.visual
+    visual.positional_embedding[...] = sincos_position_embedding(
+        cfg.clip.image_size // cfg.clip.patch_size, cfg.clip.vision_width)
   return model
 
 
@@ -243,7 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- model + optimizer
   model = make_model(config, tokenizer, nnx.Rngs(config.seed))
   set_remat(model, config.model.remat)
-  prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None,
+  templates = resolve_templates(config.text.templates)
+  prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None, templates=templates,
                           allow_missing=config.text.allow_missing,
                           context_length=model.cfg.clip.context_length)
   logging.info('Texts: %d description sets x %d classes (%s).', *prompts.tokens.shape[:2],
@@ -352,7 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if evaluated['val/top1'] > best:
           best = evaluated['val/top1']
           export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
-                       {'workdir': str(workdir), 'step': step, 'val/top1': best})
+                       {'workdir': str(workdir), 'step': step, 'val/top1': best,
+                        'templates': list(templates)})
       stopping = stop(step)                  # The same answer on every process.
       if (step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or last
           or evaluated is not None or stopping):

@@ -50,7 +50,7 @@ from claver_jax.fileio import atomic_write_text
 from claver_jax.models import load, read_model_config
 from claver_jax.predict import model_dir, read_label_file
 from claver_jax.text import load_tokenizer
-from claver_jax.text.prompts import prompt_tokens
+from claver_jax.text.prompts import prompt_tokens, resolve_templates
 from claver_jax.train import make_eval_fns, run_eval
 
 DATASETS = ('ucf101', 'hmdb51', 'k600')
@@ -326,6 +326,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     for run, data in zip(runs, pipelines):
       bar.set_description(f'{run.dataset} {run.name}')
       texts = prompt_tokens(data.class_names, tokenizer, run.prompts,
+                            templates=resolve_templates(config.text.templates),
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)
       summary = run_eval(_Progress(data, bar), state, encode_text, scores, texts.tokens, mesh)

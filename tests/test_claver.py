@@ -156,6 +156,46 @@ def test_abstract_shapes_of_presets(arch, frames):
   assert len(state['temporal']['blocks']) == cfg.clip.vision_layers // 3
 
 
+def test_temporal_heads_default_to_the_papers_and_can_be_set():
+  assert CLAVERConfig(clip=TINY, temporal_layers=1).temporal_num_heads == 2   # width 128 / 64
+  cfg = CLAVERConfig(clip=TINY, num_frames=4, temporal_layers=1, temporal_heads=4)
+  model = CLAVER(cfg, rngs=nnx.Rngs(0))
+  assert [b.attn.heads for b in model.temporal.blocks] == [4] * cfg.temporal_depth
+  assert CLAVERConfig.from_dict(cfg.to_dict()) == cfg
+  assert CLAVERConfig.from_dict({**cfg.to_dict(), 'temporal_heads': None}).temporal_num_heads == 2
+  with pytest.raises(ValueError, match='temporal_heads=3 must be at least 1 and divide'):
+    CLAVERConfig(clip=TINY, temporal_layers=1, temporal_heads=3)
+
+
+def test_sincos_positions_lay_out_the_patch_grid_for_models_from_scratch():
+  import types
+  import tiny_config
+  from claver_jax.models.clip import sincos_position_embedding
+  from claver_jax.train import make_model
+  pe = np.asarray(sincos_position_embedding(4, 64))
+  assert pe.shape == (17, 64) and not pe[0].any()                  # The class token's row.
+  patch = lambda y, x: pe[1 + 4 * y + x]                            # Row-major, as conv1's.
+  np.testing.assert_array_equal(patch(1, 0)[32:], patch(0, 0)[32:])  # Same column: same x.
+  np.testing.assert_array_equal(patch(0, 1)[:32], patch(0, 0)[:32])  # Same row: same y.
+  distance = lambda a, b: np.linalg.norm(patch(*a) - patch(*b))
+  assert distance((0, 0), (0, 1)) < distance((0, 0), (0, 2)) < distance((0, 0), (0, 3))
+  with pytest.raises(ValueError, match='divisible by 4'):
+    sincos_position_embedding(4, 66)
+
+  config = tiny_config.get_config()
+  config.data.image_size = 32                                       # A 4x4 grid of 8 px patches.
+  tokenizer = types.SimpleNamespace(vocab_size=100, eot_token_id=99)
+  config.model.pos_init = 'sincos'
+  model = make_model(config, tokenizer, nnx.Rngs(0))
+  np.testing.assert_array_equal(model.clip.visual.positional_embedding[...], pe)
+  config.model.pos_init = 'random'
+  model = make_model(config, tokenizer, nnx.Rngs(0))
+  assert 0.1 < float(jnp.std(model.clip.visual.positional_embedding[...])) < 0.15  # 64 ** -0.5
+  config.model.pos_init = 'learned'
+  with pytest.raises(ValueError, match="pos_init='learned'"):
+    make_model(config, tokenizer, nnx.Rngs(0))
+
+
 # ------------------------------------------------------------------- official checkpoint parity
 @pytest.fixture(scope='module')
 def official(tmp_path_factory):

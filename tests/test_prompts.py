@@ -100,6 +100,20 @@ def test_templates_only_and_readable_names(tok):
   assert len(TEMPLATES) == len(set(TEMPLATES)) >= 16
 
 
+def test_template_sets_by_name_or_spelled_out(tok):
+  from claver_jax.text.prompts import OBJECT_TEMPLATES, resolve_templates
+  assert resolve_templates('actions') == TEMPLATES
+  assert resolve_templates('objects') == OBJECT_TEMPLATES
+  assert resolve_templates('{}.|a clip of {}.') == ('{}.', 'a clip of {}.')   # the config form
+  assert resolve_templates(['{} here']) == ('{} here',)
+  with pytest.raises(ValueError, match="Unknown template set 'people'.*'actions', 'objects'"):
+    resolve_templates('people')
+  with pytest.raises(ValueError, match='exactly one'):
+    resolve_templates('{} and {}|fine {}')
+  out = prompt_tokens(['moving left'], tok, templates=resolve_templates('objects'))
+  assert out.texts[1] == ['a video of moving left.'] and out.tokens.shape[0] == 6
+
+
 def test_aspect_subset_and_bad_arguments(tok):
   texts, kinds = build_prompt_texts(['jumping'], SET, templates=[], aspects=['synonyms'])
   assert kinds == ('synonyms',) * 3 and texts == [['leaping'], ['hopping'], ['bounding']]

@@ -156,7 +156,7 @@ def test_eight_devices_give_the_same_losses_as_one(uninterrupted, tmp_path):
   np.testing.assert_allclose([got[s] for s in (1, 2)], [expected[s] for s in (1, 2)], rtol=1e-4)
 
 
-def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path):
+def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path, monkeypatch):
   import json as json_lib
   from claver_jax.data import synthetic
   from conftest import run_cli
@@ -168,6 +168,17 @@ def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path):
                  '--labels', *labels, '--top_k=3', '--json')
   result = json_lib.loads(proc.stdout)
   assert [set(r) for r in result] == [{'label', 'score'}] * 3
+  # The model directory records the run's templates (the demo's 'objects'); predict uses them.
+  from claver_jax import predict
+  from claver_jax.text.prompts import OBJECT_TEMPLATES
+  meta = json_lib.loads((uninterrupted[0] / 'model' / 'config.json').read_text())
+  assert meta['source']['templates'] == list(OBJECT_TEMPLATES)
+  used, real = [], predict.prompt_tokens
+  monkeypatch.setattr(predict, 'prompt_tokens',
+                      lambda *a, **kw: used.append(kw['templates']) or real(*a, **kw))
+  in_process = predict.predict(uninterrupted[0], video, labels, top_k=3)
+  assert used == [OBJECT_TEMPLATES]
+  assert [r['label'] for r in in_process] == [r['label'] for r in result]
   assert all(r['label'] in labels for r in result)
   scores = [r['score'] for r in result]
   assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-5

@@ -27,11 +27,14 @@ from claver_jax.models.temporal import TEMPORAL_KINDS, TemporalTransformer
 
 @dataclasses.dataclass(frozen=True)
 class CLAVERConfig:
-  """clip: the towers. temporal: one of TEMPORAL_KINDS. temporal_layers: None = vision_layers // 3."""
+  """clip: the towers. temporal: one of TEMPORAL_KINDS. temporal_layers: None = vision_layers // 3.
+  temporal_heads: None = the paper's vision_width / 64 (the ViT's own count for widths that 64
+  does not divide)."""
   clip: CLIPConfig = CLIPConfig()
   num_frames: int = 8
   temporal: str = 'kmt'
   temporal_layers: int | None = None
+  temporal_heads: int | None = None
 
   def __post_init__(self):
     if isinstance(self.clip, dict):
@@ -40,6 +43,10 @@ class CLAVERConfig:
       raise ValueError(f'temporal={self.temporal!r}; choose one of {TEMPORAL_KINDS}.')
     if self.num_frames < 1:
       raise ValueError(f'num_frames={self.num_frames} must be at least 1.')
+    if self.temporal_heads is not None and (
+        self.temporal_heads < 1 or self.clip.vision_width % self.temporal_heads):
+      raise ValueError(f'temporal_heads={self.temporal_heads} must be at least 1 and divide the '
+                       f'vision width {self.clip.vision_width}.')
     if self.temporal != 'mean' and self.temporal_depth < 1:
       raise ValueError(
           f'The temporal transformer would have {self.temporal_depth} layers (vision_layers '
@@ -52,9 +59,17 @@ class CLAVERConfig:
       return 0
     return self.temporal_layers if self.temporal_layers is not None else self.clip.vision_layers // 3
 
+  @property
+  def temporal_num_heads(self) -> int:
+    if self.temporal_heads is not None:
+      return self.temporal_heads
+    width = self.clip.vision_width
+    return width // 64 if width % 64 == 0 else self.clip.vision_heads
+
   def to_dict(self) -> dict[str, Any]:
     return {'clip': self.clip.to_dict(), 'num_frames': self.num_frames,
-            'temporal': self.temporal, 'temporal_layers': self.temporal_layers}
+            'temporal': self.temporal, 'temporal_layers': self.temporal_layers,
+            'temporal_heads': self.temporal_heads}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> CLAVERConfig:
@@ -70,7 +85,8 @@ def config_from(config: Any) -> CLAVERConfig:
     clip = dataclasses.replace(clip, image_size=config.data.image_size)
   return CLAVERConfig(clip=clip, num_frames=config.data.num_frames,
                       temporal=config.model.temporal,
-                      temporal_layers=config.model.get('temporal_layers'))
+                      temporal_layers=config.model.get('temporal_layers'),
+                      temporal_heads=config.model.get('temporal_heads'))
 
 
 class CLAVER(nnx.Module):
@@ -79,10 +95,8 @@ class CLAVER(nnx.Module):
     self.cfg = cfg
     self.clip = CLIP(cfg.clip, dtype=dtype, rngs=rngs)
     c = cfg.clip
-    # The paper's temporal heads are width / 64 (the ViT's own count for widths that do not divide).
-    heads = c.vision_width // 64 if c.vision_width % 64 == 0 else c.vision_heads
     self.temporal = None if cfg.temporal == 'mean' else TemporalTransformer(
-        cfg.temporal, cfg.num_frames, c.vision_width, cfg.temporal_depth, heads,
+        cfg.temporal, cfg.num_frames, c.vision_width, cfg.temporal_depth, cfg.temporal_num_heads,
         activation=c.activation, layer_norm_eps=c.layer_norm_eps, dtype=dtype, rngs=rngs)
 
   def encode_frames(self, video: jax.Array) -> jax.Array:

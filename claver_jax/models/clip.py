@@ -305,6 +305,20 @@ class TextTransformer(nnx.Module):
     return self.pool(self.encode_tokens(tokens), tokens)
 
 
+def sincos_position_embedding(grid: int, width: int) -> jax.Array:
+  """[1 + grid², width] 2-D sine-cosine positions (MAE, MoCo v3) for a ViT trained from scratch:
+  a zero row for the class token, then the row-major patches. A quarter of the channels each
+  hold sin(y·w), cos(y·w), sin(x·w), cos(x·w) over frequencies w = 10000^(-k / (width / 4))."""
+  if width % 4:
+    raise ValueError(f'A sine-cosine position embedding needs a width divisible by 4, got {width}.')
+  omega = 1.0 / 10000 ** (jnp.arange(width // 4, dtype=jnp.float32) / (width // 4))
+  ys, xs = jnp.divmod(jnp.arange(grid * grid, dtype=jnp.float32), grid)
+  angles_y, angles_x = ys[:, None] * omega, xs[:, None] * omega
+  patches = jnp.concatenate([jnp.sin(angles_y), jnp.cos(angles_y), jnp.sin(angles_x),
+                             jnp.cos(angles_x)], axis=1)
+  return jnp.concatenate([jnp.zeros((1, width), jnp.float32), patches])
+
+
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
 

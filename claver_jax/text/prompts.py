@@ -66,7 +66,38 @@ TEMPLATES = (
     'a youtube video of {}.',
 )
 
+# Objects, not people: for the synthetic motion set. Short, so that the class name is most of
+# each text (a text tower learnt from scratch starts out close to a bag of words).
+OBJECT_TEMPLATES = (
+    '{}.',
+    'a video of {}.',
+    'a shape {}.',
+    'an object {}.',
+    'a clip of a shape {}.',
+    'something {}.',
+)
+
+TEMPLATE_SETS = {'actions': TEMPLATES, 'objects': OBJECT_TEMPLATES}
+
 PromptSet = dict[str, dict[str, list[str]]]
+
+
+def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
+  """A shipped template set by name ('actions': people, the default; 'objects'), or the
+  templates themselves, each with one "{}" for the class name: a sequence, or one string with
+  '|' between them (as config.text.templates takes them)."""
+  if isinstance(spec, str) and '{}' in spec:
+    spec = spec.split('|')
+  if isinstance(spec, str):
+    if spec not in TEMPLATE_SETS:
+      raise ValueError(f'Unknown template set {spec!r}; choose one of {sorted(TEMPLATE_SETS)} '
+                       'or give the templates themselves, each with one "{}".')
+    return TEMPLATE_SETS[spec]
+  templates = tuple(spec)
+  bad = [t for t in templates if not isinstance(t, str) or t.count('{}') != 1]
+  if bad:
+    raise ValueError(f'Each template needs exactly one "{{}}" for the class name; got {bad}.')
+  return templates
 
 
 class MissingPromptsError(ValueError):
