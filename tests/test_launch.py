@@ -246,9 +246,12 @@ def stand_in(tmp_path):
 
 
 def launch(env) -> subprocess.Popen:
+  # SIGINT at its default in the launcher, as under a terminal: when the tests themselves run in
+  # the background of a script, it arrives ignored, and bash cannot trap a signal ignored on entry.
   return subprocess.Popen(['bash', str(LAUNCH / 'local_multiprocess.sh'), '2',
                            '--workdir=/nowhere'], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_launcher_stops_the_others_when_one_process_fails(stand_in, tmp_path):
