@@ -246,12 +246,16 @@ def stand_in(tmp_path):
 
 
 def launch(env) -> subprocess.Popen:
-  # SIGINT at its default in the launcher, as under a terminal: when the tests themselves run in
-  # the background of a script, it arrives ignored, and bash cannot trap a signal ignored on entry.
-  return subprocess.Popen(['bash', str(LAUNCH / 'local_multiprocess.sh'), '2',
-                           '--workdir=/nowhere'], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # SIGINT must reach the launcher un-ignored, as under a terminal: when the tests themselves run
+  # in the background of a script it is ignored, that is inherited, and bash cannot trap a signal
+  # ignored on entry. A Python handler here becomes the default in the child at exec.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    return subprocess.Popen(['bash', str(LAUNCH / 'local_multiprocess.sh'), '2',
+                             '--workdir=/nowhere'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_launcher_stops_the_others_when_one_process_fails(stand_in, tmp_path):
