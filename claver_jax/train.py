@@ -3,7 +3,12 @@ shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
 
 Loss: each step samples `config.text.sets_per_step` of the A description sets; the loss is the
 soft cross-entropy over the C classes for each set, averaged. With a frozen text tower all A·C
-texts are encoded once and cached; otherwise the sampled sets are encoded inside the step.
+texts are encoded once and cached; otherwise the sampled sets are encoded inside the step, once
+per step whatever `config.train.grad_accum_steps`.
+
+Scale: texts are cut to the longest text's length (rounded up to 8 tokens) and split over the
+devices for encoding, forward and backward (`encode_texts_sharded`); gradient accumulation is a
+lax.scan over micro-batches that each span every device (`micro_batches`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar
 from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, claver_from_clip, load
 from claver_jax.models.claver import config_from
-from claver_jax.models.clip import l2_normalize, set_remat, sincos_position_embedding
+from claver_jax.models.clip import (l2_normalize, needed_context, set_remat,
+                                    sincos_position_embedding)
 from claver_jax.models.io import write_model_dir
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
@@ -68,6 +74,7 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
 
 
 TEMPORAL_INIT_STD = 0.02   # The temporal embedding's initialisation in the official code.
+TEXTS_PER_DEVICE = 512     # Texts each device encodes per call in evaluation.
 
 
 def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nnx.Rngs) -> CLAVER:
@@ -131,24 +138,53 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(-1).mean()
 
 
-def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: int,
-                    num_sets: int, text_frozen: bool):
+def encode_texts_sharded(model: CLAVER, tokens: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
+  """tokens int32 [N, S] -> [N, E] unnormalised, on every device. Inside jit: each device of the
+  batch axes encodes N / devices of the texts (N padded with empty texts to a multiple of the
+  device count; their embeddings are dropped) and the embeddings are gathered; the backward
+  pass through the text tower is split the same way."""
+  n = tokens.shape[0]
+  tokens = jnp.pad(tokens, ((0, -n % mesh.size), (0, 0)))
+  tokens = jax.lax.with_sharding_constraint(tokens, sharding.batch_sharding(mesh))
+  embeddings = model.encode_text(tokens)
+  return jax.lax.with_sharding_constraint(embeddings, sharding.replicated(mesh))[:n]
+
+
+def class_logits(model: CLAVER, video: jax.Array, text: jax.Array) -> jax.Array:
+  """video embeddings [B, E], text embeddings [K, C, E] unnormalised -> logits [K, B, C]."""
+  return jnp.exp(model.clip.logit_scale[...]) * jnp.einsum('be,kce->kbc', video,
+                                                          l2_normalize(text))
+
+
+def micro_batches(tree: Any, count: int, mesh: jax.sharding.Mesh) -> Any:
+  """Leaves [B, ...] split over the devices -> [count, B / count, ...]: micro-batch m takes the
+  m-th 1/count of every device's rows (a strided split of the global batch), so each micro-batch
+  is spread over every device and no data moves."""
+  devices = mesh.size
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.AXES))
+
+  def split(x):
+    per_device = x.reshape(devices, count, x.shape[0] // (devices * count), *x.shape[1:])
+    stacked = per_device.swapaxes(0, 1).reshape(count, x.shape[0] // count, *x.shape[1:])
+    return jax.lax.with_sharding_constraint(stacked, spec)
+
+  return jax.tree.map(split, tree)
+
+
+def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    num_classes: int, num_sets: int, text_frozen: bool):
   """(state, batch, text, step) -> (state, metrics). `text` is [A, C, E] cached normalised
-  embeddings when the text tower is frozen, else [A, C, S] tokens."""
+  embeddings when the text tower is frozen, else [A, C, S] tokens.
+
+  One step: normalise and mix the global batch; draw K of the A description sets; encode their
+  K·C texts once, split over the devices; run `grad_accum_steps` micro-batches (lax.scan, each
+  spread over every device), accumulating the gradients of the parameters and of the text
+  embeddings; take the latter back through the text tower once; update.
+  """
   tc, dc = config.train, config.data
   sets = min(config.text.sets_per_step, num_sets)
+  accum = tc.grad_accum_steps
   wrt = optim.trainable_filter(config.optim)
-
-  def loss_fn(model: CLAVER, video, targets, text, set_ids):
-    v = model.encode_video(video)                                          # [B, E]
-    if text_frozen:
-      t = text[set_ids]                                                    # [K, C, E]
-    else:
-      tokens = text[set_ids]
-      t = l2_normalize(model.encode_text(tokens.reshape(-1, tokens.shape[-1])))
-      t = t.reshape(sets, num_classes, -1)
-    logits = jnp.exp(model.clip.logit_scale[...]) * jnp.einsum('be,kce->kbc', v, t)
-    return soft_cross_entropy(logits, targets)
 
   def train_step(state, batch, text, step):
     model, optimizer = nnx.merge(graphdef, state)
@@ -163,28 +199,48 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: in
     else:
       targets = smooth_one_hot(batch['label'], num_classes, tc.label_smoothing)
     set_ids = jax.random.choice(set_rng, num_sets, (sets,), replace=False)
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))
-    micro = video.shape[0] // tc.grad_accum_steps
-    loss, grads = 0.0, None
-    for i in range(tc.grad_accum_steps):                  # Gradient accumulation, unrolled.
-      part = slice(i * micro, (i + 1) * micro)
-      l, g = grad_fn(model, video[part], targets[part], text, set_ids)
-      loss = loss + l / tc.grad_accum_steps
-      g = jax.tree.map(lambda x: x / tc.grad_accum_steps, g)
-      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    chosen = jax.lax.with_sharding_constraint(text[set_ids], sharding.replicated(mesh))
+    graph, params, rest = nnx.split(model, wrt, ...)
+
+    def text_embeddings(params):                                           # -> [K, C, E]
+      tokens = chosen.reshape(sets * num_classes, -1)
+      embeddings = encode_texts_sharded(nnx.merge(graph, params, rest), tokens, mesh)
+      return embeddings.reshape(sets, num_classes, -1)
+
+    if text_frozen:
+      text_emb, text_backward = chosen, None
+    else:
+      text_emb, text_backward = jax.vjp(text_embeddings, params)
+
+    def micro_loss(params, text_emb, video, targets):
+      model = nnx.merge(graph, params, rest)
+      return soft_cross_entropy(class_logits(model, model.encode_video(video), text_emb), targets)
+
+    def micro_step(carry, micro):
+      loss, grads, text_grad = carry
+      l, (g, t) = jax.value_and_grad(micro_loss, argnums=(0, 1))(params, text_emb, *micro)
+      return (loss + l, jax.tree.map(jnp.add, grads, g), text_grad + t), None
+
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(text_emb))
+    (loss, grads, text_grad), _ = jax.lax.scan(micro_step, zeros,
+                                               micro_batches((video, targets), accum, mesh))
+    if text_backward is not None:
+      grads = jax.tree.map(jnp.add, grads, text_backward(text_grad)[0])
+    grads = jax.tree.map(lambda g: g / accum, grads)
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {'loss': loss}
+    return nnx.state((model, optimizer)), {'loss': loss / accum}
 
   return train_step
 
 
-def make_eval_fns(graphdef, config: ml_collections.ConfigDict):
-  """Jittable (state, tokens [N, S]) -> [N, E] and (state, video [B, V, ...], text) -> [B, C]."""
+def make_eval_fns(graphdef, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """Jittable (state, tokens [N, S]) -> [N, E] (split over the devices, see
+  `encode_texts_sharded`) and (state, video [B, V, ...], text) -> [B, C]."""
   dc = config.data
 
   def encode_text(state, tokens):
     model, _ = nnx.merge(graphdef, state)
-    return model.encode_text(tokens)
+    return encode_texts_sharded(model, tokens, mesh)
 
   def scores(state, video, text):
     model, _ = nnx.merge(graphdef, state)
@@ -198,7 +254,8 @@ def make_eval_fns(graphdef, config: ml_collections.ConfigDict):
 
 def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh) -> dict[str, Any]:
   """One pass over the eval split -> evaluate.summarize(...) over the valid videos."""
-  text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens)
+  text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
+                               chunk=TEXTS_PER_DEVICE * mesh.size)
   all_scores, all_labels = [], []
   batch_sharding = sharding.batch_sharding(mesh)
   for host_batch in data.eval_pass():
@@ -239,6 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if tc.batch_size % jax.process_count() or config.eval.batch_size % num_devices:
     raise ValueError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
                      f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} devices.')
+  sharding.check_process_rows(mesh, tc.batch_size)
 
   # ----------------------------------------------------------------------------- input
   data_config = config.data.copy_and_resolve_references()
@@ -260,8 +318,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None, templates=templates,
                           allow_missing=config.text.allow_missing,
                           context_length=model.cfg.clip.context_length)
-  logging.info('Texts: %d description sets x %d classes (%s).', *prompts.tokens.shape[:2],
-               ', '.join(sorted(set(prompts.kinds))))
+  # The text attention is causal: the context is cut to the longest text, the same embeddings.
+  tokens = prompts.tokens[..., :needed_context(prompts.tokens, model.cfg.clip)]
+  logging.info('Texts: %d description sets x %d classes (%s), %d tokens each.',
+               *prompts.tokens.shape[:2], ', '.join(sorted(set(prompts.kinds))), tokens.shape[-1])
   steps_per_epoch = max(data.num_train // tc.batch_size, 1)
   total_steps = int(round(tc.epochs * steps_per_epoch))
   if tc.max_steps:
@@ -280,10 +340,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- steps
   text_frozen = config.optim.freeze_text
   train_step = jax.jit(
-      make_train_step(graphdef, config, len(class_names), prompts.tokens.shape[0], text_frozen),
+      make_train_step(graphdef, config, mesh, len(class_names), tokens.shape[0], text_frozen),
       in_shardings=(state_sharding, batch_sharding, replicated, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  encode_text_fn, scores_fn = make_eval_fns(graphdef, config)
+  encode_text_fn, scores_fn = make_eval_fns(graphdef, config, mesh)
   encode_text = jax.jit(encode_text_fn, in_shardings=(state_sharding, replicated),
                         out_shardings=replicated)
   scores = jax.jit(scores_fn, in_shardings=(state_sharding, batch_sharding, replicated),
@@ -305,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricWriter(workdir, resume_step=start_step)
 
   def evaluate_now(step: int) -> dict[str, Any]:
-    summary = run_eval(data, state, encode_text, scores, prompts.tokens, mesh)
+    summary = run_eval(data, state, encode_text, scores, tokens, mesh)
     metrics = {'val/top1': summary['top1'], 'val/top5': summary['top5'], **data.metrics()}
     writer.write(step, metrics)
     if jax.process_index() == 0:
@@ -326,8 +386,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"config.mode={config.mode!r}; use 'train' or 'eval'.")
 
   # ----------------------------------------------------------------------------- loop
-  text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen
-          else jnp.asarray(prompts.tokens))
+  text = (evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
+                                chunk=TEXTS_PER_DEVICE * num_devices) if text_frozen
+          else jnp.asarray(tokens))
   stop = distributed.StopRequest(start_step)
   eval_every = config.eval_every_steps or steps_per_epoch
   bar = progress_bar(total_steps, start_step)

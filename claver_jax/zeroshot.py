@@ -48,6 +48,7 @@ from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
 from claver_jax.fileio import atomic_write_text
 from claver_jax.models import load, read_model_config
+from claver_jax.models.clip import needed_context
 from claver_jax.predict import model_dir, read_label_file
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import prompt_tokens, resolve_templates
@@ -311,7 +312,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   state_sharding = sharding.state_shardings(mesh, state)
   state = jax.device_put(state, state_sharding)
   replicated = sharding.replicated(mesh)
-  encode_text_fn, scores_fn = make_eval_fns(graphdef, config)
+  encode_text_fn, scores_fn = make_eval_fns(graphdef, config, mesh)
   encode_text = jax.jit(encode_text_fn, in_shardings=(state_sharding, replicated),
                         out_shardings=replicated)
   scores = jax.jit(scores_fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh),
@@ -329,7 +330,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                             templates=resolve_templates(config.text.templates),
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)
-      summary = run_eval(_Progress(data, bar), state, encode_text, scores, texts.tokens, mesh)
+      tokens = texts.tokens[..., :needed_context(texts.tokens, model.cfg.clip)]
+      summary = run_eval(_Progress(data, bar), state, encode_text, scores, tokens, mesh)
       if lead:
         evaluate.write_reports(summary, data.class_names,
                                workdir / 'zeroshot' / run.dataset / run.name)
