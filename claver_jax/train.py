@@ -6,9 +6,12 @@ soft cross-entropy over the C classes for each set, averaged. With a frozen text
 texts are encoded once and cached; otherwise the sampled sets are encoded inside the step, once
 per step whatever `config.train.grad_accum_steps`.
 
-Scale: texts are cut to the longest text's length (rounded up to 8 tokens) and split over the
-devices for encoding, forward and backward (`encode_texts_sharded`); gradient accumulation is a
-lax.scan over micro-batches that each span every device (`micro_batches`).
+Scale: the text attention is causal and pools at the end-of-text token, so a text encoded at
+any context that holds it gives the same embedding. Texts are cut to the longest one (rounded up
+to 8 tokens); in the step, they are sorted by length and encoded in groups at their own context
+(`encode_texts_by_length`). Each group is split over the devices, forward and backward
+(`encode_texts_sharded`). Gradient accumulation is a lax.scan over micro-batches that each span
+every device (`micro_batches`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar
 from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, claver_from_clip, load
 from claver_jax.models.claver import config_from
-from claver_jax.models.clip import (l2_normalize, needed_context, set_remat,
+from claver_jax.models.clip import (l2_normalize, needed_context, pool_index, set_remat,
                                     sincos_position_embedding)
 from claver_jax.models.io import write_model_dir
 from claver_jax.text import load_tokenizer
@@ -144,10 +147,44 @@ def encode_texts_sharded(model: CLAVER, tokens: jax.Array, mesh: jax.sharding.Me
   device count; their embeddings are dropped) and the embeddings are gathered; the backward
   pass through the text tower is split the same way."""
   n = tokens.shape[0]
-  tokens = jnp.pad(tokens, ((0, -n % mesh.size), (0, 0)))
+  # Padded on every device, then each takes its rows: no tokens move between devices.
+  tokens = jax.lax.with_sharding_constraint(jnp.pad(tokens, ((0, -n % mesh.size), (0, 0))),
+                                            sharding.replicated(mesh))
   tokens = jax.lax.with_sharding_constraint(tokens, sharding.batch_sharding(mesh))
   embeddings = model.encode_text(tokens)
   return jax.lax.with_sharding_constraint(embeddings, sharding.replicated(mesh))[:n]
+
+
+def length_buckets(lengths: np.ndarray, sets: int, multiple: int = 8
+                   ) -> tuple[tuple[int, int], ...]:
+  """Static groups (count, context) to encode the texts of any `sets` rows of `lengths` int
+  [A, C] (the context each text needs) by length: sorted by length, the texts of any such choice
+  fill the groups in order, each at most as long as its group's context (a multiple of
+  `multiple`). A group's count is the fewest texts of that length or shorter that `sets` rows can
+  hold, less the groups before it."""
+  total, longest = sets * lengths.shape[1], int(lengths.max())
+  buckets, placed = [], 0
+  for context in range(multiple, longest + multiple, multiple):
+    fits = total if context >= longest else int(np.sort((lengths <= context).sum(1))[:sets].sum())
+    if fits > placed:
+      buckets.append((fits - placed, context))
+      placed = fits
+  return tuple(buckets)
+
+
+def encode_texts_by_length(model: CLAVER, tokens: jax.Array, lengths: jax.Array,
+                           buckets: tuple[tuple[int, int], ...],
+                           mesh: jax.sharding.Mesh) -> jax.Array:
+  """tokens int32 [N, S], lengths int [N] (the context each needs) -> [N, E] unnormalised, on
+  every device. Inside jit: the texts sorted by length, each group of `length_buckets` encoded at
+  its own context by `encode_texts_sharded`. The text attention is causal, so this is exact."""
+  order = jnp.argsort(lengths, stable=True)
+  ranked = jax.lax.with_sharding_constraint(tokens[order], sharding.replicated(mesh))
+  parts, start = [], 0
+  for count, context in buckets:
+    parts.append(encode_texts_sharded(model, ranked[start:start + count, :context], mesh))
+    start += count
+  return jnp.concatenate(parts)[jnp.argsort(order)]
 
 
 def class_logits(model: CLAVER, video: jax.Array, text: jax.Array) -> jax.Array:
@@ -172,17 +209,20 @@ def micro_batches(tree: Any, count: int, mesh: jax.sharding.Mesh) -> Any:
 
 
 def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                    num_classes: int, num_sets: int, text_frozen: bool):
+                    text_lengths: np.ndarray, text_frozen: bool):
   """(state, batch, text, step) -> (state, metrics). `text` is [A, C, E] cached normalised
-  embeddings when the text tower is frozen, else [A, C, S] tokens.
+  embeddings when the text tower is frozen, else [A, C, S] tokens; `text_lengths` int [A, C] is
+  the context each text needs (its pooling position + 1).
 
   One step: normalise and mix the global batch; draw K of the A description sets; encode their
-  K·C texts once, split over the devices; run `grad_accum_steps` micro-batches (lax.scan, each
+  K·C texts once, by length and split over the devices (`encode_texts_by_length`); run `grad_accum_steps` micro-batches (lax.scan, each
   spread over every device), accumulating the gradients of the parameters and of the text
   embeddings; take the latter back through the text tower once; update.
   """
   tc, dc = config.train, config.data
+  num_sets, num_classes = text_lengths.shape
   sets = min(config.text.sets_per_step, num_sets)
+  buckets = length_buckets(text_lengths, sets)
   accum = tc.grad_accum_steps
   wrt = optim.trainable_filter(config.optim)
 
@@ -204,7 +244,9 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
 
     def text_embeddings(params):                                           # -> [K, C, E]
       tokens = chosen.reshape(sets * num_classes, -1)
-      embeddings = encode_texts_sharded(nnx.merge(graph, params, rest), tokens, mesh)
+      lengths = jnp.asarray(text_lengths)[set_ids].reshape(-1)
+      embeddings = encode_texts_by_length(nnx.merge(graph, params, rest), tokens, lengths,
+                                          buckets, mesh)
       return embeddings.reshape(sets, num_classes, -1)
 
     if text_frozen:
@@ -340,7 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- steps
   text_frozen = config.optim.freeze_text
   train_step = jax.jit(
-      make_train_step(graphdef, config, mesh, len(class_names), tokens.shape[0], text_frozen),
+      make_train_step(graphdef, config, mesh, pool_index(tokens, model.cfg.clip) + 1,
+                      text_frozen),
       in_shardings=(state_sharding, batch_sharding, replicated, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   encode_text_fn, scores_fn = make_eval_fns(graphdef, config, mesh)

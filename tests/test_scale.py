@@ -39,9 +39,10 @@ def tiny_config(grad_accum_steps: int):
   return c
 
 
-def random_tokens(rng, shape, context: int, vocab: int, eos: int, lengths=(3, 12)):
-  """int32 [*shape, context]: a start id, random ids, `eos`, zero padding (the Tokenizer's
-  layout); ids other than eos lie in [3, vocab), so for first-eos pooling eos is not the max."""
+def random_tokens(rng, shape, context: int, vocab: int, eos: int, lengths=(1, 12)):
+  """int32 [*shape, context]: a start id, n in [lengths) random ids, `eos`, zero padding (the
+  Tokenizer's layout); ids other than eos lie in [3, vocab), so for first-eos pooling eos is not
+  the largest."""
   tokens = np.zeros((*shape, context), np.int32)
   for index in np.ndindex(*shape):
     n = rng.integers(*lengths)
@@ -52,48 +53,58 @@ def random_tokens(rng, shape, context: int, vocab: int, eos: int, lengths=(3, 12
 
 
 def text_checks(mesh) -> dict:
-  """Sharded + cut encoding vs the replicated full-context one, for both pooling rules."""
+  """For both pooling rules: 2 of 3 description sets of 9 classes (texts of 2 to 27 tokens in a
+  40-token context) encoded as the train step does (cut, by length, split over the devices) and
+  as evaluation does (cut, split over the devices), against the replicated full-context
+  encoding: embeddings, gradients of the text tower, per-device FLOPs."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from claver_jax import sharding
   from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig
-  from claver_jax.models.clip import needed_context
-  from claver_jax.train import encode_texts_sharded
+  from claver_jax.models.clip import needed_context, pool_index
+  from claver_jax.train import encode_texts_by_length, encode_texts_sharded, length_buckets
   rng = np.random.default_rng(0)
+  replicated = sharding.replicated(mesh)
   out = {}
   for pooling, eos in (('argmax', 63), ('first_eos', 2)):
     clip = CLIPConfig(embed_dim=16, image_size=16, patch_size=8, vision_width=32, vision_layers=1,
-                      vision_heads=1, vision_mlp_dim=32, context_length=32, vocab_size=64,
+                      vision_heads=1, vision_mlp_dim=32, context_length=40, vocab_size=64,
                       text_width=32, text_layers=2, text_heads=2, text_mlp_dim=64,
                       text_pooling=pooling, eos_token_id=eos)
     model = CLAVER(CLAVERConfig(clip=clip, num_frames=2, temporal='mean'), rngs=nnx.Rngs(0))
-    tokens = random_tokens(rng, (13,), 32, 64, eos)          # 13 texts: padded to 16
-    cut = needed_context(tokens, clip)
-    cotangent = jax.random.normal(jax.random.key(1), (13, 16))
+    table = random_tokens(rng, (3, 9), 40, 64, eos, lengths=(0, 26))    # [A, C, 40]
+    cut = needed_context(table, clip)
+    lengths_table = pool_index(table, clip) + 1
+    buckets = length_buckets(lengths_table, 2)
+    tokens = table[[2, 0]].reshape(18, 40)                               # 18 texts: padded
+    lengths = lengths_table[[2, 0]].reshape(18)
+    cotangent = jax.random.normal(jax.random.key(1), (18, 16))
     graph, params, rest = nnx.split(model, nnx.Param, ...)
-    replicated = sharding.replicated(mesh)
     params = jax.device_put(params, replicated)
-
-    def loss(params, tokens, sharded):
-      m = nnx.merge(graph, params, rest)
-      text = encode_texts_sharded(m, tokens, mesh) if sharded else m.encode_text(tokens)
-      return (text * cotangent).sum(), text
-
-    grad = jax.grad(loss, has_aux=True)
-    compiled = [jax.jit(lambda p, t, s=s: grad(p, t, s), in_shardings=(replicated, replicated))
-                .lower(params, t).compile() for s, t in ((True, tokens[:, :cut]), (False, tokens))]
-    (g_cut, e_cut), (g_full, e_full) = compiled[0](params, tokens[:, :cut]), compiled[1](params,
-                                                                                        tokens)
-    g_cut, g_full = jax.tree.leaves(g_cut), jax.tree.leaves(g_full)
-    # Per-device FLOPs of one forward + backward: sharded and cut vs replicated at 32 tokens.
-    flops = [c.cost_analysis()['flops'] for c in compiled]
-    out[pooling] = dict(
-        cut=cut, embedding_diff=float(jnp.abs(e_cut - e_full).max()),
-        embedding_scale=float(jnp.abs(e_full).max()),
-        grad_rel_diff=max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30))
-                          for a, b in zip(g_cut, g_full)),
-        flops_ratio=flops[0] / flops[1])
+    ways = {'by_length': (lambda m, t: encode_texts_by_length(m, t, lengths, buckets, mesh),
+                          tokens[:, :cut]),
+            'cut': (lambda m, t: encode_texts_sharded(m, t, mesh), tokens[:, :cut]),
+            'full': (lambda m, t: m.encode_text(t), tokens)}
+    results, flops = {}, {}
+    for name, (encode, inputs) in ways.items():
+      def loss(params, tokens, encode=encode):
+        text = encode(nnx.merge(graph, params, rest), tokens)
+        return (text * cotangent).sum(), text
+      compiled = jax.jit(jax.grad(loss, has_aux=True),
+                         in_shardings=(replicated, replicated)).lower(params, inputs).compile()
+      grads, text = compiled(params, inputs)
+      results[name] = (jax.tree.leaves(grads), text)
+      flops[name] = compiled.cost_analysis()['flops']
+    g_full, e_full = results['full']
+    out[pooling] = dict(context=cut, buckets=buckets, embedding_scale=float(jnp.abs(e_full).max()))
+    for name in ('by_length', 'cut'):
+      grads, text = results[name]
+      out[pooling][name] = dict(
+          embedding_diff=float(jnp.abs(text - e_full).max()),
+          grad_rel_diff=max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30))
+                            for a, b in zip(grads, g_full)),
+          flops_ratio=flops[name] / flops['full'])
   return out
 
 
@@ -105,6 +116,7 @@ def step_checks(mesh) -> dict:
   from flax import nnx
   from claver_jax import optim, sharding
   from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig
+  from claver_jax.models.clip import pool_index
   from claver_jax.train import make_train_step
   losses, hlo = {}, ''
   for accum in (1, 2):
@@ -121,9 +133,10 @@ def step_checks(mesh) -> dict:
     state = jax.device_put(state, state_sharding)
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     num_sets, num_classes = 3, 12
-    tokens = jnp.asarray(random_tokens(np.random.default_rng(1), (num_sets, num_classes), 16,
-                                       64, 63))
-    step = jax.jit(make_train_step(graphdef, config, mesh, num_classes, num_sets, False),
+    tokens = random_tokens(np.random.default_rng(1), (num_sets, num_classes), 16, 64, 63)
+    lengths = pool_index(tokens, clip) + 1
+    tokens = jnp.asarray(tokens)
+    step = jax.jit(make_train_step(graphdef, config, mesh, lengths, False),
                    in_shardings=(state_sharding, batch_sharding, replicated, replicated),
                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     data = np.random.default_rng(2)
@@ -171,13 +184,31 @@ def checks():
   return json.loads(proc.stdout.splitlines()[-1])
 
 
+@pytest.mark.parametrize('way', ['by_length', 'cut'])
 @pytest.mark.parametrize('pooling', ['argmax', 'first_eos'])
-def test_texts_split_over_devices_and_cut_to_length_equal_the_full_encoding(checks, pooling):
-  got = checks['text'][pooling]
-  assert got['cut'] == 16                                  # 14 tokens at most, rounded up to 8
-  assert got['embedding_diff'] <= 1e-6 * max(1.0, got['embedding_scale'])
+def test_texts_split_over_devices_and_cut_to_length_equal_the_full_encoding(checks, pooling,
+                                                                            way):
+  text = checks['text'][pooling]
+  assert text['context'] == 32 and len(text['buckets']) >= 3   # 27 tokens at most, rounded up to 8
+  got = text[way]
+  assert got['embedding_diff'] <= 1e-6 * max(1.0, text['embedding_scale'])
   assert got['grad_rel_diff'] <= 1e-5
-  assert got['flops_ratio'] < 0.25                         # 1/8 of the texts at half the length
+  assert got['flops_ratio'] < 0.25                         # 1/8 of the texts, shorter
+
+
+def test_length_buckets_hold_any_choice_of_sets():
+  from itertools import combinations
+  from claver_jax.train import length_buckets
+  lengths = np.random.default_rng(0).integers(2, 30, (6, 7))
+  lengths[4] = 29                                           # one set of long texts only
+  for sets in (1, 2, 3, 6):
+    buckets = length_buckets(lengths, sets)
+    assert sum(count for count, _ in buckets) == sets * 7
+    assert all(context % 8 == 0 for _, context in buckets) and buckets[-1][1] == 32
+    contexts = np.repeat([context for _, context in buckets], [count for count, _ in buckets])
+    for chosen in combinations(range(6), sets):
+      assert (np.sort(lengths[list(chosen)].reshape(-1)) <= contexts).all()
+  assert length_buckets(lengths, 6)[0] == ((lengths <= 8).sum(), 8)   # all sets: exact counts
 
 
 def test_accumulation_gives_the_losses_of_one_batch(checks):
