@@ -215,9 +215,10 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
   the context each text needs (its pooling position + 1).
 
   One step: normalise and mix the global batch; draw K of the A description sets; encode their
-  K·C texts once, by length and split over the devices (`encode_texts_by_length`); run `grad_accum_steps` micro-batches (lax.scan, each
-  spread over every device), accumulating the gradients of the parameters and of the text
-  embeddings; take the latter back through the text tower once; update.
+  K·C texts once, by length and split over the devices (`encode_texts_by_length`); run
+  `grad_accum_steps` micro-batches (lax.scan, each spread over every device), accumulating the
+  gradients of the parameters and of the text embeddings; take the latter back through the text
+  tower once; update.
   """
   tc, dc = config.train, config.data
   num_sets, num_classes = text_lengths.shape

@@ -3,8 +3,9 @@
 Real runs of main on the demo config through launch/local_multiprocess.sh: 2 processes x 2 CPU
 devices give the losses of 1 process x 4 devices (the global batches do not depend on the
 process count); SIGTERM to one process stops both after the same step with a checkpoint; that
-checkpoint resumes in one process with the losses the two-process run gave after it. The launchers' process handling is checked
-with stand-in processes, and the cloud launchers through --dry_run.
+checkpoint resumes in one process with the losses the two-process run gave after it. The
+launchers' process handling is checked with stand-in processes, and the cloud launchers through
+--dry_run.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ As in the official code (timm's batch mode), samples are mixed in pairs with one
 whole batch; the pairs are neighbours (2k, 2k + 1; the last sample of an odd batch is its own
 partner) where timm pairs i with B - 1 - i: the batch is shuffled, so both are random pairs, and
 neighbours stay on one device when the batch is split over devices in even shares (mixing moves
-no data) and do not depend on the device count. With probability `switch_prob` it is CutMix (lambda ~ Beta(1, 1), one
-box for every frame of every clip, lambda corrected to the box's true area after clipping),
-otherwise Mixup (lambda ~ Beta(.8, .8)). Targets are label-smoothed one-hots mixed with the same
-lambda, so each row sums to 1.
+no data) and do not depend on the device count. With probability `switch_prob` it is CutMix
+(lambda ~ Beta(1, 1), one box for every frame of every clip, lambda corrected to the box's true
+area after clipping), otherwise Mixup (lambda ~ Beta(.8, .8)). Targets are label-smoothed
+one-hots mixed with the same lambda, so each row sums to 1.
 """
 
 from __future__ import annotations

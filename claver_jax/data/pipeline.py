@@ -360,7 +360,8 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
   Lists and labels are read and checked here, so malformed input fails before training.
   `shard_index` / `shard_count` default to this JAX process and the process count: shard i
   reads rows [i B, (i + 1) B) of every global train batch of B x shard_count clips
-  (B = cfg.batch_size) and every shard_count-th eval clip from the i-th. With cfg.shots, shard 0 writes the K-shot train list into `workdir` when one is given.
+  (B = cfg.batch_size) and every shard_count-th eval clip from the i-th. With cfg.shots,
+  shard 0 writes the K-shot train list into `workdir` when one is given.
   """
   if cfg.source not in SOURCES:
     raise DataError(f'config.data.source={cfg.source!r}; use one of {SOURCES}.')
