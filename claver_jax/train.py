@@ -259,14 +259,18 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
       model = nnx.merge(graph, params, rest)
       return soft_cross_entropy(class_logits(model, model.encode_video(video), text_emb), targets)
 
-    def micro_step(carry, micro):
-      loss, grads, text_grad = carry
-      l, (g, t) = jax.value_and_grad(micro_loss, argnums=(0, 1))(params, text_emb, *micro)
-      return (loss + l, jax.tree.map(jnp.add, grads, g), text_grad + t), None
+    grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1))
+    if accum == 1:     # No loop: XLA's CPU backend runs a loop's body about 3x slower.
+      loss, (grads, text_grad) = grad_fn(params, text_emb, video, targets)
+    else:
+      def micro_step(carry, micro):
+        loss, grads, text_grad = carry
+        l, (g, t) = grad_fn(params, text_emb, *micro)
+        return (loss + l, jax.tree.map(jnp.add, grads, g), text_grad + t), None
 
-    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(text_emb))
-    (loss, grads, text_grad), _ = jax.lax.scan(micro_step, zeros,
-                                               micro_batches((video, targets), accum, mesh))
+      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(text_emb))
+      (loss, grads, text_grad), _ = jax.lax.scan(micro_step, zeros,
+                                                 micro_batches((video, targets), accum, mesh))
     if text_backward is not None:
       grads = jax.tree.map(jnp.add, grads, text_backward(text_grad)[0])
     grads = jax.tree.map(lambda g: g / accum, grads)
