@@ -8,7 +8,7 @@
     model.temporal_heads   None: the paper's vision width / 64
     model.attention      how the Kronecker attention is computed: 'dense' ([T·L, T·L] scores),
                          'chunked' (exact, a chunk of frames at a time, O(T·L²) memory) or
-                         'auto' (chunked from 1024 tokens per clip; claver_jax/models/kronecker.py).
+                         'auto' (chunked from 512 tokens per clip; claver_jax/models/kronecker.py).
                          Recorded in WORKDIR/model; it overrides an init.checkpoint's
     model.temporal_init_std  std of the temporal embedding of a model built from scratch (0.02,
                          the official code's; ~1 suits them, their tokens being O(1) per

@@ -3,6 +3,7 @@ no [T·L, T·L] array in the chunked program, the `attention` setting and its 'a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -195,3 +196,10 @@ def test_run_config_sets_the_attention():
   assert config_from(config).attention == 'chunked'
   with pytest.raises(ValueError, match='attention='):
     CLAVERConfig(clip=TINY, attention='flash')
+
+
+def test_flops_count_the_chunked_attention_as_dense():
+  """XLA's cost analysis counts a loop's body once; the report counts the attention dense."""
+  from claver_jax.flops import report
+  cfg = CLAVERConfig(clip=TINY, num_frames=3, temporal='kmct', temporal_layers=1)
+  assert report(dataclasses.replace(cfg, attention='chunked')) == report(cfg)

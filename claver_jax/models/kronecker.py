@@ -52,8 +52,10 @@ CHUNKED_KERNELS = ('portable', 'cudnn', 'splash')
 # Kinds whose key chunks other than the query's own are either wholly allowed or never computed.
 BLOCKWISE_KINDS = ('kmt', 'kmct', 'joint')
 
-# 'auto' is chunked from this many tokens per clip (T·L) on; see benchmarks/kronecker_attention.py.
-AUTO_CHUNKED_MIN_TOKENS = 1024
+# 'auto' is chunked from this many tokens per clip (T·L) on. Below, dense's scores are small and
+# the chunked loops cost more than they save: chunked/dense time of KMT's forward + backward on
+# the CPU was 1.06 at 200 tokens, 1.04 at 400, 0.75 at 600 (benchmarks/kronecker_attention.py).
+AUTO_CHUNKED_MIN_TOKENS = 512
 SPLASH_BLOCK = 128
 
 
