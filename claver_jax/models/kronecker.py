@@ -8,19 +8,20 @@ Who may attend to whom, for query token i and key token j (frames i // L and j /
   pipeline  kron(1_T, I_L)                      the same spatial position in every frame
 
 `allowed` is that rule on index arrays. The model builds its masks from it inside the program
-(iota), a block at a time; it never holds a [T·L, T·L] mask on the host. `kronecker_mask` is the
-same rule as a host matrix, for tests and inspection only.
+(iota; the chunked implementation a block at a time), never as a [T·L, T·L] host constant.
+`kronecker_mask` is the same rule as a host matrix, for tests and inspection only.
 
 `kronecker_attention(q, k, v, kind=..., num_frames=T, implementation=...)`, q/k/v [B, T·L, H, Dh]:
   dense     `jax.nn.dot_product_attention` with the whole mask: [B, H, T·L, T·L] scores.
-  chunked   exact, without the [T·L, T·L] matrix in the forward or the backward pass. Queries go
-            a chunk of frames at a time: a chunk's scores are [B, H, c·L, T·L] (kmt, joint,
-            spatial, pipeline), masked from iota. For kmct the keys come a block of frames at a
-            time with an online softmax (running max and sum) and the blocks after the query
-            chunk are never computed: (T/c + 1) / (2T/c) of dense's score work. The backward
-            pass is a custom VJP that recomputes each chunk's scores from the saved log-sum-exp
-            (flash attention), so a layer keeps only q, k, v, its output and [B, H, T·L]
-            log-sum-exps for the backward pass.
+  chunked   exact, without the [T·L, T·L] matrix in the forward or the backward pass. Queries
+            go a chunk of c frames at a time (c = 1 by default). kmt, kmct and joint: the
+            chunk's scores against its own frames first ([B, H, c·L, c·L], masked from iota),
+            then against the other key chunks whole, one at a time, with an online softmax
+            (running max and sum); kmct never computes a key chunk after the query chunk, so it
+            does (T/c + 1) / (2T/c) of dense's score work. spatial and pipeline: a chunk's scores
+            against every key at once ([B, H, c·L, T·L], masked from iota). The backward pass is
+            a custom VJP that recomputes each block of scores from the saved log-sum-exp (flash
+            attention), so a layer keeps only q, k, v, its output and [B, H, T·L] log-sum-exps.
   auto      chunked from AUTO_CHUNKED_MIN_TOKENS tokens per clip on, dense below.
 
 The chunked implementation's kernel follows the backend (`chunked_kernel`):
@@ -114,7 +115,7 @@ def kronecker_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str, 
   kernel: the chunked kernel, 'portable' | 'cudnn' | 'splash'; None = `chunked_kernel(q.dtype)`.
   chunk_frames: frames per query chunk of the portable kernel; it must divide T.
   """
-  b, s, h, d = q.shape
+  s = q.shape[1]
   if kind not in MASK_KINDS:
     raise ValueError(f'Unknown mask {kind!r}; choose one of {MASK_KINDS}.')
   if s % num_frames:
@@ -310,7 +311,7 @@ def _cudnn_attention(q, k, v, kind, num_frames):
 def _splash_attention(q, k, v, kind, num_frames):
   """TPU: Pallas splash attention, the Kronecker rule computed in the kernel. Under a mesh
   (`jax.set_mesh`), each device runs it on its part of the batch (shard_map over every mesh
-  axis, the batch's sharding in this project)."""
+  axis, the batch's sharding in this project); on several devices without one, it declines."""
   b, s, h, d = q.shape
   padded = -(-s // SPLASH_BLOCK) * SPLASH_BLOCK
   kernel = _splash_kernel(kind, s // num_frames, s, padded, h, jax.default_backend() == 'cpu')
@@ -321,6 +322,10 @@ def _splash_attention(q, k, v, kind, num_frames):
     return out[:, :, :s].transpose(0, 2, 1, 3)
 
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty and jax.device_count() > 1:
+    # Without the mesh, XLA would gather the whole batch on every device for the kernel.
+    raise ValueError(f'splash attention over {jax.device_count()} devices needs the mesh set '
+                     'with jax.set_mesh around the jitted step')
   if mesh.empty or mesh.size == 1:
     return attend(q, k, v)
   spec = jax.sharding.PartitionSpec(mesh.axis_names)
