@@ -104,7 +104,8 @@ class CLAVER(nnx.Module):
     c = cfg.clip
     self.temporal = None if cfg.temporal == 'mean' else TemporalTransformer(
         cfg.temporal, cfg.num_frames, c.vision_width, cfg.temporal_depth, cfg.temporal_num_heads,
-        attention=cfg.attention, activation=c.activation, layer_norm_eps=c.layer_norm_eps, dtype=dtype, rngs=rngs)
+        attention=cfg.attention, activation=c.activation, layer_norm_eps=c.layer_norm_eps,
+        dtype=dtype, rngs=rngs)
 
   def encode_frames(self, video: jax.Array) -> jax.Array:
     """[B, T, H, W, 3] -> [B, T, embed_dim]: L2-normalised per-frame embeddings."""

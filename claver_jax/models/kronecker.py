@@ -53,9 +53,11 @@ CHUNKED_KERNELS = ('portable', 'cudnn', 'splash')
 # Kinds whose key chunks other than the query's own are either wholly allowed or never computed.
 BLOCKWISE_KINDS = ('kmt', 'kmct', 'joint')
 
-# 'auto' is chunked from this many tokens per clip (T·L) on. Below, dense's scores are small and
-# the chunked loops cost more than they save: chunked/dense time of KMT's forward + backward on
-# the CPU was 1.06 at 200 tokens, 1.04 at 400, 0.75 at 600 (benchmarks/kronecker_attention.py).
+# 'auto' is chunked from this many tokens per clip (T·L) on. Below, dense's scores are small (at
+# 400 tokens, 7.7 MB per clip and layer at 12 heads) and the loops cost more than they save:
+# chunked/dense time of KMT's forward + backward on the CPU (benchmarks/kronecker_attention.py,
+# batches of ~3200 tokens) was 2.09 at 80 tokens, 1.52 at 208, 1.04-1.05 at 400 (0.88 once),
+# 0.69-0.75 at 600, 0.49-0.73 at 800 and beyond.
 AUTO_CHUNKED_MIN_TOKENS = 512
 SPLASH_BLOCK = 128
 
