@@ -13,7 +13,8 @@ from the config's prompt set; the texts are `context_length` tokens long (--text
 What this measures is the CPU backend's buffer assignment: GPU and TPU compilers fuse, lay out
 and schedule differently, so their peaks differ. Hence a margin: a micro-batch fits a device
 when the CPU peak is at most BUDGET_FRACTION of its memory (the share of a GPU that JAX
-preallocates by default).
+preallocates by default). The CPU compiler also removes the optimization barriers that keep
+`jax.checkpoint`'s recomputation apart from the forward pass, so `model.remat` gets no credit here.
 
 --table: for each config of SETTINGS, the step compiled at 1 and 2 clips per device (no
 accumulation), the text tower's share (the same step with the text tower frozen, its embeddings
