@@ -36,6 +36,7 @@ if __name__ == '__main__':   # Simulated devices must be asked for before jax st
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from claver_jax import optim, sharding
@@ -107,7 +108,9 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int,
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   num_sets, num_classes = text_shape(config)
   text_frozen = config.optim.freeze_text
-  step = jax.jit(make_train_step(graphdef, config, num_classes, num_sets, text_frozen),
+  length = text_length or cfg.clip.context_length
+  step = jax.jit(make_train_step(graphdef, config, mesh,
+                                 np.full((num_sets, num_classes), length), text_frozen),
                  in_shardings=(state_sharding, batch_sharding, replicated, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   b, size = config.train.batch_size, config.data.image_size
@@ -116,8 +119,7 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int,
            'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
   text = (jax.ShapeDtypeStruct((num_sets, num_classes, cfg.clip.embed_dim), jnp.float32)
           if text_frozen else
-          jax.ShapeDtypeStruct((num_sets, num_classes, text_length or cfg.clip.context_length),
-                               jnp.int32))
+          jax.ShapeDtypeStruct((num_sets, num_classes, length), jnp.int32))
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state, state_sharding)
   compiled = step.lower(abstract_state, batch, text,
