@@ -1,14 +1,16 @@
 r"""Per-device memory of the compiled train step, from XLA's memory analysis: nothing is run.
 
     python -m claver_jax.memory --config=configs/k400.py:B16,32 [--devices=8]
-    python -m claver_jax.memory --table      # the README's table: what fits, per config
+    python -m claver_jax.memory --table --text_length=32   # the README's table: what fits
 
 The train step is the one train.py compiles (`make_train_step`, its shardings, the donated
 state), lowered on abstract shapes (`nnx.eval_shape`, `jax.ShapeDtypeStruct`) for a mesh of
 --devices simulated CPU devices and compiled by XLA's CPU backend; `memory_analysis()` of that
 per-device program gives its arguments, outputs and temporaries. A device's peak is taken as
 arguments + outputs - donated aliases + temporaries. The class count and description sets come
-from the config's prompt set; the texts are `context_length` tokens long (--text_length).
+from the config's prompt set; every text is counted at `context_length` tokens, or at
+--text_length (the step cuts texts to the longest one, rounded up to 8: 32 for the shipped
+prompt sets with OpenAI's vocabulary; the README's table uses --text_length=32).
 
 What this measures is the CPU backend's buffer assignment: GPU and TPU compilers fuse, lay out
 and schedule differently, so their peaks differ. Hence a margin: a micro-batch fits a device
