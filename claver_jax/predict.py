@@ -8,12 +8,11 @@ works). The video is sampled as in evaluation: T frames, one at the centre of ea
 segments, short side resized to the model's image size, centre crop. Each label is described
 by the 16 templates (and, with --prompts, by a prompt set's interpretive texts where it has
 them); scores are the softmax over the labels, averaged over descriptions. --label_file takes
-one label per line, or a labels CSV with an `id,name` header.
+one label per line, or a labels CSV (`id,name` rows), read by claver_jax.data.labels.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from claver_jax import evaluate
+from claver_jax.data.labels import read_labels
 from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD, normalize, spatial_crops
 from claver_jax.data.video import VideoError, eval_indices, open_video
 from claver_jax.models import CLAVER, CLAVERConfig, claver_from_clip, load, read_model_config
@@ -40,14 +40,6 @@ def model_dir(path: str | Path) -> Path:
   return path
 
 
-def read_label_file(path: str | Path) -> list[str]:
-  lines = [line.strip() for line in Path(path).read_text(encoding='utf-8').splitlines()]
-  lines = [line for line in lines if line]
-  if lines and lines[0].replace(' ', '').lower() == 'id,name':
-    return [row['name'] for row in csv.DictReader(lines)]
-  return lines
-
-
 def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int) -> np.ndarray:
   """uint8 [T, S, S, 3]: the evaluation sampling of one clip and its centre crop."""
   with open_video(video_path) as video:
@@ -60,8 +52,9 @@ def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str
   """-> [{'label', 'score'}] for the top_k labels, best first."""
   if len(labels) < 1:
     raise ValueError('No labels given: pass --labels "a" "b" ... or --label_file=F.')
-  if len(set(labels)) != len(labels):
-    raise ValueError('The labels contain duplicates.')
+  repeated = sorted({label for label in labels if labels.count(label) > 1})
+  if repeated:
+    raise ValueError(f'The labels name {repeated} more than once; give each label once.')
   directory = model_dir(checkpoint)
   kind, _, meta = read_model_config(directory)
   model = load(directory)
@@ -97,8 +90,8 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if bool(f.labels) == bool(f.label_file):
     sys.exit('error: pass exactly one of --labels "a" "b" ... and --label_file=F.')
-  labels = list(f.labels) if f.labels else read_label_file(f.label_file)
   try:
+    labels = list(f.labels) if f.labels else read_labels(f.label_file)
     result = predict(f.checkpoint, f.video, labels, top_k=f.top_k, prompts=f.prompts)
   except (VideoError, FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
@@ -128,7 +121,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('checkpoint', None, 'Model directory (or a run workdir).', required=True)
   flags.DEFINE_string('video', None, 'Video file.', required=True)
   flags.DEFINE_multi_string('labels', labels or None, 'Labels (after --labels, space separated).')
-  flags.DEFINE_string('label_file', None, 'One label per line, or a labels CSV (id,name).')
+  flags.DEFINE_string('label_file', None, 'One label per line, or a labels CSV (id,name rows).')
   flags.DEFINE_integer('top_k', 5, 'How many labels to show.')
   flags.DEFINE_bool('json', False, 'Print a JSON list of {"label", "score"}.')
   flags.DEFINE_string('prompts', None, 'A prompt set (name or JSON) for labels it describes.')

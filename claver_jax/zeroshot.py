@@ -48,7 +48,7 @@ from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
 from claver_jax.fileio import atomic_write_text
 from claver_jax.models import load, read_model_config
-from claver_jax.predict import model_dir, read_label_file
+from claver_jax.predict import model_dir
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import prompt_tokens, resolve_templates
 from claver_jax.train import make_eval_fns, run_eval
@@ -165,7 +165,7 @@ def _k600_runs(cfg: ml_collections.ConfigDict, out: Path, write: bool) -> list[R
                      'it) or new_classes (a file of their names).')
   k600_names = read_labels(cfg.labels)
   if cfg.new_classes:
-    candidates = read_label_file(cfg.new_classes)
+    candidates = read_labels(cfg.new_classes)
     unknown = [n for n in candidates if n not in k600_names]
     if unknown:
       raise DataError(f'{cfg.new_classes}: {len(unknown)} classes are not in {cfg.labels}: '

@@ -169,14 +169,29 @@ def test_malformed_lists_give_line_numbered_errors(motion_dir, tmp_path, text, m
 
 
 @pytest.mark.parametrize('text,message', [
-    ('id,name\n0,a\n2,b\n', r'ids must be 0..1 without gaps; missing \[1\]'),
-    ('id,name\n0,a\n0,b\n', r'labels.csv:3: id 0 appears twice'),
+    ('id,name\n0,a\n2,b\n', r'labels.csv:3: id 2: ids must be 0..1 without gaps; missing \[1\]'),
+    ('id,name\n0,a\n0,b\n', r"labels.csv:3: id 0 appears twice \('a' on line 2, 'b' here\)"),
     ('0,a\nb\n', r'labels.csv:2: expected "id,name"'),
+    ('ID, Name\n0,a\n1,a\n', r"labels.csv:3: the class name 'a' appears twice \(also on line 2\)"),
+    ('run\njump\n\nrun\n', r"labels.csv:4: the class name 'run' appears twice"),
+    ('0,a\n-1,b\n', r'labels.csv:2: id -1 is negative'),
+    ('\n\n', r'has no classes'),
 ])
 def test_malformed_labels_give_clear_errors(tmp_path, text, message):
   (tmp_path / 'labels.csv').write_text(text)
   with pytest.raises(DataError, match=message):
     read_labels(tmp_path / 'labels.csv')
+
+
+@pytest.mark.parametrize('text,names', [
+    ('id,name\n1,b c\n0,"a, with comma"\n', ['a, with comma', 'b c']),     # ids, not line order
+    ('ID,Name\n0,a\n\n1,b\n', ['a', 'b']),                                 # any header case
+    ('\ufeff0,a\n1,b\n', ['a', 'b']),                                       # BOM, no header
+    ('moving left\n  moving right \n', ['moving left', 'moving right']),     # one name a line
+])
+def test_labels_files(tmp_path, text, names):
+  (tmp_path / 'labels.csv').write_text(text, encoding='utf-8')
+  assert read_labels(tmp_path / 'labels.csv') == names
 
 
 def test_list_paths_may_contain_spaces(tmp_path):

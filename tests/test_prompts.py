@@ -8,11 +8,12 @@ import logging
 import numpy as np
 import pytest
 
+from claver_jax.data.labels import read_labels
 from claver_jax.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from claver_jax.text import Tokenizer, load_tokenizer, prompts
 from claver_jax.text.prompts import (ASPECTS, TEMPLATES, Collision, MissingPromptsError,
                                      build_prompt_texts, find_collisions, load_prompt_set,
-                                     prompt_tokens, read_class_names, readable_name)
+                                     prompt_tokens, readable_name)
 from conftest import CLIP_BPE, SHARED_REFERENCE, requires_clip_bpe, run_cli
 from prompt_helpers import tiny_clip_vocab, write_tiny_clip_vocab
 
@@ -56,7 +57,7 @@ def reference_classes(name):
     return source
   if not (LABELS / source).is_file():
     pytest.skip(f'{LABELS / source} is absent (../shared/reference is not checked out)')
-  return read_class_names(LABELS / source)
+  return read_labels(LABELS / source)
 
 
 def require_shipped(name):
@@ -187,18 +188,6 @@ def test_loading_sets_by_name_and_path(tmp_path):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
       load_prompt_set(path)
-
-
-def test_read_class_names(tmp_path):
-  path = tmp_path / 'labels.csv'
-  path.write_text('id,name\n1,b c\n0,"a, with comma"\n')
-  assert read_class_names(path) == ['a, with comma', 'b c']
-  path.write_text('0,a\n1\n')
-  with pytest.raises(ValueError, match='labels.csv:2: expected "id,name"'):
-    read_class_names(path)
-  path.write_text('0,a\n2,b\n')
-  with pytest.raises(ValueError, match='0..N-1'):
-    read_class_names(path)
 
 
 # ------------------------------------------------------------------------------------------------

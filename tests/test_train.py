@@ -194,6 +194,37 @@ def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path, monkeypatch):
   assert bad.returncode != 0 and 'error:' in bad.stderr
 
 
+def test_predict_and_the_prompts_check_read_labels_files_as_training_does(uninterrupted, tmp_path):
+  """One parser: ids and an `ID,Name` header honoured, duplicate names an error with file:line,
+  in predict's --label_file and the prompts checker's --labels as in training's read_labels."""
+  import json as json_lib
+  from claver_jax.data import synthetic
+  from claver_jax.data.sources import read_labels
+  from conftest import run_cli
+  clip, _ = synthetic.make_clip(7, num_frames=8, size=32)
+  video = tmp_path / 'clip.mp4'
+  synthetic.write_mp4(video, clip)
+  good = tmp_path / 'good.csv'
+  good.write_text('ID,Name\n1,moving right\n0,moving left\n')
+  assert read_labels(good) == ['moving left', 'moving right']
+  result = json_lib.loads(run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}',
+                                  f'--video={video}', f'--label_file={good}', '--json').stdout)
+  assert sorted(r['label'] for r in result) == ['moving left', 'moving right']
+  check = run_cli('claver_jax.text.prompts', '--check=synthetic_motion', f'--labels={good}',
+                  check=False)
+  assert 'coverage: 2/2 classes' in check.stdout
+  twice = tmp_path / 'twice.csv'
+  twice.write_text('0,moving left\n1,moving right\n2,moving left\n')
+  with pytest.raises(ValueError, match='twice.csv:3: the class name'):
+    read_labels(twice)
+  for proc in (run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}',
+                       f'--video={video}', f'--label_file={twice}', check=False),
+               run_cli('claver_jax.text.prompts', '--check=synthetic_motion',
+                       f'--labels={twice}', check=False)):
+    assert proc.returncode != 0
+    assert f"error: {twice}:3: the class name 'moving left' appears twice" in proc.stderr
+
+
 def test_eval_mode_needs_something_to_evaluate(tmp_path):
   proc = run_main(tmp_path / 'empty', '--config.mode=eval', check=False)
   assert proc.returncode != 0 and 'nothing to evaluate' in proc.stderr

@@ -25,7 +25,6 @@ which prints coverage, per-aspect counts, texts over 77 tokens and texts that na
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import difflib
 import importlib.resources
@@ -40,6 +39,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from claver_jax.data.labels import read_labels
 from claver_jax.text.tokenizer import Tokenizer
 
 ASPECTS = ('decomposition', 'synonyms', 'body_parts')
@@ -205,26 +205,6 @@ def load_prompt_set(name_or_path: str | os.PathLike) -> PromptSet:
     raise FileNotFoundError(f'Prompt set file {path} does not exist (shipped sets: '
                             f'{available_sets()}).')
   return read_prompt_set(shipped_set_path(str(name_or_path)))
-
-
-def read_class_names(labels_csv: str | os.PathLike) -> list[str]:
-  """A labels CSV (`id,name` rows, header optional) -> class names in id order."""
-  path = Path(labels_csv)
-  rows = {}
-  with path.open(newline='', encoding='utf-8') as f:
-    for line_number, row in enumerate(csv.reader(f), start=1):
-      if not row or (line_number == 1 and [c.strip().lower() for c in row] == ['id', 'name']):
-        continue
-      if len(row) != 2 or not row[0].strip().isdigit() or not row[1].strip():
-        raise ValueError(f'{path}:{line_number}: expected "id,name", got {",".join(row)!r}.')
-      label = int(row[0])
-      if label in rows:
-        raise ValueError(f'{path}:{line_number}: id {label} appears twice.')
-      rows[label] = row[1].strip()
-  if sorted(rows) != list(range(len(rows))) or not rows:
-    raise ValueError(f'{path}: ids must be 0..N-1 with none missing; got {len(rows)} rows with '
-                     f'ids {sorted(rows)[:5]}...')
-  return [rows[i] for i in range(len(rows))]
 
 
 def close_matches(name: str, candidates: Sequence[str], n: int = 3) -> list[str]:
@@ -421,7 +401,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   try:
     prompt_set = load_prompt_set(f.check)
-    class_names = read_class_names(f.labels) if f.labels else None
+    class_names = read_labels(f.labels) if f.labels else None
     tokenizer = None
     if f.tokenizer:
       from claver_jax.text.tokenizer import load_tokenizer
