@@ -194,6 +194,54 @@ def test_labels_files(tmp_path, text, names):
   assert read_labels(tmp_path / 'labels.csv') == names
 
 
+def test_truncated_and_corrupt_mp4s_are_named_as_such(motion_dir, tmp_path):
+  from claver_jax.data.video import VideoError, open_video
+  path = motion_dir / read_list(motion_dir / 'train.txt')[0][0]
+  data = path.read_bytes()
+  moov = data.index(b'moov') - 4        # The index sits after the frames (no faststart).
+  cases = {'half': (data[:len(data) // 2], "truncated: the file has"),
+           'in the index': (data[:moov + 40], "its 'moov' box runs from byte"),
+           'no index': (data[:moov], "corrupt or truncated: it has no 'moov' box"),
+           'empty': (b'', 'empty: the file has 0 bytes')}
+  for name, (content, message) in cases.items():
+    broken = tmp_path / f'{name}.mp4'
+    broken.write_bytes(content)
+    with pytest.raises(VideoError, match=message):
+      open_video(broken)
+  # The cut that PyAV opens as "no video stream" is still reported as truncated.
+  for cut in range(moov + 8, len(data), 3):
+    (tmp_path / 'cut.mp4').write_bytes(data[:cut])
+    try:
+      open_video(tmp_path / 'cut.mp4').close()
+    except VideoError as e:
+      assert 'truncated' in str(e), str(e)
+
+
+def test_the_pipeline_closes_every_container_it_opens(motion_dir, tmp_path, monkeypatch):
+  """Closed by `with` blocks when each clip is read, not left to the garbage collector."""
+  import gc
+  from claver_jax.data import video
+  opened, closed = [], []
+  real_init, real_close = video.PyAVVideo.__init__, video.PyAVVideo.close
+  monkeypatch.setattr(video.PyAVVideo, '__init__',     # Counted once opened.
+                      lambda self, *a, **kw: (real_init(self, *a, **kw), opened.append(id(self)))[0])
+  monkeypatch.setattr(video.PyAVVideo, 'close',
+                      lambda self: (closed.append(id(self)), real_close(self))[1])
+  from claver_jax.data.pipeline import SampleLoader
+  from claver_jax.data.sources import FileListSource
+  bad = with_bad_videos(motion_dir, tmp_path / 'bad')          # train.txt line 1 is corrupt
+  source = FileListSource(bad, bad / 'train.txt', synthetic.NUM_CLASSES)
+  loader = SampleLoader(source, num_frames=4, image_size=32)
+  gc.disable()
+  try:
+    samples = [loader.train_sample(i, i) for i in range(4)]
+    views = [loader.eval_item((i, True)) for i in range(4)]
+    assert samples[0]['substituted'] and not views[2]['substituted']
+    assert len(opened) == 6 and sorted(closed) == sorted(opened)   # 4 train + 2 readable eval
+  finally:
+    gc.enable()
+
+
 def test_list_paths_may_contain_spaces(tmp_path):
   (tmp_path / 'list.txt').write_text('air drumming/x y.mp4 3\n')
   assert read_list(tmp_path / 'list.txt') == [('air drumming/x y.mp4', 3)]

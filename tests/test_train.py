@@ -187,11 +187,13 @@ def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path, monkeypatch):
   table = run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}/model',
                   f'--video={video}', f'--label_file={label_file}').stdout.splitlines()
   assert table[0].split() == ['label', 'score'] and len(table) == 6     # header + top 5
-  broken = tmp_path / 'broken.mp4'
-  broken.write_bytes(b'not a video')
+  broken = tmp_path / 'broken.mp4'                   # Cut inside its index: PyAV sees no stream.
+  data = video.read_bytes()
+  broken.write_bytes(data[:data.index(b'moov') + 60])
   bad = run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}', f'--video={broken}',
                 '--labels', 'a', 'b', check=False)
-  assert bad.returncode != 0 and 'error:' in bad.stderr
+  assert bad.returncode != 0
+  assert f"error: {broken}: truncated: the file has" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_predict_and_the_prompts_check_read_labels_files_as_training_does(uninterrupted, tmp_path):

@@ -151,11 +151,11 @@ class SampleLoader:
   max_substitution_tries: int = 8
 
   def _train_clip(self, source_index: int, rng: np.random.Generator) -> np.ndarray:
-    video = self.source.open(source_index)
-    indices = train_indices(video.num_frames, self.num_frames, rng)
-    # Frames larger than the resize target shrink while they are converted (fewer pixels to
-    # convert); smaller ones are converted as they are and resized inside the crop.
-    clip = video.frames(indices, short_side=train_short_side(self.image_size), enlarge=False)
+    with self.source.open(source_index) as video:
+      indices = train_indices(video.num_frames, self.num_frames, rng)
+      # Frames larger than the resize target shrink while they are converted (fewer pixels to
+      # convert); smaller ones are converted as they are and resized inside the crop.
+      clip = video.frames(indices, short_side=train_short_side(self.image_size), enlarge=False)
     return augment_train_clip(clip, self.image_size, rng, scales=self.scales,
                               flip_prob=self.flip_prob, jitter_prob=self.jitter_prob,
                               jitter=self.jitter, grayscale_prob=self.grayscale_prob)
@@ -178,9 +178,9 @@ class SampleLoader:
 
   def eval_views(self, source_index: int) -> np.ndarray:
     """uint8 [V, T, S, S, 3]: num_clips deterministic clips x num_crops crops."""
-    video = self.source.open(source_index)
-    indices = eval_indices(video.num_frames, self.num_frames, self.num_clips)
-    frames = video.frames(indices.reshape(-1), short_side=self.image_size)
+    with self.source.open(source_index) as video:
+      indices = eval_indices(video.num_frames, self.num_frames, self.num_clips)
+      frames = video.frames(indices.reshape(-1), short_side=self.image_size)
     clips = frames.reshape(self.num_clips, self.num_frames, *frames.shape[1:])
     views = np.stack([spatial_crops(clip, self.image_size, self.num_crops) for clip in clips])
     return views.reshape(-1, *views.shape[2:])

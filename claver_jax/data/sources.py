@@ -23,7 +23,7 @@ import numpy as np
 
 from claver_jax.data import synthetic
 from claver_jax.data.labels import DataError, read_labels  # noqa: F401 (re-exported)
-from claver_jax.data.video import ArrayVideo, Video, VideoError, open_video
+from claver_jax.data.video import ArrayVideo, InMemory, Video, VideoError, open_video
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class SubsetSource:
     return self.source.open(self.indices[index])
 
 
-class JpegVideo:
+class JpegVideo(InMemory):
   """A prepared record's JPEG frames behind the `Video` interface; decodes only what is asked."""
 
   def __init__(self, jpeg: np.ndarray, offsets: np.ndarray, name: str):
