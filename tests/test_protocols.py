@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,28 @@ def independent_top_k(tiny_model_dir):
             100 * evaluate.topk_correct(s, labels, 5).mean())
 
   return top_k
+
+
+def test_broken_model_directories_give_one_clear_error(tiny_model_dir, motion_dir, tmp_path):
+  """No params/, or a parameter shard cut short: one line naming the directory and the problem,
+  from load() and from predict's CLI."""
+  import shutil
+  no_params = shutil.copytree(tiny_model_dir, tmp_path / 'no_params')
+  shutil.rmtree(no_params / 'params')
+  cut = shutil.copytree(tiny_model_dir, tmp_path / 'cut')
+  shard = max((p for p in (cut / 'params').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  cases = {no_params: f'{no_params} has no params/ directory',
+           cut: f'{cut}/params: a parameter shard is unreadable (corrupt or cut short): '}
+  video = motion_dir / read_list(motion_dir / 'val.txt')[0][0]
+  for directory, message in cases.items():
+    with pytest.raises(ValueError, match=re.escape(message)):
+      load(directory)
+    proc = run_cli('claver_jax.predict', f'--checkpoint={directory}', f'--video={video}',
+                   '--labels', 'a', 'b', check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        proc.stderr.strip().splitlines()[-1]], proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith(f'error: {message}')
 
 
 def zeroshot_config(model_dir, motion_dir, datasets: str):

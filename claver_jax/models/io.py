@@ -121,18 +121,44 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int |
   return model
 
 
+class ModelDirError(ValueError):
+  """A model directory that cannot be read: the message names it and what is missing or broken."""
+
+
+def _root_cause(error: BaseException) -> str:
+  """The first line of the innermost cause of `error` (TensorStore's says which file failed)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return line.split(': ', 1)[1] if line.split(':', 1)[0].isupper() else line
+
+
 def _restore(path: Path, kind: str, config: Any, dtype: Any) -> nnx.Module:
   graphdef, state = abstract_params(kind, config, jnp.dtype(dtype))
   pure = nnx.to_pure_dict(state)
   expected = {k: v.shape for k, v in flatten_params(pure).items()}
+  params = path / 'params'
+  if not params.is_dir():
+    raise ModelDirError(f'{path} has no params/ directory: the model directory is incomplete '
+                        '(an unfinished copy or write?). Export or convert it again.')
   with ocp.StandardCheckpointer() as checkpointer:
-    stored_tree = checkpointer.metadata(path / 'params').item_metadata.tree
-    stored = {k: tuple(v.shape) for k, v in flatten_params(stored_tree).items()}
-    _check_same_params(expected, stored, where=path / 'params')
+    try:
+      metadata = checkpointer.metadata(params)
+    except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise many kinds)
+      raise ModelDirError(f'{params} is unreadable: {_root_cause(e)}') from e
+    if metadata is None or metadata.item_metadata is None:
+      raise ModelDirError(f'{params} holds no orbax checkpoint (no readable _METADATA): the model '
+                          'directory is incomplete. Export or convert it again.')
+    stored = {k: tuple(v.shape) for k, v in flatten_params(metadata.item_metadata.tree).items()}
+    _check_same_params(expected, stored, where=params)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           pure)
-    restored = checkpointer.restore(path / 'params', target)
+    try:
+      restored = checkpointer.restore(params, target)
+    except Exception as e:  # noqa: BLE001
+      raise ModelDirError(f'{params}: a parameter shard is unreadable (corrupt or cut short): '
+                          f'{_root_cause(e)}') from e
   nnx.replace_by_pure_dict(state, restored)
   logging.info('Loaded %s model from %s.', kind, path)
   return nnx.merge(graphdef, state)
