@@ -144,6 +144,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(uninterrupted,
   assert max(saved) == 9
 
 
+def test_a_torn_last_metrics_line_is_dropped_and_other_bad_lines_are_named(uninterrupted,
+                                                                            tmp_path):
+  """A SIGKILL during a write leaves a torn last line: the resume drops it with a warning. A bad
+  line elsewhere stops the run with the file and line."""
+  import shutil
+  workdir = shutil.copytree(uninterrupted[0], tmp_path / 'torn')
+  metrics = workdir / 'metrics.jsonl'
+  whole = metrics.read_text()
+  metrics.write_text(whole + '{"step": 10, "train/lo')
+  proc = run_main(workdir)
+  assert f'{metrics}:{whole.count(chr(10)) + 1}: dropped a torn last line' in proc.stderr
+  assert metrics.read_text().splitlines() == whole.splitlines()
+  lines = whole.splitlines()
+  metrics.write_text('\n'.join([lines[0], lines[1][:20], *lines[2:]]) + '\n')
+  proc = run_main(workdir, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith(f'error: {metrics}:2: not a JSON line')
+
+
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='simulated CPU devices')
 def test_eight_devices_give_the_same_losses_as_one(uninterrupted, tmp_path):
   workdir = tmp_path / 'mesh'
