@@ -104,28 +104,41 @@ def barrier(name: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
+                     versioned: bool = False) -> Iterator[Path]:
   """`fileio.atomic_directory` for a directory that every process writes into together (an orbax
-  save of sharded arrays). Every process must enter it; all yield the same temporary directory
-  beside `out` (on a file system they share), and process 0 renames it to `out` once every
-  process is done. In a one-process run it is fileio.atomic_directory."""
-  from claver_jax.fileio import atomic_directory as one_process, replace_directory
+  save of sharded arrays). Every process must enter it; all yield the same new directory (on a
+  file system they share), each fsyncs it once written, and process 0 puts it in place once
+  every process is done (a rename, or with `versioned` a new version behind the `out` symlink).
+  In a one-process run it is fileio.atomic_directory."""
+  from claver_jax import fileio
   if not is_multiprocess():
-    with one_process(out, overwrite=overwrite) as tmp:
-      yield tmp
+    with fileio.atomic_directory(out, overwrite=overwrite, versioned=versioned) as new:
+      yield new
     return
   out = Path(out).absolute()
   if out.exists() and not overwrite:     # The same answer on every process: no one waits.
     raise FileExistsError(f'{out} already exists; choose another output path or pass --overwrite.')
-  tmp = out.parent / f'.{out.name}.tmp-multiprocess'
-  if jax.process_index() == 0:
-    shutil.rmtree(tmp, ignore_errors=True)         # Left by a run that died while writing.
-    tmp.mkdir(parents=True)
+  lead = jax.process_index() == 0
+  if versioned:                          # Process 0's number, so that all write to one place.
+    from jax.experimental import multihost_utils
+    number = int(multihost_utils.broadcast_one_to_all(
+        np.int32(fileio.next_version(out) if lead else 0)))
+    new = fileio.versions_dir(out) / fileio.version_name(number)
+  else:
+    new = out.parent / f'.{out.name}.tmp-multiprocess'
+  if lead:
+    shutil.rmtree(new, ignore_errors=True)         # Left by a run that died while writing.
+    new.mkdir(parents=True)
   barrier(f'atomic_directory_start:{out}')
-  yield tmp
+  yield new
+  fileio.fsync_tree(new)                 # Each process flushes what it wrote.
   barrier(f'atomic_directory_written:{out}')
-  if jax.process_index() == 0:
-    replace_directory(tmp, out)
+  if lead:
+    if versioned:
+      fileio.publish_version(new, out)
+    else:
+      fileio.replace_directory(new, out)
   barrier(f'atomic_directory_done:{out}')
 
 

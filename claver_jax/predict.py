@@ -33,11 +33,12 @@ from claver_jax.text.prompts import TEMPLATES, prompt_tokens, resolve_templates
 
 
 def model_dir(path: str | Path) -> Path:
-  """A model directory, or a run's workdir holding one in model/."""
+  """A model directory, or a run's workdir holding one in model/; a link (WORKDIR/model) resolved
+  once, so that everything is read from one version while the run exports newer ones."""
   path = Path(path)
   if not (path / 'config.json').is_file() and (path / 'model' / 'config.json').is_file():
-    return path / 'model'
-  return path
+    path = path / 'model'
+  return path.resolve()
 
 
 def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int) -> np.ndarray:

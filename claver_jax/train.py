@@ -214,11 +214,13 @@ def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh) -> dict
 
 
 def export_model(model: CLAVER, tokenizer: Tokenizer, out: Path, source: dict[str, Any]) -> None:
-  """WORKDIR/model: a model directory that `load()` and `predict` read. Every process calls this:
-  each writes its shards of the parameters, process 0 the rest."""
+  """WORKDIR/model: a model directory that `load()` and `predict` read; a link to the newest of
+  WORKDIR/.model.versions/, replaced in one rename. Every process calls this: each writes its
+  shards of the parameters, process 0 the rest."""
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   write_model_dir(out, kind='claver', config=model.cfg, params=params,
-                  tokenizer=(tokenizer.vocab, tokenizer.merges), source=source, overwrite=True)
+                  tokenizer=(tokenizer.vocab, tokenizer.merges), source=source, overwrite=True,
+                  versioned=True)
 
 
 # ---------------------------------------------------------------------------------------------

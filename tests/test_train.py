@@ -246,6 +246,44 @@ def test_predict_and_the_prompts_check_read_labels_files_as_training_does(uninte
     assert f"error: {twice}:3: the class name 'moving left' appears twice" in proc.stderr
 
 
+def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted, tmp_path,
+                                                                  monkeypatch):
+  """WORKDIR/model while the run exports a new best: checked after every rename, exchange and
+  removal the export makes, from a copied workdir (model/ a real directory) on."""
+  import json as json_lib
+  import shutil
+  from claver_jax import fileio, train
+  from claver_jax.models import load
+  from claver_jax.text import load_tokenizer
+  workdir = shutil.copytree(uninterrupted[0], tmp_path / 'copy')
+  out = workdir / 'model'
+  assert (uninterrupted[0] / 'model').is_symlink() and not out.is_symlink()
+  model, tokenizer = load(out), load_tokenizer(out)
+  checks = []
+
+  def assert_complete(what):
+    source = json_lib.loads((out / 'config.json').read_text())['source']
+    assert (out / 'params' / '_METADATA').is_file() and (out / 'tokenizer').is_dir(), what
+    checks.append((what, source['step']))
+
+  def checked(name, real):
+    def call(*args, **kwargs):
+      result = real(*args, **kwargs)
+      assert_complete(name)
+      return result
+    return call
+
+  for module, name in ((os, 'replace'), (os, 'rename'), (shutil, 'rmtree'), (fileio, 'exchange')):
+    monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
+  for step in (100, 200, 300):
+    train.export_model(model, tokenizer, out, {'step': step})
+    assert_complete('after')
+    assert checks[-1][1] == step and load(out).cfg == model.cfg
+  assert {'replace', 'exchange', 'rmtree'} <= {what for what, _ in checks}
+  assert out.is_symlink() and out.resolve().parent == workdir / '.model.versions'
+  assert len(list((workdir / '.model.versions').iterdir())) == 2     # this one and the one before
+
+
 def test_eval_mode_needs_something_to_evaluate(tmp_path):
   proc = run_main(tmp_path / 'empty', '--config.mode=eval', check=False)
   assert proc.returncode != 0 and 'nothing to evaluate' in proc.stderr

@@ -58,13 +58,16 @@ def abstract_params(kind: str, config: Any, dtype=jnp.float32) -> tuple[nnx.Grap
 
 def write_model_dir(out: str | os.PathLike, *, kind: str, config: Any, params: Any,
                     tokenizer: tuple[dict[str, int], list[str]] | None = None,
-                    source: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-  """Writes a model directory atomically. `params` is a pure dict of arrays.
+                    source: dict[str, Any] | None = None, overwrite: bool = False,
+                    versioned: bool = False) -> Path:
+  """Writes a model directory atomically. `params` is a pure dict of arrays. `versioned` (for
+  WORKDIR/model): `out` becomes a symlink to a new complete version, so that a model directory
+  is there at every instant (see claver_jax.fileio).
 
   In a multi-process run every process calls this with the same global arrays: each writes its
   shards of the parameters, and process 0 the other files.
   """
-  with distributed.atomic_directory(out, overwrite=overwrite) as tmp:
+  with distributed.atomic_directory(out, overwrite=overwrite, versioned=versioned) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(tmp / 'params', params)
     if jax.process_index() == 0:
@@ -111,7 +114,7 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int |
   num_frames: CLAVER only; run with this many frames. A temporal embedding trained with another
     count is resampled linearly, with a warning, unless `resample_frames=False` makes it an error.
   """
-  path = Path(path).absolute()
+  path = Path(path).resolve()       # Once: a WORKDIR/model link swapped meanwhile is not followed.
   kind, config, _ = read_model_config(path)
   if num_frames is not None and kind != 'claver':
     raise ValueError(f'num_frames applies to CLAVER checkpoints; {path} holds a {kind} model.')
