@@ -28,17 +28,9 @@ from claver_jax.data.labels import read_labels
 from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD, normalize, spatial_crops
 from claver_jax.data.video import VideoError, eval_indices, open_video
 from claver_jax.models import CLAVER, CLAVERConfig, claver_from_clip, load, read_model_config
+from claver_jax.models.io import model_dir
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import TEMPLATES, prompt_tokens, resolve_templates
-
-
-def model_dir(path: str | Path) -> Path:
-  """A model directory, or a run's workdir holding one in model/; a link (WORKDIR/model) resolved
-  once, so that everything is read from one version while the run exports newer ones."""
-  path = Path(path)
-  if not (path / 'config.json').is_file() and (path / 'model' / 'config.json').is_file():
-    path = path / 'model'
-  return path.resolve()
 
 
 def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int) -> np.ndarray:

@@ -37,7 +37,11 @@
     checkpoint.keep, checkpoint.keep_best (by val/top1)
     mesh.data, mesh.fsdp  device mesh axes; -1 fills
     init.clip            a converted CLIP directory (towers; temporal parts fresh)
-    init.checkpoint      a CLAVER model directory (converted or WORKDIR/model of a run)
+    init.checkpoint      a CLAVER model directory (converted, or a run's WORKDIR/model or
+                         WORKDIR): its weights only, never its optimizer state, schedule or step
+    init.require         '' | 'clip' | 'checkpoint': the init this recipe starts from; a run
+                         without it is rejected before it starts, naming init.require_from
+    init.require_from    what init.require wants, in words (e.g. the preset that makes it)
     zeroshot             configs/zeroshot.py only: datasets and their paths, see
                          claver_jax.zeroshot.default_config
 """
@@ -46,6 +50,8 @@ import ml_collections
 
 from claver_jax import optim, sharding
 from claver_jax.data import default_config as data_config
+
+MODES = ('train', 'eval', 'zeroshot')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -71,5 +77,45 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, keep_best=1))
   c.mesh = sharding.default_config()
-  c.init = ml_collections.ConfigDict(dict(clip='', checkpoint=''))
+  c.init = ml_collections.ConfigDict(dict(clip='', checkpoint='', require='', require_from=''))
   return c
+
+
+class ConfigError(ValueError):
+  """A config that cannot work: the message names the keys and the fix."""
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Rejects a config that cannot work, before anything is written to the workdir."""
+  from claver_jax.models.temporal import TEMPORAL_KINDS
+  if c.mode not in MODES:
+    raise ConfigError(f'config.mode={c.mode!r}; use one of {list(MODES)}.')
+  init = c.init
+  if init.clip and init.checkpoint:
+    raise ConfigError(f'config.init.clip={init.clip!r} and config.init.checkpoint='
+                      f'{init.checkpoint!r} are both set; a run starts from one of them.')
+  if init.require not in ('', 'clip', 'checkpoint'):
+    raise ConfigError(f"config.init.require={init.require!r}; use '', 'clip' or 'checkpoint'.")
+  if init.require and not init[init.require]:
+    raise ConfigError(f'This recipe starts from config.init.{init.require}: '
+                      f'{init.require_from or "set it"}. Pass --config.init.{init.require}=DIR.')
+  if c.text.tokenizer == 'train' and (init.clip or init.checkpoint):
+    key = 'clip' if init.clip else 'checkpoint'
+    raise ConfigError(f"config.text.tokenizer='train' learns a new vocabulary, but the text tower "
+                      f'of config.init.{key} was trained with its own; set '
+                      f"--config.text.tokenizer='' to use that one.")
+  if c.model.pos_init not in ('random', 'sincos'):
+    raise ConfigError(f"config.model.pos_init={c.model.pos_init!r}; use 'random' (CLIP's) or "
+                      "'sincos'.")
+  if c.model.temporal not in TEMPORAL_KINDS:
+    raise ConfigError(f'config.model.temporal={c.model.temporal!r}; use one of '
+                      f'{list(TEMPORAL_KINDS)}.')
+  if c.model.dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"config.model.dtype={c.model.dtype!r}; use 'float32' or 'bfloat16'.")
+  t = c.train
+  if t.mixup_alpha < 0 or t.cutmix_alpha < 0 or not 0 <= t.mixup_switch_prob <= 1:
+    raise ConfigError(f'config.train.mixup_alpha={t.mixup_alpha} and cutmix_alpha='
+                      f'{t.cutmix_alpha} must be >= 0 (0 turns that one off), mixup_switch_prob='
+                      f'{t.mixup_switch_prob} in [0, 1].')
+  if not 0 <= t.label_smoothing < 1:
+    raise ConfigError(f'config.train.label_smoothing={t.label_smoothing} must be in [0, 1).')

@@ -29,7 +29,8 @@ from claver_jax.metrics import MetricWriter, progress_bar
 from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, claver_from_clip, load
 from claver_jax.models.claver import config_from
 from claver_jax.models.clip import l2_normalize, set_remat, sincos_position_embedding
-from claver_jax.models.io import write_model_dir
+from claver_jax.models.io import model_dir, write_model_dir
+from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
                                      resolve_templates)
@@ -59,7 +60,8 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
       train_tokenizer([t for row in texts for t in row], out, num_merges=config.text.num_merges)
     distributed.barrier('tokenizer')
     return load_tokenizer(out)
-  source = source or config.init.clip or config.init.checkpoint
+  source = source or config.init.clip or (config.init.checkpoint and
+                                          model_dir(config.init.checkpoint))
   if not source:
     raise ValueError('config.text.tokenizer is empty and there is no config.init.clip or '
                      'config.init.checkpoint to take one from: set it to a BPE file or directory, '
@@ -71,15 +73,13 @@ TEMPORAL_INIT_STD = 0.02   # The temporal embedding's initialisation in the offi
 
 
 def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nnx.Rngs) -> CLAVER:
-  """From config.init.checkpoint (a CLAVER model dir), config.init.clip (a CLIP model dir, with
-  fresh temporal parts) or from scratch (config.model.arch, or 'custom' with config.model.clip)."""
+  """From config.init.checkpoint (a CLAVER model dir, or a run's workdir: its weights only, never
+  its optimizer state, schedule or step), config.init.clip (a CLIP model dir, with fresh temporal
+  parts) or from scratch (config.model.arch, or 'custom' with config.model.clip)."""
   dtype = jnp.dtype(config.model.dtype)
   frames = config.data.num_frames
-  if config.model.pos_init not in ('random', 'sincos'):
-    raise ValueError(f"config.model.pos_init={config.model.pos_init!r}; use 'random' (CLIP's) "
-                     "or 'sincos'.")
   if config.init.checkpoint:
-    return load(config.init.checkpoint, dtype=dtype, num_frames=frames,
+    return load(model_dir(config.init.checkpoint), dtype=dtype, num_frames=frames,
                 resample_frames=config.model.resample_frames)
   if config.init.clip:
     clip = load(config.init.clip, dtype=dtype)
@@ -228,19 +228,23 @@ def export_model(model: CLAVER, tokenizer: Tokenizer, out: Path, source: dict[st
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (config.mode='train') or evaluates (config.mode='eval'); returns the last metrics."""
+  check_config(config)                     # Nothing is written before the config is known good.
+  if config.mode not in ('train', 'eval'):
+    raise ConfigError(f"config.mode={config.mode!r}; train_and_evaluate runs 'train' or 'eval'.")
   workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
 
   # ----------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   num_devices = mesh.size
   tc = config.train
   if tc.batch_size % (num_devices * tc.grad_accum_steps):
-    raise ValueError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
-                     f'devices x grad_accum_steps={tc.grad_accum_steps}.')
+    raise ConfigError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
+                      f'devices x grad_accum_steps={tc.grad_accum_steps}.')
   if tc.batch_size % jax.process_count() or config.eval.batch_size % num_devices:
-    raise ValueError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
-                     f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} devices.')
+    raise ConfigError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
+                      f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
+                      'devices.')
+  workdir.mkdir(parents=True, exist_ok=True)
 
   # ----------------------------------------------------------------------------- input
   data_config = config.data.copy_and_resolve_references()
@@ -324,8 +328,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     checkpointer.close()
     return metrics
-  if config.mode != 'train':
-    raise ValueError(f"config.mode={config.mode!r}; use 'train' or 'eval'.")
 
   # ----------------------------------------------------------------------------- loop
   text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen

@@ -42,13 +42,14 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from claver_jax import distributed, evaluate, sharding
+from claver_jax import cli, distributed, evaluate, sharding
 from claver_jax.data import build_pipelines
 from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
 from claver_jax.fileio import atomic_write_text
 from claver_jax.models import load, read_model_config
-from claver_jax.predict import model_dir
+from claver_jax.models.io import model_dir
+from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import prompt_tokens, resolve_templates
 from claver_jax.train import make_eval_fns, run_eval
@@ -266,12 +267,13 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   """Evaluates config.init.checkpoint zero-shot (see the module docstring); writes
   WORKDIR/zeroshot.json, prints a table and returns what it wrote."""
   if 'zeroshot' not in config:
-    raise ValueError('The config has no zeroshot section; start from configs/zeroshot.py.')
+    raise ConfigError('The config has no zeroshot section; start from configs/zeroshot.py.')
+  check_config(config)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   if not config.init.checkpoint:
-    raise ValueError('config.init.checkpoint is empty: set it to the K400-trained model directory '
-                     '(or the workdir of its run) to evaluate.')
+    raise ConfigError('config.init.checkpoint is empty: set it to the K400-trained model directory '
+                      '(or the workdir of its run) to evaluate.')
   checkpoint = model_dir(config.init.checkpoint)
   kind, model_cfg, _ = read_model_config(checkpoint)
   if kind != 'claver':
@@ -369,6 +371,8 @@ def main(argv: list[str]) -> None:
   absl_logging.get_absl_handler().setFormatter(logging.Formatter('%(levelname).1s %(message)s'))
   try:
     run_zeroshot(flags.FLAGS.config, flags.FLAGS.workdir)
+  except ConfigError as e:
+    cli.fail(str(e))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
 
@@ -380,4 +384,4 @@ if __name__ == '__main__':
                                   'zeroshot section.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Where zeroshot.json and the reports go.', required=True)
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

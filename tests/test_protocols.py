@@ -101,15 +101,27 @@ def test_pipeline_keeps_k_clips_per_class_and_writes_the_list(motion_dir, tmp_pa
 
 
 def test_few_shot_and_full_configs():
+  """The paper's few-shot recipe by default (Table 14: from the 20-epoch 32-frame K400 model, 80
+  epochs, lr 2e-6 to 2e-8); X-CLIP's (50 epochs from CLIP) as `from_clip`."""
   few = load_config('ucf101', 'shots=4,kmct')
-  assert (few.data.shots, few.model.temporal, few.train.epochs) == (4, 'kmct', 50)
-  assert (few.optim.lr, few.train.batch_size, few.train.grad_accum_steps) == (2e-6, 64, 2)
+  assert (few.data.shots, few.model.temporal, few.train.epochs) == (4, 'kmct', 80)
+  assert (few.optim.lr, few.optim.lr * few.optim.end_lr_ratio) == (2e-6, pytest.approx(2e-8))
+  assert (few.train.batch_size, few.train.grad_accum_steps) == (64, 2)
   assert (few.data.num_frames, few.model.arch, few.text.prompts) == (32, 'B16', 'ucf101')
+  assert few.init.require == 'checkpoint' and 'configs/k400.py:B16,32,pretrain' in few.init.require_from
+  xclip = load_config('hmdb51', 'shots=2,from_clip')
+  assert (xclip.data.shots, xclip.train.epochs, xclip.init.require) == (2, 50, 'clip')
   full = load_config('hmdb51', 'full')
   assert (full.data.shots, full.train.epochs, full.text.prompts) == (0, 80, 'hmdb51')
+  assert full.init.require == 'checkpoint'
   assert load_config('hmdb51', '8').data.shots == 8
+  pretrain = load_config('k400', 'B16,32,pretrain')
+  assert (pretrain.train.epochs, pretrain.data.num_frames, pretrain.model.arch) == (20, 32, 'B16')
+  assert load_config('k400', 'B16,32').train.epochs == 60
   with pytest.raises(ValueError, match='shots=K'):
     load_config('ucf101', 'shots=3')
+  with pytest.raises(ValueError, match='from_clip'):
+    load_config('ucf101', 'full,from_clip')
 
 
 # ----------------------------------------------------------------------------------- zero-shot

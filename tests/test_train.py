@@ -284,6 +284,45 @@ def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted
   assert len(list((workdir / '.model.versions').iterdir())) == 2     # this one and the one before
 
 
+def test_config_errors_are_one_line_and_write_nothing(tmp_path):
+  """A misspelt key, a recipe without the checkpoint it starts from, keys that cannot work
+  together: one line on stderr, exit 2, no workdir."""
+  workdir = tmp_path / 'never'
+  cases = {
+      ('--config.model.temporall=kmt',):
+          "error: --config.model.temporall: config.model has no key 'temporall'; did you mean "
+          "'config.model.temporal'?",
+      ('--config.init.clip=/some/clip',):
+          "error: config.text.tokenizer='train' learns a new vocabulary, but the text tower of "
+          'config.init.clip',
+      ('--config=configs/ucf101.py:shots=2',):
+          'error: This recipe starts from config.init.checkpoint: the paper\'s Kinetics-400 model '
+          'of 20 epochs at 32 frames: the WORKDIR of a `configs/k400.py:B16,32,pretrain` run',
+  }
+  for overrides, message in cases.items():
+    proc = run_main(workdir, *overrides, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(message), lines[0]
+    assert not workdir.exists()
+
+
+def test_init_checkpoint_takes_the_weights_only(uninterrupted, tmp_path):
+  """From another run's workdir (its WORKDIR/model): step 1, the schedule from its start, the
+  source untouched. Cutmix only (mixup_alpha 0) trains with finite losses."""
+  source = uninterrupted[0]
+  before = sorted(p.name for p in (source / 'checkpoints').iterdir())
+  workdir = tmp_path / 'from_checkpoint'
+  run_main(workdir, f'--config.init.checkpoint={source}', '--config.text.tokenizer=',
+           '--config.train.max_steps=2', '--config.train.cutmix_alpha=1.0')
+  rows = [r for r in read_metrics(workdir) if 'train/loss' in r]
+  assert [r['step'] for r in rows] == [1, 2]
+  assert rows[0]['train/lr'] == 0.0                          # warmup starts again at 0
+  assert all(np.isfinite(r['train/loss']) for r in rows)
+  assert sorted(p.name for p in (source / 'checkpoints').iterdir()) == before
+  assert not (workdir / 'tokenizer').exists()               # the checkpoint's vocabulary
+
+
 def test_eval_mode_needs_something_to_evaluate(tmp_path):
   proc = run_main(tmp_path / 'empty', '--config.mode=eval', check=False)
   assert proc.returncode != 0 and 'nothing to evaluate' in proc.stderr

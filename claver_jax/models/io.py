@@ -106,6 +106,15 @@ def read_model_config(path: str | os.PathLike) -> tuple[str, Any, dict[str, Any]
   return kind, from_dict(meta['config']), meta
 
 
+def model_dir(path: str | os.PathLike) -> Path:
+  """A model directory, or a run's workdir holding one in model/; a link (WORKDIR/model) resolved
+  once, so that everything is read from one version while the run exports newer ones."""
+  path = Path(path)
+  if not (path / 'config.json').is_file() and (path / 'model' / 'config.json').is_file():
+    path = path / 'model'
+  return path.resolve()
+
+
 def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int | None = None,
          resample_frames: bool = True) -> nnx.Module:
   """Loads a converted or trained model directory (CLIP or CLAVER).
