@@ -159,25 +159,28 @@ def device_put_identical(tree: Any, shardings: Any) -> Any:
 
 
 class StopRequest:
-  """SIGTERM -> every process stops after the same step (saves there, exits 0, resumes later).
+  """SIGTERM -> every process stops at the same point (saves, exits 0, resumes later).
 
-  With jax.distributed running, JAX's preemption service owns SIGTERM: the process that gets it
-  tells the coordination service, the processes agree on the first step none of them has begun,
-  and `stop(step)` is True at that step on every process, so they save the same checkpoint. Each
-  call is a local check: no device work and no network round trip per step. In a one-process run
-  a Python handler sets a flag that `stop(step)` reads. Create it just before the loop, call
-  `stop(step)` once after each step from start_step + 1 on, and `close()` it after the loop.
+  `stop()` is called after every train step and between evaluation batches, in the same sequence
+  on every process; it is True from the first call after the signal on. With jax.distributed
+  running, JAX's preemption service owns SIGTERM: the process that gets it tells the
+  coordination service, the processes agree on the first check none of them has passed (the
+  checks are numbered 1, 2, ... in call order), and `stop()` is True there on every process.
+  Each call is a local check: no device work and no network round trip. In a one-process run a
+  Python handler sets a flag that `stop()` reads. Create it just before the loop and `close()`
+  it after.
   """
 
-  def __init__(self, start_step: int):
+  def __init__(self):
     self.distributed = jax.distributed.is_initialized()
     self.signal: int | None = None
     self._previous: Any = None
+    self._checks = 0
     if self.distributed:
       from jax.experimental import multihost_utils
-      # Where this run starts: a notice during the first step's compilation then stops after
-      # step start_step + 1. (A notice before this point, e.g. while restoring, is missed.)
-      multihost_utils.reached_preemption_sync_point(start_step)
+      # Check 0: a notice during the first step's compilation then stops at check 1. (A notice
+      # before this point, e.g. while restoring, is missed.)
+      multihost_utils.reached_preemption_sync_point(0)
     else:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -185,10 +188,11 @@ class StopRequest:
     del frame
     self.signal = signum
 
-  def __call__(self, step: int) -> bool:
-    if self.distributed:
+  def __call__(self) -> bool:
+    if self.distributed and self.signal is None:
       from jax.experimental import multihost_utils
-      if multihost_utils.reached_preemption_sync_point(step):
+      self._checks += 1
+      if multihost_utils.reached_preemption_sync_point(self._checks):
         self.signal = signal.SIGTERM
     return self.signal is not None
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -38,7 +39,8 @@ from claver_jax.text.tokenizer import Tokenizer, train_tokenizer
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or inf; the last good checkpoint is kept."""
+  """The loss, the gradient or the parameters became NaN or inf; the last good checkpoint is
+  kept."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +135,9 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: int,
                     num_sets: int, text_frozen: bool):
-  """(state, batch, text, step) -> (state, metrics). `text` is [A, C, E] cached normalised
-  embeddings when the text tower is frozen, else [A, C, S] tokens."""
+  """(state, batch, text, step) -> (state, {'loss', 'finite'}). `text` is [A, C, E] cached
+  normalised embeddings when the text tower is frozen, else [A, C, S] tokens. 'finite' is False
+  when the loss or the gradient's global norm is not finite."""
   tc, dc = config.train, config.data
   sets = min(config.text.sets_per_step, num_sets)
   wrt = optim.trainable_filter(config.optim)
@@ -172,8 +175,10 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: in
       loss = loss + l / tc.grad_accum_steps
       g = jax.tree.map(lambda x: x / tc.grad_accum_steps, g)
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    # Checked on device; the loop reads it where it reads the loss (no extra host sync).
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {'loss': loss}
+    return nnx.state((model, optimizer)), {'loss': loss, 'finite': finite}
 
   return train_step
 
@@ -196,21 +201,25 @@ def make_eval_fns(graphdef, config: ml_collections.ConfigDict):
   return encode_text, scores
 
 
-def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh) -> dict[str, Any]:
-  """One pass over the eval split -> evaluate.summarize(...) over the valid videos."""
+def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
+             stop: distributed.StopRequest | None = None) -> dict[str, Any] | None:
+  """One pass over the eval split -> evaluate.summarize(...) over the valid videos. Scores stay on
+  the devices and are gathered once at the end. None when `stop` is requested between batches
+  (the same batch on every process)."""
   text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens)
-  all_scores, all_labels = [], []
+  parts = []
   batch_sharding = sharding.batch_sharding(mesh)
   for host_batch in data.eval_pass():
+    if stop is not None and stop():
+      return None
     batch = make_global_batch(host_batch, batch_sharding)
-    s = scores(state, batch['video'], text)
-    gathered = multihost_utils.process_allgather(
-        {'scores': s, 'label': batch['label'], 'valid': batch['valid']}, tiled=True)
-    keep = np.asarray(gathered['valid'])
-    all_scores.append(np.asarray(gathered['scores'])[keep])
-    all_labels.append(np.asarray(gathered['label'])[keep])
-  return evaluate.summarize(np.concatenate(all_scores), np.concatenate(all_labels),
-                            data.class_names)
+    parts.append({'scores': scores(state, batch['video'], text), 'label': batch['label'],
+                  'valid': batch['valid']})
+  together = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+  gathered = multihost_utils.process_allgather(together, tiled=True)
+  keep = np.asarray(gathered['valid'])
+  return evaluate.summarize(np.asarray(gathered['scores'])[keep],
+                            np.asarray(gathered['label'])[keep], data.class_names)
 
 
 def export_model(model: CLAVER, tokenizer: Tokenizer, out: Path, source: dict[str, Any]) -> None:
@@ -303,15 +312,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_sharding)
   latest = checkpointer.latest_step()
+  progress: dict[str, Any] = {}
   if latest is not None:
-    restored = checkpointer.restore(latest, nnx.to_pure_dict(abstract), train_iter)
+    restored, progress = checkpointer.restore(latest, nnx.to_pure_dict(abstract), train_iter)
     nnx.replace_by_pure_dict(state, restored)
     start_step = latest
     logging.info('Resuming from step %d in %s.', start_step, workdir)
   writer = MetricWriter(workdir, resume_step=start_step)
 
-  def evaluate_now(step: int) -> dict[str, Any]:
-    summary = run_eval(data, state, encode_text, scores, prompts.tokens, mesh)
+  def evaluate_now(step: int, stop: distributed.StopRequest | None = None
+                   ) -> dict[str, Any] | None:
+    logging.info('Evaluating step %d (%d batches).', step, data.eval_batches)
+    summary = run_eval(data, state, encode_text, scores, prompts.tokens, mesh, stop)
+    if summary is None:
+      logging.warning('SIGTERM during the evaluation of step %d: evaluation stopped.', step)
+      return None
     metrics = {'val/top1': summary['top1'], 'val/top5': summary['top5'], **data.metrics()}
     writer.write(step, metrics)
     if jax.process_index() == 0:
@@ -319,6 +334,115 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('step %d: val top-1 %.2f%%, top-5 %.2f%% over %d videos.', step,
                  summary['top1'], summary['top5'], summary['num_videos'])
     return metrics
+
+  if config.mode == 'eval':
+    if latest is None and not config.init.checkpoint:
+      raise ValueError(f'config.mode=eval, but {workdir} has no checkpoint and '
+                       'config.init.checkpoint is empty: there is nothing to evaluate.')
+    metrics = evaluate_now(start_step)
+    writer.close()
+    checkpointer.close()
+    return metrics
+
+  # ----------------------------------------------------------------------------- loop
+  text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen
+          else jnp.asarray(prompts.tokens))
+  stop = distributed.StopRequest()
+  eval_every = config.eval_every_steps or steps_per_epoch
+  bar = progress_bar(total_steps, start_step)
+  losses, metrics = [], {}
+  unchecked: list[tuple[int, jax.Array]] = []   # (step, its on-device finiteness flag)
+  best = progress.get('best_val_top1')          # Of WORKDIR/model; None before the first export.
+  tick, clips = time.time(), 0
+
+  def last_good() -> str:
+    saved = checkpointer.latest_step()
+    return (f'the last good checkpoint ({checkpointer.directory / str(saved)}) is kept'
+            if saved is not None else 'no checkpoint had been saved')
+
+  def check_finite(flags: list[Any] | None = None) -> None:
+    """Raises at the first step whose loss or gradient was not finite (a host sync: called only
+    where the loop syncs anyway). `flags`: the unchecked steps' flags, if already fetched."""
+    flags = jax.device_get([f for _, f in unchecked]) if flags is None else flags
+    bad = next((s for (s, _), ok in zip(unchecked, flags) if not ok), None)
+    unchecked.clear()
+    if bad is not None:
+      raise NonFiniteLossError(
+          f'The training loss or gradient is not finite at step {bad}. Stopping: nothing from '
+          f'step {bad} on is saved or exported, and {last_good()}. Lower config.optim.lr, check '
+          'the data, or enable config.optim.grad_clip_norm.')
+
+  def check_parameters(step: int) -> None:
+    if not all_finite(state):
+      raise NonFiniteLossError(f'The parameters are not finite after step {step}; nothing saved '
+                               f'or exported, and {last_good()}. Lower config.optim.lr or enable '
+                               'config.optim.grad_clip_norm.')
+
+  def evaluate_and_export(step: int) -> dict[str, Any] | None:
+    """Evaluates; WORKDIR/model becomes this model when it is finite and its val top-1 beats the
+    best so far. None when a SIGTERM stopped the evaluation."""
+    nonlocal best
+    evaluated = evaluate_now(step, stop)
+    if evaluated is not None and (best is None or evaluated['val/top1'] > best):
+      check_parameters(step)
+      best = evaluated['val/top1']
+      export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
+                   {'workdir': str(workdir), 'step': step, 'val/top1': best,
+                    'templates': list(templates)})
+      progress.update(best_val_top1=best, best_step=step)
+    return evaluated
+
+  def save(step: int, evaluated: dict[str, Any] | None, eval_pending: bool) -> None:
+    checkpointer.save(step, nnx.to_pure_dict(state), train_iter, config,
+                      {'val/top1': evaluated['val/top1']} if evaluated else None,
+                      {**progress, 'eval_pending': eval_pending})
+
+  try:
+    if progress.get('eval_pending'):   # A SIGTERM stopped this step's evaluation: do it now.
+      metrics.update(evaluate_and_export(start_step) or {})
+    for step in range(start_step + 1, total_steps + 1):
+      batch = make_global_batch(next(train_iter), batch_sharding)
+      state, out = train_step(state, batch, text, jnp.asarray(step, jnp.int32))
+      losses.append(out['loss'])
+      unchecked.append((step, out['finite']))
+      clips += tc.batch_size
+      bar.update(1)
+      last = step == total_steps
+      if step % config.log_every_steps == 0 or last:
+        values, flags = jax.device_get((losses, [f for _, f in unchecked]))
+        check_finite(flags)
+        loss = float(np.mean(values))
+        rate = clips / (time.time() - tick)
+        metrics = {'train/loss': loss, 'train/lr': float(schedule(step - 1)),
+                   'train/clips_per_s': rate}
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f'{loss:.4f}', lr=f'{metrics["train/lr"]:.2e}',
+                        clips_s=f'{rate:.1f}')
+        losses, tick, clips = [], time.time(), 0
+      evaluating = step % eval_every == 0 or last
+      evaluated = None
+      if evaluating:
+        check_finite()
+        evaluated = evaluate_and_export(step)
+        metrics.update(evaluated or {})
+      stopping = stop()                      # The same answer on every process.
+      if (step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or last
+          or evaluating or stopping):
+        check_finite()
+        check_parameters(step)
+        save(step, evaluated, eval_pending=evaluating and evaluated is None)
+      if stopping:
+        logging.warning('SIGTERM: saved step %d; exiting. Run again to resume.', step)
+        break
+  finally:
+    stop.close()
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    if train_iter is not None and hasattr(train_iter, 'close'):
+      train_iter.close()
+  return metrics
 
   if config.mode == 'eval':
     if latest is None and not config.init.checkpoint:

@@ -233,13 +233,21 @@ def zeroshot_config(model_dir, motion_dir, datasets: str):
 
 @pytest.fixture(scope='module')
 def zeroshot_run(tiny_model_dir, motion_dir, tmp_path_factory):
+  """The run's workdir, config and report; and how often evaluation gathered across processes."""
+  from claver_jax import train
   workdir = tmp_path_factory.mktemp('zeroshot')
   config = zeroshot_config(tiny_model_dir, motion_dir, 'ucf101,hmdb51,k600')
-  return workdir, config, zeroshot.run_zeroshot(config, str(workdir))
+  gathers = []
+  real = train.multihost_utils.process_allgather
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train.multihost_utils, 'process_allgather',
+                  lambda *a, **kw: (gathers.append(1), real(*a, **kw))[1])
+    report = zeroshot.run_zeroshot(config, str(workdir))
+  return workdir, config, report, len(gathers)
 
 
 def test_split_results_and_their_mean_and_std(zeroshot_run, independent_top_k, motion_dir):
-  workdir, _, report = zeroshot_run
+  workdir, _, report, _ = zeroshot_run
   assert report == json.loads((workdir / 'zeroshot.json').read_text())
   assert 'hmdb51' in report['skipped'] and 'hmdb51' not in report['datasets']
   ucf = report['datasets']['ucf101']
@@ -261,9 +269,17 @@ def test_split_results_and_their_mean_and_std(zeroshot_run, independent_top_k, m
   assert (workdir / 'zeroshot' / 'ucf101' / 'split2' / 'per_class.json').is_file()
 
 
+def test_evaluation_gathers_once_per_evaluation(zeroshot_run):
+  """Scores stay on the devices through an evaluation: one gather per run, not one per batch."""
+  _, config, report, gathers = zeroshot_run
+  runs = [r for d in report['datasets'].values() for r in d['runs'].values()]
+  assert len(runs) == 6 and gathers == 6
+  assert sum(r['num_videos'] for r in runs) > 6 * config.eval.batch_size   # several batches each
+
+
 def test_k600_draws_are_seeded_subsets_of_the_new_classes(zeroshot_run, independent_top_k,
                                                          motion_dir):
-  workdir, _, report = zeroshot_run
+  workdir, _, report, _ = zeroshot_run
   k600 = report['datasets']['k600']
   names = read_labels(motion_dir / 'labels.csv')
   new = [n for n in names if n not in ('moving left', 'growing', 'fading out',
@@ -303,7 +319,7 @@ def test_nothing_configured_is_a_clear_error(tiny_model_dir, tmp_path):
 
 def test_cli_on_eight_devices_skips_unset_datasets_and_matches_the_direct_call(
     zeroshot_run, tiny_model_dir, tmp_path, monkeypatch):
-  _, config, report = zeroshot_run
+  _, config, report, _ = zeroshot_run
   ucf = config.zeroshot.ucf101
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
   proc = run_cli('claver_jax.zeroshot', '--config=configs/zeroshot.py', f'--workdir={tmp_path}',

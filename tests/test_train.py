@@ -130,18 +130,41 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert saved and max(saved) >= 2
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path):
+def test_non_finite_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(uninterrupted,
+                                                                                tmp_path):
+  """lr 1e12 from step 9: the first step whose loss or gradient is not finite is found on the
+  device, whether the loss is read every step or every 100; nothing from it on is saved or
+  exported."""
+  import re
   import shutil
-  workdir = tmp_path / 'nan'
-  shutil.copytree(uninterrupted[0], workdir)
-  # More epochs from step 9, with a learning rate that blows the weights up.
-  proc = run_main(workdir, '--config.train.epochs=3', '--config.optim.lr=1e12',
-                  '--config.optim.warmup_epochs=0', check=False)
-  assert proc.returncode != 0
-  assert 'not finite' in proc.stderr or 'loss is nan' in proc.stderr
-  assert 'last good checkpoint (step 9) is kept' in proc.stderr
-  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  assert max(saved) == 9
+  from claver_jax.models.io import read_model_config
+  blow_up = ('--config.train.epochs=3', '--config.optim.lr=1e12', '--config.optim.warmup_epochs=0')
+  found = {}
+  for log_every in (1, 100):
+    workdir = shutil.copytree(uninterrupted[0], tmp_path / f'log{log_every}')
+    proc = run_main(workdir, *blow_up, f'--config.log_every_steps={log_every}',
+                    '--config.checkpoint_every_steps=1000', '--config.eval_every_steps=1000',
+                    check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and 'not finite at step' in last, proc.stderr[-3000:]
+    found[log_every] = int(re.search(r'not finite at step (\d+)', last).group(1))
+    saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+    assert max(saved) < found[log_every]
+    assert f'the last good checkpoint ({workdir}/checkpoints/{max(saved)}) is kept' in last
+    assert read_model_config(workdir / 'model')[2]['source']['step'] == 9     # not replaced
+  assert found[1] == found[100] and 9 < found[1] < 27
+
+
+def test_best_val_top1_survives_a_resume(uninterrupted, tmp_path):
+  """Resumed with lr 0, the model evaluates exactly as at step 9: not better, so WORKDIR/model
+  stays step 9's (before, the best restarted at -1 and the first evaluation always exported)."""
+  import shutil
+  from claver_jax.models.io import read_model_config
+  workdir = shutil.copytree(uninterrupted[0], tmp_path / 'resumed')
+  run_main(workdir, '--config.train.epochs=2', '--config.optim.lr=0')
+  top1 = {r['step']: r['val/top1'] for r in read_metrics(workdir) if 'val/top1' in r}
+  assert set(top1) == {9, 18} and top1[18] == top1[9]
+  assert read_model_config(workdir / 'model')[2]['source']['step'] == 9
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_other_bad_lines_are_named(uninterrupted,
