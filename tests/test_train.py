@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -130,6 +131,40 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert saved and max(saved) >= 2
 
 
+def test_sigterm_during_an_evaluation_saves_and_exits_within_30_s(tmp_path):
+  """The demo config, evaluated at step 2 (1200 clips): SIGTERM between its batches stops the
+  evaluation, saves step 2 and exits 0; the evaluation is marked to be redone on resume."""
+  import threading
+  workdir = tmp_path / 'demo'
+  command = main_command(workdir, '--config.eval_every_steps=2', '--config.train.max_steps=4')
+  command[command.index(f'--config={TINY}')] = '--config=configs/demo.py'
+  proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  stderr, evaluating = [], threading.Event()
+
+  def read():
+    for line in proc.stderr:
+      stderr.append(line)
+      if 'Evaluating step 2' in line:
+        evaluating.set()
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  assert evaluating.wait(timeout=300), ''.join(stderr)[-3000:]
+  time.sleep(2)                                      # Inside the batches.
+  signalled = time.time()
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  elapsed = time.time() - signalled
+  reader.join(timeout=10)
+  text = ''.join(stderr)
+  assert proc.returncode == 0 and elapsed < 30, (elapsed, text[-3000:])
+  assert 'SIGTERM during the evaluation of step 2' in text and 'SIGTERM: saved step 2' in text
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [2]
+  assert not [r for r in read_metrics(workdir) if 'val/top1' in r]
+  progress = json.loads((workdir / 'checkpoints' / '2' / 'progress' / 'metadata').read_text())
+  assert progress['eval_pending'] is True
+
+
 def test_non_finite_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(uninterrupted,
                                                                                 tmp_path):
   """lr 1e12 from step 9: the first step whose loss or gradient is not finite is found on the
@@ -155,35 +190,36 @@ def test_non_finite_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(
   assert found[1] == found[100] and 9 < found[1] < 27
 
 
-def test_best_val_top1_survives_a_resume(uninterrupted, tmp_path):
-  """Resumed with lr 0, the model evaluates exactly as at step 9: not better, so WORKDIR/model
-  stays step 9's (before, the best restarted at -1 and the first evaluation always exported)."""
+def test_a_resume_drops_a_torn_metrics_line_redoes_a_stopped_evaluation_and_keeps_the_best(
+    uninterrupted, tmp_path):
+  """A copy of the 9-step run whose last metrics line was torn by a SIGKILL and whose step-9
+  evaluation a SIGTERM stopped (as test_sigterm_during_an_evaluation... leaves step 2), resumed
+  for 9 more steps at lr 0:
+  the torn line is dropped with a warning, step 9 is evaluated first, and since the unchanged
+  model is not better, WORKDIR/model stays step 9's (before, the best restarted at -1 on every
+  resume and the first evaluation always exported)."""
   import shutil
   from claver_jax.models.io import read_model_config
   workdir = shutil.copytree(uninterrupted[0], tmp_path / 'resumed')
-  run_main(workdir, '--config.train.epochs=2', '--config.optim.lr=0')
-  top1 = {r['step']: r['val/top1'] for r in read_metrics(workdir) if 'val/top1' in r}
-  assert set(top1) == {9, 18} and top1[18] == top1[9]
-  assert read_model_config(workdir / 'model')[2]['source']['step'] == 9
-
-
-def test_a_torn_last_metrics_line_is_dropped_and_other_bad_lines_are_named(uninterrupted,
-                                                                            tmp_path):
-  """A SIGKILL during a write leaves a torn last line: the resume drops it with a warning. A bad
-  line elsewhere stops the run with the file and line."""
-  import shutil
-  workdir = shutil.copytree(uninterrupted[0], tmp_path / 'torn')
   metrics = workdir / 'metrics.jsonl'
   whole = metrics.read_text()
   metrics.write_text(whole + '{"step": 10, "train/lo')
-  proc = run_main(workdir)
+  progress = workdir / 'checkpoints' / '9' / 'progress' / 'metadata'
+  progress.write_text(json.dumps({**json.loads(progress.read_text()), 'eval_pending': True}))
+  proc = run_main(workdir, '--config.train.epochs=2', '--config.optim.lr=0')
   assert f'{metrics}:{whole.count(chr(10)) + 1}: dropped a torn last line' in proc.stderr
-  assert metrics.read_text().splitlines() == whole.splitlines()
-  lines = whole.splitlines()
-  metrics.write_text('\n'.join([lines[0], lines[1][:20], *lines[2:]]) + '\n')
-  proc = run_main(workdir, check=False)
-  assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].startswith(f'error: {metrics}:2: not a JSON line')
+  rows = read_metrics(workdir)
+  assert rows[:whole.count('\n')] == [json.loads(line) for line in whole.splitlines()]
+  top1 = [(r['step'], r['val/top1']) for r in rows if 'val/top1' in r]
+  assert [step for step, _ in top1] == [9, 9, 18] and len({v for _, v in top1}) == 1
+  assert read_model_config(workdir / 'model')[2]['source']['step'] == 9
+
+
+def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(tmp_path):
+  from claver_jax.metrics import MetricsFileError, MetricWriter
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+  with pytest.raises(MetricsFileError, match=r'metrics.jsonl:2: not a JSON line'):
+    MetricWriter(tmp_path, resume_step=3)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='simulated CPU devices')
