@@ -194,10 +194,9 @@ def test_a_resume_drops_a_torn_metrics_line_redoes_a_stopped_evaluation_and_keep
     uninterrupted, tmp_path):
   """A copy of the 9-step run whose last metrics line was torn by a SIGKILL and whose step-9
   evaluation a SIGTERM stopped (as test_sigterm_during_an_evaluation... leaves step 2), resumed
-  for 9 more steps at lr 0:
-  the torn line is dropped with a warning, step 9 is evaluated first, and since the unchanged
-  model is not better, WORKDIR/model stays step 9's (before, the best restarted at -1 on every
-  resume and the first evaluation always exported)."""
+  for 9 more steps at lr 0: the torn line is dropped with a warning, step 9 is evaluated first,
+  and since the unchanged model is not better, WORKDIR/model stays step 9's (before, the best
+  restarted at -1 on every resume and the first evaluation always exported)."""
   import shutil
   from claver_jax.models.io import read_model_config
   workdir = shutil.copytree(uninterrupted[0], tmp_path / 'resumed')
