@@ -5,9 +5,10 @@ r"""Open-vocabulary prediction: which of any set of labels a video shows.
 
 DIR is a model directory (a converted checkpoint, or a run's WORKDIR/model; a WORKDIR also
 works). The video is sampled as in evaluation: T frames, one at the centre of each of T equal
-segments, short side resized to the model's image size, centre crop. Each label is described
-by the 16 templates (and, with --prompts, by a prompt set's interpretive texts where it has
-them); scores are the softmax over the labels, averaged over descriptions. --label_file takes
+segments, the short side resized to 256/224 of the model's image size, the centre crop. Each
+label is described by its bare name and the templates the model directory records (else the 16
+'actions' templates), and with --prompts by a prompt set's interpretive texts where it has
+them; scores are the softmax over the labels, averaged over descriptions. --label_file takes
 one label per line, or a labels CSV (`id,name` rows), read by claver_jax.data.labels.
 """
 
@@ -25,7 +26,8 @@ from flax import nnx
 
 from claver_jax import evaluate
 from claver_jax.data.labels import read_labels
-from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD, normalize, spatial_crops
+from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, eval_short_side, normalize,
+                                        spatial_crops)
 from claver_jax.data.video import VideoError, eval_indices, open_video
 from claver_jax.models import CLAVER, CLAVERConfig, claver_from_clip, load, read_model_config
 from claver_jax.models.io import model_dir
@@ -34,9 +36,11 @@ from claver_jax.text.prompts import TEMPLATES, prompt_tokens, resolve_templates
 
 
 def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int) -> np.ndarray:
-  """uint8 [T, S, S, 3]: the evaluation sampling of one clip and its centre crop."""
+  """uint8 [T, S, S, 3]: the evaluation sampling of one clip and its centre crop (the short side
+  resized to 256/224 S, the centre S x S)."""
   with open_video(video_path) as video:
-    frames = video.frames(eval_indices(video.num_frames, num_frames)[0], short_side=image_size)
+    frames = video.frames(eval_indices(video.num_frames, num_frames)[0],
+                          short_side=eval_short_side(image_size, 1))
   return spatial_crops(frames, image_size, 1)[0]
 
 

@@ -242,6 +242,49 @@ def test_the_pipeline_closes_every_container_it_opens(motion_dir, tmp_path, monk
     gc.enable()
 
 
+def test_single_view_is_the_centre_crop_of_a_short_side_of_256_over_224(tmp_path):
+  """The official 1-crop test geometry, in evaluation and in predict: 64x48 gray ramps at S = 16
+  are resized to 24x18 (short side int(256/224 16) = 18), then the centre 16x16 is taken. The
+  old geometry (short side 16, then the centre crop) starts ~17 levels lower on each ramp."""
+  from claver_jax.data.pipeline import SampleLoader
+  from claver_jax.data.video import open_video
+  from claver_jax.predict import load_clip_frames
+  height, width, size = 48, 64, 16
+  ramps = {'x': np.broadcast_to(4 * np.arange(width), (height, width)),        # along the long side
+           'y': np.broadcast_to(5 * np.arange(height)[:, None], (height, width))}
+
+  def expected(axis: str, short_side: int) -> np.ndarray:
+    """The ramp's values along the crop's middle line: pixel centres mapped back to the frame."""
+    scale = short_side / height
+    resized = round(width * scale) if axis == 'x' else short_side
+    start = (resized - size) // 2
+    source = (start + np.arange(size) + 0.5) / scale - 0.5
+    return (4 if axis == 'x' else 5) * source
+
+  class Files:                              # A source over the two mp4s.
+    def __init__(self, paths):
+      self.paths = paths
+    def __len__(self):
+      return len(self.paths)
+    def label(self, index):
+      return 0
+    def open(self, index):
+      return open_video(self.paths[index])
+
+  paths = []
+  for axis, ramp in ramps.items():
+    paths.append(tmp_path / f'{axis}.mp4')
+    synthetic.write_mp4(paths[-1], np.repeat(np.asarray(ramp, np.uint8)[None, :, :, None], 3, -1)
+                        .repeat(4, axis=0))
+  loader = SampleLoader(Files(paths), num_frames=2, image_size=size)
+  for index, (axis, path) in enumerate(zip(ramps, paths)):
+    for clip in (loader.eval_views(index)[0], load_clip_frames(path, 2, size)):
+      assert clip.shape == (2, size, size, 3)
+      line = clip[0, size // 2, :, 1] if axis == 'x' else clip[0, :, size // 2, 1]
+      np.testing.assert_allclose(line, expected(axis, 18), atol=6)
+      assert abs(float(line[0]) - expected(axis, size)[0]) > 10     # not the old geometry
+
+
 def test_list_paths_may_contain_spaces(tmp_path):
   (tmp_path / 'list.txt').write_text('air drumming/x y.mp4 3\n')
   assert read_list(tmp_path / 'list.txt') == [('air drumming/x y.mp4', 3)]

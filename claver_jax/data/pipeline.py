@@ -47,7 +47,8 @@ from claver_jax.data.sources import (DataError, FileListSource, PreparedSource, 
                                      SyntheticSource, Ucf101TfdsSource, few_shot_indices,
                                      read_labels)
 from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, MULTI_SCALES, augment_train_clip,
-                                        normalize, spatial_crops, train_short_side)
+                                        eval_short_side, normalize, spatial_crops,
+                                        train_short_side)
 from claver_jax.data.video import VideoError, eval_indices, train_indices
 from claver_jax.fileio import atomic_write_text
 
@@ -177,10 +178,12 @@ class SampleLoader:
                 index=np.int64(source_index))
 
   def eval_views(self, source_index: int) -> np.ndarray:
-    """uint8 [V, T, S, S, 3]: num_clips deterministic clips x num_crops crops."""
+    """uint8 [V, T, S, S, 3]: num_clips deterministic clips x num_crops crops (one: the centre
+    S crop of a short side of 256/224 S; three: S crops along the long side of a short side S)."""
     with self.source.open(source_index) as video:
       indices = eval_indices(video.num_frames, self.num_frames, self.num_clips)
-      frames = video.frames(indices.reshape(-1), short_side=self.image_size)
+      frames = video.frames(indices.reshape(-1),
+                            short_side=eval_short_side(self.image_size, self.num_crops))
     clips = frames.reshape(self.num_clips, self.num_frames, *frames.shape[1:])
     views = np.stack([spatial_crops(clip, self.image_size, self.num_crops) for clip in clips])
     return views.reshape(-1, *views.shape[2:])

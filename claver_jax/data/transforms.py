@@ -26,6 +26,12 @@ def train_short_side(image_size: int) -> int:
   return int(256 / 224 * image_size)
 
 
+def eval_short_side(image_size: int, num_crops: int) -> int:
+  """The short side a test clip is resized to, as the official test pipelines do: int(256 / 224
+  * S) for the single centre crop (256 for 224), S for several crops along the long side."""
+  return train_short_side(image_size) if num_crops == 1 else image_size
+
+
 # ---------------------------------------------------------------------------------------------
 # Crops
 # ---------------------------------------------------------------------------------------------
@@ -73,18 +79,21 @@ def crop_resize(clip: np.ndarray, box: tuple[float, float, float, float], image_
 
 
 def spatial_crops(clip: np.ndarray, image_size: int, num_crops: int) -> np.ndarray:
-  """uint8 [T, H, W, 3] with short side S -> [num_crops, T, S, S, 3].
+  """uint8 [T, H, W, 3] resized to `eval_short_side(S, num_crops)` -> [num_crops, T, S, S, 3].
 
-  One crop is the centre crop; n > 1 crops are evenly spaced along the long side from one end
-  to the other (3: start, centre, end), centred on the short side.
+  One crop is the centre S x S crop (of a short side of 256/224 S: the official single view).
+  n > 1 crops need a short side of S: they are evenly spaced along the long side from one end to
+  the other (3: start, centre, end).
   """
   _, height, width, _ = clip.shape
+  if num_crops == 1:
+    if min(height, width) < image_size:
+      raise ValueError(f'spatial_crops: a {height}x{width} clip has no {image_size} px centre crop.')
+    y0, x0 = (height - image_size) // 2, (width - image_size) // 2
+    return clip[None, :, y0:y0 + image_size, x0:x0 + image_size]
   if min(height, width) != image_size:
     raise ValueError(f'spatial_crops expects a short side of {image_size}, got {height}x{width}.')
-  if num_crops == 1:
-    starts = [(max(height, width) - image_size) // 2]
-  else:
-    starts = np.linspace(0, max(height, width) - image_size, num_crops).round().astype(int)
+  starts = np.linspace(0, max(height, width) - image_size, num_crops).round().astype(int)
   if height > width:
     return np.stack([clip[:, s:s + image_size] for s in starts])
   return np.stack([clip[:, :, s:s + image_size] for s in starts])
