@@ -25,7 +25,9 @@
     text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only
     text.templates       'actions' (people: "a video of a person {}.", the default), 'objects'
                          (short, for the synthetic set), or templates with one "{}" each,
-                         joined by '|'. WORKDIR/model records them; predict uses them
+                         joined by '|'. WORKDIR/model records them; predict uses them, and
+                         zero-shot when this is '' (configs/zeroshot.py). The bare class name
+                         is always a text too
     text.sets_per_step   description sets sampled per train step (K = 5 in the paper)
     optim                see claver_jax.optim.default_config (AdamW, groups, freezing, schedule)
     train.batch_size     global batch, independent of the device count
@@ -104,6 +106,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.text.tokenizer='train' learns a new vocabulary, but the text tower "
                       f'of config.init.{key} was trained with its own; set '
                       f"--config.text.tokenizer='' to use that one.")
+  if not c.text.templates and c.mode != 'zeroshot':
+    raise ConfigError("config.text.templates is empty; '' means the model directory's own in "
+                      "zero-shot only. Use 'actions', 'objects' or templates joined by '|'.")
   if c.model.pos_init not in ('random', 'sincos'):
     raise ConfigError(f"config.model.pos_init={c.model.pos_init!r}; use 'random' (CLIP's) or "
                       "'sincos'.")

@@ -5,7 +5,9 @@ r"""Zero-shot evaluation of a Kinetics-400-trained model on UCF-101, HMDB-51 and
     python -m claver_jax.zeroshot --config=configs/zeroshot.py --workdir=DIR [the same flags]
 
 The protocol is X-CLIP's, which CLAVER follows. The model never sees these classes in training;
-each class is described by the 16 templates plus its interpretive prompts:
+each class is described by its bare name, the templates the model directory records (those it
+was trained with; else the 16 'actions' ones; config.text.templates overrides) and its
+interpretive prompts:
   * UCF-101 and HMDB-51: all classes, on each of the 3 official test splits; the mean ± std of
     top-1 and top-5 over the splits, and each split.
   * Kinetics-600: its classes that are not in Kinetics-400 (by name, ignoring case and spacing,
@@ -275,7 +277,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     raise ConfigError('config.init.checkpoint is empty: set it to the K400-trained model directory '
                       '(or the workdir of its run) to evaluate.')
   checkpoint = model_dir(config.init.checkpoint)
-  kind, model_cfg, _ = read_model_config(checkpoint)
+  kind, model_cfg, meta = read_model_config(checkpoint)
   if kind != 'claver':
     raise ValueError(f'{checkpoint} holds a {kind} model; zero-shot evaluates a CLAVER model '
                      '(a run\'s WORKDIR/model or a converted CLAVER checkpoint).')
@@ -288,6 +290,10 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if config.eval.batch_size % mesh.size or config.eval.batch_size % jax.process_count():
     raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
                      f'{mesh.size} devices and the {jax.process_count()} processes.')
+
+  # The model's own templates (WORKDIR/model records them), unless the config names others.
+  templates = resolve_templates(config.text.templates or
+                                meta.get('source', {}).get('templates') or 'actions')
 
   # ----------------------------------------------------------------------------- input
   runs, skipped = plan_runs(config, workdir)
@@ -328,7 +334,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     for run, data in zip(runs, pipelines):
       bar.set_description(f'{run.dataset} {run.name}')
       texts = prompt_tokens(data.class_names, tokenizer, run.prompts,
-                            templates=resolve_templates(config.text.templates),
+                            templates=templates,
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)
       summary = run_eval(_Progress(data, bar), state, encode_text, scores, texts.tokens, mesh)
@@ -346,6 +352,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
   datasets = {name: summarize_runs(r) for name, r in results.items()}
   report = {'checkpoint': str(checkpoint), 'num_frames': config.data.num_frames,
+            'templates': list(templates),
             'views': [config.eval.num_clips, config.eval.num_crops], 'datasets': datasets,
             'skipped': skipped}
   if lead:

@@ -56,6 +56,7 @@ def get_config(arg=None):
   c.eval.batch_size = 16
   c.eval.num_clips = 1
   c.eval.num_crops = 1
+  c.text.templates = ''              # The model directory's own (those it was trained with).
   c.zeroshot = zeroshot.default_config()
   if arg:
     c.zeroshot.datasets = arg

@@ -28,6 +28,7 @@ from data_helpers import synthetic_dir
 from prompt_helpers import tiny_clip_vocab
 
 FRAMES, SIZE = 4, 16
+TEMPLATES = ('a clip of {}.', '{} on screen.')    # What tiny_model_dir records it was trained with.
 # Three test splits of different sizes over the 36 clips, overlapping as real splits do not,
 # so that their accuracies differ.
 SPLITS = {1: range(0, 12), 2: range(10, 30), 3: range(24, 36)}
@@ -159,7 +160,8 @@ def random_params(cfg: CLAVERConfig, seed: int = 0) -> dict:
 
 @pytest.fixture(scope='module')
 def tiny_model_dir(tmp_path_factory):
-  """A random tiny KMT CLAVER (4 frames of 16 px) with a tiny CLIP-format vocabulary."""
+  """A random tiny KMT CLAVER (4 frames of 16 px) with a tiny CLIP-format vocabulary, recording
+  TEMPLATES as a run's WORKDIR/model does."""
   vocab, merges = tiny_clip_vocab()
   clip = CLIPConfig(embed_dim=32, image_size=SIZE, patch_size=8, vision_width=64,
                     vision_layers=1, vision_heads=1, vision_mlp_dim=128, context_length=77,
@@ -167,13 +169,15 @@ def tiny_model_dir(tmp_path_factory):
                     text_mlp_dim=64, eos_token_id=vocab['<|endoftext|>'])
   cfg = CLAVERConfig(clip=clip, num_frames=FRAMES, temporal='kmt', temporal_layers=1)
   return write_model_dir(tmp_path_factory.mktemp('model') / 'tiny', kind='claver', config=cfg,
-                         params=random_params(cfg), tokenizer=(vocab, merges))
+                         params=random_params(cfg), tokenizer=(vocab, merges),
+                         source={'templates': list(TEMPLATES)})
 
 
 @pytest.fixture(scope='module')
 def independent_top_k(tiny_model_dir):
   """(root, items, class_names) -> top-1 / top-5 (%) of the videos `items`, read one by one as
-  predict reads them, scored by evaluate.class_scores over templates + synthetic_motion texts."""
+  predict reads them, scored by evaluate.class_scores over the class names, the model's recorded
+  TEMPLATES and the synthetic_motion texts."""
   model, tokenizer = load(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
   @nnx.jit
@@ -183,7 +187,7 @@ def independent_top_k(tiny_model_dir):
     return evaluate.class_scores(embedding[:, None], text, model.clip.logit_scale[...])
 
   def top_k(root, items, class_names) -> tuple[float, float]:
-    texts = prompt_tokens(class_names, tokenizer, 'synthetic_motion')
+    texts = prompt_tokens(class_names, tokenizer, 'synthetic_motion', templates=TEMPLATES)
     video = np.stack([load_clip_frames(root / path, FRAMES, SIZE) for path, _ in items])
     s = np.asarray(scores(model, jnp.asarray(video), jnp.asarray(texts.tokens)))
     labels = np.array([label for _, label in items])
@@ -249,6 +253,7 @@ def zeroshot_run(tiny_model_dir, motion_dir, tmp_path_factory):
 def test_split_results_and_their_mean_and_std(zeroshot_run, independent_top_k, motion_dir):
   workdir, _, report, _ = zeroshot_run
   assert report == json.loads((workdir / 'zeroshot.json').read_text())
+  assert report['templates'] == list(TEMPLATES)          # the model directory's own
   assert 'hmdb51' in report['skipped'] and 'hmdb51' not in report['datasets']
   ucf = report['datasets']['ucf101']
   names = read_labels(motion_dir / 'labels.csv')

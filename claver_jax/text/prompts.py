@@ -6,13 +6,15 @@ interpretive prompts in three aspects:
     {"abseiling": {"decomposition": ["...", ...], "synonyms": [...], "body_parts": [...]}, ...}
 
 `prompt_tokens` turns a class list into A text variants per class, aligned so that variant a has
-the same kind for every class: the templates first ("a video of a person {}."), then the
-decomposition, synonym and body-part texts. Each aspect gets as many variants as the class with
-the most texts in it; a class with fewer cycles its own.
+the same kind for every class, the paper's text set: the bare class name first ("apply eye
+makeup"), then the templates ("a video of a person {}."), then the decomposition, synonym and
+body-part texts. Each aspect gets as many variants as the class with the most texts in it; a
+class with fewer cycles its own.
 
     >>> tok = load_tokenizer('bpe_simple_vocab_16e6.txt.gz')
     >>> out = prompt_tokens(class_names, tok, load_prompt_set('kinetics400'))
-    >>> out.tokens.shape, out.kinds[0], out.kinds[-1]  # (A, C, 77), 'template', 'body_parts'
+    >>> out.tokens.shape, out.kinds[0], out.kinds[1], out.kinds[-1]
+    ((A, C, 77), 'name', 'template', 'body_parts')'
 
 Shipped sets (`claver_jax/text/interpretive/*.json`) are found by name; check one against a
 labels CSV (`id,name`) with
@@ -43,6 +45,7 @@ from claver_jax.data.labels import read_labels
 from claver_jax.text.tokenizer import Tokenizer
 
 ASPECTS = ('decomposition', 'synonyms', 'body_parts')
+NAME_KIND = 'name'
 TEMPLATE_KIND = 'template'
 SHIPPED_SETS = ('kinetics400', 'kinetics600', 'ucf101', 'hmdb51', 'synthetic_motion')
 
@@ -67,9 +70,9 @@ TEMPLATES = (
 )
 
 # Objects, not people: for the synthetic motion set. Short, so that the class name is most of
-# each text (a text tower learnt from scratch starts out close to a bag of words).
+# each text (a text tower learnt from scratch starts out close to a bag of words). With the bare
+# name before them, 6 texts per class.
 OBJECT_TEMPLATES = (
-    '{}.',
     'a video of {}.',
     'a shape {}.',
     'an object {}.',
@@ -116,7 +119,7 @@ class Collision(NamedTuple):
 class PromptTokens:
   """The texts of C classes in A aligned variants.
 
-  tokens: int32 [A, C, context_length]; kinds[a]: 'template' or the aspect of variant a;
+  tokens: int32 [A, C, context_length]; kinds[a]: 'name', 'template' or the aspect of variant a;
   texts[a][c]: the text behind tokens[a, c]; num_truncated: texts cut to fit the context.
   """
   tokens: np.ndarray
@@ -236,16 +239,18 @@ def _missing_message(missing: Mapping[str, list[str]], prompt_set: PromptSet) ->
 
 def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None = None, *,
                        templates: Sequence[str] = TEMPLATES, aspects: Sequence[str] = ASPECTS,
-                       allow_missing: bool = False) -> tuple[list[list[str]], tuple[str, ...]]:
-  """Texts [A][C] and kinds [A] for `class_names` (see the module docstring).
+                       allow_missing: bool = False, name: bool = True
+                       ) -> tuple[list[list[str]], tuple[str, ...]]:
+  """Texts [A][C] and kinds [A] for `class_names` (see the module docstring). `name`: the bare
+  (readable) class name is variant 0, unless a template is "{}" already.
 
   Class names are looked up exactly. A class without texts in an aspect is an error naming it,
   unless `allow_missing`: then its slots of that aspect take its template texts, with a warning.
   """
   if not class_names:
     raise ValueError('No class names given.')
-  if not templates and not (prompt_set and aspects):
-    raise ValueError('No templates and no interpretive prompts: there would be no texts.')
+  if not name and not templates and not (prompt_set and aspects):
+    raise ValueError('No names, templates or interpretive prompts: there would be no texts.')
   bad = [t for t in templates if t.count('{}') != 1]
   if bad:
     raise ValueError(f'Each template needs exactly one "{{}}" for the class name; got {bad}.')
@@ -253,8 +258,10 @@ def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None 
   if unknown:
     raise ValueError(f'Unknown aspects {unknown}; choose from {list(ASPECTS)}.')
   names = [readable_name(c) for c in class_names]
-  texts = [[t.format(name) for name in names] for t in templates]
+  texts = [[t.format(n) for n in names] for t in templates]
   kinds = [TEMPLATE_KIND] * len(templates)
+  if name and '{}' not in templates:
+    texts, kinds = [names, *texts], [NAME_KIND, *kinds]
   if prompt_set is None:
     return texts, tuple(kinds)
 
@@ -270,8 +277,8 @@ def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None 
     if not allow_missing:
       raise MissingPromptsError(message + '\nFix the names (they must match the prompt set '
                                 'exactly), add texts for them, or allow the template fallback.')
-    if not templates:
-      raise ValueError(message + '\nThe fallback needs templates, and there are none.')
+    if not texts:
+      raise ValueError(message + '\nThe fallback needs names or templates, and there are none.')
     logging.warning('%s\nThey fall back to their template texts.', message)
 
   fallback = [[row[c] for row in texts] for c in range(len(class_names))]
@@ -286,8 +293,10 @@ def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None 
 def prompt_tokens(class_names: Sequence[str], tokenizer: Tokenizer,
                   prompt_set: PromptSet | str | os.PathLike | None = None, *,
                   templates: Sequence[str] = TEMPLATES, aspects: Sequence[str] = ASPECTS,
-                  allow_missing: bool = False, context_length: int = 77) -> PromptTokens:
-  """int32 [A, C, context_length] tokens of `class_names`, with kinds and texts.
+                  allow_missing: bool = False, name: bool = True,
+                  context_length: int = 77) -> PromptTokens:
+  """int32 [A, C, context_length] tokens of `class_names`, with kinds and texts (`name`: the bare
+  class name as variant 0, see build_prompt_texts).
 
   prompt_set: a loaded set, a shipped set's name, a JSON path, or None for templates only. Texts
   longer than the context are cut, keep their end-of-text token, and are counted in a warning.
@@ -295,7 +304,7 @@ def prompt_tokens(class_names: Sequence[str], tokenizer: Tokenizer,
   if prompt_set is not None and not isinstance(prompt_set, dict):
     prompt_set = load_prompt_set(prompt_set)
   texts, kinds = build_prompt_texts(class_names, prompt_set, templates=templates,
-                                    aspects=aspects, allow_missing=allow_missing)
+                                    aspects=aspects, allow_missing=allow_missing, name=name)
   flat = [t for row in texts for t in row]
   unique = list(dict.fromkeys(flat))
   num_truncated = tokenizer.num_truncated(unique, context_length)
