@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -154,6 +155,11 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: in
     return soft_cross_entropy(logits, targets)
 
   def train_step(state, batch, text, step):
+    chex.assert_shape(batch['video'], (tc.batch_size, dc.num_frames, dc.image_size,
+                                       dc.image_size, 3))
+    chex.assert_shape(batch['label'], (tc.batch_size,))
+    chex.assert_shape(text, (num_sets, num_classes, None))
+    chex.assert_type([batch['video'], batch['label']], [jnp.uint8, jnp.int32])
     model, optimizer = nnx.merge(graphdef, state)
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
     mix_rng, set_rng = jax.random.split(rng)
@@ -176,7 +182,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: in
       g = jax.tree.map(lambda x: x / tc.grad_accum_steps, g)
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
     # Checked on device; the loop reads it where it reads the loss (no extra host sync).
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), {'loss': loss, 'finite': finite}
 
