@@ -119,6 +119,7 @@ def test_few_shot_and_full_configs():
   pretrain = load_config('k400', 'B16,32,pretrain')
   assert (pretrain.train.epochs, pretrain.data.num_frames, pretrain.model.arch) == (20, 32, 'B16')
   assert load_config('k400', 'B16,32').train.epochs == 60
+  assert load_config('k600', 'B16,32').data.num_workers == pretrain.data.num_workers >= 8
   with pytest.raises(ValueError, match='shots=K'):
     load_config('ucf101', 'shots=3')
   with pytest.raises(ValueError, match='from_clip'):
