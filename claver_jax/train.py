@@ -405,7 +405,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   try:
     if progress.get('eval_pending'):   # A SIGTERM stopped this step's evaluation: do it now.
-      metrics.update(evaluate_and_export(start_step) or {})
+      evaluated = evaluate_and_export(start_step)
+      if evaluated is None:            # Stopped again: step start_step stays as it was saved.
+        logging.warning('SIGTERM: step %d is saved; exiting. Run again to resume.', start_step)
+        return metrics
+      metrics.update(evaluated)
     for step in range(start_step + 1, total_steps + 1):
       batch = make_global_batch(next(train_iter), batch_sharding)
       state, out = train_step(state, batch, text, jnp.asarray(step, jnp.int32))
