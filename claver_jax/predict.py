@@ -5,7 +5,8 @@ r"""Open-vocabulary prediction: which of any set of labels a video shows.
 
 DIR is a model directory (a converted checkpoint, or a run's WORKDIR/model; a WORKDIR also
 works). The video is sampled as in evaluation: T frames, one at the centre of each of T equal
-segments, the short side resized to 256/224 of the model's image size, the centre crop. Each
+segments, the short side resized to 256/224 of the model's image size (or the ratio its
+WORKDIR/model records), the centre crop. Each
 label is described by its bare name and the templates the model directory records (else the 16
 'actions' templates), and with --prompts by a prompt set's interpretive texts where it has
 them; scores are the softmax over the labels, averaged over descriptions. --label_file takes
@@ -26,8 +27,8 @@ from flax import nnx
 
 from claver_jax import evaluate
 from claver_jax.data.labels import read_labels
-from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, eval_short_side, normalize,
-                                        spatial_crops)
+from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, TEST_RESIZE_RATIO,
+                                        eval_short_side, normalize, spatial_crops)
 from claver_jax.data.video import VideoError, eval_indices, open_video
 from claver_jax.models import CLAVER, CLAVERConfig, claver_from_clip, load, read_model_config
 from claver_jax.models.io import model_dir
@@ -35,12 +36,13 @@ from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import TEMPLATES, prompt_tokens, resolve_templates
 
 
-def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int) -> np.ndarray:
+def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int,
+                     resize_ratio: float = TEST_RESIZE_RATIO) -> np.ndarray:
   """uint8 [T, S, S, 3]: the evaluation sampling of one clip and its centre crop (the short side
-  resized to 256/224 S, the centre S x S)."""
+  resized to resize_ratio S, 256/224 S by default, then the centre S x S)."""
   with open_video(video_path) as video:
     frames = video.frames(eval_indices(video.num_frames, num_frames)[0],
-                          short_side=eval_short_side(image_size, 1))
+                          short_side=eval_short_side(image_size, 1, resize_ratio))
   return spatial_crops(frames, image_size, 1)[0]
 
 
@@ -61,7 +63,9 @@ def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str
   assert isinstance(model, CLAVER)
   tokenizer = load_tokenizer(directory)
   cfg = model.cfg
-  frames = load_clip_frames(video_path, cfg.num_frames, cfg.clip.image_size)
+  # The model's own test view (WORKDIR/model records it), else the paper's.
+  frames = load_clip_frames(video_path, cfg.num_frames, cfg.clip.image_size,
+                            meta.get('source', {}).get('eval_resize_ratio', TEST_RESIZE_RATIO))
   # The templates the model was trained with (WORKDIR/model records them), else CLIP's.
   templates = meta.get('source', {}).get('templates') or TEMPLATES
   texts = prompt_tokens(list(labels), tokenizer, prompts, allow_missing=True,

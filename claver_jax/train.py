@@ -394,7 +394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       best = evaluated['val/top1']
       export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
                    {'workdir': str(workdir), 'step': step, 'val/top1': best,
-                    'templates': list(templates)})
+                    'templates': list(templates),
+                    'eval_resize_ratio': config.data.eval_resize_ratio})
       progress.update(best_val_top1=best, best_step=step)
     return evaluated
 

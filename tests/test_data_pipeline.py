@@ -277,12 +277,17 @@ def test_single_view_is_the_centre_crop_of_a_short_side_of_256_over_224(tmp_path
     synthetic.write_mp4(paths[-1], np.repeat(np.asarray(ramp, np.uint8)[None, :, :, None], 3, -1)
                         .repeat(4, axis=0))
   loader = SampleLoader(Files(paths), num_frames=2, image_size=size)
+  whole = SampleLoader(Files(paths), num_frames=2, image_size=size, eval_resize_ratio=1.0)
   for index, (axis, path) in enumerate(zip(ramps, paths)):
     for clip in (loader.eval_views(index)[0], load_clip_frames(path, 2, size)):
       assert clip.shape == (2, size, size, 3)
       line = clip[0, size // 2, :, 1] if axis == 'x' else clip[0, :, size // 2, 1]
       np.testing.assert_allclose(line, expected(axis, 18), atol=6)
       assert abs(float(line[0]) - expected(axis, size)[0]) > 10     # not the old geometry
+    # data.eval_resize_ratio=1.0 (the demo: trained on whole frames): the short side S.
+    for clip in (whole.eval_views(index)[0], load_clip_frames(path, 2, size, 1.0)):
+      line = clip[0, size // 2, :, 1] if axis == 'x' else clip[0, :, size // 2, 1]
+      np.testing.assert_allclose(line, expected(axis, size), atol=6)
 
 
 def test_list_paths_may_contain_spaces(tmp_path):

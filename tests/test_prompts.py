@@ -117,7 +117,7 @@ def test_template_sets_by_name_or_spelled_out(tok):
   with pytest.raises(ValueError, match='exactly one'):
     resolve_templates('{} and {}|fine {}')
   out = prompt_tokens(['moving left'], tok, templates=resolve_templates('objects'))
-  assert out.texts[1] == ['a video of moving left.'] and out.tokens.shape[0] == 6
+  assert out.texts[2] == ['a video of moving left.'] and out.tokens.shape[0] == 7
 
 
 def test_aspect_subset_and_bad_arguments(tok):

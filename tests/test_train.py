@@ -250,6 +250,7 @@ def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path, monkeypatch):
   from claver_jax.text.prompts import OBJECT_TEMPLATES
   meta = json_lib.loads((uninterrupted[0] / 'model' / 'config.json').read_text())
   assert meta['source']['templates'] == list(OBJECT_TEMPLATES)
+  assert meta['source']['eval_resize_ratio'] == 1.0        # the demo's whole-frame test view
   used, real = [], predict.prompt_tokens
   monkeypatch.setattr(predict, 'prompt_tokens',
                       lambda *a, **kw: used.append(kw['templates']) or real(*a, **kw))

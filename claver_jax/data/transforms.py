@@ -18,6 +18,7 @@ from claver_jax.data.video import resized_shape
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)
+TEST_RESIZE_RATIO = 256 / 224        # The official single view: short side 256 for 224 crops.
 _GRAY = np.array([0.299, 0.587, 0.114], np.float32)   # ITU-R 601 luma, as torchvision.
 
 
@@ -26,10 +27,11 @@ def train_short_side(image_size: int) -> int:
   return int(256 / 224 * image_size)
 
 
-def eval_short_side(image_size: int, num_crops: int) -> int:
+def eval_short_side(image_size: int, num_crops: int, ratio: float = TEST_RESIZE_RATIO) -> int:
   """The short side a test clip is resized to, as the official test pipelines do: int(256 / 224
-  * S) for the single centre crop (256 for 224), S for several crops along the long side."""
-  return train_short_side(image_size) if num_crops == 1 else image_size
+  * S) for the single centre crop (256 for 224; `ratio` changes 256 / 224), S for several crops
+  along the long side."""
+  return int(ratio * image_size) if num_crops == 1 else image_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +83,8 @@ def crop_resize(clip: np.ndarray, box: tuple[float, float, float, float], image_
 def spatial_crops(clip: np.ndarray, image_size: int, num_crops: int) -> np.ndarray:
   """uint8 [T, H, W, 3] resized to `eval_short_side(S, num_crops)` -> [num_crops, T, S, S, 3].
 
-  One crop is the centre S x S crop (of a short side of 256/224 S: the official single view).
+  One crop is the centre S x S crop (of a short side of 256/224 S: the official single view; of
+  any short side >= S).
   n > 1 crops need a short side of S: they are evenly spaced along the long side from one end to
   the other (3: start, centre, end).
   """

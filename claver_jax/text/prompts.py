@@ -71,8 +71,9 @@ TEMPLATES = (
 
 # Objects, not people: for the synthetic motion set. Short, so that the class name is most of
 # each text (a text tower learnt from scratch starts out close to a bag of words). With the bare
-# name before them, 6 texts per class.
+# name before them, 7 texts per class.
 OBJECT_TEMPLATES = (
+    '{}.',
     'a video of {}.',
     'a shape {}.',
     'an object {}.',
