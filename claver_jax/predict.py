@@ -8,7 +8,8 @@ works). The video is sampled as in evaluation: T frames, one at the centre of ea
 segments, the short side resized to 256/224 of the model's image size (or the ratio its
 WORKDIR/model records), the centre crop. Each
 label is described by its bare name and the templates the model directory records (else the 16
-'actions' templates), and with --prompts by a prompt set's interpretive texts where it has
+'actions' templates; a model trained without the bare name, as the demo, is not given it), and
+with --prompts by a prompt set's interpretive texts where it has
 them; scores are the softmax over the labels, averaged over descriptions. --label_file takes
 one label per line, or a labels CSV (`id,name` rows), read by claver_jax.data.labels.
 """
@@ -66,10 +67,12 @@ def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str
   # The model's own test view (WORKDIR/model records it), else the paper's.
   frames = load_clip_frames(video_path, cfg.num_frames, cfg.clip.image_size,
                             meta.get('source', {}).get('eval_resize_ratio', TEST_RESIZE_RATIO))
-  # The templates the model was trained with (WORKDIR/model records them), else CLIP's.
+  # The texts the model was trained with (WORKDIR/model records them), else CLIP's templates
+  # after the bare name.
   templates = meta.get('source', {}).get('templates') or TEMPLATES
   texts = prompt_tokens(list(labels), tokenizer, prompts, allow_missing=True,
                         templates=resolve_templates(templates),
+                        name=meta.get('source', {}).get('bare_name', True),
                         context_length=cfg.clip.context_length)
 
   @nnx.jit  # The model is an argument: captured by a closure, its weights would be constants.

@@ -26,8 +26,9 @@
     text.templates       'actions' (people: "a video of a person {}.", the default), 'objects'
                          (short, for the synthetic set), or templates with one "{}" each,
                          joined by '|'. WORKDIR/model records them; predict uses them, and
-                         zero-shot when this is '' (configs/zeroshot.py). The bare class name
-                         is always a text too
+                         zero-shot when this is '' (configs/zeroshot.py)
+    text.bare_name       the bare class name is a text too (the paper's set: name, templates,
+                         prompts); WORKDIR/model records it for predict and zero-shot
     text.sets_per_step   description sets sampled per train step (K = 5 in the paper)
     optim                see claver_jax.optim.default_config (AdamW, groups, freezing, schedule)
     train.batch_size     global batch, independent of the device count
@@ -67,8 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       pos_init='random', dtype='float32', remat=False, resample_frames=True))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
-      tokenizer='', num_merges=1000, prompts='', templates='actions', allow_missing=False,
-      sets_per_step=5))
+      tokenizer='', num_merges=1000, prompts='', templates='actions', bare_name=True,
+      allow_missing=False, sets_per_step=5))
   c.optim = optim.default_config()
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128, epochs=30, max_steps=0, grad_accum_steps=1, label_smoothing=0.1,

@@ -59,7 +59,8 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
       prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
       texts, _ = build_prompt_texts(class_names, prompt_set,
                                     templates=resolve_templates(config.text.templates),
-                                    allow_missing=config.text.allow_missing)
+                                    allow_missing=config.text.allow_missing,
+                                    name=config.text.bare_name)
       train_tokenizer([t for row in texts for t in row], out, num_merges=config.text.num_merges)
     distributed.barrier('tokenizer')
     return load_tokenizer(out)
@@ -279,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   set_remat(model, config.model.remat)
   templates = resolve_templates(config.text.templates)
   prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None, templates=templates,
-                          allow_missing=config.text.allow_missing,
+                          allow_missing=config.text.allow_missing, name=config.text.bare_name,
                           context_length=model.cfg.clip.context_length)
   logging.info('Texts: %d description sets x %d classes (%s).', *prompts.tokens.shape[:2],
                ', '.join(sorted(set(prompts.kinds))))
@@ -394,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       best = evaluated['val/top1']
       export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
                    {'workdir': str(workdir), 'step': step, 'val/top1': best,
-                    'templates': list(templates),
+                    'templates': list(templates), 'bare_name': config.text.bare_name,
                     'eval_resize_ratio': config.data.eval_resize_ratio})
       progress.update(best_val_top1=best, best_step=step)
     return evaluated

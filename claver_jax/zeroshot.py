@@ -291,9 +291,10 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
                      f'{mesh.size} devices and the {jax.process_count()} processes.')
 
-  # The model's own templates (WORKDIR/model records them), unless the config names others.
-  templates = resolve_templates(config.text.templates or
-                                meta.get('source', {}).get('templates') or 'actions')
+  # The model's own texts (WORKDIR/model records them), unless the config names templates.
+  source = meta.get('source', {})
+  templates = resolve_templates(config.text.templates or source.get('templates') or 'actions')
+  bare_name = source.get('bare_name', True)
 
   # ----------------------------------------------------------------------------- input
   runs, skipped = plan_runs(config, workdir)
@@ -334,7 +335,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     for run, data in zip(runs, pipelines):
       bar.set_description(f'{run.dataset} {run.name}')
       texts = prompt_tokens(data.class_names, tokenizer, run.prompts,
-                            templates=templates,
+                            templates=templates, name=bare_name,
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)
       summary = run_eval(_Progress(data, bar), state, encode_text, scores, texts.tokens, mesh)

@@ -49,6 +49,8 @@ def get_config(arg=None):
   # which long texts of twin classes ("from the left ... to the right") nearly coincide.
   c.text.templates = 'objects'
   c.text.prompts = ''
+  # Not the bare name either: with it (and the same templates) 89.3% instead of 92.2%.
+  c.text.bare_name = False
 
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.01

@@ -70,8 +70,7 @@ TEMPLATES = (
 )
 
 # Objects, not people: for the synthetic motion set. Short, so that the class name is most of
-# each text (a text tower learnt from scratch starts out close to a bag of words). With the bare
-# name before them, 7 texts per class.
+# each text (a text tower learnt from scratch starts out close to a bag of words).
 OBJECT_TEMPLATES = (
     '{}.',
     'a video of {}.',
