@@ -6,6 +6,10 @@
     model.temporal       kmt | kmct | joint | pipeline | cls_only | mean
     model.temporal_layers  None: a third of the ViT's depth
     model.temporal_heads   None: the paper's vision width / 64
+    model.attention      how the Kronecker attention is computed: 'dense' ([T·L, T·L] scores),
+                         'chunked' (exact, a chunk of frames at a time, O(T·L²) memory) or
+                         'auto' (chunked from 512 tokens per clip; claver_jax/models/kronecker.py).
+                         Recorded in WORKDIR/model; it overrides an init.checkpoint's
     model.temporal_init_std  std of the temporal embedding of a model built from scratch (0.02,
                          the official code's; ~1 suits them, their tokens being O(1) per
                          channel); init.clip / init.checkpoint models keep 0.02 / their own
@@ -64,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       arch='B16', clip=ml_collections.ConfigDict(), temporal='kmt',
       temporal_layers=ml_collections.config_dict.placeholder(int),
-      temporal_heads=ml_collections.config_dict.placeholder(int), temporal_init_std=0.02,
+      temporal_heads=ml_collections.config_dict.placeholder(int), attention='auto',
+      temporal_init_std=0.02,
       pos_init='random', dtype='float32', remat=False, resample_frames=True))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(

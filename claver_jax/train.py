@@ -84,12 +84,13 @@ def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nn
   frames = config.data.num_frames
   if config.init.checkpoint:
     return load(model_dir(config.init.checkpoint), dtype=dtype, num_frames=frames,
-                resample_frames=config.model.resample_frames)
+                resample_frames=config.model.resample_frames, attention=config.model.attention)
   if config.init.clip:
     clip = load(config.init.clip, dtype=dtype)
     cfg = CLAVERConfig(clip=clip.cfg, num_frames=frames, temporal=config.model.temporal,
                        temporal_layers=config.model.temporal_layers,
-                       temporal_heads=config.model.temporal_heads)
+                       temporal_heads=config.model.temporal_heads,
+                       attention=config.model.attention)
     return claver_from_clip(clip, cfg, dtype=dtype, rngs=rngs)
   if config.model.arch == 'custom':
     clip_cfg = CLIPConfig(**{**config.model.clip.to_dict(), 'vocab_size': tokenizer.vocab_size,
@@ -97,7 +98,8 @@ def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nn
                              'image_size': config.data.image_size})
     cfg = CLAVERConfig(clip=clip_cfg, num_frames=frames, temporal=config.model.temporal,
                        temporal_layers=config.model.temporal_layers,
-                       temporal_heads=config.model.temporal_heads)
+                       temporal_heads=config.model.temporal_heads,
+                       attention=config.model.attention)
   else:
     cfg = config_from(config)
   if cfg.clip.vocab_size != tokenizer.vocab_size:

@@ -34,6 +34,15 @@ the host's cores (--config.data.num_workers=N); on a small host, lower it. Measu
 `python -m benchmarks.input_pipeline --workers=0,1,2,4 --batches=8` on a shared 2-core machine
 (load ~10, so only the trend holds; TODO(lead): measure idle): 0 workers 3.2 clips/s, 1: 3.0,
 2: 5.8, 4: 10.1 (bare PyAV decoding 5.1).
+
+Memory per device (`python -m claver_jax.memory --config=configs/k400.py:B16,32`: XLA's memory
+analysis of the compiled train step on 8 simulated devices, CPU backend, nothing run; see the
+README's table): B16 at 32 frames, bf16, chunked attention, 1 clip per device peaks at 91.5 GiB,
+88.5 of it the text tower (the 5 x 400 sampled texts at 77 tokens, fwd + bwd, on every device),
+plus 2.0 GiB per further clip. As shipped (batch 128: 16 clips per device on 8 devices) it needs
+121.8 GiB and fits no 80 GB GPU or TPU chip: the text tower must be split over the devices and
+cut to the texts' length first. Per-device clips are batch_size / (devices x
+train.grad_accum_steps); raise `--config.train.grad_accum_steps` where the table says fewer fit.
 """
 
 from claver_jax.presets import parse_preset

@@ -8,6 +8,7 @@ A model directory holds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -116,17 +117,21 @@ def model_dir(path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int | None = None,
-         resample_frames: bool = True) -> nnx.Module:
+         resample_frames: bool = True, attention: str | None = None) -> nnx.Module:
   """Loads a converted or trained model directory (CLIP or CLAVER).
 
   dtype: the compute dtype; parameters stay fp32.
   num_frames: CLAVER only; run with this many frames. A temporal embedding trained with another
     count is resampled linearly, with a warning, unless `resample_frames=False` makes it an error.
+  attention: CLAVER only; 'dense' | 'chunked' | 'auto' instead of the directory's (kronecker.py).
   """
   path = Path(path).resolve()       # Once: a WORKDIR/model link swapped meanwhile is not followed.
   kind, config, _ = read_model_config(path)
-  if num_frames is not None and kind != 'claver':
-    raise ValueError(f'num_frames applies to CLAVER checkpoints; {path} holds a {kind} model.')
+  for name, value in (('num_frames', num_frames), ('attention', attention)):
+    if value is not None and kind != 'claver':
+      raise ValueError(f'{name} applies to CLAVER checkpoints; {path} holds a {kind} model.')
+  if attention is not None:
+    config = dataclasses.replace(config, attention=attention)
   model = _restore(path, kind, config, dtype)
   if num_frames is not None:
     model = with_num_frames(model, num_frames, resample=resample_frames)
