@@ -3,6 +3,7 @@ zero-shot through the family interface, converter errors."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -49,10 +50,16 @@ def converted(reference, tmp_path_factory):
   return out
 
 
+# Jitted: eager X-CLIP dispatches hundreds of small ops, each compiled on its own.
+encode_video = nnx.jit(lambda model, video: model.encode_video(video))
+logits = nnx.jit(lambda model, video, tokens: model.logits(video, tokens))
+encode_tokens = nnx.jit(lambda model, video: model.encode_tokens(video))
+
+
 def max_diffs(model, reference) -> tuple[float, float]:
   video, tokens, expected = reference['video'], reference['tokens'], reference['expected']
-  return (float(np.abs(np.asarray(model.encode_video(video)) - expected['video']).max()),
-          float(np.abs(np.asarray(model.logits(video, tokens)) - expected['logits']).max()))
+  return (float(np.abs(np.asarray(encode_video(model, video)) - expected['video']).max()),
+          float(np.abs(np.asarray(logits(model, video, tokens)) - expected['logits']).max()))
 
 
 def test_parity_with_transformers_through_the_cli(reference, converted):
@@ -85,8 +92,8 @@ def test_official_layout_converts_to_the_same_logits(reference, converted, tmp_p
         f'logits {logits_diff:.1e}')
   assert video_diff <= 1e-5 and logits_diff <= 1e-5
   hf_model = load(converted)
-  np.testing.assert_allclose(model.logits(reference['video'], reference['tokens']),
-                             hf_model.logits(reference['video'], reference['tokens']), atol=1e-6)
+  np.testing.assert_allclose(logits(model, reference['video'], reference['tokens']),
+                             logits(hf_model, reference['video'], reference['tokens']), atol=1e-6)
 
 
 def test_num_frames_resamples_the_mit_positions(converted, reference, caplog):
@@ -96,7 +103,7 @@ def test_num_frames_resamples_the_mit_positions(converted, reference, caplog):
   assert 'Resampling the temporal embedding from 3 to 6 frames' in caplog.text
   assert model.mit.positional_embedding.shape == (6, stored.shape[1]) and model.cfg.num_frames == 6
   video = np.concatenate([reference['video']] * 2, axis=1)
-  assert model.logits(video, reference['tokens']).shape == (2, 4)
+  assert logits(model, video, reference['tokens']).shape == (2, 4)
   with pytest.raises(ValueError, match='turned off'):
     load(converted, num_frames=6, resample_frames=False)
   with pytest.raises(ValueError, match='num_frames=6 to resample'):
@@ -145,14 +152,14 @@ def test_frame_order_reaches_the_video_only_through_the_mit_positions():
   video = np.asarray(jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 3)))
   order = np.array([2, 0, 3, 1])
   # The cross-frame messages have no positions: permuting the frames permutes the tokens.
-  tokens = np.asarray(model.encode_tokens(video))
-  np.testing.assert_allclose(np.asarray(model.encode_tokens(video[:, order])), tokens[:, order],
+  tokens = np.asarray(encode_tokens(model, video))
+  np.testing.assert_allclose(np.asarray(encode_tokens(model, video[:, order])), tokens[:, order],
                              atol=1e-5)
   # ...and so the frame embeddings; but the MIT's positions make the video embedding depend on it.
-  assert np.abs(np.asarray(model.encode_video(video[:, order]))
-                - np.asarray(model.encode_video(video))).max() > 1e-3
+  assert np.abs(np.asarray(encode_video(model, video[:, order]))
+                - np.asarray(encode_video(model, video))).max() > 1e-3
   model.mit.positional_embedding[...] = jnp.zeros((4, 32))
-  np.testing.assert_allclose(model.encode_video(video[:, order]), model.encode_video(video),
+  np.testing.assert_allclose(encode_video(model, video[:, order]), encode_video(model, video),
                              atol=1e-5)
 
 
@@ -182,7 +189,8 @@ def test_the_ten_times_group_is_exactly_the_new_parts():
   wrt = optim.trainable_filter(config, family.group_of)
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
   before = {'.'.join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model))}
-  optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, wrt)))
+  nnx.jit(lambda o, m, g: o.update(m, g))(optimizer, model,
+                                          jax.tree.map(jnp.ones_like, nnx.state(model, wrt)))
   after = {'.'.join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model))}
   moved = {p: np.abs(after[p] - before[p]).max() for p in paths}
   for p in paths:   # Adam's first step moves every coordinate by its learning rate.
@@ -202,7 +210,8 @@ def test_one_train_step_learns_with_the_text_tower_frozen():
   rng = np.random.default_rng(0)
   tokens = np.zeros((2, 3, 8), np.int32)                   # A=2 sets of C=3 classes
   tokens[..., 0], tokens[..., 1:4], tokens[..., 4] = 98, rng.integers(1, 98, (2, 3, 3)), 99
-  text = evaluate.encode_texts(model.encode_text, tokens)  # the cached, unnormalised embeddings
+  # The cached text embeddings, unnormalised, as train_and_evaluate makes them.
+  text = nnx.jit(lambda m, t: evaluate.encode_texts(m.encode_text, t))(model, tokens)
   graphdef, state = nnx.split((model, optimizer))
   step = jax.jit(train.make_train_step(graphdef, config, 3, 2, True, family.group_of))
   batch = {'video': rng.integers(0, 256, (8, 4, 16, 16, 3), dtype=np.uint8),
@@ -242,21 +251,27 @@ def test_the_run_exports_an_xclip_directory_with_its_normalisation(xclip_run):
   assert isinstance(load(xclip_run / 'model'), XCLIP)
 
 
+@functools.lru_cache(maxsize=None)
+def loaded(model_dir):
+  """(model, tokenizer) of a model directory, loaded once."""
+  from claver_jax.text import load_tokenizer
+  return load(model_dir), load_tokenizer(model_dir)
+
+
 def expected_scores(model_dir, video_path, labels, mean, std, templates=None) -> np.ndarray:
   """Predict's scores, computed independently: per template a softmax over the labels of
   `logits`, averaged over the templates (by default those the directory records)."""
   from claver_jax.data.transforms import normalize
   from claver_jax.predict import load_clip_frames
-  from claver_jax.text import load_tokenizer
   from claver_jax.text.prompts import prompt_tokens
-  model = load(model_dir)
+  model, tokenizer = loaded(model_dir)
   templates = templates or json.loads((model_dir / 'config.json').read_text())['source'][
       'templates']
-  tokens = prompt_tokens(labels, load_tokenizer(model_dir), None, templates=templates,
+  tokens = prompt_tokens(labels, tokenizer, None, templates=templates,
                          context_length=model.cfg.clip.context_length).tokens
   frames = load_clip_frames(video_path, model.cfg.num_frames, model.cfg.clip.image_size)
   video = normalize(frames[None], mean, std)
-  return np.mean([jax.nn.softmax(model.logits(video, t)[0]) for t in tokens], axis=0)
+  return np.mean([jax.nn.softmax(logits(model, video, t)[0]) for t in tokens], axis=0)
 
 
 def test_predict_uses_the_recorded_normalisation(xclip_run, tmp_path, caplog):
