@@ -9,6 +9,11 @@
     model.temporal_layers  CLAVER: None = a third of the ViT's depth
     model.temporal_heads   CLAVER's temporal transformer, X-CLIP's MIT: None = the papers'
                          width / 64 (CLAVER: vision width; X-CLIP: embed dim)
+    model.attention      CLAVER: how the Kronecker attention is computed: 'dense' ([T·L, T·L]
+                         scores), 'chunked' (exact, a chunk of frames at a time, O(T·L²) memory)
+                         or 'auto' (chunked from 512 tokens per clip;
+                         claver_jax/models/kronecker.py). Recorded in WORKDIR/model; it overrides
+                         an init.checkpoint's
     model.xclip_mit_layers, xclip_prompt_layers  X-CLIP: MIT (1) and prompt generator (2) depth
     model.xclip_prompt_alpha  X-CLIP: the prompt generator's initial output scale (0.1)
     model.temporal_init_std  std of the temporal embedding (X-CLIP: the MIT's positional
@@ -66,9 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name='claver', arch='B16', clip=ml_collections.ConfigDict(), temporal='kmt',
       temporal_layers=ml_collections.config_dict.placeholder(int),
-      temporal_heads=ml_collections.config_dict.placeholder(int), temporal_init_std=0.02,
-      pos_init='random', dtype='float32', remat=False, resample_frames=True,
-      xclip_mit_layers=1, xclip_prompt_layers=2, xclip_prompt_alpha=0.1))
+      temporal_heads=ml_collections.config_dict.placeholder(int), attention='auto',
+      temporal_init_std=0.02, pos_init='random', dtype='float32', remat=False,
+      resample_frames=True, xclip_mit_layers=1, xclip_prompt_layers=2, xclip_prompt_alpha=0.1))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
       tokenizer='', num_merges=1000, prompts='', templates='actions', allow_missing=False,

@@ -95,7 +95,8 @@ def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                      "or 'sincos'.")
   if config.init.checkpoint:
     return load(config.init.checkpoint, dtype=dtype, num_frames=config.data.num_frames,
-                resample_frames=config.model.resample_frames)
+                resample_frames=config.model.resample_frames,
+                **{key: config.model[key] for key in family.run_options})
   if config.init.clip:
     clip = load(config.init.clip, dtype=dtype)
     return family.from_clip(clip, families.model_config(config, clip.cfg), dtype=dtype, rngs=rngs)

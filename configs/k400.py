@@ -27,6 +27,15 @@ AdamW (0.9, 0.98), eps 1e-8, weight decay 0.001, lr 12e-6 (x10 for the temporal 
 label smoothing .1, mixup .8, cutmix 1; the image tower frozen; class texts: the 16 templates
 and the interpretive prompts.
 
+Memory per device (`python -m claver_jax.memory --config=configs/k400.py:B16,32`: XLA's memory
+analysis of the compiled train step on 8 simulated devices, CPU backend, nothing run; see the
+README's table): B16 at 32 frames, bf16, chunked attention, 1 clip per device peaks at 91.5 GiB,
+88.5 of it the text tower (the 5 x 400 sampled texts at 77 tokens, fwd + bwd, on every device),
+plus 2.0 GiB per further clip. As shipped (batch 128: 16 clips per device on 8 devices) it needs
+121.8 GiB and fits no 80 GB GPU or TPU chip: the text tower must be split over the devices and
+cut to the texts' length first. Per-device clips are batch_size / (devices x
+train.grad_accum_steps); raise `--config.train.grad_accum_steps` where the table says fewer fit.
+
 X-CLIP (`xclip`). Expected top-1 / top-5 (%), 4x3 views, from the official X-CLIP model zoo
 (microsoft/VideoX, X-CLIP/README.md):
   B32  8f  80.4 / 95.0     B32 16f  81.1 / 95.5

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from claver_jax.models.clip import CLIP, CLIPConfig, check_known_fields, l2_normalize
+from claver_jax.models.kronecker import ATTENTION_IMPLEMENTATIONS
 from claver_jax.models.temporal import TEMPORAL_KINDS, TemporalTransformer
 
 
@@ -27,18 +28,22 @@ from claver_jax.models.temporal import TEMPORAL_KINDS, TemporalTransformer
 class CLAVERConfig:
   """clip: the towers. temporal: one of TEMPORAL_KINDS. temporal_layers: None = vision_layers // 3.
   temporal_heads: None = the paper's vision_width / 64 (the ViT's own count for widths that 64
-  does not divide)."""
+  does not divide). attention: how the Kronecker attention is computed, 'dense' | 'chunked' |
+  'auto' (kronecker.py); the same parameters and results, other memory and time."""
   clip: CLIPConfig = CLIPConfig()
   num_frames: int = 8
   temporal: str = 'kmt'
   temporal_layers: int | None = None
   temporal_heads: int | None = None
+  attention: str = 'auto'
 
   def __post_init__(self):
     if isinstance(self.clip, dict):
       object.__setattr__(self, 'clip', CLIPConfig.from_dict(self.clip))
     if self.temporal not in TEMPORAL_KINDS:
       raise ValueError(f'temporal={self.temporal!r}; choose one of {TEMPORAL_KINDS}.')
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f'attention={self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.')
     if self.num_frames < 1:
       raise ValueError(f'num_frames={self.num_frames} must be at least 1.')
     if self.temporal_heads is not None and (
@@ -58,6 +63,11 @@ class CLAVERConfig:
     return self.temporal_layers if self.temporal_layers is not None else self.clip.vision_layers // 3
 
   @property
+  def summary(self) -> str:
+    """What the model adds to its CLIP, in words (for reports)."""
+    return f'temporal {self.temporal} ({self.temporal_depth} layers)'
+
+  @property
   def temporal_num_heads(self) -> int:
     if self.temporal_heads is not None:
       return self.temporal_heads
@@ -67,10 +77,11 @@ class CLAVERConfig:
   def to_dict(self) -> dict[str, Any]:
     return {'clip': self.clip.to_dict(), 'num_frames': self.num_frames,
             'temporal': self.temporal, 'temporal_layers': self.temporal_layers,
-            'temporal_heads': self.temporal_heads}
+            'temporal_heads': self.temporal_heads, 'attention': self.attention}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> CLAVERConfig:
+    """Fields a directory lacks take their defaults (one written before `attention`: 'auto')."""
     check_known_fields(cls, d)
     return cls(**{**d, 'clip': CLIPConfig.from_dict(d['clip'])})
 
@@ -83,7 +94,8 @@ class CLAVER(nnx.Module):
     c = cfg.clip
     self.temporal = None if cfg.temporal == 'mean' else TemporalTransformer(
         cfg.temporal, cfg.num_frames, c.vision_width, cfg.temporal_depth, cfg.temporal_num_heads,
-        activation=c.activation, layer_norm_eps=c.layer_norm_eps, dtype=dtype, rngs=rngs)
+        attention=cfg.attention, activation=c.activation, layer_norm_eps=c.layer_norm_eps,
+        dtype=dtype, rngs=rngs)
 
   def encode_frames(self, video: jax.Array) -> jax.Array:
     """[B, T, H, W, 3] -> [B, T, embed_dim]: L2-normalised per-frame embeddings."""

@@ -40,7 +40,9 @@ class Family:
   from_clip(clip, config, *, dtype, rngs) -> a model with a CLIP's towers and fresh new parts.
   param_groups: (regex on a parameter path, group); the first match wins, 'base' if none does.
   vision: the path of the ViT. temporal_embedding: the path of the [T, D] parameter that ties a
-  model to its frame count (absent in some variants, e.g. CLAVER's 'mean')."""
+  model to its frame count (absent in some variants, e.g. CLAVER's 'mean').
+  run_options: config.model keys that a run sets on a model it loads (config.init.checkpoint),
+  as `load()` keywords: how it computes, never its parameters."""
   name: str
   config_class: type
   module_class: type
@@ -49,6 +51,7 @@ class Family:
   param_groups: tuple[tuple[str, str], ...]
   vision: str
   temporal_embedding: str
+  run_options: tuple[str, ...] = ()
 
   def group_of(self, path: str) -> str:
     """'image' | 'text' | 'new' | 'base' for a dotted parameter path."""
@@ -62,7 +65,8 @@ def _claver_config(clip: CLIPConfig, config: ml_collections.ConfigDict) -> CLAVE
   return CLAVERConfig(clip=clip, num_frames=config.data.num_frames,
                       temporal=config.model.temporal,
                       temporal_layers=config.model.get('temporal_layers'),
-                      temporal_heads=config.model.get('temporal_heads'))
+                      temporal_heads=config.model.get('temporal_heads'),
+                      attention=config.model.get('attention', 'auto'))
 
 
 def _xclip_config(clip: CLIPConfig, config: ml_collections.ConfigDict) -> XCLIPConfig:
@@ -77,7 +81,8 @@ FAMILIES: dict[str, Family] = {
         'claver', CLAVERConfig, CLAVER, _claver_config, claver_from_clip,
         param_groups=((r'^clip\.visual\.', 'image'), (r'^clip\.text\.', 'text'),
                       (r'^temporal\.', 'new')),
-        vision='clip.visual', temporal_embedding='temporal.temporal_embedding'),
+        vision='clip.visual', temporal_embedding='temporal.temporal_embedding',
+        run_options=('attention',)),
     'xclip': Family(
         'xclip', XCLIPConfig, XCLIP, _xclip_config, xclip_from_clip,
         param_groups=((r'^visual\.blocks\.\d+\.message_', 'new'), (r'^(mit\.|prompts_)', 'new'),

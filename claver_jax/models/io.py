@@ -12,6 +12,7 @@ Directories written before it was recorded are read with CLIP's, with a notice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -126,19 +127,24 @@ def input_normalization(meta: dict[str, Any], where: Any) -> tuple[tuple[float, 
 
 
 def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int | None = None,
-         resample_frames: bool = True) -> nnx.Module:
+         resample_frames: bool = True, attention: str | None = None) -> nnx.Module:
   """Loads a converted or trained model directory (CLIP or a video family: CLAVER, X-CLIP).
 
   dtype: the compute dtype; parameters stay fp32.
   num_frames: video families only; run with this many frames. A temporal embedding (CLAVER's,
     X-CLIP's MIT positional embedding) trained with another count is resampled linearly, with a
     warning, unless `resample_frames=False` makes it an error.
+  attention: CLAVER only; 'dense' | 'chunked' | 'auto' instead of the directory's (kronecker.py).
   """
   path = Path(path).absolute()
   kind, config, _ = read_model_config(path)
   if num_frames is not None and kind not in families.FAMILIES:
     raise ValueError(f'num_frames applies to video models ({", ".join(families.FAMILIES)}); '
                      f'{path} holds a {kind} model.')
+  if attention is not None and kind != 'claver':
+    raise ValueError(f'attention applies to CLAVER checkpoints; {path} holds a {kind} model.')
+  if attention is not None:
+    config = dataclasses.replace(config, attention=attention)
   model = _restore(path, kind, config, dtype)
   if num_frames is not None:
     model = families.with_num_frames(model, num_frames, resample=resample_frames)

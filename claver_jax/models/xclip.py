@@ -73,6 +73,11 @@ class XCLIPConfig:
       raise ValueError('Invalid XCLIPConfig: ' + '; '.join(problems) + '.')
 
   @property
+  def summary(self) -> str:
+    """What the model adds to its CLIP, in words (for reports)."""
+    return f'{self.mit_layers} MIT and {self.prompt_layers} prompt layers'
+
+  @property
   def mit_num_heads(self) -> int:
     return self.mit_heads or official_heads(self.clip.embed_dim)
 
