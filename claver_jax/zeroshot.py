@@ -47,7 +47,7 @@ from claver_jax.data import build_pipelines
 from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
 from claver_jax.fileio import atomic_write_text
-from claver_jax.models import load, read_model_config
+from claver_jax.models import input_normalization, load_video_model, read_model_config
 from claver_jax.predict import model_dir, read_label_file
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import prompt_tokens, resolve_templates
@@ -273,11 +273,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     raise ValueError('config.init.checkpoint is empty: set it to the K400-trained model directory '
                      '(or the workdir of its run) to evaluate.')
   checkpoint = model_dir(config.init.checkpoint)
-  kind, model_cfg, _ = read_model_config(checkpoint)
-  if kind != 'claver':
-    raise ValueError(f'{checkpoint} holds a {kind} model; zero-shot evaluates a CLAVER model '
-                     '(a run\'s WORKDIR/model or a converted CLAVER checkpoint).')
-  image_size = model_cfg.clip.image_size
+  kind, model_cfg, meta = read_model_config(checkpoint)
+  image_size = (model_cfg if kind == 'clip' else model_cfg.clip).image_size
   if config.data.image_size != image_size:
     raise ValueError(f'config.data.image_size={config.data.image_size}, but the model in '
                      f'{checkpoint} takes {image_size} px frames; set '
@@ -304,18 +301,16 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     pipelines.append(build_pipelines(data_config))
 
   # ----------------------------------------------------------------------------- model
-  model = load(checkpoint, dtype=jnp.dtype(config.model.dtype),
-               num_frames=config.data.num_frames, resample_frames=config.model.resample_frames)
+  model = load_video_model(checkpoint, dtype=jnp.dtype(config.model.dtype),
+                           num_frames=config.data.num_frames,
+                           resample_frames=config.model.resample_frames)
   tokenizer = load_tokenizer(config.text.tokenizer or checkpoint)
   graphdef, state = nnx.split((model, None))    # train's eval fns take a (model, optimizer) state
   state_sharding = sharding.state_shardings(mesh, state)
   state = jax.device_put(state, state_sharding)
-  replicated = sharding.replicated(mesh)
-  encode_text_fn, scores_fn = make_eval_fns(graphdef, config)
-  encode_text = jax.jit(encode_text_fn, in_shardings=(state_sharding, replicated),
-                        out_shardings=replicated)
-  scores = jax.jit(scores_fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh),
-                                            replicated), out_shardings=replicated)
+  # The model is fed as its directory records (config.data.mean/std apply to training).
+  encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh,
+                                      input_normalization(meta, checkpoint))
 
   # ----------------------------------------------------------------------------- evaluate
   lead = jax.process_index() == 0
@@ -325,7 +320,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   try:
     for run, data in zip(runs, pipelines):
       bar.set_description(f'{run.dataset} {run.name}')
-      texts = prompt_tokens(data.class_names, tokenizer, run.prompts,
+      texts = prompt_tokens(data.class_names, tokenizer, run.prompts or None,
                             templates=resolve_templates(config.text.templates),
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)

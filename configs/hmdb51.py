@@ -1,7 +1,7 @@
 r"""HMDB-51: few-shot from CLIP, or fully supervised from a Kinetics-400 model. ViT-B/16, 32 frames.
 
 configs/ucf101.py with HMDB-51's classes and prompts; the same arguments (`shots=K` with K in
-2, 4, 8, 16, or `full`, optionally a temporal head). First the list files of split 1:
+2, 4, 8, 16, or `full`, optionally a temporal head or `xclip`). First the list files of split 1:
 
     python -m claver_jax.data.annotations --format=hmdb51 \
         --src=HMDB51/testTrainMulti_7030_splits --split=1 --out=lists/hmdb51/split1
@@ -21,10 +21,11 @@ Fully supervised, from the 32-frame K400 model: the same flags with
 
 HMDB-51's root is the folder of the extracted class folders (brush_hair/...).
 
-Expected top-1 (%), few-shot, B/16 32 frames, from the official CLAVER model zoo:
-  K      2     4     8     16
-  KMT   58.6  63.9  68.0  72.5
-  KMCT  58.3  64.5  68.6  72.9
+Expected top-1 (%), few-shot, B/16 32 frames, from the official CLAVER and X-CLIP model zoos:
+  K        2     4     8     16
+  KMT     58.6  63.9  68.0  72.5
+  KMCT    58.3  64.5  68.6  72.9
+  X-CLIP  53.0  57.3  62.8  64.0
 The model zoo lists no fully supervised HMDB-51 result.
 
 Where the numbers come from: few-shot, microsoft/VideoX X-CLIP/configs/hmdb51/16_32.yaml (B/16,
