@@ -3,14 +3,14 @@ r"""Open-vocabulary prediction: which of any set of labels a video shows.
     python -m claver_jax.predict --checkpoint=DIR --video=FILE \
         [--labels "a" "b" ... | --label_file=F] [--top_k=5] [--json] [--prompts=SET_OR_PATH]
 
-DIR is a model directory (a converted checkpoint, or a run's WORKDIR/model; a WORKDIR also
-works). The video is sampled as in evaluation: T frames, one at the centre of each of T equal
-segments, the short side resized to 256/224 of the model's image size (or the ratio its
-WORKDIR/model records), the centre crop. Each
-label is described by its bare name and the templates the model directory records (else the 16
-'actions' templates; a model trained without the bare name, as the demo, is not given it), and
-with --prompts by a prompt set's interpretive texts where it has
-them; scores are the softmax over the labels, averaged over descriptions. --label_file takes
+DIR is a model directory of any family (a converted checkpoint, or a run's WORKDIR/model; a
+WORKDIR also works; a plain CLIP predicts as CLIP-Mean over 8 frames). The video is sampled as in
+evaluation: T frames, one at the centre of each of T equal segments, the short side resized to
+256/224 of the model's image size (or the ratio its WORKDIR/model records), the centre crop,
+normalised with the mean/std the directory records. Each label is described by its bare name
+and the templates the directory records (else CLIP's 16; a model trained without the bare name,
+as the demo, is not given it), and with --prompts by a prompt set's interpretive texts where it
+has them; scores are the softmax over the labels, averaged over descriptions. --label_file takes
 one label per line, or a labels CSV (`id,name` rows), read by claver_jax.data.labels.
 """
 
@@ -28,10 +28,10 @@ from flax import nnx
 
 from claver_jax import evaluate
 from claver_jax.data.labels import read_labels
-from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, TEST_RESIZE_RATIO,
-                                        eval_short_side, normalize, spatial_crops)
+from claver_jax.data.transforms import (TEST_RESIZE_RATIO, eval_short_side, normalize,
+                                        spatial_crops)
 from claver_jax.data.video import VideoError, eval_indices, open_video
-from claver_jax.models import CLAVER, CLAVERConfig, claver_from_clip, load, read_model_config
+from claver_jax.models import input_normalization, load_video_model, read_model_config
 from claver_jax.models.io import model_dir
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import TEMPLATES, prompt_tokens, resolve_templates
@@ -56,12 +56,9 @@ def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str
   if repeated:
     raise ValueError(f'The labels name {repeated} more than once; give each label once.')
   directory = model_dir(checkpoint)
-  kind, _, meta = read_model_config(directory)
-  model = load(directory)
-  if kind == 'clip':  # A plain CLIP predicts as CLIP-Mean over 8 frames.
-    model = claver_from_clip(model, CLAVERConfig(clip=model.cfg, temporal='mean'),
-                             rngs=nnx.Rngs(0))
-  assert isinstance(model, CLAVER)
+  _, _, meta = read_model_config(directory)
+  model = load_video_model(directory)
+  mean, std = input_normalization(meta, directory)
   tokenizer = load_tokenizer(directory)
   cfg = model.cfg
   # The model's own test view (WORKDIR/model records it), else the paper's.
@@ -78,10 +75,10 @@ def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str
   @nnx.jit  # The model is an argument: captured by a closure, its weights would be constants.
   def scores(model, video, tokens):
     text = evaluate.encode_texts(model.encode_text, tokens)
-    embedding = model.encode_video(normalize(video, CLIP_MEAN, CLIP_STD))
-    return evaluate.class_scores(embedding[:, None], text, model.clip.logit_scale[...])[0]
+    return evaluate.view_scores(model, normalize(video, mean, std), text)[0]
 
-  probabilities = np.asarray(scores(model, jnp.asarray(frames[None]), jnp.asarray(texts.tokens)))
+  probabilities = np.asarray(scores(model, jnp.asarray(frames[None, None]),
+                                    jnp.asarray(texts.tokens)))
   order = np.argsort(-probabilities, kind='stable')[:top_k]
   return [{'label': labels[i], 'score': float(probabilities[i])} for i in order]
 

@@ -2,17 +2,24 @@
 
     mode                 'train' (train + periodic eval), 'eval' (evaluate a checkpoint) or
                          'zeroshot' (configs/zeroshot.py: claver_jax.zeroshot.run_zeroshot)
+    model.name           the model family: 'claver' (default) or 'xclip' (X-CLIP; see
+                         claver_jax.models.families)
     model.arch           B32 | B16 | L14 | L14_336, or 'custom' with model.clip (CLIPConfig fields)
-    model.temporal       kmt | kmct | joint | pipeline | cls_only | mean
-    model.temporal_layers  None: a third of the ViT's depth
-    model.temporal_heads   None: the paper's vision width / 64
-    model.attention      how the Kronecker attention is computed: 'dense' ([T·L, T·L] scores),
-                         'chunked' (exact, a chunk of frames at a time, O(T·L²) memory) or
-                         'auto' (chunked from 512 tokens per clip; claver_jax/models/kronecker.py).
-                         Recorded in WORKDIR/model; it overrides an init.checkpoint's
-    model.temporal_init_std  std of the temporal embedding of a model built from scratch (0.02,
-                         the official code's; ~1 suits them, their tokens being O(1) per
-                         channel); init.clip / init.checkpoint models keep 0.02 / their own
+    model.temporal       CLAVER: kmt | kmct | joint | pipeline | cls_only | mean
+    model.temporal_layers  CLAVER: None = a third of the ViT's depth
+    model.temporal_heads   CLAVER's temporal transformer, X-CLIP's MIT: None = the papers'
+                         width / 64 (CLAVER: vision width; X-CLIP: embed dim)
+    model.attention      CLAVER: how the Kronecker attention is computed: 'dense' ([T·L, T·L]
+                         scores), 'chunked' (exact, a chunk of frames at a time, O(T·L²) memory)
+                         or 'auto' (chunked from 512 tokens per clip;
+                         claver_jax/models/kronecker.py). Recorded in WORKDIR/model; it overrides
+                         an init.checkpoint's
+    model.xclip_mit_layers, xclip_prompt_layers  X-CLIP: MIT (1) and prompt generator (2) depth
+    model.xclip_prompt_alpha  X-CLIP: the prompt generator's initial output scale (0.1)
+    model.temporal_init_std  std of the temporal embedding (X-CLIP: the MIT's positional
+                         embedding) of a model built from scratch (0.02, the official code's;
+                         ~1 suits them, their tokens being O(1) per channel); init.clip /
+                         init.checkpoint models keep 0.02 / their own
     model.pos_init       the ViT's patch positions in a model built from scratch: 'random'
                          (CLIP's) or 'sincos' (2-D sine-cosine, as MAE); init.clip /
                          init.checkpoint models keep their own
@@ -22,6 +29,9 @@
     model.resample_frames  loading a checkpoint trained with other T resamples its temporal
                          embedding (True) or is an error (False)
     data                 see claver_jax.data.default_config (source, root, lists, labels, T, S, ...)
+    data.mean, data.std  the input normalisation the run trains and evaluates with (CLIP's by
+                         default; the paper configs use ImageNet's, as the official code does);
+                         WORKDIR/model records it
     data.shots           few-shot: keep this many clips of every class of the train list (0 = all)
     data.shots_seed      the seed of that draw: the same K-shot list in every process and run
     text.tokenizer       BPE file / vocab dir / model dir; '' = the init checkpoint's; 'train' =
@@ -43,9 +53,11 @@
     log_every_steps, checkpoint_every_steps (checkpoints are also saved at each epoch end)
     checkpoint.keep, checkpoint.keep_best (by val/top1)
     mesh.data, mesh.fsdp  device mesh axes; -1 fills
-    init.clip            a converted CLIP directory (towers; temporal parts fresh)
-    init.checkpoint      a CLAVER model directory (converted, or a run's WORKDIR/model or
-                         WORKDIR): its weights only, never its optimizer state, schedule or step
+    init.clip            a converted CLIP directory (towers; the family's new parts fresh)
+    init.checkpoint      a model directory of the family model.name (converted, or a run's
+                         WORKDIR/model or WORKDIR): its weights only, never its optimizer state,
+                         schedule or step; evaluating it alone (mode=eval, no workdir
+                         checkpoint) feeds it the normalisation it records
     init.require         '' | 'clip' | 'checkpoint': the init this recipe starts from; a run
                          without it is rejected before it starts, naming init.require_from
     init.require_from    what init.require wants, in words (e.g. the preset that makes it)
@@ -66,11 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mode = 'train'
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
-      arch='B16', clip=ml_collections.ConfigDict(), temporal='kmt',
+      name='claver', arch='B16', clip=ml_collections.ConfigDict(), temporal='kmt',
       temporal_layers=ml_collections.config_dict.placeholder(int),
       temporal_heads=ml_collections.config_dict.placeholder(int), attention='auto',
-      temporal_init_std=0.02,
-      pos_init='random', dtype='float32', remat=False, resample_frames=True))
+      temporal_init_std=0.02, pos_init='random', dtype='float32', remat=False,
+      resample_frames=True, xclip_mit_layers=1, xclip_prompt_layers=2, xclip_prompt_alpha=0.1))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
       tokenizer='', num_merges=1000, prompts='', templates='actions', bare_name=True,

@@ -3,7 +3,9 @@ shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
 
 Loss: each step samples `config.text.sets_per_step` of the A description sets; the loss is the
 soft cross-entropy over the C classes for each set, averaged. With a frozen text tower all A·C
-texts are encoded once and cached; otherwise the sampled sets are encoded inside the step.
+texts are encoded once and cached (projected, not normalised); otherwise the sampled sets are
+encoded inside the step. Models are used only through their family's interface
+(claver_jax.models.families): train, evaluate and export CLAVER and X-CLIP alike.
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ from claver_jax.data import build_pipelines, make_global_batch
 from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar
-from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, claver_from_clip, load
-from claver_jax.models.claver import config_from
-from claver_jax.models.clip import l2_normalize, set_remat, sincos_position_embedding
-from claver_jax.models.io import model_dir, write_model_dir
+from claver_jax.models import CLIPConfig, families, load
+from claver_jax.models.clip import set_remat, sincos_position_embedding
+from claver_jax.models.io import input_normalization, model_dir, read_model_config, write_model_dir
 from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
@@ -76,46 +77,53 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
 TEMPORAL_INIT_STD = 0.02   # The temporal embedding's initialisation in the official code.
 
 
-def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer, rngs: nnx.Rngs) -> CLAVER:
-  """From config.init.checkpoint (a CLAVER model dir, or a run's workdir: its weights only, never
-  its optimizer state, schedule or step), config.init.clip (a CLIP model dir, with fresh temporal
-  parts) or from scratch (config.model.arch, or 'custom' with config.model.clip)."""
-  dtype = jnp.dtype(config.model.dtype)
-  frames = config.data.num_frames
+def model_family(config: ml_collections.ConfigDict) -> families.Family:
+  """config.model.name's family, checked against config.init.checkpoint's."""
+  family = families.get(config.model.name)
   if config.init.checkpoint:
-    return load(model_dir(config.init.checkpoint), dtype=dtype, num_frames=frames,
-                resample_frames=config.model.resample_frames, attention=config.model.attention)
+    kind, _, _ = read_model_config(model_dir(config.init.checkpoint))
+    if kind != family.name:
+      raise ConfigError(f'config.init.checkpoint={config.init.checkpoint} holds a {kind!r} model '
+                        f'but config.model.name={family.name!r}; set --config.model.name={kind}'
+                        + (' (or pass a CLIP as config.init.clip)' if kind == 'clip' else '') + '.')
+  return family
+
+
+def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+               rngs: nnx.Rngs) -> nnx.Module:
+  """A model of the family config.model.name: from config.init.checkpoint (a model dir of that
+  family, or a run's workdir: its weights only, never its optimizer state, schedule or step),
+  config.init.clip (a CLIP model dir: its towers, fresh new parts) or from scratch
+  (config.model.arch, or 'custom' with config.model.clip)."""
+  family = model_family(config)
+  dtype = jnp.dtype(config.model.dtype)
+  if config.init.checkpoint:
+    return load(model_dir(config.init.checkpoint), dtype=dtype,
+                num_frames=config.data.num_frames, resample_frames=config.model.resample_frames,
+                **{key: config.model[key] for key in family.run_options})
   if config.init.clip:
     clip = load(config.init.clip, dtype=dtype)
-    cfg = CLAVERConfig(clip=clip.cfg, num_frames=frames, temporal=config.model.temporal,
-                       temporal_layers=config.model.temporal_layers,
-                       temporal_heads=config.model.temporal_heads,
-                       attention=config.model.attention)
-    return claver_from_clip(clip, cfg, dtype=dtype, rngs=rngs)
+    return family.from_clip(clip, families.model_config(config, clip.cfg), dtype=dtype, rngs=rngs)
   if config.model.arch == 'custom':
-    clip_cfg = CLIPConfig(**{**config.model.clip.to_dict(), 'vocab_size': tokenizer.vocab_size,
-                             'eos_token_id': tokenizer.eot_token_id,
-                             'image_size': config.data.image_size})
-    cfg = CLAVERConfig(clip=clip_cfg, num_frames=frames, temporal=config.model.temporal,
-                       temporal_layers=config.model.temporal_layers,
-                       temporal_heads=config.model.temporal_heads,
-                       attention=config.model.attention)
+    cfg = families.model_config(config, CLIPConfig(
+        **{**config.model.clip.to_dict(), 'vocab_size': tokenizer.vocab_size,
+           'eos_token_id': tokenizer.eot_token_id, 'image_size': config.data.image_size}))
   else:
-    cfg = config_from(config)
+    cfg = families.model_config(config)
   if cfg.clip.vocab_size != tokenizer.vocab_size:
     raise ValueError(f'The tokenizer has {tokenizer.vocab_size} ids but the text tower '
                      f'{cfg.clip.vocab_size}; they must belong together.')
-  model = CLAVER(cfg, dtype=dtype, rngs=rngs)
-  std = config.model.temporal_init_std
-  if model.temporal is not None and std != TEMPORAL_INIT_STD:
-    # From scratch, ViT tokens are O(1) per channel: a 0.02 temporal embedding is invisible, and
-    # a frame-order-blind start is slow to leave. Only fresh models get this.
-    embedding = model.temporal.temporal_embedding
+  model = family.module_class(cfg, dtype=dtype, rngs=rngs)
+  std, embedding = config.model.temporal_init_std, families.temporal_embedding(model)
+  if embedding is not None and std != TEMPORAL_INIT_STD:
+    # From scratch, ViT tokens are O(1) per channel: a 0.02 temporal embedding (CLAVER's, or
+    # X-CLIP's MIT positions) is invisible, and a frame-order-blind start is slow to leave.
+    # Only fresh models get this.
     embedding[...] = std * jax.random.normal(rngs.params(), embedding.shape)
   if config.model.pos_init == 'sincos':
     # From scratch, a smooth 2-D layout of the patches from step 0: where an object is, and so
     # how it moves, is readable before the ViT has learnt its own positions.
-    visual = model.clip.visual
+    visual = families.vision_tower(model)
     visual.positional_embedding[...] = sincos_position_embedding(
         cfg.clip.image_size // cfg.clip.patch_size, cfg.clip.vision_width)
   return model
@@ -138,23 +146,22 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: int,
-                    num_sets: int, text_frozen: bool):
+                    num_sets: int, text_frozen: bool, group_of: optim.GroupOf):
   """(state, batch, text, step) -> (state, {'loss', 'finite'}). `text` is [A, C, E] cached
-  normalised embeddings when the text tower is frozen, else [A, C, S] tokens. 'finite' is False
-  when the loss or the gradient's global norm is not finite."""
+  embeddings (projected, not normalised) when the text tower is frozen, else [A, C, S] tokens.
+  `group_of` is the model family's parameter groups. 'finite' is False when the loss or the
+  gradient's global norm is not finite."""
   tc, dc = config.train, config.data
   sets = min(config.text.sets_per_step, num_sets)
-  wrt = optim.trainable_filter(config.optim)
+  wrt = optim.trainable_filter(config.optim, group_of)
 
-  def loss_fn(model: CLAVER, video, targets, text, set_ids):
-    v = model.encode_video(video)                                          # [B, E]
+  def loss_fn(model, video, targets, text, set_ids):
     if text_frozen:
       t = text[set_ids]                                                    # [K, C, E]
     else:
       tokens = text[set_ids]
-      t = l2_normalize(model.encode_text(tokens.reshape(-1, tokens.shape[-1])))
-      t = t.reshape(sets, num_classes, -1)
-    logits = jnp.exp(model.clip.logit_scale[...]) * jnp.einsum('be,kce->kbc', v, t)
+      t = model.encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(sets, num_classes, -1)
+    logits = model.class_logits(model.video_features(video), t)           # [K, B, C]
     return soft_cross_entropy(logits, targets)
 
   def train_step(state, batch, text, step):
@@ -192,9 +199,11 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: in
   return train_step
 
 
-def make_eval_fns(graphdef, config: ml_collections.ConfigDict):
-  """Jittable (state, tokens [N, S]) -> [N, E] and (state, video [B, V, ...], text) -> [B, C]."""
-  dc = config.data
+def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]):
+  """Jitted (state, tokens [N, S]) -> [N, E] and (state, uint8 video [B, V, T, H, W, 3], text
+  [A, C, E]) -> [B, C]; frames are normalised with `normalization` (mean, std)."""
+  mean, std = (tuple(v) for v in normalization)
+  replicated = sharding.replicated(mesh)
 
   def encode_text(state, tokens):
     model, _ = nnx.merge(graphdef, state)
@@ -202,12 +211,11 @@ def make_eval_fns(graphdef, config: ml_collections.ConfigDict):
 
   def scores(state, video, text):
     model, _ = nnx.merge(graphdef, state)
-    b, v = video.shape[:2]
-    flat = normalize(video.reshape(b * v, *video.shape[2:]), tuple(dc.mean), tuple(dc.std))
-    embeddings = model.encode_video(flat).reshape(b, v, -1)
-    return evaluate.class_scores(embeddings, text, model.clip.logit_scale[...])
+    return evaluate.view_scores(model, normalize(video, mean, std), text)
 
-  return encode_text, scores
+  return (jax.jit(encode_text, in_shardings=(state_sharding, replicated), out_shardings=replicated),
+          jax.jit(scores, in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
+                  out_shardings=replicated))
 
 
 def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
@@ -231,14 +239,32 @@ def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
                             np.asarray(gathered['label'])[keep], data.class_names)
 
 
-def export_model(model: CLAVER, tokenizer: Tokenizer, out: Path, source: dict[str, Any]) -> None:
-  """WORKDIR/model: a model directory that `load()` and `predict` read; a link to the newest of
-  WORKDIR/.model.versions/, replaced in one rename. Every process calls this: each writes its
-  shards of the parameters, process 0 the rest."""
+def export_model(model: nnx.Module, tokenizer: Tokenizer, out: Path, source: dict[str, Any],
+                 normalization: tuple[Any, Any]) -> None:
+  """WORKDIR/model: a model directory that `load()` and `predict` read, recording the input
+  normalisation the run trained with; a link to the newest of WORKDIR/.model.versions/, replaced
+  in one rename. Every process calls this: each writes its shards of the parameters, process 0
+  the rest."""
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  write_model_dir(out, kind='claver', config=model.cfg, params=params,
-                  tokenizer=(tokenizer.vocab, tokenizer.merges), source=source, overwrite=True,
-                  versioned=True)
+  write_model_dir(out, kind=families.of(model).name, config=model.cfg, params=params,
+                  normalization=normalization, tokenizer=(tokenizer.vocab, tokenizer.merges),
+                  source=source, overwrite=True, versioned=True)
+
+
+def checkpoint_normalization(config: ml_collections.ConfigDict) -> tuple[Any, Any] | None:
+  """What config.init.checkpoint records (None without one); a warning when config.data's
+  mean/std, which the run feeds the model, differ from it."""
+  if not config.init.checkpoint:
+    return None
+  checkpoint = model_dir(config.init.checkpoint)
+  _, _, meta = read_model_config(checkpoint)
+  recorded = input_normalization(meta, checkpoint)
+  if not np.allclose(recorded, (config.data.mean, config.data.std)):
+    logging.warning('config.data.mean/std %s differ from the %s that %s records; training and '
+                    'evaluating a workdir checkpoint with config.data\'s, evaluating the directory '
+                    'itself with its own.', (tuple(config.data.mean), tuple(config.data.std)),
+                    recorded, checkpoint)
+  return recorded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.mode not in ('train', 'eval'):
     raise ConfigError(f"config.mode={config.mode!r}; train_and_evaluate runs 'train' or 'eval'.")
   workdir = Path(workdir).absolute()
+  model_family(config)                # A family error, before anything is written.
 
   # ----------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -279,6 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----------------------------------------------------------------------------- model + optimizer
   model = make_model(config, tokenizer, nnx.Rngs(config.seed))
+  family = families.of(model)
+  normalization = (tuple(config.data.mean), tuple(config.data.std))
+  recorded_normalization = checkpoint_normalization(config)
   set_remat(model, config.model.remat)
   templates = resolve_templates(config.text.templates)
   prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None, templates=templates,
@@ -290,9 +320,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = int(round(tc.epochs * steps_per_epoch))
   if tc.max_steps:
     total_steps = min(total_steps, tc.max_steps)
-  tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
+  tx, schedule = optim.make_optimizer(config.optim, family.group_of, total_steps=total_steps,
                                       steps_per_epoch=steps_per_epoch)
-  optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim))
+  optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
 
   # ----------------------------------------------------------------------------- shard
   graphdef, state = nnx.split((model, optimizer))
@@ -304,14 +334,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- steps
   text_frozen = config.optim.freeze_text
   train_step = jax.jit(
-      make_train_step(graphdef, config, len(class_names), prompts.tokens.shape[0], text_frozen),
+      make_train_step(graphdef, config, len(class_names), prompts.tokens.shape[0], text_frozen,
+                      family.group_of),
       in_shardings=(state_sharding, batch_sharding, replicated, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  encode_text_fn, scores_fn = make_eval_fns(graphdef, config)
-  encode_text = jax.jit(encode_text_fn, in_shardings=(state_sharding, replicated),
-                        out_shardings=replicated)
-  scores = jax.jit(scores_fn, in_shardings=(state_sharding, batch_sharding, replicated),
-                   out_shardings=replicated)
+  encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh, normalization)
 
   # ----------------------------------------------------------------------------- checkpoint
   checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
@@ -348,6 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if latest is None and not config.init.checkpoint:
       raise ValueError(f'config.mode=eval, but {workdir} has no checkpoint and '
                        'config.init.checkpoint is empty: there is nothing to evaluate.')
+    if latest is None:     # The model directory itself: fed as it records.
+      encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh, recorded_normalization)
     metrics = evaluate_now(start_step)
     writer.close()
     checkpointer.close()
@@ -398,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
                    {'workdir': str(workdir), 'step': step, 'val/top1': best,
                     'templates': list(templates), 'bare_name': config.text.bare_name,
-                    'eval_resize_ratio': config.data.eval_resize_ratio})
+                    'eval_resize_ratio': config.data.eval_resize_ratio}, normalization)
       progress.update(best_val_top1=best, best_step=step)
     return evaluated
 
@@ -509,7 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           best = evaluated['val/top1']
           export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
                        {'workdir': str(workdir), 'step': step, 'val/top1': best,
-                        'templates': list(templates)})
+                        'templates': list(templates)}, normalization)
       stopping = stop(step)                  # The same answer on every process.
       if (step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or last
           or evaluated is not None or stopping):

@@ -49,7 +49,7 @@ from claver_jax.data import build_pipelines
 from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
 from claver_jax.fileio import atomic_write_text
-from claver_jax.models import load, read_model_config
+from claver_jax.models import input_normalization, load_video_model, read_model_config
 from claver_jax.models.io import model_dir
 from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
@@ -278,10 +278,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                       '(or the workdir of its run) to evaluate.')
   checkpoint = model_dir(config.init.checkpoint)
   kind, model_cfg, meta = read_model_config(checkpoint)
-  if kind != 'claver':
-    raise ValueError(f'{checkpoint} holds a {kind} model; zero-shot evaluates a CLAVER model '
-                     '(a run\'s WORKDIR/model or a converted CLAVER checkpoint).')
-  image_size = model_cfg.clip.image_size
+  image_size = (model_cfg if kind == 'clip' else model_cfg.clip).image_size
   if config.data.image_size != image_size:
     raise ValueError(f'config.data.image_size={config.data.image_size}, but the model in '
                      f'{checkpoint} takes {image_size} px frames; set '
@@ -291,7 +288,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
                      f'{mesh.size} devices and the {jax.process_count()} processes.')
 
-  # The model's own texts (WORKDIR/model records them), unless the config names templates.
+  # The model's own texts and test view (WORKDIR/model records them), unless the config names
+  # templates.
   source = meta.get('source', {})
   templates = resolve_templates(config.text.templates or source.get('templates') or 'actions')
   bare_name = source.get('bare_name', True)
@@ -309,22 +307,21 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     data_config.update(dict(
         source='filelist', root=run.root, train_list='', val_list=run.list_path,
         labels=run.labels, shots=0, eval_batch_size=config.eval.batch_size // jax.process_count(),
-        num_clips=config.eval.num_clips, num_crops=config.eval.num_crops))
+        num_clips=config.eval.num_clips, num_crops=config.eval.num_crops,
+        eval_resize_ratio=source.get('eval_resize_ratio', config.data.eval_resize_ratio)))
     pipelines.append(build_pipelines(data_config))
 
   # ----------------------------------------------------------------------------- model
-  model = load(checkpoint, dtype=jnp.dtype(config.model.dtype),
-               num_frames=config.data.num_frames, resample_frames=config.model.resample_frames)
+  model = load_video_model(checkpoint, dtype=jnp.dtype(config.model.dtype),
+                           num_frames=config.data.num_frames,
+                           resample_frames=config.model.resample_frames)
   tokenizer = load_tokenizer(config.text.tokenizer or checkpoint)
   graphdef, state = nnx.split((model, None))    # train's eval fns take a (model, optimizer) state
   state_sharding = sharding.state_shardings(mesh, state)
   state = jax.device_put(state, state_sharding)
-  replicated = sharding.replicated(mesh)
-  encode_text_fn, scores_fn = make_eval_fns(graphdef, config)
-  encode_text = jax.jit(encode_text_fn, in_shardings=(state_sharding, replicated),
-                        out_shardings=replicated)
-  scores = jax.jit(scores_fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh),
-                                            replicated), out_shardings=replicated)
+  # The model is fed as its directory records (config.data.mean/std apply to training).
+  encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh,
+                                      input_normalization(meta, checkpoint))
 
   # ----------------------------------------------------------------------------- evaluate
   lead = jax.process_index() == 0
@@ -334,7 +331,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   try:
     for run, data in zip(runs, pipelines):
       bar.set_description(f'{run.dataset} {run.name}')
-      texts = prompt_tokens(data.class_names, tokenizer, run.prompts,
+      texts = prompt_tokens(data.class_names, tokenizer, run.prompts or None,
                             templates=templates, name=bare_name,
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)

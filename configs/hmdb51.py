@@ -1,8 +1,8 @@
 r"""HMDB-51: few-shot or fully supervised from a Kinetics-400 model. ViT-B/16, 32 frames.
 
 configs/ucf101.py with HMDB-51's classes and prompts; the same arguments (`shots=K` with K in
-2, 4, 8, 16, optionally `from_clip`, or `full`; optionally a temporal head). First the list
-files of split 1:
+2, 4, 8, 16, optionally `from_clip`, or `full`; optionally a temporal head or `xclip`). First the
+list files of split 1:
 
     python -m claver_jax.data.annotations --format=hmdb51 \
         --src=HMDB51/testTrainMulti_7030_splits --split=1 --out=lists/hmdb51/split1
@@ -25,10 +25,11 @@ Fully supervised, from the 32-frame K400 model: the same flags with
 
 HMDB-51's root is the folder of the extracted class folders (brush_hair/...).
 
-Expected top-1 (%), few-shot, B/16 32 frames, from the official CLAVER model zoo:
-  K      2     4     8     16
-  KMT   58.6  63.9  68.0  72.5
-  KMCT  58.3  64.5  68.6  72.9
+Expected top-1 (%), few-shot, B/16 32 frames, from the official CLAVER and X-CLIP model zoos:
+  K        2     4     8     16
+  KMT     58.6  63.9  68.0  72.5
+  KMCT    58.3  64.5  68.6  72.9
+  X-CLIP  53.0  57.3  62.8  64.0
 The model zoo lists no fully supervised HMDB-51 result.
 
 Where the numbers come from: few-shot, the CLAVER paper's Table 14 (80 epochs from the 20-epoch

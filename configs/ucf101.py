@@ -1,8 +1,9 @@
 r"""UCF-101: few-shot or fully supervised from a Kinetics-400 model. ViT-B/16, 32 frames.
 
 The argument is `shots=K` (or just K), K in 2, 4, 8, 16, for few-shot, or `full` (the default);
-`from_clip` (few-shot only) and a temporal head may follow: `configs/ucf101.py:shots=2,kmct`.
-First the list files of split 1:
+`from_clip` (few-shot only) and a temporal head may follow: `configs/ucf101.py:shots=2,kmct`; or
+`xclip`, for X-CLIP with its own recipe (from CLIP in few-shot; class names alone, text tower
+frozen, image tower trained): `shots=2,xclip`. First the list files of split 1:
 
     python -m claver_jax.data.annotations --format=ucf101 --src=UCF101/ucfTrainTestlist \
         --split=1 --out=lists/ucf101/split1
@@ -23,8 +24,9 @@ that model (the same one zero-shot evaluates):
 
 init.checkpoint takes the model's weights only (its WORKDIR/model), never its optimizer state,
 schedule or step: the run starts at step 1 with a fresh schedule (the official code restores all
-of them). X-CLIP's recipe, 50 epochs from CLIP, is `shots=2,from_clip` with
---config.init.clip=ckpt/clip_b16 in place of --config.init.checkpoint.
+of them). X-CLIP's few-shot recipe for CLAVER, 50 epochs from CLIP, is `shots=2,from_clip` with
+--config.init.clip=ckpt/clip_b16 in place of --config.init.checkpoint; the X-CLIP model with
+its own recipe, `shots=2,xclip`, starts from CLIP too.
 
 Fully supervised: all of split 1's train list, from the 32-frame K400 model (the official config
 resumes from k400_exp_16_32_KMT/best.pth); the same flags with
@@ -34,15 +36,16 @@ resumes from k400_exp_16_32_KMT/best.pth); the same flags with
 
 UCF-101's root is the folder that holds the class folders (ApplyEyeMakeup/...).
 
-Expected top-1 (%), few-shot, B/16 32 frames, from the official CLAVER model zoo:
-  K      2     4     8     16
-  KMT   89.7  92.9  96.1  98.0
-  KMCT  90.0  92.9  96.6  98.1
+Expected top-1 (%), few-shot, B/16 32 frames, from the official CLAVER and X-CLIP model zoos:
+  K        2     4     8     16
+  KMT     89.7  92.9  96.1  98.0
+  KMCT    90.0  92.9  96.6  98.1
+  X-CLIP  76.4  83.4  88.3  91.4
 The model zoo lists no fully supervised UCF-101 result.
 
 Where the numbers come from:
   * few-shot: the CLAVER paper's Table 14 (from the K400 model of 20 epochs at 32 frames; 80
-    epochs, lr 2e-6, min lr 2e-8); X-CLIP's (`from_clip`): microsoft/VideoX
+    epochs, lr 2e-6, min lr 2e-8); X-CLIP's (`from_clip`, `xclip`): microsoft/VideoX
     X-CLIP/configs/ucf101/16_32.yaml: ViT-B/16, 32 frames, 50 epochs, lr 2e-6, batch 4 per GPU x
     2 accumulation steps.
   * full: yjyddq/CLAVER configs/ucf101/16_32.yaml: ViT-B/16, 32 frames, KMT, 80 epochs, lr 2e-6,
@@ -62,6 +65,7 @@ clips per device (`--config.train.grad_accum_steps=1` fits too). No 16 or 32 GiB
 it while every device encodes all texts. HMDB-51 (configs/hmdb51.py) likewise.
 """
 
+from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.models.temporal import TEMPORAL_KINDS
 from claver_jax.run_config import base_config
 
@@ -75,7 +79,8 @@ FULL_K400 = ('the fully supervised Kinetics-400 model at 32 frames: the WORKDIR 
 
 def parse_setting(arg: str | None) -> tuple[int, bool, str]:
   """'shots=2,kmct' -> (2, False, 'kmct'); 'shots=2,from_clip' -> (2, True, 'kmt');
-  'full' -> (0, False, 'kmt'). 0 shots = fully supervised."""
+  'full' -> (0, False, 'kmt'); 'shots=2,xclip' -> (2, True, 'xclip'): X-CLIP's few-shot recipe
+  starts from CLIP. 0 shots = fully supervised."""
   shots, from_clip, temporal = 0, False, 'kmt'
   for token in filter(None, (arg or '').replace(' ', '').split(',')):
     value = token[len('shots='):] if token.startswith('shots=') else token
@@ -83,6 +88,8 @@ def parse_setting(arg: str | None) -> tuple[int, bool, str]:
       shots = 0
     elif token == 'from_clip':
       from_clip = True
+    elif token == 'xclip':
+      temporal = token
     elif value.isdigit() and int(value) in SHOTS:
       shots = int(value)
     elif token in TEMPORAL_KINDS:
@@ -90,10 +97,10 @@ def parse_setting(arg: str | None) -> tuple[int, bool, str]:
     else:
       raise ValueError(f'Unknown setting {token!r} in {arg!r}: use shots=K (K in {SHOTS}) or '
                        f'full, optionally with from_clip (few-shot) and a temporal head '
-                       f'{list(TEMPORAL_KINDS)}; e.g. "shots=2,kmct".')
+                       f'{list(TEMPORAL_KINDS)} or xclip; e.g. "shots=2,kmct".')
   if from_clip and not shots:
     raise ValueError(f'{arg!r}: from_clip is X-CLIP\'s few-shot recipe; use it with shots=K.')
-  return shots, from_clip, temporal
+  return shots, from_clip or (temporal == 'xclip' and shots > 0), temporal
 
 
 def make_config(prompts: str, arg: str | None):
@@ -107,6 +114,7 @@ def make_config(prompts: str, arg: str | None):
   c.data.num_frames = 32
   c.data.image_size = 224
   c.data.shots = shots
+  c.data.mean, c.data.std = IMAGENET_MEAN, IMAGENET_STD   # The official pipelines'.
   c.text.prompts = prompts
   c.optim.lr = 2e-6                  # Cosine to 2e-8 (optim.end_lr_ratio = 0.01).
   c.train.epochs = 50 if from_clip else 80
@@ -118,6 +126,13 @@ def make_config(prompts: str, arg: str | None):
   else:
     c.init.require = 'checkpoint'
     c.init.require_from = PRETRAINED_K400 if shots else FULL_K400
+  if temporal == 'xclip':          # X-CLIP's own few-shot recipe (its configs/*/16_32.yaml).
+    c.model.name, c.model.temporal = 'xclip', 'kmt'
+    c.text.prompts, c.text.templates = '', '{}'
+    c.optim.freeze_image, c.optim.freeze_text = False, True
+    if not shots:
+      c.init.require_from = ('an X-CLIP Kinetics-400 model at 32 frames: the WORKDIR of a '
+                             '`configs/k400.py:B16,32,xclip` run, or a converted one')
   return c
 
 

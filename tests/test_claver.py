@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import jax
@@ -257,6 +258,10 @@ def test_parity_with_official_model(official, mask, tmp_path):
   if mask == 'kmt':  # Through the CLI, as a user would.
     proc = run_cli('convert.claver_to_flax', f'--src={official["path"]}', f'--out={out}')
     assert 'CLAVER (kmt, 4 frames, 2 temporal layers)' in proc.stdout
+    # The official pipeline's input normalisation: ImageNet's.
+    recorded = json.loads((out / 'config.json').read_text())['normalization']
+    np.testing.assert_allclose(recorded['mean'], np.array([123.675, 116.28, 103.53]) / 255)
+    np.testing.assert_allclose(recorded['std'], np.array([58.395, 57.12, 57.375]) / 255)
   else:
     convert_claver(official['path'], out, mask=mask)
   model = load(out)

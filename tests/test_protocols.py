@@ -17,7 +17,7 @@ from claver_jax import evaluate, zeroshot
 from claver_jax.data import synthetic
 from claver_jax.data.pipeline import build_pipelines, default_config
 from claver_jax.data.sources import DataError, few_shot_indices, read_labels, read_list
-from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD, normalize
+from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, load, write_model_dir
 from claver_jax.models.io import path_str
 from claver_jax.predict import load_clip_frames
@@ -162,7 +162,7 @@ def random_params(cfg: CLAVERConfig, seed: int = 0) -> dict:
 @pytest.fixture(scope='module')
 def tiny_model_dir(tmp_path_factory):
   """A random tiny KMT CLAVER (4 frames of 16 px) with a tiny CLIP-format vocabulary, recording
-  TEMPLATES as a run's WORKDIR/model does."""
+  TEMPLATES as a run's WORKDIR/model does, and ImageNet's input normalisation."""
   vocab, merges = tiny_clip_vocab()
   clip = CLIPConfig(embed_dim=32, image_size=SIZE, patch_size=8, vision_width=64,
                     vision_layers=1, vision_heads=1, vision_mlp_dim=128, context_length=77,
@@ -171,21 +171,26 @@ def tiny_model_dir(tmp_path_factory):
   cfg = CLAVERConfig(clip=clip, num_frames=FRAMES, temporal='kmt', temporal_layers=1)
   return write_model_dir(tmp_path_factory.mktemp('model') / 'tiny', kind='claver', config=cfg,
                          params=random_params(cfg), tokenizer=(vocab, merges),
-                         source={'templates': list(TEMPLATES)})
+                         source={'templates': list(TEMPLATES)},
+                         normalization=(IMAGENET_MEAN, IMAGENET_STD))
 
 
 @pytest.fixture(scope='module')
 def independent_top_k(tiny_model_dir):
   """(root, items, class_names) -> top-1 / top-5 (%) of the videos `items`, read one by one as
-  predict reads them, scored by evaluate.class_scores over the class names, the model's recorded
-  TEMPLATES and the synthetic_motion texts."""
+  predict reads them and normalised as the directory records, scored over the class names, the
+  model's recorded TEMPLATES and the synthetic_motion texts: softmax over classes per description
+  set, mean over sets."""
   model, tokenizer = load(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
   @nnx.jit
   def scores(model, video, tokens):
-    text = evaluate.encode_texts(model.encode_text, tokens)
-    embedding = model.encode_video(normalize(video, CLIP_MEAN, CLIP_STD))
-    return evaluate.class_scores(embedding[:, None], text, model.clip.logit_scale[...])
+    a, c, s = tokens.shape
+    text = model.encode_text(tokens.reshape(a * c, s)).reshape(a, c, -1)
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    embedding = model.encode_video(normalize(video, IMAGENET_MEAN, IMAGENET_STD))
+    logits = jnp.exp(model.clip.logit_scale[...]) * jnp.einsum('be,ace->abc', embedding, text)
+    return jax.nn.softmax(logits, axis=-1).mean(axis=0)
 
   def top_k(root, items, class_names) -> tuple[float, float]:
     texts = prompt_tokens(class_names, tokenizer, 'synthetic_motion', templates=TEMPLATES)

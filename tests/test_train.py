@@ -57,18 +57,21 @@ def train_losses(workdir) -> dict[int, float]:
 def test_eval_aggregation_by_hand():
   """A=2 description sets, V=2 views, C=3 classes: softmax per set, mean over sets, sum over
   views; top-k over videos (not divided by A, as the official code does)."""
+  from types import SimpleNamespace
   video = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])                  # [B=1, V=2, E=2]
   text = jnp.array([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]],       # set 0: [C=3, E=2]
                     [[0.0, 1.0], [1.0, 0.0], [0.0, -1.0]]])      # set 1
-  scale = jnp.log(2.0)                                           # exp(logit_scale) = 2
   expected = np.zeros(3)
   for v in np.array(video[0]):
     per_set = []
     for t in np.array(text):
-      logits = 2 * t @ v
+      logits = 2 * t @ v                                          # exp(logit_scale) = 2
       per_set.append(np.exp(logits) / np.exp(logits).sum())
     expected += np.mean(per_set, axis=0)
-  got = np.asarray(evaluate.class_scores(video, text, scale))[0]
+  # Through the family interface, with a stand-in model whose "video" is its embedding.
+  model = SimpleNamespace(video_features=lambda x: x,
+                          class_logits=lambda f, t: 2 * jnp.einsum('be,ace->abc', f, t))
+  got = np.asarray(evaluate.view_scores(model, video, text))[0]
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   assert got.sum() == pytest.approx(2.0)                         # V views of probabilities
   scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.35, 0.25]])
@@ -334,7 +337,7 @@ def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted
   for module, name in ((os, 'replace'), (os, 'rename'), (shutil, 'rmtree'), (fileio, 'exchange')):
     monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
   for step in (100, 200, 300):
-    train.export_model(model, tokenizer, out, {'step': step})
+    train.export_model(model, tokenizer, out, {'step': step}, ((0.5,) * 3, (0.25,) * 3))
     assert_complete('after')
     assert checks[-1][1] == step and load(out).cfg == model.cfg
   assert {'replace', 'exchange', 'rmtree'} <= {what for what, _ in checks}

@@ -13,7 +13,6 @@ and is L2-normalised; the video embedding is their mean over T, not re-normalise
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import chex
@@ -21,8 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from claver_jax.models.clip import (CLIP, CLIPConfig, check_known_fields, get_preset,
-                                    l2_normalize)
+from claver_jax.models.clip import CLIP, CLIPConfig, check_known_fields, l2_normalize
 from claver_jax.models.kronecker import ATTENTION_IMPLEMENTATIONS
 from claver_jax.models.temporal import TEMPORAL_KINDS, TemporalTransformer
 
@@ -66,6 +64,11 @@ class CLAVERConfig:
     return self.temporal_layers if self.temporal_layers is not None else self.clip.vision_layers // 3
 
   @property
+  def summary(self) -> str:
+    """What the model adds to its CLIP, in words (for reports)."""
+    return f'temporal {self.temporal} ({self.temporal_depth} layers)'
+
+  @property
   def temporal_num_heads(self) -> int:
     if self.temporal_heads is not None:
       return self.temporal_heads
@@ -82,19 +85,6 @@ class CLAVERConfig:
     """Fields a directory lacks take their defaults (one written before `attention`: 'auto')."""
     check_known_fields(cls, d)
     return cls(**{**d, 'clip': CLIPConfig.from_dict(d['clip'])})
-
-
-def config_from(config: Any) -> CLAVERConfig:
-  """A CLAVERConfig from a run config's `model` (arch, temporal, temporal_layers, temporal_heads,
-  attention) and `data` (num_frames, image_size) sections."""
-  clip = get_preset(config.model.arch)
-  if config.data.image_size != clip.image_size:
-    clip = dataclasses.replace(clip, image_size=config.data.image_size)
-  return CLAVERConfig(clip=clip, num_frames=config.data.num_frames,
-                      temporal=config.model.temporal,
-                      temporal_layers=config.model.get('temporal_layers'),
-                      temporal_heads=config.model.get('temporal_heads'),
-                      attention=config.model.get('attention', 'auto'))
 
 
 class CLAVER(nnx.Module):
@@ -123,41 +113,23 @@ class CLAVER(nnx.Module):
     """[B, T, S, S, 3] -> [B, embed_dim]: the mean over T of normalised frame embeddings."""
     return self.encode_frames(video).mean(axis=1)
 
+  def video_features(self, video: jax.Array) -> jax.Array:
+    """What `class_logits` needs of a video: its embedding [B, embed_dim]."""
+    return self.encode_video(video)
+
   def encode_text(self, tokens: jax.Array) -> jax.Array:
     """[N, context] -> [N, embed_dim], projected, not normalised."""
     return self.clip.encode_text(tokens)
 
+  def class_logits(self, features: jax.Array, text: jax.Array) -> jax.Array:
+    """Video embeddings [B, E], text [A, C, E] (A description sets of C classes, not
+    normalised) -> [A, B, C]: exp(logit_scale) * <video, normalised text>."""
+    return jnp.exp(self.clip.logit_scale[...]) * jnp.einsum('be,ace->abc', features,
+                                                            l2_normalize(text))
+
   def logits(self, video: jax.Array, tokens: jax.Array) -> jax.Array:
     """-> [B, N]: exp(logit_scale) * <video embedding, normalised text embedding>."""
-    text = l2_normalize(self.encode_text(tokens))
-    return jnp.exp(self.clip.logit_scale[...]) * self.encode_video(video) @ text.T
-
-
-def resample_temporal_embedding(embedding: jax.Array, num_frames: int) -> jax.Array:
-  """[T, D] -> [num_frames, D], linear interpolation over time (half-frame centres)."""
-  return jax.image.resize(embedding, (num_frames, embedding.shape[1]), method='linear')
-
-
-def with_num_frames(model: CLAVER, num_frames: int, *, resample: bool = True) -> CLAVER:
-  """The same model for clips of `num_frames`, its temporal embedding resampled linearly."""
-  cfg = model.cfg
-  if num_frames == cfg.num_frames:
-    return model
-  if model.temporal is not None and not resample:
-    raise ValueError(f'The checkpoint was trained with {cfg.num_frames} frames and {num_frames} '
-                     'were asked for, with resampling of the temporal embedding turned off.')
-  new = dataclasses.replace(cfg, num_frames=num_frames)
-  if model.temporal is not None:
-    logging.warning('Resampling the temporal embedding from %d to %d frames (linear).',
-                    cfg.num_frames, num_frames)
-  dtype = model.clip.visual.dtype
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLAVER(new, dtype=dtype, rngs=nnx.Rngs(0))))
-  pure = nnx.to_pure_dict(nnx.state(model))
-  if model.temporal is not None:
-    pure['temporal']['temporal_embedding'] = resample_temporal_embedding(
-        pure['temporal']['temporal_embedding'], num_frames)
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+    return self.class_logits(self.video_features(video), self.encode_text(tokens)[None])[0]
 
 
 def claver_from_clip(clip: CLIP, cfg: CLAVERConfig, *, dtype=jnp.float32,
