@@ -42,9 +42,8 @@ from flax import nnx
 from claver_jax import optim, sharding
 from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from claver_jax.data.transforms import normalize
-from claver_jax.models import CLAVER
-from claver_jax.models.claver import config_from
-from claver_jax.models.clip import l2_normalize, needed_context, pool_index
+from claver_jax.models import families
+from claver_jax.models.clip import needed_context, pool_index
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
                                      resolve_templates)
@@ -64,19 +63,20 @@ def k400_config():
   return module.get_config('B16,8,kmt')
 
 
-def k400_tokens(eot: int) -> tuple[np.ndarray, str]:
+def k400_tokens(config, eot: int) -> tuple[np.ndarray, str]:
   """int32 [A, 400, 77]: the kinetics400 prompt sets tokenised with OpenAI's vocabulary, or
   stand-ins of the same lengths as near as they can be told without it: one token per word,
   digit or punctuation run (CLIP's pre-tokenizer, whose words OpenAI's vocabulary mostly keeps
   whole; measured with it: 10.8 tokens per text on average against 11.3, 25 at most against 26)."""
-  prompt_set = load_prompt_set('kinetics400')
+  prompt_set = load_prompt_set(config.text.prompts)
   classes = list(prompt_set)
-  templates = resolve_templates('actions')
+  templates = resolve_templates(config.text.templates)
   if CLIP_BPE.is_file():
     tokens = prompt_tokens(classes, load_tokenizer(CLIP_BPE), prompt_set, templates=templates,
-                           context_length=CONTEXT).tokens
+                           name=config.text.bare_name, context_length=CONTEXT).tokens
     return tokens, f'tokenised with {CLIP_BPE.name}'
-  texts, _ = build_prompt_texts(classes, prompt_set, templates=templates)
+  texts, _ = build_prompt_texts(classes, prompt_set, templates=templates,
+                                name=config.text.bare_name)
   tokens = np.zeros((len(texts), len(classes), CONTEXT), np.int32)
   for a, row in enumerate(texts):
     for c, text in enumerate(row):
@@ -85,20 +85,17 @@ def k400_tokens(eot: int) -> tuple[np.ndarray, str]:
   return tokens, f'{CLIP_BPE} absent: stand-ins of one token per word'
 
 
-def reference_train_step(graphdef, config, num_classes: int, num_sets: int):
+def reference_train_step(graphdef, config, num_classes: int, num_sets: int, group_of):
   """The train step before this change: every device encodes all K·C sampled texts at the full
   context, once per micro-batch of an unrolled accumulation loop over contiguous slices."""
   tc, dc = config.train, config.data
   sets = min(config.text.sets_per_step, num_sets)
-  wrt = optim.trainable_filter(config.optim)
+  wrt = optim.trainable_filter(config.optim, group_of)
 
   def loss_fn(model, video, targets, text, set_ids):
-    v = model.encode_video(video)
     tokens = text[set_ids]
-    t = l2_normalize(model.encode_text(tokens.reshape(-1, tokens.shape[-1])))
-    t = t.reshape(sets, num_classes, -1)
-    logits = jnp.exp(model.clip.logit_scale[...]) * jnp.einsum('be,kce->kbc', v, t)
-    return soft_cross_entropy(logits, targets)
+    t = model.encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(sets, num_classes, -1)
+    return soft_cross_entropy(model.class_logits(model.video_features(video), t), targets)
 
   def train_step(state, batch, text, step):
     model, optimizer = nnx.merge(graphdef, state)
@@ -143,16 +140,18 @@ def main() -> None:
   assert jax.device_count() == DEVICES, f'{jax.device_count()} devices; run in a fresh process.'
   config = k400_config()
   mesh = sharding.make_mesh(config.mesh)
-  cfg = config_from(config)
-  tokens, source = k400_tokens(cfg.clip.eos_token_id)
+  family, cfg = families.get(config.model.name), families.model_config(config)
+  tokens, source = k400_tokens(config, cfg.clip.eos_token_id)
   num_sets, num_classes, _ = tokens.shape
   cut = needed_context(tokens, cfg.clip)
   sets = min(config.text.sets_per_step, num_sets)
-  tx, _ = optim.make_optimizer(config.optim, total_steps=1000, steps_per_epoch=100)
+  tx, _ = optim.make_optimizer(config.optim, family.group_of, total_steps=1000,
+                               steps_per_epoch=100)
 
   def build():
-    model = CLAVER(cfg, dtype=jnp.dtype(config.model.dtype), rngs=nnx.Rngs(0))
-    return model, nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim))
+    model = family.module_class(cfg, dtype=jnp.dtype(config.model.dtype), rngs=nnx.Rngs(0))
+    return model, nnx.Optimizer(model, tx,
+                                wrt=optim.trainable_filter(config.optim, family.group_of))
 
   graphdef, state = nnx.split(nnx.eval_shape(build))
   state_sharding = sharding.state_shardings(mesh, state)
@@ -166,9 +165,10 @@ def main() -> None:
         f'({sets * num_classes} texts), {source}; context {CONTEXT} -> {cut} tokens.')
   flops = {}
   for name, step, context in (
-      ('before', reference_train_step(graphdef, config, num_classes, num_sets), CONTEXT),
+      ('before', reference_train_step(graphdef, config, num_classes, num_sets, family.group_of),
+       CONTEXT),
       ('after', make_train_step(graphdef, config, mesh, pool_index(tokens, cfg.clip) + 1,
-                                False), cut)):
+                                False, family.group_of), cut)):
     start = time.perf_counter()
     text = jax.ShapeDtypeStruct((num_sets, num_classes, context), jnp.int32)
     flops[name] = step_flops(step, mesh, state, state_sharding, batch, text)

@@ -42,8 +42,8 @@ import numpy as np
 from flax import nnx
 
 from claver_jax import optim, sharding
-from claver_jax.models.claver import CLAVER, CLAVERConfig, config_from
-from claver_jax.models.clip import CLIPConfig, set_remat
+from claver_jax.models import families
+from claver_jax.models.clip import set_remat
 from claver_jax.text.prompts import build_prompt_texts, load_prompt_set, resolve_templates
 
 GiB = 2 ** 30
@@ -80,30 +80,22 @@ def text_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return len(texts), len(texts[0])
 
 
-def model_config(config: ml_collections.ConfigDict) -> CLAVERConfig:
-  """The config's model; a 'custom' one with CLIP's vocabulary (its tokenizer is not read)."""
-  if config.model.arch != 'custom':
-    return config_from(config)
-  clip = CLIPConfig(**{**config.model.clip.to_dict(), 'image_size': config.data.image_size})
-  return CLAVERConfig(clip=clip, num_frames=config.data.num_frames, temporal=config.model.temporal,
-                      temporal_layers=config.model.temporal_layers,
-                      temporal_heads=config.model.temporal_heads,
-                      attention=config.model.attention)
-
-
 def train_step_memory(config: ml_collections.ConfigDict, num_devices: int,
                       text_length: int | None = None) -> StepMemory:
   """The compiled train step of `config` (its global batch and accumulation) on `num_devices`."""
   from claver_jax.train import make_train_step
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:num_devices])
-  cfg = model_config(config)
+  # The config's model; a 'custom' one with CLIP's vocabulary (its tokenizer is not read).
+  family, cfg = families.get(config.model.name), families.model_config(config)
   dtype = jnp.dtype(config.model.dtype)
-  tx, _ = optim.make_optimizer(config.optim, total_steps=1000, steps_per_epoch=100)
+  tx, _ = optim.make_optimizer(config.optim, family.group_of, total_steps=1000,
+                               steps_per_epoch=100)
 
   def build():
-    model = CLAVER(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    model = family.module_class(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     set_remat(model, config.model.remat)
-    return model, nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim))
+    return model, nnx.Optimizer(model, tx,
+                                wrt=optim.trainable_filter(config.optim, family.group_of))
 
   graphdef, state = nnx.split(nnx.eval_shape(build))
   state_sharding = sharding.state_shardings(mesh, state)
@@ -112,7 +104,8 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int,
   text_frozen = config.optim.freeze_text
   length = text_length or cfg.clip.context_length
   step = jax.jit(make_train_step(graphdef, config, mesh,
-                                 np.full((num_sets, num_classes), length), text_frozen),
+                                 np.full((num_sets, num_classes), length), text_frozen,
+                                 family.group_of),
                  in_shardings=(state_sharding, batch_sharding, replicated, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   b, size = config.train.batch_size, config.data.image_size

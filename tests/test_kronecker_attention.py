@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, kronecker_mask, load
-from claver_jax.models.claver import config_from
+from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD
+from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, families, kronecker_mask, load
 from claver_jax.models.io import read_model_config, write_model_dir
 from claver_jax.models.kronecker import (AUTO_CHUNKED_MIN_TOKENS, MASK_KINDS, kronecker_attention,
                                          resolve_implementation)
@@ -170,7 +170,8 @@ def test_attention_is_recorded_in_model_directories(tmp_path):
                      attention='chunked')
   model = CLAVER(cfg, rngs=nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  write_model_dir(tmp_path / 'model', kind='claver', config=cfg, params=params)
+  write_model_dir(tmp_path / 'model', kind='claver', config=cfg, params=params,
+                  normalization=(CLIP_MEAN, CLIP_STD))
   assert read_model_config(tmp_path / 'model')[1].attention == 'chunked'
   loaded = load(tmp_path / 'model')
   assert loaded.cfg == cfg and loaded.temporal.attention == 'chunked'
@@ -193,7 +194,7 @@ def test_run_config_sets_the_attention():
   assert config.model.attention == 'auto'
   config.model.update(arch='B32', temporal='kmct', attention='chunked')
   config.data.update(num_frames=8, image_size=224)
-  assert config_from(config).attention == 'chunked'
+  assert families.model_config(config).attention == 'chunked'
   with pytest.raises(ValueError, match='attention='):
     CLAVERConfig(clip=TINY, attention='flash')
 

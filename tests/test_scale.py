@@ -108,26 +108,30 @@ def text_checks(mesh) -> dict:
   return out
 
 
-def step_checks(mesh) -> dict:
-  """Losses of 3 steps with grad_accum_steps 1 and 2 at the same global batch; the compiled
-  accumulated step's collectives."""
+def step_checks(mesh, family_name: str, accums: tuple[int, ...]) -> dict:
+  """Losses of 3 steps of the `family_name` model (its text tower training) with each
+  grad_accum_steps of `accums` at the same global batch; the compiled step's collectives at the
+  last of them."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from claver_jax import optim, sharding
-  from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig
+  from claver_jax.models import CLIPConfig, families
   from claver_jax.models.clip import pool_index
   from claver_jax.train import make_train_step
   losses, hlo = {}, ''
-  for accum in (1, 2):
+  for accum in accums:
     config = tiny_config(accum)
+    config.model.name = family_name
+    config.model.temporal_layers = 1
+    family = families.get(family_name)
     clip = CLIPConfig(**{**config.model.clip.to_dict(), 'vocab_size': 64, 'eos_token_id': 63,
                          'image_size': config.data.image_size})
-    cfg = CLAVERConfig(clip=clip, num_frames=config.data.num_frames, temporal='kmt',
-                       temporal_layers=1)
-    model = CLAVER(cfg, rngs=nnx.Rngs(0))
-    tx, _ = optim.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
-    optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim))
+    model = family.module_class(families.model_config(config, clip), rngs=nnx.Rngs(0))
+    tx, _ = optim.make_optimizer(config.optim, family.group_of, total_steps=10,
+                                 steps_per_epoch=5)
+    optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim,
+                                                                    family.group_of))
     graphdef, state = nnx.split((model, optimizer))
     state_sharding = sharding.state_shardings(mesh, state)
     state = jax.device_put(state, state_sharding)
@@ -136,7 +140,7 @@ def step_checks(mesh) -> dict:
     tokens = random_tokens(np.random.default_rng(1), (num_sets, num_classes), 16, 64, 63)
     lengths = pool_index(tokens, clip) + 1
     tokens = jnp.asarray(tokens)
-    step = jax.jit(make_train_step(graphdef, config, mesh, lengths, False),
+    step = jax.jit(make_train_step(graphdef, config, mesh, lengths, False, family.group_of),
                    in_shardings=(state_sharding, batch_sharding, replicated, replicated),
                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     data = np.random.default_rng(2)
@@ -145,13 +149,13 @@ def step_checks(mesh) -> dict:
                 'label': data.integers(0, num_classes, b).astype(np.int32)} for _ in range(3)]
     batches = [jax.device_put(x, batch_sharding) for x in batches]
     step = step.lower(state, batches[0], tokens, jnp.int32(1)).compile()
-    if accum == 2:
-      hlo = step.as_text()
+    hlo = step.as_text()
     losses[accum] = []
     for i, batch in enumerate(batches):
       state, metrics = step(state, batch, tokens, jnp.asarray(i + 1, jnp.int32))
+      assert bool(metrics['finite'])
       losses[accum].append(float(metrics['loss']))
-  return dict(losses_1=losses[1], losses_2=losses[2],
+  return dict(losses={str(a): l for a, l in losses.items()},
               collectives=sorted(set(re.findall(r'= \S+ (all-gather|all-reduce|reduce-scatter|'
                                                 r'all-to-all|collective-permute)', hlo))),
               data_collectives=[line.strip()[:200] for line in hlo.splitlines()
@@ -167,8 +171,10 @@ def run_checks() -> dict:
   def mesh(fsdp):
     return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=fsdp)))
 
-  # Texts over data x fsdp (fsdp-sharded text tower); the step on the default mesh (data only).
-  return dict(text=text_checks(mesh(2)), step=step_checks(mesh(1)))
+  # Texts over data x fsdp (fsdp-sharded text tower); the step on the default mesh (data only),
+  # for CLAVER and X-CLIP (whose class_logits condition the texts on each video).
+  return dict(text=text_checks(mesh(2)), step=step_checks(mesh(1), 'claver', (1, 2)),
+              xclip_step=step_checks(mesh(1), 'xclip', (1, 2)))
 
 
 # ------------------------------------------------------------------------------- the tests
@@ -211,14 +217,17 @@ def test_length_buckets_hold_any_choice_of_sets():
   assert length_buckets(lengths, 6)[0] == ((lengths <= 8).sum(), 8)   # all sets: exact counts
 
 
-def test_accumulation_gives_the_losses_of_one_batch(checks):
-  step = checks['step']
-  np.testing.assert_allclose(step['losses_2'], step['losses_1'], rtol=1e-5)
-  assert len(set(step['losses_1'])) == 3                   # it trains: three different steps
+@pytest.mark.parametrize('family', ['step', 'xclip_step'])
+def test_accumulation_gives_the_losses_of_one_batch(checks, family):
+  """CLAVER and X-CLIP, their text towers training: 2 micro-batches, the losses of 1."""
+  losses = checks[family]['losses']
+  np.testing.assert_allclose(losses['2'], losses['1'], rtol=1e-5)
+  assert len(set(losses['1'])) == 3                        # it trains: three different steps
 
 
-def test_accumulated_step_moves_no_data_between_devices(checks):
-  step = checks['step']
+@pytest.mark.parametrize('family', ['step', 'xclip_step'])
+def test_accumulated_step_moves_no_data_between_devices(checks, family):
+  step = checks[family]
   assert step['data_collectives'] == [], step['data_collectives']
   assert 'all-gather' in step['collectives']                # the text embeddings, fsdp params
 
