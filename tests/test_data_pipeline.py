@@ -255,7 +255,7 @@ def test_the_pipeline_closes_every_container_it_opens(motion_dir, tmp_path, monk
   loader = SampleLoader(source, num_frames=4, image_size=32)
   gc.disable()
   try:
-    samples = [loader.train_sample(i, i) for i in range(4)]
+    samples = [loader.train_sample((0, i)) for i in range(4)]
     views = [loader.eval_item((i, True)) for i in range(4)]
     assert samples[0]['substituted'] and not views[2]['substituted']
     assert len(opened) == 6 and sorted(closed) == sorted(opened)   # 4 train + 2 readable eval
