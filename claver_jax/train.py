@@ -324,8 +324,8 @@ def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]
 def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
              stop: distributed.StopRequest | None = None) -> dict[str, Any] | None:
   """One pass over the eval split -> evaluate.summarize(...) over the valid videos. Scores stay on
-  the devices and are gathered once at the end. None when `stop` is requested between batches
-  (the same batch on every process)."""
+  the devices and are gathered once at the end. None when `stop()` is set between batches (a
+  SIGTERM in a one-process run; a multi-process run stops after the evaluation, see StopRequest)."""
   text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
                                chunk=TEXTS_PER_DEVICE * mesh.size)
   parts = []
@@ -493,7 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   text = (evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
                                 chunk=TEXTS_PER_DEVICE * num_devices) if text_frozen
           else jnp.asarray(tokens))
-  stop = distributed.StopRequest()
+  stop = distributed.StopRequest(start_step)
   eval_every = config.eval_every_steps or steps_per_epoch
   bar = progress_bar(total_steps, start_step)
   losses, metrics = [], {}
@@ -576,7 +576,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         check_finite()
         evaluated = evaluate_and_export(step)
         metrics.update(evaluated or {})
-      stopping = stop()                      # The same answer on every process.
+      stopping = stop(step)                  # The same answer on every process.
       if (step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or last
           or evaluating or stopping):
         check_finite()
