@@ -41,9 +41,9 @@ ARCHS = {
     'B32': dict(clip=dict(embed_dim=512, image_size=224, patch=32, vision_width=768,
                           vision_layers=12, context=77, vocab=49408, text_width=512,
                           text_layers=12), temporal_layers=4),
-    'tiny': dict(clip=dict(embed_dim=64, image_size=64, patch=16, vision_width=128,
-                           vision_layers=2, context=77, vocab=1000, text_width=128,
-                           text_layers=2), temporal_layers=1),
+    'tiny': dict(clip=dict(embed_dim=32, image_size=32, patch=16, vision_width=64,
+                           vision_layers=1, context=77, vocab=1000, text_width=64,
+                           text_layers=1), temporal_layers=1),
 }
 
 
