@@ -230,7 +230,7 @@ class ResidualBlock(nnx.Module):
     """The block's output at `positions` only: x [B, S, D], positions int [B, P] -> [B, P, D].
     mask: the rows of the self-attention mask for those queries, broadcastable to
     [B, heads, P, S]. Keys and values come from every position; the queries, the attention
-    output and the MLP from the P rows alone: `block(x)`'s rows, at P/S of the cost."""
+    output and the MLP from the P rows alone (2/12 of the block's matmul work for P << S)."""
     if self.remat:
       return nnx.remat(_block_at_positions)(self, x, positions, mask)
     return _block_at_positions(self, x, positions, mask)
