@@ -161,11 +161,12 @@ def torch_cat_class(visual, patches):
   return torch.cat([visual.class_embedding.expand(patches.shape[0], 1, -1), patches], dim=1)
 
 
-def train_config():
+def train_config(image_size: int):
   """The run config of the paper's step (the train step reads train, data, text, optim, seed)."""
   from claver_jax.run_config import base_config
   config = base_config()
   config.data.num_frames = FRAMES
+  config.data.image_size = image_size
   config.train.batch_size = BATCH
   config.train.mixup_alpha = config.train.cutmix_alpha = 0.0
   config.text.sets_per_step = SETS
@@ -186,7 +187,7 @@ def main(argv: list[str]) -> None:
   from flax import nnx
 
   from claver_jax import optim
-  from claver_jax.models import load
+  from claver_jax.models import families, load
   from claver_jax.train import make_train_step
   from convert.claver_to_flax import convert
 
@@ -264,16 +265,18 @@ def main(argv: list[str]) -> None:
 
   # ------------------------------------------------------------------------------- train step
   # Last: the step donates the model's arrays.
-  config = train_config()
+  config = train_config(size)
   tokens = random_tokens(rng, SETS * CLASSES, c['context'], c['vocab']).reshape(SETS, CLASSES, -1)
   labels = rng.integers(0, CLASSES, (BATCH,)).astype(np.int32)
   oc = config.optim
-  tx, _ = optim.make_optimizer(oc, total_steps=1000, steps_per_epoch=100)
-  wrt = optim.trainable_filter(oc)
+  group_of = families.of(model).group_of
+  tx, _ = optim.make_optimizer(oc, group_of, total_steps=1000, steps_per_epoch=100)
+  wrt = optim.trainable_filter(oc, group_of)
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
   ours_trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
   step_graphdef, state = nnx.split((model, optimizer))
-  train_step = jax.jit(make_train_step(step_graphdef, config, CLASSES, SETS, text_frozen=False),
+  train_step = jax.jit(make_train_step(step_graphdef, config, CLASSES, SETS, text_frozen=False,
+                                       group_of=group_of),
                        donate_argnums=(0,))
   # Committed to the device, as the train loop's sharded arrays are: uncommitted inputs to the
   # first call and committed outputs into the next would compile the step twice.

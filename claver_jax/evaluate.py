@@ -1,8 +1,9 @@
-"""Evaluation: class scores from video and text embeddings, accuracy, per-class results.
+"""Evaluation: class scores from a model's class logits, accuracy, per-class results.
 
 Protocol (the paper's): for each view of a video and each description set a, softmax over the
 C classes; mean over the A sets; sum over the V views. Top-k counts a video as correct when its
 label is among its k best classes, over all videos (the official code divides by A: wrong).
+The logits come from the model family's `class_logits` (see claver_jax.models.families).
 """
 
 from __future__ import annotations
@@ -17,21 +18,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from claver_jax.fileio import atomic_write_text
-from claver_jax.models.clip import l2_normalize
 
 
 def encode_texts(encode_text, tokens: np.ndarray, chunk: int = 512) -> jax.Array:
-  """tokens int32 [A, C, S] -> L2-normalised embeddings [A, C, E], `chunk` texts at a time."""
+  """tokens int32 [A, C, S] -> embeddings [A, C, E] as `encode_text` gives them (projected, not
+  normalised), `chunk` texts at a time."""
   a, c, s = tokens.shape
   flat = tokens.reshape(a * c, s)
   parts = [encode_text(flat[i:i + chunk]) for i in range(0, a * c, chunk)]
-  return l2_normalize(jnp.concatenate(parts)).reshape(a, c, -1)
+  return jnp.concatenate(parts).reshape(a, c, -1)
 
 
-def class_scores(video: jax.Array, text: jax.Array, logit_scale: jax.Array) -> jax.Array:
-  """video [B, V, E] (one embedding per view), text [A, C, E] normalised -> scores [B, C]."""
-  logits = jnp.exp(logit_scale) * jnp.einsum('bve,ace->bvac', video, text)
-  return jax.nn.softmax(logits, axis=-1).mean(axis=2).sum(axis=1)
+def class_scores(logits: jax.Array) -> jax.Array:
+  """logits [A, B, V, C] (description set, video, view, class) -> scores [B, C]."""
+  return jax.nn.softmax(logits, axis=-1).mean(axis=0).sum(axis=1)
+
+
+def view_scores(model, video: jax.Array, text: jax.Array) -> jax.Array:
+  """Normalised video [B, V, T, H, W, 3] (V views of each of B videos), text [A, C, E] from
+  `encode_texts` -> scores [B, C], through the model's family interface."""
+  b, v = video.shape[:2]
+  logits = model.class_logits(model.video_features(video.reshape(b * v, *video.shape[2:])), text)
+  return class_scores(logits.reshape(logits.shape[0], b, v, -1))
 
 
 def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

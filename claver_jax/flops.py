@@ -1,54 +1,76 @@
-r"""Per-view FLOPs of the video encoder, from XLA's cost analysis of the lowered program.
+r"""Per-view FLOPs of a video model, from XLA's cost analysis of the lowered program.
 
     python -m claver_jax.flops --config=configs/k400.py:B16,16
-    python -m claver_jax.flops --table        # the README's table of the paper's variants
+    python -m claver_jax.flops --config=configs/k400.py:B16,8,xclip
+    python -m claver_jax.flops --table        # the README's table of the papers' variants
 
-Shapes only: the model is built with `nnx.eval_shape` and the encoder is lowered, never run.
+Shapes only: the model is built with `nnx.eval_shape` and its functions are lowered, never run.
 XLA counts a multiply-add as 2 FLOPs; GMACs below are half the GFLOPs. One view is one clip of T
-frames at the config's image size through the ViT and the temporal head (no text tower).
+frames at the config's image size through `video_features` (the ViT and the family's temporal
+parts; no text tower); scoring it against C class texts (`class_logits`, X-CLIP's prompt
+generator) is counted apart, as it grows with C.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from claver_jax.models.claver import CLAVER, CLAVERConfig, config_from
+from claver_jax.models import families
+from claver_jax.models.clip import CLIP, get_preset
+from claver_jax.models.claver import CLAVERConfig
+from claver_jax.models.xclip import XCLIPConfig
 
-# The paper's reported per-view GFLOPs (its Table of Kinetics-400 results).
-PAPER_VARIANTS = [('B32', 8, 33), ('B32', 16, 64), ('B16', 8, 122), ('B16', 16, 241),
-                  ('L14', 8, 558)]
+# The papers' reported per-view GFLOPs: CLAVER's Kinetics-400 table, X-CLIP's model zoo.
+PAPER_VARIANTS = [('KMT', CLAVERConfig, 'B32', 8, 33), ('KMT', CLAVERConfig, 'B32', 16, 64),
+                  ('KMT', CLAVERConfig, 'B16', 8, 122), ('KMT', CLAVERConfig, 'B16', 16, 241),
+                  ('KMT', CLAVERConfig, 'L14', 8, 558), ('X-CLIP', XCLIPConfig, 'B32', 8, 39),
+                  ('X-CLIP', XCLIPConfig, 'B16', 8, 145), ('X-CLIP', XCLIPConfig, 'L14', 8, 658)]
+K400_CLASSES = 400
 
 
-def video_flops(cfg: CLAVERConfig) -> float:
-  """FLOPs of `encode_video` on one clip, from the lowered (not compiled) program."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLAVER(cfg, rngs=nnx.Rngs(0))))
-  size = cfg.clip.image_size
-  video = jax.ShapeDtypeStruct((1, cfg.num_frames, size, size, 3), jnp.float32)
-  lowered = jax.jit(lambda s, v: nnx.merge(graphdef, s).encode_video(v)).lower(state, video)
-  cost = lowered.cost_analysis()
+def _flops(fn, *args) -> float:
+  """FLOPs of fn(*args) (abstract arguments), from the lowered, not compiled, program."""
+  cost = jax.jit(fn).lower(*args).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost['flops'])
 
 
-def report(cfg: CLAVERConfig) -> dict[str, float]:
-  """GFLOPs of the whole view, of the ViT over its frames, and of the temporal head."""
-  total = video_flops(cfg)
-  vit = total if cfg.temporal == 'mean' else video_flops(
-      dataclasses.replace(cfg, temporal='mean', temporal_layers=None))
-  return {'total': total / 1e9, 'vit': vit / 1e9, 'temporal': (total - vit) / 1e9}
+def report(cfg: Any, num_classes: int = K400_CLASSES) -> dict[str, float]:
+  """GFLOPs of one view (`total`), of CLIP's ViT over its T frames (`vit`), of the rest of the
+  video path (`temporal`: CLAVER's temporal head; X-CLIP's messages, MIT and visual prompt
+  tokens) and of scoring it against `num_classes` texts (`classes`).
+
+  Attention is counted dense, whatever a config's `attention` says: XLA's cost analysis counts
+  the body of a loop once, not once per trip, so it cannot count CLAVER's chunked kernel."""
+  if 'attention' in {f.name for f in dataclasses.fields(cfg)}:
+    cfg = dataclasses.replace(cfg, attention='dense')
+  family = families.of_config(cfg)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: family.module_class(cfg, rngs=nnx.Rngs(0))))
+  size, frames = cfg.clip.image_size, cfg.num_frames
+  video = jax.ShapeDtypeStruct((1, frames, size, size, 3), jnp.float32)
+  features = lambda s, v: nnx.merge(graphdef, s).video_features(v)
+  total = _flops(features, state, video)
+  text = jax.ShapeDtypeStruct((1, num_classes, cfg.clip.embed_dim), jnp.float32)
+  classes = _flops(lambda s, v, t: nnx.merge(graphdef, s).class_logits(features(s, v), t),
+                   state, video, text) - total
+  clip_graphdef, clip_state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg.clip, rngs=nnx.Rngs(0))))
+  images = jax.ShapeDtypeStruct((frames, size, size, 3), jnp.float32)
+  vit = _flops(lambda s, x: nnx.merge(clip_graphdef, s).encode_image(x), clip_state, images)
+  return {'total': total / 1e9, 'vit': vit / 1e9, 'temporal': (total - vit) / 1e9,
+          'classes': classes / 1e9}
 
 
 def paper_table() -> str:
-  from claver_jax.models.clip import get_preset
   lines = ['| variant | ours: GFLOPs (XLA, 2 per MAC) | ours: GMACs | ViT share | paper |',
            '|---|---|---|---|---|']
-  for arch, frames, paper in PAPER_VARIANTS:
-    r = report(CLAVERConfig(clip=get_preset(arch), num_frames=frames))
-    lines.append(f'| {arch}-{frames}f KMT | {r["total"]:.0f} | {r["total"] / 2:.0f} | '
+  for name, config_class, arch, frames, paper in PAPER_VARIANTS:
+    r = report(config_class(clip=get_preset(arch), num_frames=frames))
+    lines.append(f'| {arch}-{frames}f {name} | {r["total"]:.0f} | {r["total"] / 2:.0f} | '
                  f'{r["vit"] / r["total"]:.0%} | {paper} |')
   return '\n'.join(lines)
 
@@ -64,17 +86,22 @@ def main(argv: list[str]) -> None:
     return
   if f.config is None:
     raise SystemExit('error: pass --config=configs/k400.py[:PRESET] or --table.')
-  cfg = config_from(f.config)
-  r = report(cfg)
-  print(f'{f.config.model.arch}, {cfg.num_frames} frames at {cfg.clip.image_size} px, '
-        f'temporal {cfg.temporal} ({cfg.temporal_depth} layers)')
-  print(f'per view: {r["total"]:.1f} GFLOPs = {r["total"] / 2:.1f} GMACs '
-        f'(ViT over {cfg.num_frames} frames {r["vit"]:.1f}, temporal head {r["temporal"]:.1f})')
+  try:
+    cfg = families.model_config(f.config)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from e
+  r = report(cfg, f.num_classes)
+  print(f'{f.config.model.name} {f.config.model.arch}, {cfg.num_frames} frames at '
+        f'{cfg.clip.image_size} px, {cfg.summary}')
+  print(f'per view: {r["total"]:.4g} GFLOPs = {r["total"] / 2:.4g} GMACs '
+        f'(ViT over {cfg.num_frames} frames {r["vit"]:.4g}, the rest {r["temporal"]:.4g})')
+  print(f'scoring one view against {f.num_classes} class texts: {r["classes"]:.4g} GFLOPs')
 
 
 if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'A run config, e.g. configs/k400.py:B16,16.')
-  flags.DEFINE_bool('table', False, "Print the README's table of the paper's variants.")
+  flags.DEFINE_bool('table', False, "Print the README's table of the papers' variants.")
+  flags.DEFINE_integer('num_classes', K400_CLASSES, 'Class texts a view is scored against.')
   app.run(main)

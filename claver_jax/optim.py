@@ -1,19 +1,23 @@
 """The optimizer: parameter groups, frozen towers, weight-decay masks and the schedule.
 
-Groups, by parameter path in a CLAVER model:
-  image    clip.visual.*                 frozen when `freeze_image` (the paper's default)
-  text     clip.text.*                   frozen when `freeze_text`; else learning rate x
+Groups, by parameter path; the model's family says which paths are which
+(`claver_jax.models.families`: CLAVER's new parts are temporal.*, X-CLIP's its messages, MIT and
+prompt generator):
+  image    the image tower               frozen when `freeze_image` (CLAVER's default)
+  text     the text tower                frozen when `freeze_text`; else learning rate x
                                          `text_lr_multiplier` (1)
-  new      temporal.*                    learning rate x `new_lr_multiplier` (10 in the paper)
-  base     everything else (logit_scale)
-No weight decay on biases, on 0-/1-D parameters (LayerNorm, class embedding, logit scale) and on
-positional and temporal embeddings.
+  new      the family's new parts        learning rate x `new_lr_multiplier` (10 in both papers)
+  base     everything else (CLAVER's logit_scale)
+No weight decay on biases, on 0-/1-D parameters (LayerNorm, class embedding, logit scale, X-CLIP's
+alpha) and on positional and temporal embeddings.
 
 Frozen parameters are not differentiated at all (`trainable_filter` goes to `nnx.grad` and
 `nnx.Optimizer(wrt=...)`), so a frozen image tower costs no backward pass.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import ml_collections
@@ -41,28 +45,21 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def group_of(path: tuple | str) -> str:
-  """'image' | 'text' | 'new' | 'base' for a parameter path of a CLAVER (or CLIP) model."""
-  p = path if isinstance(path, str) else path_str(path)
-  if p.startswith('clip.visual.') or p.startswith('visual.'):
-    return 'image'
-  if p.startswith('clip.text.') or p.startswith('text.'):
-    return 'text'
-  if p.startswith('temporal.'):
-    return 'new'
-  return 'base'
+GroupOf = Callable[[str], str]   # dotted parameter path -> 'image' | 'text' | 'new' | 'base'
 
 
 def frozen_groups(config: ml_collections.ConfigDict) -> set[str]:
   return ({'image'} if config.freeze_image else set()) | ({'text'} if config.freeze_text else set())
 
 
-def trainable_filter(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
-  """An nnx filter for the parameters that train: every Param outside the frozen groups."""
+def trainable_filter(config: ml_collections.ConfigDict,
+                     group_of: GroupOf) -> nnx.filterlib.Filter:
+  """An nnx filter for the parameters that train: every Param outside the frozen groups.
+  `group_of` is the model's family's (families.of(model).group_of)."""
   frozen = frozen_groups(config)
 
   def trainable(path, value) -> bool:
-    return isinstance(value, nnx.Param) and group_of(path) not in frozen
+    return isinstance(value, nnx.Param) and group_of(path_str(path)) not in frozen
 
   return trainable
 
@@ -82,11 +79,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
       decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.end_lr_ratio)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, *, total_steps: int,
+def make_optimizer(config: ml_collections.ConfigDict, group_of: GroupOf, *, total_steps: int,
                    steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with the groups above, new parts at x new_lr_multiplier and the text tower at
-  x text_lr_multiplier. Give it to
-  `nnx.Optimizer(model, tx, wrt=trainable_filter(config))`.
+  """AdamW with the groups above (`group_of` as for trainable_filter), new parts at
+  x new_lr_multiplier and the text tower at x text_lr_multiplier. Give it to
+  `nnx.Optimizer(model, tx, wrt=trainable_filter(config, group_of))`.
 
   Returns the transformation and the base learning-rate schedule (for logging).
   """
@@ -101,7 +98,7 @@ def make_optimizer(config: ml_collections.ConfigDict, *, total_steps: int,
 
   def labels(tree):  # A callable, so it matches whatever tree (State or arrays) optax is given.
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: {'new': 'new', 'text': 'text'}.get(group_of(p), 'base'), tree)
+        lambda p, _: {'new': 'new', 'text': 'text'}.get(group_of(path_str(p)), 'base'), tree)
 
   tx = optax.multi_transform({'base': adamw(1.0), 'new': adamw(config.new_lr_multiplier),
                               'text': adamw(config.text_lr_multiplier)}, labels)

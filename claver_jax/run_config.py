@@ -2,13 +2,24 @@
 
     mode                 'train' (train + periodic eval), 'eval' (evaluate a checkpoint) or
                          'zeroshot' (configs/zeroshot.py: claver_jax.zeroshot.run_zeroshot)
+    model.name           the model family: 'claver' (default) or 'xclip' (X-CLIP; see
+                         claver_jax.models.families)
     model.arch           B32 | B16 | L14 | L14_336, or 'custom' with model.clip (CLIPConfig fields)
-    model.temporal       kmt | kmct | joint | pipeline | cls_only | mean
-    model.temporal_layers  None: a third of the ViT's depth
-    model.temporal_heads   None: the paper's vision width / 64
-    model.temporal_init_std  std of the temporal embedding of a model built from scratch (0.02,
-                         the official code's; ~1 suits them, their tokens being O(1) per
-                         channel); init.clip / init.checkpoint models keep 0.02 / their own
+    model.temporal       CLAVER: kmt | kmct | joint | pipeline | cls_only | mean
+    model.temporal_layers  CLAVER: None = a third of the ViT's depth
+    model.temporal_heads   CLAVER's temporal transformer, X-CLIP's MIT: None = the papers'
+                         width / 64 (CLAVER: vision width; X-CLIP: embed dim)
+    model.attention      CLAVER: how the Kronecker attention is computed: 'dense' ([T·L, T·L]
+                         scores), 'chunked' (exact, a chunk of frames at a time, O(T·L²) memory)
+                         or 'auto' (chunked from 512 tokens per clip;
+                         claver_jax/models/kronecker.py). Recorded in WORKDIR/model; it overrides
+                         an init.checkpoint's
+    model.xclip_mit_layers, xclip_prompt_layers  X-CLIP: MIT (1) and prompt generator (2) depth
+    model.xclip_prompt_alpha  X-CLIP: the prompt generator's initial output scale (0.1)
+    model.temporal_init_std  std of the temporal embedding (X-CLIP: the MIT's positional
+                         embedding) of a model built from scratch (0.02, the official code's;
+                         ~1 suits them, their tokens being O(1) per channel); init.clip /
+                         init.checkpoint models keep 0.02 / their own
     model.pos_init       the ViT's patch positions in a model built from scratch: 'random'
                          (CLIP's) or 'sincos' (2-D sine-cosine, as MAE); init.clip /
                          init.checkpoint models keep their own
@@ -18,6 +29,9 @@
     model.resample_frames  loading a checkpoint trained with other T resamples its temporal
                          embedding (True) or is an error (False)
     data                 see claver_jax.data.default_config (source, root, lists, labels, T, S, ...)
+    data.mean, data.std  the input normalisation the run trains and evaluates with (CLIP's by
+                         default; the paper configs use ImageNet's, as the official code does);
+                         WORKDIR/model records it
     data.shots           few-shot: keep this many clips of every class of the train list (0 = all)
     data.shots_seed      the seed of that draw: the same K-shot list in every process and run
     text.tokenizer       BPE file / vocab dir / model dir; '' = the init checkpoint's; 'train' =
@@ -25,7 +39,10 @@
     text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only
     text.templates       'actions' (people: "a video of a person {}.", the default), 'objects'
                          (short, for the synthetic set), or templates with one "{}" each,
-                         joined by '|'. WORKDIR/model records them; predict uses them
+                         joined by '|'. WORKDIR/model records them; predict uses them, and
+                         zero-shot when this is '' (configs/zeroshot.py)
+    text.bare_name       the bare class name is a text too (the paper's set: name, templates,
+                         prompts); WORKDIR/model records it for predict and zero-shot
     text.sets_per_step   description sets sampled per train step (K = 5 in the paper)
     optim                see claver_jax.optim.default_config (AdamW, groups, freezing, schedule)
     train.batch_size     global batch, independent of the device count
@@ -36,8 +53,14 @@
     log_every_steps, checkpoint_every_steps (checkpoints are also saved at each epoch end)
     checkpoint.keep, checkpoint.keep_best (by val/top1)
     mesh.data, mesh.fsdp  device mesh axes; -1 fills
-    init.clip            a converted CLIP directory (towers; temporal parts fresh)
-    init.checkpoint      a CLAVER model directory (converted or WORKDIR/model of a run)
+    init.clip            a converted CLIP directory (towers; the family's new parts fresh)
+    init.checkpoint      a model directory of the family model.name (converted, or a run's
+                         WORKDIR/model or WORKDIR): its weights only, never its optimizer state,
+                         schedule or step; evaluating it alone (mode=eval, no workdir
+                         checkpoint) feeds it the normalisation it records
+    init.require         '' | 'clip' | 'checkpoint': the init this recipe starts from; a run
+                         without it is rejected before it starts, naming init.require_from
+    init.require_from    what init.require wants, in words (e.g. the preset that makes it)
     zeroshot             configs/zeroshot.py only: datasets and their paths, see
                          claver_jax.zeroshot.default_config
 """
@@ -47,20 +70,23 @@ import ml_collections
 from claver_jax import optim, sharding
 from claver_jax.data import default_config as data_config
 
+MODES = ('train', 'eval', 'zeroshot')
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = 'train'
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
-      arch='B16', clip=ml_collections.ConfigDict(), temporal='kmt',
+      name='claver', arch='B16', clip=ml_collections.ConfigDict(), temporal='kmt',
       temporal_layers=ml_collections.config_dict.placeholder(int),
-      temporal_heads=ml_collections.config_dict.placeholder(int), temporal_init_std=0.02,
-      pos_init='random', dtype='float32', remat=False, resample_frames=True))
+      temporal_heads=ml_collections.config_dict.placeholder(int), attention='auto',
+      temporal_init_std=0.02, pos_init='random', dtype='float32', remat=False,
+      resample_frames=True, xclip_mit_layers=1, xclip_prompt_layers=2, xclip_prompt_alpha=0.1))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
-      tokenizer='', num_merges=1000, prompts='', templates='actions', allow_missing=False,
-      sets_per_step=5))
+      tokenizer='', num_merges=1000, prompts='', templates='actions', bare_name=True,
+      allow_missing=False, sets_per_step=5))
   c.optim = optim.default_config()
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128, epochs=30, max_steps=0, grad_accum_steps=1, label_smoothing=0.1,
@@ -71,5 +97,48 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, keep_best=1))
   c.mesh = sharding.default_config()
-  c.init = ml_collections.ConfigDict(dict(clip='', checkpoint=''))
+  c.init = ml_collections.ConfigDict(dict(clip='', checkpoint='', require='', require_from=''))
   return c
+
+
+class ConfigError(ValueError):
+  """A config that cannot work: the message names the keys and the fix."""
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Rejects a config that cannot work, before anything is written to the workdir."""
+  from claver_jax.models.temporal import TEMPORAL_KINDS
+  if c.mode not in MODES:
+    raise ConfigError(f'config.mode={c.mode!r}; use one of {list(MODES)}.')
+  init = c.init
+  if init.clip and init.checkpoint:
+    raise ConfigError(f'config.init.clip={init.clip!r} and config.init.checkpoint='
+                      f'{init.checkpoint!r} are both set; a run starts from one of them.')
+  if init.require not in ('', 'clip', 'checkpoint'):
+    raise ConfigError(f"config.init.require={init.require!r}; use '', 'clip' or 'checkpoint'.")
+  if init.require and not init[init.require]:
+    raise ConfigError(f'This recipe starts from config.init.{init.require}: '
+                      f'{init.require_from or "set it"}. Pass --config.init.{init.require}=DIR.')
+  if c.text.tokenizer == 'train' and (init.clip or init.checkpoint):
+    key = 'clip' if init.clip else 'checkpoint'
+    raise ConfigError(f"config.text.tokenizer='train' learns a new vocabulary, but the text tower "
+                      f'of config.init.{key} was trained with its own; set '
+                      f"--config.text.tokenizer='' to use that one.")
+  if not c.text.templates and c.mode != 'zeroshot':
+    raise ConfigError("config.text.templates is empty; '' means the model directory's own in "
+                      "zero-shot only. Use 'actions', 'objects' or templates joined by '|'.")
+  if c.model.pos_init not in ('random', 'sincos'):
+    raise ConfigError(f"config.model.pos_init={c.model.pos_init!r}; use 'random' (CLIP's) or "
+                      "'sincos'.")
+  if c.model.temporal not in TEMPORAL_KINDS:
+    raise ConfigError(f'config.model.temporal={c.model.temporal!r}; use one of '
+                      f'{list(TEMPORAL_KINDS)}.')
+  if c.model.dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"config.model.dtype={c.model.dtype!r}; use 'float32' or 'bfloat16'.")
+  t = c.train
+  if t.mixup_alpha < 0 or t.cutmix_alpha < 0 or not 0 <= t.mixup_switch_prob <= 1:
+    raise ConfigError(f'config.train.mixup_alpha={t.mixup_alpha} and cutmix_alpha='
+                      f'{t.cutmix_alpha} must be >= 0 (0 turns that one off), mixup_switch_prob='
+                      f'{t.mixup_switch_prob} in [0, 1].')
+  if not 0 <= t.label_smoothing < 1:
+    raise ConfigError(f'config.train.label_smoothing={t.label_smoothing} must be in [0, 1).')

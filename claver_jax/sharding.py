@@ -23,12 +23,13 @@ AXES = ('data', 'fsdp')
 BATCH = P(AXES)
 
 # (regex on the parameter path, spec of its dimensions). Kernels are [in, out].
+# X-CLIP's message_attn and MIT blocks are covered by the attention and MLP rules.
 RULES: tuple[tuple[str, P], ...] = (
-    (r'(qkv|c_fc)\.kernel$', P('fsdp', None)),
-    (r'(attn\.out|c_proj)\.kernel$', P(None, 'fsdp')),
+    (r'(qkv|c_fc|message_fc|[qkv]_proj)\.kernel$', P('fsdp', None)),
+    (r'(attn\.out|c_proj|cross_attn\.proj)\.kernel$', P(None, 'fsdp')),
     (r'token_embedding\.embedding$', P('fsdp', None)),
     (r'conv1\.kernel$', P(None, None, None, 'fsdp')),
-    (r'(visual\.proj|text_projection)$', P('fsdp', None)),
+    (r'(visual\.proj|text_projection|prompts_visual_proj)$', P('fsdp', None)),
     (r'.*', P()),                                  # biases, LayerNorms, embeddings: replicated
 )
 

@@ -1,7 +1,10 @@
-r"""Kinetics-400, fully supervised, from OpenAI's CLIP.
+r"""Kinetics-400, fully supervised, from OpenAI's CLIP: CLAVER, or X-CLIP with `xclip`.
 
-Presets, in any order: an architecture (B32, B16, L14, L14_336), a frame count (8, 16, 32) and
-a temporal head (kmt, kmct, joint, pipeline, cls_only, mean). Defaults: B16,8,kmt.
+Presets, in any order: an architecture (B32, B16, L14, L14_336), a frame count (8, 16, 32), a
+temporal head (kmt, kmct, joint, pipeline, cls_only, mean) or the model family `xclip`.
+Defaults: B16,8,kmt (CLAVER). `pretrain` (CLAVER) trains 20 epochs instead of the full schedule:
+`B16,32,pretrain` is the paper's starting point for few-shot (configs/ucf101.py, hmdb51.py:
+shots=K) and the model zero-shot evaluates (configs/zeroshot.py).
 
     python -m convert.clip_to_flax --src=ViT-B-16.pt --out=ckpt/clip_b16 \
         --bpe=bpe_simple_vocab_16e6.txt.gz
@@ -12,33 +15,90 @@ a temporal head (kmt, kmct, joint, pipeline, cls_only, mean). Defaults: B16,8,km
     # The paper's multi-view test (4 clips x 3 crops) of the trained model:
     python -m claver_jax.main --config=configs/k400.py:B16,8,kmt --workdir=runs/k400_b16_8 \
         --config.mode=eval --config.eval.num_clips=4 --config.eval.num_crops=3 [same data flags]
+    # X-CLIP, the baseline the paper measures itself against, the same way:
+    python -m claver_jax.main --config=configs/k400.py:B16,8,xclip --workdir=runs/xclip_b16_8 \
+        --config.init.clip=ckpt/clip_b16 [same data flags]
 
-Expected top-1 / top-5 (%), 4x3 views, from the official CLAVER model zoo:
+CLAVER. Expected top-1 / top-5 (%), 4x3 views, from the official CLAVER model zoo:
   B32  8f  KMT 81.5 / 95.5   KMCT 81.4 / 95.5     B32 16f  KMT 82.4 / 95.9   KMCT 82.6 / 95.9
   B16  8f  KMT 84.3 / 96.3   KMCT 84.1 / 96.2     B16 16f  KMT 85.9 / 97.3   KMCT 86.0 / 97.2
   L14  8f  KMT 88.1 / 97.7   KMCT 87.9 / 97.7     L14_336 16f KMT 88.8 / 98.1 KMCT 88.9 / 98.0
 (the zoo labels the L/14 rows "B/14"; their FLOPs are L/14's). Hyperparameters are the paper's:
 AdamW (0.9, 0.98), eps 1e-8, weight decay 0.001, lr 12e-6 (x10 for the temporal parts),
 5 warmup epochs then cosine to lr/100; 60 epochs and batch 128 for ViT-B, 40 and 32 for ViT-L;
-label smoothing .1, mixup .8, cutmix 1; the image tower frozen.
+label smoothing .1, mixup .8, cutmix 1; the image tower frozen; class texts: the 16 templates
+and the interpretive prompts.
+
+Input: clips are decoded and augmented by data.num_workers = 16 grain worker processes per host
+(hosts of accelerators have tens of cores). One core delivers about 20 clips/s of 8 frames from
+320x240 3-second mp4s (`python -m benchmarks.input_pipeline`, in-process, on an idle 2-core
+machine); Kinetics' 10-second clips decode more frames per clip. Each host must deliver its share
+of train.batch_size clips per step: if the accelerators wait on input, raise num_workers up to
+the host's cores (--config.data.num_workers=N); on a small host, lower it. Measured with
+`python -m benchmarks.input_pipeline --workers=0,1,2,4 --batches=8` on a shared 2-core machine
+(load ~10, so only the trend holds; TODO(lead): measure idle): 0 workers 3.2 clips/s, 1: 3.0,
+2: 5.8, 4: 10.1 (bare PyAV decoding 5.1).
+
+Memory per device (`python -m claver_jax.memory --config=configs/k400.py:B16,32`: XLA's memory
+analysis of the compiled train step on 8 simulated devices, CPU backend, nothing run; see the
+README's table): B16 at 32 frames, bf16, chunked attention, 1 clip per device peaks at 91.5 GiB,
+88.5 of it the text tower (the 5 x 400 sampled texts at 77 tokens, fwd + bwd, on every device),
+plus 2.0 GiB per further clip. As shipped (batch 128: 16 clips per device on 8 devices) it needs
+121.8 GiB and fits no 80 GB GPU or TPU chip: the text tower must be split over the devices and
+cut to the texts' length first. Per-device clips are batch_size / (devices x
+train.grad_accum_steps); raise `--config.train.grad_accum_steps` where the table says fewer fit.
+
+X-CLIP (`xclip`). Expected top-1 / top-5 (%), 4x3 views, from the official X-CLIP model zoo
+(microsoft/VideoX, X-CLIP/README.md):
+  B32  8f  80.4 / 95.0     B32 16f  81.1 / 95.5
+  B16  8f  83.8 / 95.7     B16 16f  84.7 / 96.8
+  L14  8f  87.1 / 97.6     L14_336 16f  87.7 / 97.4
+(the zoo labels the L/14 rows "B/14"). Its recipe (X-CLIP/utils/config.py, utils/optimizer.py,
+configs/k400/*.yaml): AdamW (0.9, 0.98), eps 1e-8, weight decay 0.001, lr 8e-6 (x10 for the
+messages, MIT and prompt generator), 5 warmup epochs then cosine to lr/100, 30 epochs, batch 256
+(8 GPUs x 8 x 4 accumulation steps for ViT-B, 8 x 4 x 8 for ViT-L); label smoothing .1, mixup
+.8, cutmix 1; the text tower (and logit scale) frozen, its embeddings cached; the image tower
+trained; class texts: the class name alone; 1 MIT layer, 2 prompt layers, alpha 0.1.
+
+Both official pipelines normalise frames with ImageNet's mean/std (data.mean/std here).
 """
 
+from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.presets import parse_preset
 from claver_jax.run_config import base_config
 
 
+PRETRAIN_EPOCHS = 20     # The paper's Table 14: the K400 model few-shot and zero-shot start from.
+
+
 def get_config(arg=None):
-  preset = parse_preset(arg)
+  parts = [p for p in (arg or '').replace(' ', '').split(',') if p]
+  pretrain = 'pretrain' in parts
+  preset = parse_preset(','.join(p for p in parts if p != 'pretrain'))
+  if pretrain and preset['name'] != 'claver':
+    raise ValueError(f'{arg!r}: pretrain is the paper\'s 20-epoch CLAVER model; X-CLIP\'s recipe '
+                     'has its own schedule.')
   large = preset['arch'].startswith('L14')
   c = base_config()
+  c.model.name = preset['name']
   c.model.arch = preset['arch']
   c.model.temporal = preset['temporal']
   c.model.dtype = 'bfloat16'
   c.data.source = 'filelist'
+  c.data.num_workers = 16            # Per host; see the docstring.
   c.data.num_frames = preset['num_frames']
   c.data.image_size = 336 if preset['arch'] == 'L14_336' else 224
+  c.data.mean, c.data.std = IMAGENET_MEAN, IMAGENET_STD
   c.text.prompts = 'kinetics400'
-  c.train.epochs = 40 if large else 60
+  c.train.epochs = PRETRAIN_EPOCHS if pretrain else 40 if large else 60
   c.train.batch_size = 32 if large else 128
   c.eval.batch_size = 32
+  if preset['name'] == 'xclip':
+    c.text.prompts = ''
+    c.text.templates = '{}'            # The class name alone.
+    c.optim.lr = 8e-6
+    c.optim.freeze_image = False
+    c.optim.freeze_text = True
+    c.train.epochs = 30
+    c.train.batch_size = 256
   return c

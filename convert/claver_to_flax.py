@@ -18,11 +18,12 @@ import re
 import sys
 from pathlib import Path
 
+from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.models.claver import CLAVERConfig
 from convert.clip_to_flax import (
     IGNORED_OPENAI_KEYS, ConversionError, Entry, check_against_model, check_tokenizer,
-    count_layers, infer_openai_config, map_params, openai_block_entries, openai_entries,
-    read_openai_bpe, read_source, require_keys, run_cli, unflatten)
+    count_layers, infer_openai_config, map_params, open_source, openai_block_entries,
+    openai_entries, read_openai_bpe, require_keys, run_cli, unflatten)
 
 MASKS = ('kmt', 'kmct')
 
@@ -45,17 +46,8 @@ def convert(src: str | Path, out: str | Path, *, mask: str = 'kmt',
   if mask not in MASKS:
     raise ConversionError(f'--mask={mask!r}; the official model uses one of {MASKS}.')
   out = Path(out)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f'--out {out} already exists; choose another path or pass --overwrite.')
-  print(f'Reading {src} ...', file=sys.stderr, flush=True)
-  source = read_source(src)
+  source = open_source(src, out, overwrite, 'claver')
   tensors = source.tensors
-  if source.layout != 'openai':
-    raise ConversionError(f'{src} is an HF CLIP; official CLAVER checkpoints are OpenAI-layout '
-                          'state dicts. Convert a plain CLIP with `python -m convert.clip_to_flax`.')
-  if 'visual.temporal_embedding' not in tensors:
-    raise ConversionError(f'{src} has no visual.temporal_embedding: it is a plain CLIP, not a '
-                          'CLAVER checkpoint. Use `python -m convert.clip_to_flax` for it.')
   require_keys(tensors, ['visual.transformer_t.resblocks.0.temporal_attn.in_proj_weight'],
                'CLAVER')
   clip = infer_openai_config(tensors, vision_heads=vision_heads, text_heads=text_heads)
@@ -81,7 +73,7 @@ def convert(src: str | Path, out: str | Path, *, mask: str = 'kmt',
   info = {'path': str(Path(src).absolute()), 'layout': 'openai+claver',
           'container': source.container}
   write_model_dir(out, kind='claver', config=cfg, params=unflatten(flat), tokenizer=tokenizer,
-                  source=info, overwrite=overwrite)
+                  normalization=(IMAGENET_MEAN, IMAGENET_STD), source=info, overwrite=overwrite)
   print(f'Wrote {out}: CLAVER ({mask}, {cfg.num_frames} frames, {cfg.temporal_depth} temporal '
         f'layers) on a ViT with patch {clip.patch_size} at {clip.image_size} px, '
         f'{sum(v.size for v in flat.values()) / 1e6:.1f}M parameters.')

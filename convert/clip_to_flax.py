@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD
 from claver_jax.models.clip import CLIPConfig
 from claver_jax.text.tokenizer import read_openai_bpe, read_vocab_merges
 
@@ -56,6 +57,8 @@ class Source:
   container: str                   # 'safetensors', 'torchscript', 'torch'
   hf_config: dict[str, Any] | None = None
   tokenizer: tuple[dict[str, int], list[str]] | None = None
+  # (mean, std) on 0-1 pixels, from an HF directory's preprocessor_config.json.
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +148,16 @@ def _read_hf_tokenizer(directory: Path) -> tuple[dict[str, int], list[str]] | No
   return None
 
 
+def _read_hf_normalization(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  preprocessor = directory / 'preprocessor_config.json'
+  if not preprocessor.is_file():
+    return None
+  config = json.loads(preprocessor.read_text())
+  if not {'image_mean', 'image_std'} <= set(config):
+    return None
+  return tuple(config['image_mean']), tuple(config['image_std'])
+
+
 def _read_hf_dir(path: Path) -> Source:
   config = json.loads((path / 'config.json').read_text())
   if config.get('format') == 'claver_jax.model':
@@ -169,7 +182,8 @@ def _read_hf_dir(path: Path) -> Source:
     raise ConversionError(
         f'{path} has config.json but no weights: expected model.safetensors, '
         'model.safetensors.index.json with its shards, or pytorch_model.bin.')
-  return Source(tensors, 'hf', container, config, _read_hf_tokenizer(path))
+  return Source(tensors, 'hf', container, config, _read_hf_tokenizer(path),
+                _read_hf_normalization(path))
 
 
 def read_source(path: str | Path) -> Source:
@@ -198,6 +212,31 @@ def read_source(path: str | Path) -> Source:
   raise ConversionError(
       f'{path} is not a CLIP state dict: its keys start {sorted(keys)[:5]}, but an OpenAI-layout '
       f'CLIP has visual.conv1.weight, token_embedding.weight, .... Accepted: {ACCEPTED_FORMATS}.')
+
+
+# What each converter reads, for the error that sends a checkpoint to the right one.
+FAMILY_NAMES = {'clip': 'a plain CLIP', 'claver': 'a CLAVER checkpoint',
+                'xclip': 'an X-CLIP checkpoint'}
+
+
+def checkpoint_family(source: Source) -> str:
+  """'xclip', 'claver' or 'clip': which of the converters reads `source`. A temporal embedding
+  makes a CLAVER checkpoint whatever else it holds (X-CLIP modules may ride along)."""
+  keys = source.tensors
+  if 'visual.temporal_embedding' in keys:
+    return 'claver'
+  if (source.hf_config or {}).get('model_type') == 'xclip' or any(
+      k.startswith('mit.') or k.startswith('prompts_generator.') for k in keys):
+    return 'xclip'
+  return 'clip'
+
+
+def require_family(source: Source, family: str, src: Any) -> None:
+  """A clear error naming the right converter when `source` is not of `family`."""
+  found = checkpoint_family(source)
+  if found != family:
+    raise ConversionError(f'{src} holds {FAMILY_NAMES[found]}, not {FAMILY_NAMES[family]}; '
+                          f'convert it with `python -m convert.{found}_to_flax`.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +391,24 @@ def _qkv_bias(q, k, v):
   return np.concatenate([q, k, v], axis=0)
 
 
-def _layer_norm(dst: str, src: str, width: int) -> list[Entry]:
+def layer_norm_entries(dst: str, src: str, width: int) -> list[Entry]:
   return [Entry(f'{dst}.scale', (f'{src}.weight',), ((width,),)),
           Entry(f'{dst}.bias', (f'{src}.bias',), ((width,),))]
+
+
+def linear_entries(dst: str, src: str, in_dim: int, out_dim: int,
+                   bias: bool = True) -> list[Entry]:
+  """A PyTorch nn.Linear (weight [out, in], bias [out]) -> nnx.Linear (kernel [in, out], bias)."""
+  entries = [Entry(f'{dst}.kernel', (f'{src}.weight',), ((out_dim, in_dim),), _t)]
+  return entries + [Entry(f'{dst}.bias', (f'{src}.bias',), ((out_dim,),))] if bias else entries
+
+
+def openai_attention_entries(dst: str, src: str, width: int) -> list[Entry]:
+  """A PyTorch nn.MultiheadAttention (packed in_proj) -> clip.MultiHeadAttention."""
+  w = width
+  return [Entry(f'{dst}.qkv.kernel', (f'{src}.in_proj_weight',), ((3 * w, w),), _t),
+          Entry(f'{dst}.qkv.bias', (f'{src}.in_proj_bias',), ((3 * w,),)),
+          *linear_entries(f'{dst}.out', f'{src}.out_proj', w, w)]
 
 
 def openai_block_entries(src: str, dst: str, width: int, mlp_dim: int,
@@ -364,16 +418,11 @@ def openai_block_entries(src: str, dst: str, width: int, mlp_dim: int,
   """
   w, m, p = width, mlp_dim, f'{src}.{prefix}'
   return [
-      *_layer_norm(f'{dst}.ln_1', f'{p}ln_1', w),
-      Entry(f'{dst}.attn.qkv.kernel', (f'{p}attn.in_proj_weight',), ((3 * w, w),), _t),
-      Entry(f'{dst}.attn.qkv.bias', (f'{p}attn.in_proj_bias',), ((3 * w,),)),
-      Entry(f'{dst}.attn.out.kernel', (f'{p}attn.out_proj.weight',), ((w, w),), _t),
-      Entry(f'{dst}.attn.out.bias', (f'{p}attn.out_proj.bias',), ((w,),)),
-      *_layer_norm(f'{dst}.ln_2', f'{p}ln_2', w),
-      Entry(f'{dst}.mlp.c_fc.kernel', (f'{p}mlp.c_fc.weight',), ((m, w),), _t),
-      Entry(f'{dst}.mlp.c_fc.bias', (f'{p}mlp.c_fc.bias',), ((m,),)),
-      Entry(f'{dst}.mlp.c_proj.kernel', (f'{p}mlp.c_proj.weight',), ((w, m),), _t),
-      Entry(f'{dst}.mlp.c_proj.bias', (f'{p}mlp.c_proj.bias',), ((w,),)),
+      *layer_norm_entries(f'{dst}.ln_1', f'{p}ln_1', w),
+      *openai_attention_entries(f'{dst}.attn', f'{p}attn', w),
+      *layer_norm_entries(f'{dst}.ln_2', f'{p}ln_2', w),
+      *linear_entries(f'{dst}.mlp.c_fc', f'{p}mlp.c_fc', w, m),
+      *linear_entries(f'{dst}.mlp.c_proj', f'{p}mlp.c_proj', m, w),
   ]
 
 
@@ -384,13 +433,13 @@ def openai_entries(cfg: CLIPConfig) -> list[Entry]:
       Entry('visual.class_embedding', ('visual.class_embedding',), ((vw,),)),
       Entry('visual.positional_embedding', ('visual.positional_embedding',),
             ((cfg.num_image_tokens, vw),)),
-      *_layer_norm('visual.ln_pre', 'visual.ln_pre', vw),
-      *_layer_norm('visual.ln_post', 'visual.ln_post', vw),
+      *layer_norm_entries('visual.ln_pre', 'visual.ln_pre', vw),
+      *layer_norm_entries('visual.ln_post', 'visual.ln_post', vw),
       Entry('visual.proj', ('visual.proj',), ((vw, e),)),
       Entry('text.token_embedding.embedding', ('token_embedding.weight',),
             ((cfg.vocab_size, tw),)),
       Entry('text.positional_embedding', ('positional_embedding',), ((cfg.context_length, tw),)),
-      *_layer_norm('text.ln_final', 'ln_final', tw),
+      *layer_norm_entries('text.ln_final', 'ln_final', tw),
       Entry('text.text_projection', ('text_projection',), ((tw, e),)),
       Entry('logit_scale', ('logit_scale',), ((),)),
   ]
@@ -403,26 +452,31 @@ def openai_entries(cfg: CLIPConfig) -> list[Entry]:
   return entries
 
 
-def _hf_block_entries(src: str, dst: str, width: int, mlp_dim: int) -> list[Entry]:
+def hf_attention_entries(dst: str, src: str, width: int) -> list[Entry]:
+  """An HF attention (q_proj, k_proj, v_proj, out_proj with biases) -> clip.MultiHeadAttention."""
+  w = width
+  return [Entry(f'{dst}.qkv.kernel', tuple(f'{src}.{x}_proj.weight' for x in 'qkv'),
+                ((w, w),) * 3, _qkv_kernel),
+          Entry(f'{dst}.qkv.bias', tuple(f'{src}.{x}_proj.bias' for x in 'qkv'), ((w,),) * 3,
+                _qkv_bias),
+          *linear_entries(f'{dst}.out', f'{src}.out_proj', w, w)]
+
+
+def hf_block_entries(src: str, dst: str, width: int, mlp_dim: int) -> list[Entry]:
+  """One HF encoder layer (CLIP's, X-CLIP's) -> clip.ResidualBlock."""
   w, m = width, mlp_dim
-  a = f'{src}.self_attn'
   return [
-      *_layer_norm(f'{dst}.ln_1', f'{src}.layer_norm1', w),
-      Entry(f'{dst}.attn.qkv.kernel', tuple(f'{a}.{x}_proj.weight' for x in 'qkv'),
-            ((w, w),) * 3, _qkv_kernel),
-      Entry(f'{dst}.attn.qkv.bias', tuple(f'{a}.{x}_proj.bias' for x in 'qkv'), ((w,),) * 3,
-            _qkv_bias),
-      Entry(f'{dst}.attn.out.kernel', (f'{a}.out_proj.weight',), ((w, w),), _t),
-      Entry(f'{dst}.attn.out.bias', (f'{a}.out_proj.bias',), ((w,),)),
-      *_layer_norm(f'{dst}.ln_2', f'{src}.layer_norm2', w),
-      Entry(f'{dst}.mlp.c_fc.kernel', (f'{src}.mlp.fc1.weight',), ((m, w),), _t),
-      Entry(f'{dst}.mlp.c_fc.bias', (f'{src}.mlp.fc1.bias',), ((m,),)),
-      Entry(f'{dst}.mlp.c_proj.kernel', (f'{src}.mlp.fc2.weight',), ((w, m),), _t),
-      Entry(f'{dst}.mlp.c_proj.bias', (f'{src}.mlp.fc2.bias',), ((w,),)),
+      *layer_norm_entries(f'{dst}.ln_1', f'{src}.layer_norm1', w),
+      *hf_attention_entries(f'{dst}.attn', f'{src}.self_attn', w),
+      *layer_norm_entries(f'{dst}.ln_2', f'{src}.layer_norm2', w),
+      *linear_entries(f'{dst}.mlp.c_fc', f'{src}.mlp.fc1', w, m),
+      *linear_entries(f'{dst}.mlp.c_proj', f'{src}.mlp.fc2', m, w),
   ]
 
 
-def hf_entries(cfg: CLIPConfig) -> list[Entry]:
+def hf_entries(cfg: CLIPConfig, pre_layernorm: str = 'pre_layrnorm') -> list[Entry]:
+  """HF's CLIPModel; `pre_layernorm` is the name of the ViT's first LayerNorm (CLIP's is
+  misspelt, X-CLIP's not)."""
   vw, tw, e, p = cfg.vision_width, cfg.text_width, cfg.embed_dim, cfg.patch_size
   v, t = 'vision_model', 'text_model'
   entries = [
@@ -431,23 +485,23 @@ def hf_entries(cfg: CLIPConfig) -> list[Entry]:
       Entry('visual.class_embedding', (f'{v}.embeddings.class_embedding',), ((vw,),)),
       Entry('visual.positional_embedding', (f'{v}.embeddings.position_embedding.weight',),
             ((cfg.num_image_tokens, vw),)),
-      *_layer_norm('visual.ln_pre', f'{v}.pre_layrnorm', vw),  # sic: HF's spelling.
-      *_layer_norm('visual.ln_post', f'{v}.post_layernorm', vw),
+      *layer_norm_entries('visual.ln_pre', f'{v}.{pre_layernorm}', vw),
+      *layer_norm_entries('visual.ln_post', f'{v}.post_layernorm', vw),
       Entry('visual.proj', ('visual_projection.weight',), ((e, vw),), _t),
       Entry('text.token_embedding.embedding', (f'{t}.embeddings.token_embedding.weight',),
             ((cfg.vocab_size, tw),)),
       Entry('text.positional_embedding', (f'{t}.embeddings.position_embedding.weight',),
             ((cfg.context_length, tw),)),
-      *_layer_norm('text.ln_final', f'{t}.final_layer_norm', tw),
+      *layer_norm_entries('text.ln_final', f'{t}.final_layer_norm', tw),
       Entry('text.text_projection', ('text_projection.weight',), ((e, tw),), _t),
       Entry('logit_scale', ('logit_scale',), ((),)),
   ]
   for i in range(cfg.vision_layers):
-    entries += _hf_block_entries(f'{v}.encoder.layers.{i}', f'visual.blocks.{i}', vw,
-                                 cfg.vision_mlp_dim)
+    entries += hf_block_entries(f'{v}.encoder.layers.{i}', f'visual.blocks.{i}', vw,
+                                cfg.vision_mlp_dim)
   for i in range(cfg.text_layers):
-    entries += _hf_block_entries(f'{t}.encoder.layers.{i}', f'text.blocks.{i}', tw,
-                                 cfg.text_mlp_dim)
+    entries += hf_block_entries(f'{t}.encoder.layers.{i}', f'text.blocks.{i}', tw,
+                                cfg.text_mlp_dim)
   return entries
 
 
@@ -496,19 +550,30 @@ def resize_positional_embedding(pos: np.ndarray, grid: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------
-def source_to_params(source: Source, *, vision_heads: int | None = None,
-                     text_heads: int | None = None,
-                     image_size: int | None = None) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
-  """-> (config, flat params) of the CLIP in `source`, optionally at another image size."""
+def map_source(source: Source, *, hf: tuple[Callable, Callable], openai: tuple[Callable, Callable],
+               vision_heads: int | None = None, text_heads: int | None = None
+               ) -> tuple[Any, dict[str, np.ndarray]]:
+  """-> (config, flat params) of `source`. `hf` is (infer config from tensors and config.json,
+  key map of a config); `openai` is (infer config from tensors and head counts, key map)."""
   if source.layout == 'hf':
     if vision_heads or text_heads:
       raise ConversionError('--vision_heads/--text_heads are for OpenAI-layout sources; HF '
                             'sources take head counts from config.json.')
-    cfg = infer_hf_config(source.tensors, source.hf_config or {})
-    flat = map_params(source.tensors, hf_entries(cfg), lambda k: bool(_IGNORED_HF.match(k)))
-  else:
-    cfg = infer_openai_config(source.tensors, vision_heads=vision_heads, text_heads=text_heads)
-    flat = map_params(source.tensors, openai_entries(cfg), lambda k: k in IGNORED_OPENAI_KEYS)
+    infer, entries = hf
+    cfg = infer(source.tensors, source.hf_config or {})
+    return cfg, map_params(source.tensors, entries(cfg), lambda k: bool(_IGNORED_HF.match(k)))
+  infer, entries = openai
+  cfg = infer(source.tensors, vision_heads=vision_heads, text_heads=text_heads)
+  return cfg, map_params(source.tensors, entries(cfg), lambda k: k in IGNORED_OPENAI_KEYS)
+
+
+def source_to_params(source: Source, *, vision_heads: int | None = None,
+                     text_heads: int | None = None,
+                     image_size: int | None = None) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
+  """-> (config, flat params) of the CLIP in `source`, optionally at another image size."""
+  cfg, flat = map_source(source, hf=(infer_hf_config, hf_entries),
+                         openai=(infer_openai_config, openai_entries),
+                         vision_heads=vision_heads, text_heads=text_heads)
   if image_size and image_size != cfg.image_size:
     if image_size % cfg.patch_size:
       raise ConversionError(f'--image_size={image_size} is not a multiple of the patch size '
@@ -537,16 +602,24 @@ def check_tokenizer(tokenizer: tuple[dict[str, int], list[str]] | None, cfg: CLI
                           f'embedding has {cfg.vocab_size} rows: they do not belong together.')
 
 
+def open_source(src: str | Path, out: str | Path, overwrite: bool, family: str) -> Source:
+  """What every converter does first: refuse an existing --out (unless `overwrite`), read
+  `src`, and send a checkpoint of another family to its converter."""
+  if Path(out).exists() and not overwrite:
+    raise FileExistsError(f'--out {out} already exists; choose another path or pass --overwrite.')
+  print(f'Reading {src} ...', file=sys.stderr, flush=True)
+  source = read_source(src)
+  require_family(source, family, src)
+  return source
+
+
 def convert(src: str | Path, out: str | Path, *, bpe: str | Path | None = None,
             image_size: int | None = None, vision_heads: int | None = None,
             text_heads: int | None = None, overwrite: bool = False) -> Path:
   """Converts `src` into the model directory `out`; see the module docstring."""
   from claver_jax.models.io import write_model_dir
   out = Path(out)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f'--out {out} already exists; choose another path or pass --overwrite.')
-  print(f'Reading {src} ...', file=sys.stderr, flush=True)
-  source = read_source(src)
+  source = open_source(src, out, overwrite, 'clip')
   cfg, flat = source_to_params(source, vision_heads=vision_heads, text_heads=text_heads,
                                image_size=image_size)
   tokenizer = read_openai_bpe(bpe) if bpe else source.tokenizer
@@ -559,7 +632,8 @@ def convert(src: str | Path, out: str | Path, *, bpe: str | Path | None = None,
           'container': source.container}
   print(f'Writing {out} ...', file=sys.stderr, flush=True)
   write_model_dir(out, kind='clip', config=cfg, params=unflatten(flat), tokenizer=tokenizer,
-                  source=info, overwrite=overwrite)
+                  normalization=source.normalization or (CLIP_MEAN, CLIP_STD), source=info,
+                  overwrite=overwrite)
   num_params = sum(v.size for v in flat.values())
   print(f'Wrote {out}: {source.layout}-layout CLIP ({source.container}), {num_params / 1e6:.1f}M '
         f'parameters, image {cfg.image_size}, patch {cfg.patch_size}, tokenizer '

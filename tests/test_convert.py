@@ -216,3 +216,16 @@ def test_safetensors_convert_without_torch(tiny_clip, openai_state, tmp_path):
                              tiny_clip['expected']['image'], atol=1e-5)
   np.testing.assert_allclose(load(tmp_path / 'b').encode_image(images),
                              tiny_clip['expected']['image'], atol=1e-5)
+
+
+def test_directories_record_the_input_normalisation(tiny_clip, converted_hf, tmp_path):
+  from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD
+  meta = json.loads((converted_hf / 'config.json').read_text())
+  assert meta['normalization'] == {'mean': list(CLIP_MEAN), 'std': list(CLIP_STD)}
+  src = tmp_path / 'hf'                      # An HF directory says what its processor uses.
+  shutil.copytree(tiny_clip['hf_dir'], src)
+  (src / 'preprocessor_config.json').write_text(json.dumps(
+      {'image_mean': [0.5, 0.5, 0.5], 'image_std': [0.25, 0.25, 0.25]}))
+  convert(src, tmp_path / 'out')
+  meta = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  assert meta['normalization'] == {'mean': [0.5] * 3, 'std': [0.25] * 3}

@@ -63,6 +63,35 @@ def test_k400_presets():
       'L14_336', 32, 'kmct', 336)
   d = k400.get_config(None)
   assert (d.model.arch, d.data.num_frames, d.model.temporal) == ('B16', 8, 'kmt')
-  assert parse_preset('16, B32') == {'arch': 'B32', 'num_frames': 16, 'temporal': 'kmt'}
+  assert d.data.num_workers >= 8         # Accelerator hosts: decoding in worker processes.
+  assert parse_preset('16, B32') == {'name': 'claver', 'arch': 'B32', 'num_frames': 16,
+                                     'temporal': 'kmt'}
   with pytest.raises(ValueError, match='e.g. "B16,16,kmct"'):
     parse_preset('B16,12')
+  with pytest.raises(ValueError, match='a CLAVER part'):
+    parse_preset('B16,kmct,xclip')
+
+
+def test_k400_xclip_preset_is_the_official_recipe():
+  c = load_k400().get_config('B16,8,xclip')
+  assert (c.model.name, c.model.arch, c.data.num_frames) == ('xclip', 'B16', 8)
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.new_lr_multiplier) == (8e-6, 0.001, 10.0)
+  assert (c.train.epochs, c.optim.warmup_epochs, c.train.batch_size) == (30, 5.0, 256)
+  assert (c.optim.freeze_image, c.optim.freeze_text) == (False, True)
+  assert (c.train.label_smoothing, c.train.mixup_alpha, c.train.cutmix_alpha) == (0.1, 0.8, 1.0)
+  assert (c.text.templates, c.text.prompts) == ('{}', '')
+  assert c.data.mean == pytest.approx((0.485, 0.456, 0.406), abs=1e-6)
+  assert (c.model.xclip_mit_layers, c.model.xclip_prompt_layers,
+          c.model.xclip_prompt_alpha) == (1, 2, 0.1)
+
+
+def test_xclip_flops_count_the_messages_mit_and_prompts():
+  """The cross-frame blocks cost more than CLIP's by the message token; scoring grows with C."""
+  from claver_jax.models import XCLIPConfig
+  cfg = XCLIPConfig(clip=TINY, num_frames=4, mit_heads=2, prompt_heads=2)
+  r = report(cfg, num_classes=10)
+  assert r['vit'] * 1e9 == pytest.approx(4 * image_flops(TINY), rel=0.02)
+  assert 0 < r['temporal'] < r['vit'] and r['classes'] > 0
+  assert report(cfg, num_classes=20)['classes'] == pytest.approx(2 * r['classes'], rel=0.1)
+  proc = run_cli('claver_jax.flops', '--config=configs/k400.py:B32,8,xclip')
+  assert 'xclip B32, 8 frames at 224 px, 1 MIT and 2 prompt layers' in proc.stdout

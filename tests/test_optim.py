@@ -9,8 +9,10 @@ import pytest
 from flax import nnx
 
 from claver_jax import optim
-from claver_jax.models import CLAVER, CLAVERConfig
+from claver_jax.models import CLAVER, CLAVERConfig, families
 from test_claver import TINY
+
+group_of = families.get('claver').group_of
 
 
 def tiny_claver() -> CLAVER:
@@ -36,10 +38,10 @@ def test_weight_decay_mask(path, ndim, expected):
 
 
 def test_groups():
-  assert optim.group_of('clip.visual.blocks.3.mlp.c_fc.kernel') == 'image'
-  assert optim.group_of('clip.text.ln_final.scale') == 'text'
-  assert optim.group_of('temporal.temporal_embedding') == 'new'
-  assert optim.group_of('clip.logit_scale') == 'base'
+  assert group_of('clip.visual.blocks.3.mlp.c_fc.kernel') == 'image'
+  assert group_of('clip.text.ln_final.scale') == 'text'
+  assert group_of('temporal.temporal_embedding') == 'new'
+  assert group_of('clip.logit_scale') == 'base'
 
 
 def one_step(freeze_image: bool, freeze_text: bool, text_lr_multiplier: float = 1.0):
@@ -49,8 +51,8 @@ def one_step(freeze_image: bool, freeze_text: bool, text_lr_multiplier: float = 
   config.text_lr_multiplier = text_lr_multiplier
   config.warmup_epochs, config.weight_decay = 0.0, 0.0
   model = tiny_claver()
-  wrt = optim.trainable_filter(config)
-  tx, schedule = optim.make_optimizer(config, total_steps=10, steps_per_epoch=5)
+  wrt = optim.trainable_filter(config, group_of)
+  tx, schedule = optim.make_optimizer(config, group_of, total_steps=10, steps_per_epoch=5)
   assert float(schedule(0)) == pytest.approx(config.lr)
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
   before = {'.'.join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model))}

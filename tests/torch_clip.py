@@ -36,7 +36,8 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
       noise = torch.randn(p.shape, generator=g)
       if name == 'logit_scale':
         p.copy_(torch.tensor(2.5) + 0.1 * noise)
-      elif any(s in name for s in ('layer_norm', 'layernorm', 'layrnorm', 'ln_')):
+      elif any(s in name for s in ('layer_norm', 'layernorm', 'layrnorm', 'ln_', '_ln.', 'norm1',
+                                   'norm3')):
         p.copy_((1.0 if name.endswith('weight') else 0.0) + 0.1 * noise)
       else:
         p.copy_(0.1 * noise)

@@ -1,12 +1,17 @@
-"""Models: CLIP towers (`clip`), Kronecker masks (`kronecker`), temporal heads (`temporal`),
-CLAVER (`claver`) and model directories (`io`)."""
+"""Models: CLIP towers (`clip`), Kronecker masks (`kronecker`), temporal heads (`temporal`), the
+video families CLAVER (`claver`) and X-CLIP (`xclip`) and their registry (`families`), and model
+directories (`io`)."""
 
-from claver_jax.models.claver import CLAVER, CLAVERConfig, claver_from_clip, with_num_frames
+from claver_jax.models.claver import CLAVER, CLAVERConfig, claver_from_clip
 from claver_jax.models.clip import CLIP, CLIPConfig, PRESETS, get_preset
-from claver_jax.models.io import load, read_model_config, write_model_dir
+from claver_jax.models.families import FAMILIES, with_num_frames
+from claver_jax.models.io import (input_normalization, load, load_video_model, read_model_config,
+                                  write_model_dir)
 from claver_jax.models.kronecker import MASK_KINDS, kronecker_mask
 from claver_jax.models.temporal import TEMPORAL_KINDS
+from claver_jax.models.xclip import XCLIP, XCLIPConfig, xclip_from_clip
 
-__all__ = ['CLAVER', 'CLAVERConfig', 'CLIP', 'CLIPConfig', 'MASK_KINDS', 'PRESETS',
-           'TEMPORAL_KINDS', 'claver_from_clip', 'get_preset', 'kronecker_mask', 'load',
-           'read_model_config', 'with_num_frames', 'write_model_dir']
+__all__ = ['CLAVER', 'CLAVERConfig', 'CLIP', 'CLIPConfig', 'FAMILIES', 'MASK_KINDS', 'PRESETS',
+           'TEMPORAL_KINDS', 'XCLIP', 'XCLIPConfig', 'claver_from_clip', 'get_preset',
+           'input_normalization', 'kronecker_mask', 'load', 'load_video_model',
+           'read_model_config', 'with_num_frames', 'write_model_dir', 'xclip_from_clip']

@@ -13,15 +13,15 @@ and is L2-normalised; the video embedding is their mean over T, not re-normalise
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from claver_jax.models.clip import (CLIP, CLIPConfig, check_known_fields, get_preset,
-                                    l2_normalize)
+from claver_jax.models.clip import CLIP, CLIPConfig, check_known_fields, l2_normalize
+from claver_jax.models.kronecker import ATTENTION_IMPLEMENTATIONS
 from claver_jax.models.temporal import TEMPORAL_KINDS, TemporalTransformer
 
 
@@ -29,18 +29,22 @@ from claver_jax.models.temporal import TEMPORAL_KINDS, TemporalTransformer
 class CLAVERConfig:
   """clip: the towers. temporal: one of TEMPORAL_KINDS. temporal_layers: None = vision_layers // 3.
   temporal_heads: None = the paper's vision_width / 64 (the ViT's own count for widths that 64
-  does not divide)."""
+  does not divide). attention: how the Kronecker attention is computed, 'dense' | 'chunked' |
+  'auto' (kronecker.py); the same parameters and results, other memory and time."""
   clip: CLIPConfig = CLIPConfig()
   num_frames: int = 8
   temporal: str = 'kmt'
   temporal_layers: int | None = None
   temporal_heads: int | None = None
+  attention: str = 'auto'
 
   def __post_init__(self):
     if isinstance(self.clip, dict):
       object.__setattr__(self, 'clip', CLIPConfig.from_dict(self.clip))
     if self.temporal not in TEMPORAL_KINDS:
       raise ValueError(f'temporal={self.temporal!r}; choose one of {TEMPORAL_KINDS}.')
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f'attention={self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.')
     if self.num_frames < 1:
       raise ValueError(f'num_frames={self.num_frames} must be at least 1.')
     if self.temporal_heads is not None and (
@@ -60,6 +64,11 @@ class CLAVERConfig:
     return self.temporal_layers if self.temporal_layers is not None else self.clip.vision_layers // 3
 
   @property
+  def summary(self) -> str:
+    """What the model adds to its CLIP, in words (for reports)."""
+    return f'temporal {self.temporal} ({self.temporal_depth} layers)'
+
+  @property
   def temporal_num_heads(self) -> int:
     if self.temporal_heads is not None:
       return self.temporal_heads
@@ -69,24 +78,13 @@ class CLAVERConfig:
   def to_dict(self) -> dict[str, Any]:
     return {'clip': self.clip.to_dict(), 'num_frames': self.num_frames,
             'temporal': self.temporal, 'temporal_layers': self.temporal_layers,
-            'temporal_heads': self.temporal_heads}
+            'temporal_heads': self.temporal_heads, 'attention': self.attention}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> CLAVERConfig:
+    """Fields a directory lacks take their defaults (one written before `attention`: 'auto')."""
     check_known_fields(cls, d)
     return cls(**{**d, 'clip': CLIPConfig.from_dict(d['clip'])})
-
-
-def config_from(config: Any) -> CLAVERConfig:
-  """A CLAVERConfig from a run config's `model` (arch, temporal, temporal_layers) and `data`
-  (num_frames, image_size) sections."""
-  clip = get_preset(config.model.arch)
-  if config.data.image_size != clip.image_size:
-    clip = dataclasses.replace(clip, image_size=config.data.image_size)
-  return CLAVERConfig(clip=clip, num_frames=config.data.num_frames,
-                      temporal=config.model.temporal,
-                      temporal_layers=config.model.get('temporal_layers'),
-                      temporal_heads=config.model.get('temporal_heads'))
 
 
 class CLAVER(nnx.Module):
@@ -97,12 +95,14 @@ class CLAVER(nnx.Module):
     c = cfg.clip
     self.temporal = None if cfg.temporal == 'mean' else TemporalTransformer(
         cfg.temporal, cfg.num_frames, c.vision_width, cfg.temporal_depth, cfg.temporal_num_heads,
-        activation=c.activation, layer_norm_eps=c.layer_norm_eps, dtype=dtype, rngs=rngs)
+        attention=cfg.attention, activation=c.activation, layer_norm_eps=c.layer_norm_eps,
+        dtype=dtype, rngs=rngs)
 
   def encode_frames(self, video: jax.Array) -> jax.Array:
-    """[B, T, H, W, 3] -> [B, T, embed_dim]: L2-normalised per-frame embeddings."""
-    if video.ndim != 5 or video.shape[-1] != 3:
-      raise ValueError(f'video must be [B, T, H, W, 3]; got shape {video.shape}.')
+    """[B, T, S, S, 3] (T = cfg.num_frames, S = the image size) -> [B, T, embed_dim]:
+    L2-normalised per-frame embeddings."""
+    size = self.cfg.clip.image_size
+    chex.assert_shape(video, (None, self.cfg.num_frames, size, size, 3))
     b, t = video.shape[:2]
     tokens = self.clip.visual.encode_tokens(video.reshape(b * t, *video.shape[2:]))
     tokens = tokens.reshape(b, t, *tokens.shape[1:])              # [B, T, L, D]
@@ -110,44 +110,26 @@ class CLAVER(nnx.Module):
     return l2_normalize(self.clip.visual.pool(cls))
 
   def encode_video(self, video: jax.Array) -> jax.Array:
-    """[B, T, H, W, 3] -> [B, embed_dim]: the mean over T of normalised frame embeddings."""
+    """[B, T, S, S, 3] -> [B, embed_dim]: the mean over T of normalised frame embeddings."""
     return self.encode_frames(video).mean(axis=1)
+
+  def video_features(self, video: jax.Array) -> jax.Array:
+    """What `class_logits` needs of a video: its embedding [B, embed_dim]."""
+    return self.encode_video(video)
 
   def encode_text(self, tokens: jax.Array) -> jax.Array:
     """[N, context] -> [N, embed_dim], projected, not normalised."""
     return self.clip.encode_text(tokens)
 
+  def class_logits(self, features: jax.Array, text: jax.Array) -> jax.Array:
+    """Video embeddings [B, E], text [A, C, E] (A description sets of C classes, not
+    normalised) -> [A, B, C]: exp(logit_scale) * <video, normalised text>."""
+    return jnp.exp(self.clip.logit_scale[...]) * jnp.einsum('be,ace->abc', features,
+                                                            l2_normalize(text))
+
   def logits(self, video: jax.Array, tokens: jax.Array) -> jax.Array:
     """-> [B, N]: exp(logit_scale) * <video embedding, normalised text embedding>."""
-    text = l2_normalize(self.encode_text(tokens))
-    return jnp.exp(self.clip.logit_scale[...]) * self.encode_video(video) @ text.T
-
-
-def resample_temporal_embedding(embedding: jax.Array, num_frames: int) -> jax.Array:
-  """[T, D] -> [num_frames, D], linear interpolation over time (half-frame centres)."""
-  return jax.image.resize(embedding, (num_frames, embedding.shape[1]), method='linear')
-
-
-def with_num_frames(model: CLAVER, num_frames: int, *, resample: bool = True) -> CLAVER:
-  """The same model for clips of `num_frames`, its temporal embedding resampled linearly."""
-  cfg = model.cfg
-  if num_frames == cfg.num_frames:
-    return model
-  if model.temporal is not None and not resample:
-    raise ValueError(f'The checkpoint was trained with {cfg.num_frames} frames and {num_frames} '
-                     'were asked for, with resampling of the temporal embedding turned off.')
-  new = dataclasses.replace(cfg, num_frames=num_frames)
-  if model.temporal is not None:
-    logging.warning('Resampling the temporal embedding from %d to %d frames (linear).',
-                    cfg.num_frames, num_frames)
-  dtype = model.clip.visual.dtype
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLAVER(new, dtype=dtype, rngs=nnx.Rngs(0))))
-  pure = nnx.to_pure_dict(nnx.state(model))
-  if model.temporal is not None:
-    pure['temporal']['temporal_embedding'] = resample_temporal_embedding(
-        pure['temporal']['temporal_embedding'], num_frames)
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+    return self.class_logits(self.video_features(video), self.encode_text(tokens)[None])[0]
 
 
 def claver_from_clip(clip: CLIP, cfg: CLAVERConfig, *, dtype=jnp.float32,

@@ -259,18 +259,23 @@ def set_remat(model: nnx.Module, remat: bool = True) -> None:
       module.remat = remat
 
 
-def _blocks(n: int, width: int, heads: int, mlp_dim: int, cfg: CLIPConfig, dtype, rngs):
+def _blocks(n: int, width: int, heads: int, mlp_dim: int, cfg: CLIPConfig, dtype, rngs,
+            block: type[ResidualBlock] = ResidualBlock):
   return nnx.List([
-      ResidualBlock(width, heads, mlp_dim, activation=cfg.activation,
-                    layer_norm_eps=cfg.layer_norm_eps, depth=n, dtype=dtype, rngs=rngs)
+      block(width, heads, mlp_dim, activation=cfg.activation, layer_norm_eps=cfg.layer_norm_eps,
+            depth=n, dtype=dtype, rngs=rngs)
       for _ in range(n)
   ])
 
 
 class VisionTransformer(nnx.Module):
-  """CLIP's ViT: images [N, H, W, 3] -> tokens [N, L, width] -> embedding [N, embed_dim]."""
+  """CLIP's ViT: images [N, H, W, 3] -> tokens [N, L, width] -> embedding [N, embed_dim].
 
-  def __init__(self, cfg: CLIPConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  block: the class of its residual blocks (X-CLIP's cross-frame blocks subclass ResidualBlock).
+  """
+
+  def __init__(self, cfg: CLIPConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+               block: type[ResidualBlock] = ResidualBlock):
     width, scale = cfg.vision_width, cfg.vision_width ** -0.5
     self.cfg = cfg
     self.dtype = dtype
@@ -282,12 +287,20 @@ class VisionTransformer(nnx.Module):
     eps = cfg.layer_norm_eps
     self.ln_pre = nnx.LayerNorm(width, epsilon=eps, dtype=dtype, rngs=rngs)
     self.blocks = _blocks(cfg.vision_layers, width, cfg.vision_heads, cfg.vision_mlp_dim, cfg,
-                          dtype, rngs)
+                          dtype, rngs, block)
     self.ln_post = nnx.LayerNorm(width, epsilon=eps, dtype=jnp.float32, rngs=rngs)
     self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (width, cfg.embed_dim)))
 
   def encode_tokens(self, images: jax.Array) -> jax.Array:
     """[N, H, W, 3] -> [N, L, width]: every token after the last block, before `ln_post`."""
+    x = self.embed(images)
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """[N, H, W, 3] -> [N, L, width]: the tokens the first block takes (patches, class token,
+    positions, `ln_pre`)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'images must be [N, H, W, 3] (channels last); got shape {images.shape}.')
     size = self.cfg.image_size
@@ -299,10 +312,7 @@ class VisionTransformer(nnx.Module):
     x = self.embed_patches(images.astype(self.dtype))             # [N, g², width], row-major
     cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(x.dtype)
-    x = self.ln_pre(x)
-    for block in self.blocks:
-      x = block(x)
-    return x
+    return self.ln_pre(x)
 
   def embed_patches(self, images: jax.Array) -> jax.Array:
     """[N, H, W, 3] -> [N, g², width]: `conv1` (stride = kernel = patch) as one matmul of the

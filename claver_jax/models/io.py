@@ -1,18 +1,25 @@
 """Model directories: what converters write and `load()` reads.
 
 A model directory holds
-  config.json    {"format": "claver_jax.model", "version": 1, "kind": "clip", "config": {...}, "source": {...}}
+  config.json    {"format": "claver_jax.model", "version": 1, "kind": "clip" | "claver" | "xclip",
+                  "config": {...}, "normalization": {"mean": [3], "std": [3]}, "source": {...}}
   params/        an orbax checkpoint of the parameters (nnx.State as a pure dict, fp32)
   tokenizer/     vocab.json + merges.txt in CLIP's format, when the source had them
+"normalization" is the per-channel input normalisation the weights expect, on pixel values
+scaled to 0-1: frames are fed as (x / 255 - mean) / std (claver_jax.data.transforms.normalize).
+Directories written before it was recorded are read with CLIP's, with a notice.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,17 +27,19 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from claver_jax import distributed
-from claver_jax.models.claver import CLAVER, CLAVERConfig, with_num_frames
+from claver_jax.models import families
+from claver_jax.models.claver import CLAVERConfig, claver_from_clip
 from claver_jax.models.clip import CLIP, CLIPConfig
 
 FORMAT = 'claver_jax.model'
 VERSION = 1
 
-# kind -> (config from dict, module constructor(config, dtype=, rngs=)).
+# kind -> (config from dict, module constructor(config, dtype=, rngs=)): CLIP and every family.
 MODEL_KINDS: dict[str, tuple[Callable[[dict], Any], Callable[..., nnx.Module]]] = {
     'clip': (CLIPConfig.from_dict, CLIP),
-    'claver': (CLAVERConfig.from_dict, CLAVER),
+    **{f.name: (f.config_class.from_dict, f.module_class) for f in families.FAMILIES.values()},
 }
+CLIP_FRAMES = 8   # A plain CLIP used as a video model (CLIP-Mean) takes 8 frames unless told.
 
 
 def path_str(path: tuple) -> str:
@@ -57,14 +66,19 @@ def abstract_params(kind: str, config: Any, dtype=jnp.float32) -> tuple[nnx.Grap
 
 
 def write_model_dir(out: str | os.PathLike, *, kind: str, config: Any, params: Any,
+                    normalization: tuple[Sequence[float], Sequence[float]],
                     tokenizer: tuple[dict[str, int], list[str]] | None = None,
-                    source: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-  """Writes a model directory atomically. `params` is a pure dict of arrays.
+                    source: dict[str, Any] | None = None, overwrite: bool = False,
+                    versioned: bool = False) -> Path:
+  """Writes a model directory atomically. `params` is a pure dict of arrays; `normalization`
+  the (mean, std) of the inputs the weights expect, on 0-1 pixel values. `versioned` (for
+  WORKDIR/model): `out` becomes a symlink to a new complete version, so that a model directory
+  is there at every instant (see claver_jax.fileio).
 
   In a multi-process run every process calls this with the same global arrays: each writes its
   shards of the parameters, and process 0 the other files.
   """
-  with distributed.atomic_directory(out, overwrite=overwrite) as tmp:
+  with distributed.atomic_directory(out, overwrite=overwrite, versioned=versioned) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(tmp / 'params', params)
     if jax.process_index() == 0:
@@ -74,7 +88,9 @@ def write_model_dir(out: str | os.PathLike, *, kind: str, config: Any, params: A
         (tmp / 'tokenizer' / 'vocab.json').write_text(json.dumps(vocab, ensure_ascii=False))
         (tmp / 'tokenizer' / 'merges.txt').write_text(
             '#version: 0.2\n' + '\n'.join(merges) + '\n', encoding='utf-8')
+      mean, std = normalization
       meta = {'format': FORMAT, 'version': VERSION, 'kind': kind, 'config': config.to_dict(),
+              'normalization': {'mean': [float(v) for v in mean], 'std': [float(v) for v in std]},
               'source': source or {}}
       (tmp / 'config.json').write_text(json.dumps(meta, indent=2) + '\n')
   return Path(out)
@@ -103,36 +119,144 @@ def read_model_config(path: str | os.PathLike) -> tuple[str, Any, dict[str, Any]
   return kind, from_dict(meta['config']), meta
 
 
+def model_dir(path: str | os.PathLike) -> Path:
+  """A model directory, or a run's workdir holding one in model/; a link (WORKDIR/model) resolved
+  once, so that everything is read from one version while the run exports newer ones."""
+  path = Path(path)
+  if not (path / 'config.json').is_file() and (path / 'model' / 'config.json').is_file():
+    path = path / 'model'
+  return path.resolve()
+
+
+def input_normalization(meta: dict[str, Any], where: Any) -> tuple[tuple[float, ...],
+                                                                     tuple[float, ...]]:
+  """(mean, std) a model directory's config.json (`meta`) records; CLIP's, with a notice, for
+  directories written before it was recorded."""
+  from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD
+  recorded = meta.get('normalization')
+  if recorded is None:
+    logging.warning('%s records no input normalisation; using CLIP\'s mean/std.', where)
+    return CLIP_MEAN, CLIP_STD
+  return tuple(recorded['mean']), tuple(recorded['std'])
+
+
 def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int | None = None,
-         resample_frames: bool = True) -> nnx.Module:
-  """Loads a converted or trained model directory (CLIP or CLAVER).
+         resample_frames: bool = True, attention: str | None = None) -> nnx.Module:
+  """Loads a converted or trained model directory (CLIP or a video family: CLAVER, X-CLIP).
 
   dtype: the compute dtype; parameters stay fp32.
-  num_frames: CLAVER only; run with this many frames. A temporal embedding trained with another
-    count is resampled linearly, with a warning, unless `resample_frames=False` makes it an error.
+  num_frames: video families only; run with this many frames. A temporal embedding (CLAVER's,
+    X-CLIP's MIT positional embedding) trained with another count is resampled linearly, with a
+    warning, unless `resample_frames=False` makes it an error.
+  attention: CLAVER only; 'dense' | 'chunked' | 'auto' instead of the directory's (kronecker.py).
   """
-  path = Path(path).absolute()
+  path = Path(path).resolve()       # Once: a WORKDIR/model link swapped meanwhile is not followed.
   kind, config, _ = read_model_config(path)
-  if num_frames is not None and kind != 'claver':
-    raise ValueError(f'num_frames applies to CLAVER checkpoints; {path} holds a {kind} model.')
+  if num_frames is not None and kind not in families.FAMILIES:
+    raise ValueError(f'num_frames applies to video models ({", ".join(families.FAMILIES)}); '
+                     f'{path} holds a {kind} model.')
+  if attention is not None and kind != 'claver':
+    raise ValueError(f'attention applies to CLAVER checkpoints; {path} holds a {kind} model.')
+  if attention is not None:
+    config = dataclasses.replace(config, attention=attention)
   model = _restore(path, kind, config, dtype)
   if num_frames is not None:
-    model = with_num_frames(model, num_frames, resample=resample_frames)
+    model = families.with_num_frames(model, num_frames, resample=resample_frames)
   return model
+
+
+class ModelDirError(ValueError):
+  """A model directory that cannot be read: the message names it and what is missing or broken."""
+
+
+def _root_cause(error: BaseException) -> str:
+  """The first line of the innermost cause of `error` (TensorStore's says which file failed)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return line.split(': ', 1)[1] if line.split(':', 1)[0].isupper() else line
+
+
+class _QuietAbandonedReads:
+  """When a restore fails, orbax leaves the reads of the other arrays running, and they fail too:
+  each coroutine (when collected), asyncio for their gathering future, and TensorStore for reads
+  that finish after orbax closed its event loop would print a traceback, during the restore or
+  at exit. While this is active, and for good once `failed()` was called, those reports are
+  dropped: ModelDirError says what broke."""
+
+  def __enter__(self) -> '_QuietAbandonedReads':
+    self._previous, self._kept = sys.unraisablehook, False
+    sys.unraisablehook = self._hook
+    return self
+
+  def _hook(self, unraisable) -> None:
+    code = getattr(unraisable.object, 'cr_code', None)
+    from_orbax = code is not None and 'orbax' in code.co_filename
+    late = (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == 'Event loop is closed')
+    if not (from_orbax or late):
+      self._previous(unraisable)
+
+  def failed(self) -> None:
+    self._kept = True
+    logging.getLogger('asyncio').addFilter(
+        lambda record: 'exception was never retrieved' not in record.getMessage())
+    gc.collect()
+
+  def __exit__(self, *exc) -> None:
+    if not self._kept:
+      sys.unraisablehook = self._previous
+
+
+def load_video_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
+                     num_frames: int | None = None, resample_frames: bool = True) -> nnx.Module:
+  """`load`, for a video model: a plain CLIP becomes CLIP-Mean (CLAVER with temporal='mean', the
+  mean of normalised per-frame embeddings) over `num_frames` (8 when None)."""
+  kind, _, _ = read_model_config(path)
+  if kind in families.FAMILIES:
+    return load(path, dtype=dtype, num_frames=num_frames, resample_frames=resample_frames)
+  clip = load(path, dtype=dtype)
+  cfg = CLAVERConfig(clip=clip.cfg, num_frames=num_frames or CLIP_FRAMES, temporal='mean')
+  return claver_from_clip(clip, cfg, dtype=dtype, rngs=nnx.Rngs(0))
 
 
 def _restore(path: Path, kind: str, config: Any, dtype: Any) -> nnx.Module:
   graphdef, state = abstract_params(kind, config, jnp.dtype(dtype))
   pure = nnx.to_pure_dict(state)
   expected = {k: v.shape for k, v in flatten_params(pure).items()}
-  with ocp.StandardCheckpointer() as checkpointer:
-    stored_tree = checkpointer.metadata(path / 'params').item_metadata.tree
-    stored = {k: tuple(v.shape) for k, v in flatten_params(stored_tree).items()}
-    _check_same_params(expected, stored, where=path / 'params')
+  params = path / 'params'
+  if not params.is_dir():
+    raise ModelDirError(f'{path} has no params/ directory: the model directory is incomplete '
+                        '(an unfinished copy or write?). Export or convert it again.')
+  checkpointer, restored = ocp.StandardCheckpointer(), None
+  try:
+    try:
+      metadata = checkpointer.metadata(params)
+    except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise many kinds)
+      raise ModelDirError(f'{params} is unreadable: {_root_cause(e)}') from e
+    if metadata is None or metadata.item_metadata is None:
+      raise ModelDirError(f'{params} holds no orbax checkpoint (no readable _METADATA): the model '
+                          'directory is incomplete. Export or convert it again.')
+    stored = {k: tuple(v.shape) for k, v in flatten_params(metadata.item_metadata.tree).items()}
+    _check_same_params(expected, stored, where=params)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           pure)
-    restored = checkpointer.restore(path / 'params', target)
+    with _QuietAbandonedReads() as quiet:
+      try:
+        restored = checkpointer.restore(params, target)
+      except Exception as e:  # noqa: BLE001
+        cause = _root_cause(e)
+        del e
+        quiet.failed()
+        raise ModelDirError(f'{params}: a parameter shard is unreadable (corrupt or cut short): '
+                            f'{cause}') from None
+  finally:
+    try:
+      checkpointer.close()
+    except Exception:  # noqa: BLE001 (a failed restore's other reads: ModelDirError says it)
+      if restored is not None:
+        raise
   nnx.replace_by_pure_dict(state, restored)
   logging.info('Loaded %s model from %s.', kind, path)
   return nnx.merge(graphdef, state)

@@ -1,0 +1,213 @@
+r"""Converts X-CLIP weights (official or transformers') into a claver_jax model directory.
+
+    python -m convert.xclip_to_flax --src=PATH --out=DIR [--bpe=bpe_simple_vocab_16e6.txt.gz] \
+        [--vision_heads=N --text_heads=N] [--overwrite]
+
+PATH is one of
+  * an official X-CLIP checkpoint (microsoft/VideoX, e.g. k400_16_8.pth): {'model': state_dict,
+    ...} or a bare state dict, .pth or .safetensors: CLIP in OpenAI's key layout plus
+      visual.transformer.resblocks.{i}.message_{fc,ln,attn}.*      the cross-frame messages
+      mit.positional_embedding [1, T, E], mit.resblocks.{i}.*         the MIT
+      prompts_generator.{norm,alpha,decoder.{i}.*}, prompts_visual_ln.*, prompts_visual_proj
+    T comes from mit.positional_embedding, layer counts from the keys; heads follow the official
+    rule (width // 64) unless --vision_heads / --text_heads say otherwise;
+  * a transformers XCLIPModel directory (config.json + model.safetensors or pytorch_model.bin;
+    safetensors are read without torch). Its text tower pools at the argmax of the ids, as
+    transformers forces for X-CLIP.
+
+The directory records the input normalisation the weights expect: a transformers directory's
+preprocessor_config.json, else ImageNet's mean/std, which the official code normalises with.
+Nothing is written to DIR unless the conversion succeeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from claver_jax.models.xclip import XCLIPConfig
+from convert.clip_to_flax import (
+    HF_ACTIVATIONS, ConversionError, Entry, check_against_model, check_tokenizer, count_layers,
+    hf_attention_entries, hf_block_entries, hf_entries, infer_hf_config, infer_openai_config,
+    layer_norm_entries, linear_entries, map_source, openai_attention_entries,
+    openai_block_entries, openai_entries, open_source, read_openai_bpe, require_keys, run_cli,
+    unflatten)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key maps of X-CLIP's new parts (the towers' are CLIP's)
+# ---------------------------------------------------------------------------------------------
+def message_entries(cfg: XCLIPConfig, src: str, attention) -> list[Entry]:
+  """The message parts of every cross-frame block; `src` names block i as src.format(i) and
+  `attention` maps its message_attn (openai_ or hf_attention_entries)."""
+  w, entries = cfg.clip.vision_width, []
+  for i in range(cfg.clip.vision_layers):
+    s, d = src.format(i), f'visual.blocks.{i}'
+    entries += [*linear_entries(f'{d}.message_fc', f'{s}.message_fc', w, w),
+                *layer_norm_entries(f'{d}.message_ln', f'{s}.message_ln', w),
+                *attention(f'{d}.message_attn', f'{s}.message_attn', w)]
+  return entries
+
+
+def prompt_entries(cfg: XCLIPConfig, *, norm: str, visual_ln: str,
+                   visual_proj: str) -> list[Entry]:
+  """The prompt generator (its input LayerNorm is `norm`) and the visual tokens' LayerNorm and
+  projection, named as the source names them."""
+  e, w, p = cfg.clip.embed_dim, cfg.clip.vision_width, 'prompts_generator'
+  entries = [*layer_norm_entries(f'{p}.norm', f'{p}.{norm}', e),
+             Entry(f'{p}.alpha', (f'{p}.alpha',), ((e,),)),
+             *layer_norm_entries('prompts_visual_ln', visual_ln, w),
+             Entry('prompts_visual_proj', (visual_proj,), ((w, e),))]
+  for i in range(cfg.prompt_layers):
+    s = f'{p}.decoder.{i}'
+    entries += [*(entry for x in 'qkv' for entry in linear_entries(
+                    f'{s}.cross_attn.{x}_proj', f'{s}.cross_attn.{x}_proj', e, e, bias=False)),
+                *linear_entries(f'{s}.cross_attn.proj', f'{s}.cross_attn.proj', e, e),
+                *layer_norm_entries(f'{s}.norm1', f'{s}.norm1', e),
+                *layer_norm_entries(f'{s}.norm3', f'{s}.norm3', e),
+                *linear_entries(f'{s}.mlp.c_fc', f'{s}.mlp.0', e, 4 * e),
+                *linear_entries(f'{s}.mlp.c_proj', f'{s}.mlp.3', 4 * e, e)]
+  return entries
+
+
+# The two layouts' names: (CLIP's key map, block i, its attention's map, MIT positions, MIT
+# block map, MIT block i, the prompt generator's input norm, visual tokens' LayerNorm, projection).
+LAYOUTS = {
+    'openai': (openai_entries, 'visual.transformer.resblocks.{}', openai_attention_entries,
+               'mit.positional_embedding', openai_block_entries, 'mit.resblocks.{}', 'norm',
+               'prompts_visual_ln', 'prompts_visual_proj'),
+    'hf': (lambda clip: hf_entries(clip, pre_layernorm='pre_layernorm'),
+           'vision_model.encoder.layers.{}', hf_attention_entries, 'mit.position_embedding',
+           hf_block_entries, 'mit.encoder.layers.{}', 'layernorm', 'prompts_visual_layernorm',
+           'prompts_visual_projection'),
+}
+
+
+def xclip_entries(cfg: XCLIPConfig, layout: str) -> list[Entry]:
+  """The whole key map of an official ('openai') or transformers ('hf') X-CLIP."""
+  (towers, block, attention, mit_embedding, mit_block_entries, mit_block, norm, visual_ln,
+   visual_proj) = LAYOUTS[layout]
+  e = cfg.clip.embed_dim
+  entries = towers(cfg.clip) + message_entries(cfg, block, attention)
+  entries.append(Entry('mit.positional_embedding', (mit_embedding,), ((1, cfg.num_frames, e),),
+                       lambda x: x[0]))
+  for i in range(cfg.mit_layers):
+    entries += mit_block_entries(mit_block.format(i), f'mit.blocks.{i}', e, 4 * e)
+  return entries + prompt_entries(cfg, norm=norm, visual_ln=visual_ln, visual_proj=visual_proj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture from shapes (and, for transformers directories, config.json)
+# ---------------------------------------------------------------------------------------------
+def _xclip_config(**fields) -> XCLIPConfig:
+  try:
+    return XCLIPConfig(**fields)
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+
+
+def _frames(tensors: dict[str, np.ndarray], key: str, embed_dim: int) -> int:
+  embedding = tensors[key]
+  if embedding.ndim != 3 or embedding.shape[0] != 1 or embedding.shape[2] != embed_dim:
+    raise ConversionError(f'{key} is {embedding.shape}; expected [1, T, {embed_dim}].')
+  return embedding.shape[1]
+
+
+def infer_official_config(tensors: dict[str, np.ndarray], *, vision_heads: int | None = None,
+                          text_heads: int | None = None) -> XCLIPConfig:
+  require_keys(tensors, ['mit.positional_embedding', 'prompts_generator.alpha',
+                         'visual.transformer.resblocks.0.message_fc.weight'], 'X-CLIP')
+  clip = infer_openai_config(tensors, vision_heads=vision_heads, text_heads=text_heads)
+  return _xclip_config(
+      clip=clip, num_frames=_frames(tensors, 'mit.positional_embedding', clip.embed_dim),
+      mit_layers=count_layers(tensors, 'mit.resblocks.'),
+      prompt_layers=count_layers(tensors, 'prompts_generator.decoder.'))
+
+
+def infer_hf_xclip_config(tensors: dict[str, np.ndarray], hf: dict) -> XCLIPConfig:
+  """The towers as infer_hf_config reads them (text pooled at the argmax of the ids, as
+  transformers forces for X-CLIP); the new parts from the tensors and config.json."""
+  require_keys(tensors, ['mit.position_embedding', 'prompts_generator.alpha',
+                         'vision_model.pre_layernorm.weight'], 'transformers X-CLIP')
+  clip = infer_hf_config(tensors, hf)
+  clip = dataclasses.replace(clip, text_pooling='argmax', eos_token_id=clip.vocab_size - 1)
+  vc, e = hf['vision_config'], clip.embed_dim
+  frames = _frames(tensors, 'mit.position_embedding', e)
+  mit_layers = count_layers(tensors, 'mit.encoder.layers.')
+  said = {'vision_config.mit_hidden_size': (vc.get('mit_hidden_size', 512), e),
+          'vision_config.mit_intermediate_size': (vc.get('mit_intermediate_size', 2048), 4 * e),
+          'vision_config.mit_num_hidden_layers': (vc.get('mit_num_hidden_layers', 1), mit_layers),
+          'vision_config.num_frames': (vc.get('num_frames', 8), frames)}
+  disagree = [f'  config.json {key}={value} but the weights need {need}'
+              for key, (value, need) in said.items() if value != need]
+  if disagree:
+    raise ConversionError('config.json disagrees with the weights (X-CLIP needs the MIT at the '
+                          'embed dim with a 4x MLP):\n' + '\n'.join(disagree))
+  act = hf.get('prompt_hidden_act', 'quick_gelu')
+  if HF_ACTIVATIONS.get(act) != clip.activation:
+    raise ConversionError(f'prompt_hidden_act={act!r} differs from the towers\' activation '
+                          f'{clip.activation!r}; claver_jax uses one activation for both.')
+  return _xclip_config(
+      clip=clip, num_frames=frames, mit_layers=mit_layers,
+      mit_heads=vc.get('mit_num_attention_heads', 8),
+      prompt_layers=count_layers(tensors, 'prompts_generator.decoder.'),
+      prompt_heads=hf.get('prompt_num_attention_heads', 8),
+      prompt_alpha=hf.get('prompt_alpha', 0.1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------
+def convert(src: str | Path, out: str | Path, *, bpe: str | Path | None = None,
+            vision_heads: int | None = None, text_heads: int | None = None,
+            overwrite: bool = False) -> Path:
+  """Converts the X-CLIP `src` into the model directory `out`; see the module docstring."""
+  from claver_jax.models.io import write_model_dir
+  out = Path(out)
+  source = open_source(src, out, overwrite, 'xclip')
+  cfg, flat = map_source(source, hf=(infer_hf_xclip_config, lambda c: xclip_entries(c, 'hf')),
+                         openai=(infer_official_config, lambda c: xclip_entries(c, 'openai')),
+                         vision_heads=vision_heads, text_heads=text_heads)
+  tokenizer = read_openai_bpe(bpe) if bpe else source.tokenizer
+  check_tokenizer(tokenizer, cfg.clip)
+  check_against_model('xclip', cfg, flat)
+  normalization = source.normalization or (IMAGENET_MEAN, IMAGENET_STD)
+  print(f'Writing {out} ...', file=sys.stderr, flush=True)
+  # X-CLIP describes a class by its name alone; predict reads the templates from here.
+  info = {'path': str(Path(src).absolute()), 'layout': f'{source.layout}+xclip',
+          'container': source.container, 'templates': ['{}']}
+  write_model_dir(out, kind='xclip', config=cfg, params=unflatten(flat), tokenizer=tokenizer,
+                  normalization=normalization, source=info, overwrite=overwrite)
+  c = cfg.clip
+  print(f'Wrote {out}: X-CLIP ({source.layout} layout, {cfg.num_frames} frames, '
+        f'{cfg.mit_layers} MIT and {cfg.prompt_layers} prompt layers) on a ViT with patch '
+        f'{c.patch_size} at {c.image_size} px, {sum(v.size for v in flat.values()) / 1e6:.1f}M '
+        f'parameters, tokenizer {"included" if tokenizer else "absent"}.')
+  return out
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  run_cli(lambda: convert(f.src, f.out, bpe=f.bpe, vision_heads=f.vision_heads,
+                          text_heads=f.text_heads, overwrite=f.overwrite))
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_string('src', None, 'Official X-CLIP checkpoint or transformers XCLIPModel '
+                      'directory.', required=True)
+  flags.DEFINE_string('out', None, 'Output model directory (must not exist).', required=True)
+  flags.DEFINE_string('bpe', None, "OpenAI's bpe_simple_vocab_16e6.txt.gz, saved as the tokenizer "
+                      '(official checkpoints carry none).')
+  flags.DEFINE_integer('vision_heads', None, 'Official checkpoints: vision heads (default '
+                       'width // 64).')
+  flags.DEFINE_integer('text_heads', None, 'Official checkpoints: text heads (default '
+                       'width // 64).')
+  flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists (only once conversion succeeded).')
+  app.run(main)

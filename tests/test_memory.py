@@ -1,0 +1,28 @@
+"""The memory analysis of the compiled train step (claver_jax.memory), on the tiny config."""
+
+from __future__ import annotations
+
+import tiny_config
+from claver_jax import memory
+from conftest import run_cli
+
+
+def test_step_memory_grows_by_the_clips_and_fits_by_the_budget():
+  config = tiny_config.get_config()
+  config.text.prompts = 'hmdb51'                            # 51 classes
+  one, two = (memory.micro_batch_memory(config, n, num_devices=1) for n in (1, 2))
+  clip_bytes = config.data.num_frames * config.data.image_size ** 2 * 3 + 4   # uint8 video, label
+  assert two.arguments - one.arguments == clip_bytes
+  assert two.temporaries > one.temporaries > 0
+  per_clip = two.peak - one.peak
+  assert memory.clips_that_fit(one, two, one.peak - 1) == 0
+  assert memory.clips_that_fit(one, two, one.peak) == 1
+  assert memory.clips_that_fit(one, two, one.peak + 3 * per_clip) == 4
+
+
+def test_cli_on_simulated_devices():
+  proc = run_cli('claver_jax.memory', '--config=tests/tiny_config.py',
+                 '--config.text.prompts=hmdb51', '--devices=2')
+  assert 'on 2 simulated cpu devices' in proc.stdout
+  assert 'batch 8 x accumulation 1 on 2 devices' in proc.stdout
+  assert '80 GB GPU: fits' in proc.stdout
