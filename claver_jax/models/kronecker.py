@@ -59,8 +59,9 @@ BLOCKWISE_KINDS = ('kmt', 'kmct', 'joint')
 # 'auto' is chunked from this many tokens per clip (T·L) on. Below, dense's scores are small (at
 # 400 tokens, 7.7 MB per clip and layer at 12 heads) and the loops cost more than they save:
 # chunked/dense time of KMT's forward + backward on the CPU (benchmarks/kronecker_attention.py,
-# batches of ~3200 tokens) was 2.09 at 80 tokens, 1.52 at 208, 1.04-1.05 at 400 (0.88 once),
-# 0.69-0.75 at 600, 0.49-0.73 at 800 and beyond.
+# batches of ~3200 tokens; dense heads-major, two runs on a shared machine) was 2.5-3.6 at 80
+# tokens, 1.7-2.1 at 208, 1.09-1.12 at 400, 0.69-1.11 at 600 and 800, where chunked keeps far
+# less memory.
 AUTO_CHUNKED_MIN_TOKENS = 512
 SPLASH_BLOCK = 128
 
