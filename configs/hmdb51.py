@@ -43,7 +43,7 @@ configs/ucf101.py.
 Memory per device (`python -m claver_jax.memory --config=configs/hmdb51.py:full
 --text_length=32`; see the README's table): 4.2 GiB at 1 clip per device, 1.2 of it the text
 tower (5 x 51 texts split over the devices, at 32 tokens at most), plus 2.0 GiB per further clip.
-As shipped (4 clips per device on 8 devices, 2 accumulation steps) 11.0 GiB: it fits an 80 GB
+As shipped (4 clips per device on 8 devices, 2 accumulation steps) 10.9 GiB: it fits an 80 GB
 GPU (up to 28 clips per device), a 32 GiB TPU chip (up to 10) and a 16 GiB one (up to 4).
 """
 

@@ -42,9 +42,9 @@ the host's cores (--config.data.num_workers=N); on a small host, lower it. Measu
 Memory per device (`python -m claver_jax.memory --config=configs/k400.py:B16,32 --text_length=32`:
 XLA's memory analysis of the compiled train step on 8 simulated devices, CPU backend, nothing
 run; see the README's table): B16 at 32 frames, bf16, chunked attention, 1 clip per device peaks
-at 8.0 GiB, 5.0 of it the text tower (the 5 x 400 sampled texts split over the devices, at 32
+at 7.7 GiB, 4.7 of it the text tower (the 5 x 400 sampled texts split over the devices, at 32
 tokens at most, fwd + bwd), plus 2.0 GiB per further clip. As shipped (batch 128: 16 clips per
-device on 8 devices) it needs 38.3 GiB: it fits an 80 GB GPU (up to 26 clips per device); a
+device on 8 devices) it needs 38.0 GiB: it fits an 80 GB GPU (up to 27 clips per device); a
 32 GiB TPU chip takes 8 clips (`--config.train.grad_accum_steps=2` on 8 chips), a 16 GiB one 2
 (`=8`). Per-device clips are batch_size / (devices x train.grad_accum_steps).
 
