@@ -6,11 +6,10 @@ It trains a tiny ViT + temporal transformer + text tower from scratch, on 12 cla
 only by motion, each the time reversal of its twin. A BPE vocabulary is learnt from the class
 texts (the short 'objects' templates) into WORKDIR/tokenizer.
 
-Expected, on 2 CPU cores: val top-1 91.75% after 1650 steps (measured; the run's time:
-TODO(lead): measure idle; 4 min 14 s idle with the previous train order); with
---config.model.temporal=mean (frame-order blind: twins share their frames) 41.5% (measured with
-the previous train order). Chance is 8.3%. The target was >= 90% in <= 5 minutes, and <= 60%
-for mean.
+Expected, on 2 CPU cores: val top-1 91.75% after 1650 steps (measured; its time with this train
+order is not yet measured idle, 4 min 14 s idle with the previous order); with
+--config.model.temporal=mean (frame-order blind: twins share their frames) 41.42% (measured).
+Chance is 8.3%. The target was >= 90% in <= 5 minutes, and <= 60% for mean.
 
 X-CLIP on the same task, with the same settings (the MIT takes the temporal heads and the
 temporal embedding's init):
