@@ -25,7 +25,8 @@ from claver_jax.run_config import base_config
 
 
 def get_config(arg=None):
-  del arg
+  if arg not in (None, '', 'motion_prompts'):
+    raise ValueError(f"configs/demo.py takes no argument or 'motion_prompts'; got {arg!r}.")
   c = base_config()
   c.model.arch = 'custom'
   c.model.clip = ml_collections.ConfigDict(dict(
@@ -72,4 +73,18 @@ def get_config(arg=None):
   c.log_every_steps = 10
   c.eval_every_steps = 450
   c.checkpoint_every_steps = 150
+  if arg == 'motion_prompts':
+    motion_prompts_recipe(c)
   return c
+
+
+def motion_prompts_recipe(c):
+  """Motion prompts on the frozen towers of the demo's own CLAVER (config.init.checkpoint)."""
+  c.model.name = 'motion_prompts'
+  c.init.towers_only = True          # The CLAVER's towers; its temporal parts are left behind.
+  c.text.tokenizer = ''              # The checkpoint's vocabulary.
+  c.optim.freeze_image = c.optim.freeze_text = True
+  c.optim.text_lr_multiplier = 1.0
+  c.optim.lr = 1e-3
+  c.train.epochs = 3
+  c.eval_every_steps = 150

@@ -2,7 +2,9 @@ r"""UCF-101: few-shot from CLIP, or fully supervised from a Kinetics-400 model. 
 
 The argument is `shots=K` (or just K), K in 2, 4, 8, 16, for few-shot, or `full` (the default);
 a temporal head may follow: `configs/ucf101.py:shots=2,kmct`; or `xclip`, for X-CLIP with its own
-recipe (class names alone, text tower frozen, image tower trained): `shots=2,xclip`. First the
+recipe (class names alone, text tower frozen, image tower trained): `shots=2,xclip`; or
+`motion_prompts` (after SiF, on frozen towers), with the recipe of configs/k400.py's
+`motion_prompts` (ours; SiF's is not public) for the few-shot epochs and batch below. First the
 list files of split 1:
 
     python -m claver_jax.data.annotations --format=ucf101 --src=UCF101/ucfTrainTestlist \
@@ -54,22 +56,29 @@ clips per device (`--config.train.grad_accum_steps=1` fits too). No 16 or 32 GiB
 it while every device encodes all texts. HMDB-51 (configs/hmdb51.py) likewise.
 """
 
+import importlib.util
+from pathlib import Path
+
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.models.temporal import TEMPORAL_KINDS
 from claver_jax.run_config import base_config
+
+_spec = importlib.util.spec_from_file_location('k400', Path(__file__).with_name('k400.py'))
+_k400 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_k400)
 
 SHOTS = (2, 4, 8, 16)
 
 
 def parse_setting(arg: str | None) -> tuple[int, str]:
-  """'shots=2,kmct' -> (2, 'kmct'); 'full' -> (0, 'kmt'); 'shots=2,xclip' -> (2, 'xclip').
-  0 shots = fully supervised."""
+  """'shots=2,kmct' -> (2, 'kmct'); 'full' -> (0, 'kmt'); 'shots=2,xclip' -> (2, 'xclip');
+  'shots=2,motion_prompts' -> (2, 'motion_prompts'). 0 shots = fully supervised."""
   shots, temporal = 0, 'kmt'
   for token in filter(None, (arg or '').replace(' ', '').split(',')):
     value = token[len('shots='):] if token.startswith('shots=') else token
     if token == 'full':
       shots = 0
-    elif token == 'xclip':
+    elif token in ('xclip', 'motion_prompts'):
       temporal = token
     elif value.isdigit() and int(value) in SHOTS:
       shots = int(value)
@@ -77,8 +86,8 @@ def parse_setting(arg: str | None) -> tuple[int, str]:
       temporal = token
     else:
       raise ValueError(f'Unknown setting {token!r} in {arg!r}: use shots=K (K in {SHOTS}) or '
-                       f'full, optionally with a temporal head {list(TEMPORAL_KINDS)} or xclip; '
-                       'e.g. "shots=2,kmct".')
+                       f'full, optionally with a temporal head {list(TEMPORAL_KINDS)}, xclip or '
+                       'motion_prompts; e.g. "shots=2,kmct".')
   return shots, temporal
 
 
@@ -104,6 +113,9 @@ def make_config(prompts: str, arg: str | None):
     c.model.name, c.model.temporal = 'xclip', 'kmt'
     c.text.prompts, c.text.templates = '', '{}'
     c.optim.freeze_image, c.optim.freeze_text = False, True
+  if temporal == 'motion_prompts':
+    c.model.name, c.model.temporal = 'motion_prompts', 'kmt'
+    _k400.motion_prompts_recipe(c)
   return c
 
 

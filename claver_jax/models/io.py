@@ -151,6 +151,15 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int |
   return model
 
 
+def load_towers(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> CLIP:
+  """The CLIP towers (image tower, text tower, logit scale) of a model directory of any kind
+  that has plain ones: a CLIP, CLAVER, motion prompts; not X-CLIP (its image tower computes with
+  its cross-frame messages)."""
+  kind, _, _ = read_model_config(path)
+  families.check_has_towers(kind, path)
+  return families.clip_towers(load(path, dtype=dtype))
+
+
 def load_video_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
                      num_frames: int | None = None, resample_frames: bool = True) -> nnx.Module:
   """`load`, for a video model: a plain CLIP becomes CLIP-Mean (CLAVER with temporal='mean', the
