@@ -1,8 +1,9 @@
 """Run checkpoints in WORKDIR/checkpoints: model + optimizer state, data iterator, config.
 
-Each step directory holds three items: `state` (nnx state of model and optimizer, as a pure
+Each step directory holds four items: `state` (nnx state of model and optimizer, as a pure
 dict), `data` (the grain iterator's state, so a resumed run sees exactly the batches it would
-have seen) and `config` (JSON). Saves are asynchronous. The last `keep` checkpoints are kept
+have seen), `config` (JSON) and `progress` (JSON: the best val/top1 so far and its step, which
+WORKDIR/model holds, and whether this step's evaluation is still to do). Saves are asynchronous. The last `keep` checkpoints are kept
 and, separately, the `keep_best` best by val/top1: a preservation policy, because `best_fn`
 with `max_to_keep` alone can delete the latest one.
 
@@ -63,22 +64,28 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler(),
-                       'config': ocp.JsonCheckpointHandler()})
+                       'config': ocp.JsonCheckpointHandler(),
+                       'progress': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator: Any, config: ml_collections.ConfigDict,
-           metrics: dict[str, float] | None = None) -> None:
-    """Starts an asynchronous save of `state` (a pure dict of arrays) and the iterator."""
+           metrics: dict[str, float] | None = None,
+           progress: dict[str, Any] | None = None) -> None:
+    """Starts an asynchronous save of `state` (a pure dict of arrays), the iterator and
+    `progress` (a JSON-able dict; see the module docstring)."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        progress=ocp.args.JsonSave(progress or {}))
     self.manager.save(step, args=args, metrics=metrics, force=True)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None
+              ) -> tuple[Any, dict[str, Any]]:
     """Restores `state` into the shapes and shardings of `abstract_state`, and the iterator.
+    Returns (state, progress); progress is {} for a checkpoint saved without one.
 
     A checkpoint written by another number of processes restores too: the arrays are resharded
     onto this run's mesh, and every process's iterator continues from process 0's saved position
@@ -90,6 +97,8 @@ class Checkpointer:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None and own_file.is_file():
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    if (self.directory / str(step) / 'progress').is_dir():
+      items['progress'] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iterator is not None and not own_file.is_file():
       first = sorted(data_dir.glob('process_0-of-*.json'))
@@ -102,7 +111,7 @@ class Checkpointer:
                       'continues from the same position, but in another order.', step,
                       first[0].stem.rsplit('-of-', 1)[1], jax.process_count())
     logging.info('Restored step %d from %s.', step, self.directory)
-    return restored['state']
+    return restored['state'], dict(restored.get('progress') or {})
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

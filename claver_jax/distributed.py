@@ -104,28 +104,41 @@ def barrier(name: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
+                     versioned: bool = False) -> Iterator[Path]:
   """`fileio.atomic_directory` for a directory that every process writes into together (an orbax
-  save of sharded arrays). Every process must enter it; all yield the same temporary directory
-  beside `out` (on a file system they share), and process 0 renames it to `out` once every
-  process is done. In a one-process run it is fileio.atomic_directory."""
-  from claver_jax.fileio import atomic_directory as one_process, replace_directory
+  save of sharded arrays). Every process must enter it; all yield the same new directory (on a
+  file system they share), each fsyncs it once written, and process 0 puts it in place once
+  every process is done (a rename, or with `versioned` a new version behind the `out` symlink).
+  In a one-process run it is fileio.atomic_directory."""
+  from claver_jax import fileio
   if not is_multiprocess():
-    with one_process(out, overwrite=overwrite) as tmp:
-      yield tmp
+    with fileio.atomic_directory(out, overwrite=overwrite, versioned=versioned) as new:
+      yield new
     return
   out = Path(out).absolute()
   if out.exists() and not overwrite:     # The same answer on every process: no one waits.
     raise FileExistsError(f'{out} already exists; choose another output path or pass --overwrite.')
-  tmp = out.parent / f'.{out.name}.tmp-multiprocess'
-  if jax.process_index() == 0:
-    shutil.rmtree(tmp, ignore_errors=True)         # Left by a run that died while writing.
-    tmp.mkdir(parents=True)
+  lead = jax.process_index() == 0
+  if versioned:                          # Process 0's number, so that all write to one place.
+    from jax.experimental import multihost_utils
+    number = int(multihost_utils.broadcast_one_to_all(
+        np.int32(fileio.next_version(out) if lead else 0)))
+    new = fileio.versions_dir(out) / fileio.version_name(number)
+  else:
+    new = out.parent / f'.{out.name}.tmp-multiprocess'
+  if lead:
+    shutil.rmtree(new, ignore_errors=True)         # Left by a run that died while writing.
+    new.mkdir(parents=True)
   barrier(f'atomic_directory_start:{out}')
-  yield tmp
+  yield new
+  fileio.fsync_tree(new)                 # Each process flushes what it wrote.
   barrier(f'atomic_directory_written:{out}')
-  if jax.process_index() == 0:
-    replace_directory(tmp, out)
+  if lead:
+    if versioned:
+      fileio.publish_version(new, out)
+    else:
+      fileio.replace_directory(new, out)
   barrier(f'atomic_directory_done:{out}')
 
 
@@ -146,25 +159,28 @@ def device_put_identical(tree: Any, shardings: Any) -> Any:
 
 
 class StopRequest:
-  """SIGTERM -> every process stops after the same step (saves there, exits 0, resumes later).
+  """SIGTERM -> every process stops at the same point (saves, exits 0, resumes later).
 
-  With jax.distributed running, JAX's preemption service owns SIGTERM: the process that gets it
-  tells the coordination service, the processes agree on the first step none of them has begun,
-  and `stop(step)` is True at that step on every process, so they save the same checkpoint. Each
-  call is a local check: no device work and no network round trip per step. In a one-process run
-  a Python handler sets a flag that `stop(step)` reads. Create it just before the loop, call
-  `stop(step)` once after each step from start_step + 1 on, and `close()` it after the loop.
+  `stop()` is called after every train step and between evaluation batches, in the same sequence
+  on every process; it is True from the first call after the signal on. With jax.distributed
+  running, JAX's preemption service owns SIGTERM: the process that gets it tells the
+  coordination service, the processes agree on the first check none of them has passed (the
+  checks are numbered 1, 2, ... in call order), and `stop()` is True there on every process.
+  Each call is a local check: no device work and no network round trip. In a one-process run a
+  Python handler sets a flag that `stop()` reads. Create it just before the loop and `close()`
+  it after.
   """
 
-  def __init__(self, start_step: int):
+  def __init__(self):
     self.distributed = jax.distributed.is_initialized()
     self.signal: int | None = None
     self._previous: Any = None
+    self._checks = 0
     if self.distributed:
       from jax.experimental import multihost_utils
-      # Where this run starts: a notice during the first step's compilation then stops after
-      # step start_step + 1. (A notice before this point, e.g. while restoring, is missed.)
-      multihost_utils.reached_preemption_sync_point(start_step)
+      # Check 0: a notice during the first step's compilation then stops at check 1. (A notice
+      # before this point, e.g. while restoring, is missed.)
+      multihost_utils.reached_preemption_sync_point(0)
     else:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -172,10 +188,11 @@ class StopRequest:
     del frame
     self.signal = signum
 
-  def __call__(self, step: int) -> bool:
-    if self.distributed:
+  def __call__(self) -> bool:
+    if self.distributed and self.signal is None:
       from jax.experimental import multihost_utils
-      if multihost_utils.reached_preemption_sync_point(step):
+      self._checks += 1
+      if multihost_utils.reached_preemption_sync_point(self._checks):
         self.signal = signal.SIGTERM
     return self.signal is not None
 

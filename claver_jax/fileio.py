@@ -1,9 +1,23 @@
-"""Writes that never leave a half-written result where a finished one is expected."""
+"""Writes that never leave a half-written result where a finished one is expected.
+
+Two ways to put a directory in place:
+  * `atomic_directory(out)`: written beside `out`, fsynced, renamed to `out`. Replacing an
+    existing `out` swaps the two in one step (renameat2 RENAME_EXCHANGE) where the file system
+    allows, else with two renames.
+  * `atomic_directory(out, versioned=True)` (WORKDIR/model): `out` is a symlink to one of the
+    complete versions in `.<out>.versions/`. A new version is written and fsynced there, then
+    the link is replaced by a rename: at every instant `out` is a complete directory. The
+    version before stays until the next one, so a reader who resolved the link keeps reading.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,43 +25,155 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-  """Yields a fresh temporary directory beside `out`; renames it to `out` on success.
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
+                     versioned: bool = False) -> Iterator[Path]:
+  """Yields a fresh directory to write; on success it is fsynced and becomes `out`.
 
-  On any exception the temporary directory is removed and `out` is untouched. An existing `out`
-  is an error unless `overwrite`, in which case it is replaced only once the new one is complete.
+  On any exception the new directory is removed and `out` is untouched. An existing `out` is an
+  error unless `overwrite`, in which case it is replaced only once the new one is complete.
+  `versioned`: see the module docstring.
   """
   out = Path(out).absolute()
   if out.exists() and not overwrite:
     raise FileExistsError(f'{out} already exists; choose another output path or pass --overwrite.')
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+  if versioned:
+    new = versions_dir(out) / version_name(next_version(out))
+    new.mkdir(parents=True)
+  else:
+    new = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
   try:
-    yield tmp
-    replace_directory(tmp, out)
+    yield new
+    fsync_tree(new)
+    if versioned:
+      publish_version(new, out)
+    else:
+      replace_directory(new, out)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(new, ignore_errors=True)
     raise
 
 
+def fsync_tree(directory: Path) -> None:
+  """fsyncs every file and directory under `directory` (and it): their data is on disk before a
+  rename makes them visible as the finished result."""
+  for root, _, files in os.walk(directory):
+    for name in files:
+      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    _fsync_dir(Path(root))
+
+
+def _fsync_dir(directory: Path) -> None:
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  except OSError as e:           # Some file systems cannot fsync a directory.
+    if e.errno not in (errno.EINVAL, errno.EBADF):
+      raise
+  finally:
+    os.close(fd)
+
+
+def exchange(a: Path, b: Path) -> bool:
+  """Swaps the paths `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE). False where the
+  platform or file system cannot (then nothing changed)."""
+  renameat2 = getattr(ctypes.CDLL(None, use_errno=True), 'renameat2', None)
+  if renameat2 is None:
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+  if result == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+    return False
+  raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def replace_directory(new: Path, out: Path) -> None:
-  """Renames the complete directory `new` to `out`, replacing an existing `out` only then."""
-  if out.exists():
+  """Renames the complete directory `new` to `out`, replacing an existing `out` only then: in one
+  step where `exchange` can, else by renaming `out` aside first."""
+  if not out.exists() and not out.is_symlink():
+    os.replace(new, out)
+  elif exchange(new, out):
+    _remove(new)                                   # `new` now names the old `out`.
+  else:
     old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
     os.replace(out, old / out.name)
     os.replace(new, out)
     shutil.rmtree(old)
+  _fsync_dir(out.parent)
+
+
+def _remove(path: Path) -> None:
+  if path.is_symlink() or not path.is_dir():
+    path.unlink()
   else:
-    os.replace(new, out)
+    shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Versioned directories behind a symlink
+# ---------------------------------------------------------------------------------------------
+def versions_dir(out: Path) -> Path:
+  """Where the versions of `out` live: `.<name>.versions/` beside it."""
+  return out.parent / f'.{out.name}.versions'
+
+
+def version_name(number: int) -> str:
+  return f'v{number:06d}'
+
+
+def next_version(out: Path) -> int:
+  """One more than the highest version number of `out` so far (1 for the first)."""
+  directory = versions_dir(out)
+  numbers = [int(m.group(1)) for p in (directory.iterdir() if directory.is_dir() else [])
+             if (m := re.fullmatch(r'v(\d+)', p.name))]
+  return max(numbers, default=0) + 1
+
+
+def publish_version(version: Path, out: Path) -> None:
+  """Points the symlink `out` at the complete directory `version` (a directory of
+  versions_dir(out)) with one rename, then deletes every version but this one and the one `out`
+  showed before. An `out` that is a real directory (an older layout, or a copied workdir) is
+  swapped for the link in one step where `exchange` can, else renamed aside first."""
+  previous = out.resolve() if out.is_symlink() else None
+  link = out.parent / f'.{out.name}.link-{os.getpid()}'
+  with contextlib.suppress(FileNotFoundError):
+    link.unlink()
+  os.symlink(os.path.relpath(version, out.parent), link)
+  if out.is_symlink() or not out.exists():
+    os.replace(link, out)
+  elif exchange(link, out):
+    _remove(link)                                  # `link` now names the old `out`.
+  else:
+    logging.warning('%s: this file system cannot swap a directory for a link in one step; '
+                    'replacing it in two (once: from now on it is a link).', out)
+    aside = versions_dir(out) / f'{out.name}.replaced'
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(out, aside)
+    os.replace(link, out)
+    shutil.rmtree(aside)
+  _fsync_dir(out.parent)
+  keep = {version.resolve(), previous}
+  for other in versions_dir(out).iterdir():
+    if other.resolve() not in keep:
+      shutil.rmtree(other, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+  """Writes `text` to a temporary file beside `path`, fsyncs it, then renames it over `path`."""
   path = Path(path)
   fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
   try:
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):

@@ -4,7 +4,8 @@ r"""Train or evaluate CLAVER: the command users run.
 
 `config.mode` selects 'train' (train + periodic eval) or 'eval' (evaluate the workdir's latest
 checkpoint, or config.init.checkpoint). A second run with the same workdir resumes. SIGTERM
-saves a checkpoint and exits 0.
+saves a checkpoint and exits 0. A config error (an unknown key, a bad value, keys that cannot
+work together) is one line on stderr and exit status 2, before anything is written.
 
 Several processes (one per host) run the same command: on Cloud TPU VMs, in Slurm job steps and
 under mpirun they find each other; elsewhere pass --coordinator_address=HOST:PORT
@@ -21,6 +22,8 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from claver_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/demo.py.',
                                           lock_config=True)
@@ -51,6 +54,7 @@ def main(argv: list[str]) -> None:
   if jax.process_count() > 1:
     logging.info('Process 0 of %d (%s), %d of %d devices local.', jax.process_count(), setup,
                  jax.local_device_count(), jax.device_count())
+  from claver_jax.run_config import ConfigError
   from claver_jax.train import NonFiniteLossError, train_and_evaluate
   try:
     if _CONFIG.value.mode == 'zeroshot':      # configs/zeroshot.py: prints its table.
@@ -58,6 +62,8 @@ def main(argv: list[str]) -> None:
       run_zeroshot(_CONFIG.value, flags.FLAGS.workdir)
       return
     metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+  except ConfigError as e:
+    cli.fail(str(e))
   except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   if lead:
@@ -66,4 +72,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

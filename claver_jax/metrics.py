@@ -1,12 +1,16 @@
 """What a run reports: WORKDIR/metrics.jsonl, TensorBoard event files, and a progress bar.
 
 metrics.jsonl holds one JSON object per line, each with `step`. Keys: train/loss, train/lr,
-train/clips_per_s, val/top1, val/top5 (percent), data/*_substituted. Only process 0 writes.
+train/clips_per_s, val/top1, val/top5 (percent), data/*_substituted. Only process 0 writes, one
+whole line per write() call on an O_APPEND file (no buffer to flush). A run killed during a write
+can leave a torn last line: reading drops it with a warning; a bad line anywhere else is an error
+naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -27,10 +31,9 @@ class MetricWriter:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self.path.exists():  # A resumed run repeats the steps after its checkpoint: drop them.
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get('step', 0) <= resume_step]
-      atomic_write_text(self.path, ''.join(line + '\n' for line in kept))
-    self._file = open(self.path, 'a', encoding='utf-8')
+      kept = [row for row in read_rows(self.path) if row.get('step', 0) <= resume_step]
+      atomic_write_text(self.path, ''.join(json.dumps(row) + '\n' for row in kept))
+    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(str(Path(workdir)), purge_step=resume_step + 1 if resume_step else None)
 
@@ -38,8 +41,7 @@ class MetricWriter:
     if not self.enabled:
       return
     values = {k: _plain(v) for k, v in metrics.items()}
-    self._file.write(json.dumps({'step': int(step), **values}) + '\n')
-    self._file.flush()
+    os.write(self._fd, (json.dumps({'step': int(step), **values}) + '\n').encode('utf-8'))
     for k, v in values.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, int(step))
@@ -47,7 +49,7 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._file.close()
+      os.close(self._fd)
       self._tb.close()
 
 
@@ -59,10 +61,39 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class MetricsFileError(ValueError):
+  """A line of metrics.jsonl that is not a JSON object, other than a torn last line."""
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The JSON objects of a JSONL file, one per line; blank lines skipped. A last line without its
+  newline that does not parse (a write cut short) is dropped with a warning; any other bad line
+  raises MetricsFileError naming the file and line."""
+  path = Path(path)
+  text = path.read_text(encoding='utf-8')
+  lines = text.split('\n')
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines):          # No newline after it: the write was cut short.
+        logging.warning('%s:%d: dropped a torn last line (a write cut short): %.80r', path,
+                        number, line)
+        continue
+      raise MetricsFileError(f'{path}:{number}: not a JSON line ({e.msg}: {line[:80]!r}). Fix or '
+                             'delete that line; only a torn last line is dropped by itself.') from e
+    if not isinstance(row, dict):
+      raise MetricsFileError(f'{path}:{number}: expected a JSON object, got {line[:80]!r}.')
+    rows.append(row)
+  return rows
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The rows of WORKDIR/metrics.jsonl."""
-  path = Path(workdir) / 'metrics.jsonl'
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The rows of WORKDIR/metrics.jsonl (see read_rows)."""
+  return read_rows(Path(workdir) / 'metrics.jsonl')
 
 
 def progress_bar(total: int, initial: int, *, disable: bool = False):

@@ -5,17 +5,17 @@ r"""Open-vocabulary prediction: which of any set of labels a video shows.
 
 DIR is a model directory of any family (a converted checkpoint, or a run's WORKDIR/model; a
 WORKDIR also works; a plain CLIP predicts as CLIP-Mean over 8 frames). The video is sampled as in
-evaluation: T frames, one at the centre of each of T equal segments, short side resized to the
-model's image size, centre crop, normalised with the mean/std the directory records. Each label
-is described by the templates the directory records (else CLIP's 16; and, with --prompts, by a
-prompt set's interpretive texts where it has them); scores are the softmax over the labels,
-averaged over descriptions. --label_file takes one label per line, or a labels CSV with an
-`id,name` header.
+evaluation: T frames, one at the centre of each of T equal segments, the short side resized to
+256/224 of the model's image size (or the ratio its WORKDIR/model records), the centre crop,
+normalised with the mean/std the directory records. Each label is described by its bare name
+and the templates the directory records (else CLIP's 16; a model trained without the bare name,
+as the demo, is not given it), and with --prompts by a prompt set's interpretive texts where it
+has them; scores are the softmax over the labels, averaged over descriptions. --label_file takes
+one label per line, or a labels CSV (`id,name` rows), read by claver_jax.data.labels.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -27,33 +27,23 @@ import numpy as np
 from flax import nnx
 
 from claver_jax import evaluate
-from claver_jax.data.transforms import normalize, spatial_crops
+from claver_jax.data.labels import read_labels
+from claver_jax.data.transforms import (TEST_RESIZE_RATIO, eval_short_side, normalize,
+                                        spatial_crops)
 from claver_jax.data.video import VideoError, eval_indices, open_video
 from claver_jax.models import input_normalization, load_video_model, read_model_config
+from claver_jax.models.io import model_dir
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import TEMPLATES, prompt_tokens, resolve_templates
 
 
-def model_dir(path: str | Path) -> Path:
-  """A model directory, or a run's workdir holding one in model/."""
-  path = Path(path)
-  if not (path / 'config.json').is_file() and (path / 'model' / 'config.json').is_file():
-    return path / 'model'
-  return path
-
-
-def read_label_file(path: str | Path) -> list[str]:
-  lines = [line.strip() for line in Path(path).read_text(encoding='utf-8').splitlines()]
-  lines = [line for line in lines if line]
-  if lines and lines[0].replace(' ', '').lower() == 'id,name':
-    return [row['name'] for row in csv.DictReader(lines)]
-  return lines
-
-
-def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int) -> np.ndarray:
-  """uint8 [T, S, S, 3]: the evaluation sampling of one clip and its centre crop."""
+def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int,
+                     resize_ratio: float = TEST_RESIZE_RATIO) -> np.ndarray:
+  """uint8 [T, S, S, 3]: the evaluation sampling of one clip and its centre crop (the short side
+  resized to resize_ratio S, 256/224 S by default, then the centre S x S)."""
   with open_video(video_path) as video:
-    frames = video.frames(eval_indices(video.num_frames, num_frames)[0], short_side=image_size)
+    frames = video.frames(eval_indices(video.num_frames, num_frames)[0],
+                          short_side=eval_short_side(image_size, 1, resize_ratio))
   return spatial_crops(frames, image_size, 1)[0]
 
 
@@ -62,19 +52,24 @@ def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str
   """-> [{'label', 'score'}] for the top_k labels, best first."""
   if len(labels) < 1:
     raise ValueError('No labels given: pass --labels "a" "b" ... or --label_file=F.')
-  if len(set(labels)) != len(labels):
-    raise ValueError('The labels contain duplicates.')
+  repeated = sorted({label for label in labels if labels.count(label) > 1})
+  if repeated:
+    raise ValueError(f'The labels name {repeated} more than once; give each label once.')
   directory = model_dir(checkpoint)
   _, _, meta = read_model_config(directory)
   model = load_video_model(directory)
   mean, std = input_normalization(meta, directory)
   tokenizer = load_tokenizer(directory)
   cfg = model.cfg
-  frames = load_clip_frames(video_path, cfg.num_frames, cfg.clip.image_size)
-  # The templates the model was trained with (WORKDIR/model records them), else CLIP's.
+  # The model's own test view (WORKDIR/model records it), else the paper's.
+  frames = load_clip_frames(video_path, cfg.num_frames, cfg.clip.image_size,
+                            meta.get('source', {}).get('eval_resize_ratio', TEST_RESIZE_RATIO))
+  # The texts the model was trained with (WORKDIR/model records them), else CLIP's templates
+  # after the bare name.
   templates = meta.get('source', {}).get('templates') or TEMPLATES
   texts = prompt_tokens(list(labels), tokenizer, prompts, allow_missing=True,
                         templates=resolve_templates(templates),
+                        name=meta.get('source', {}).get('bare_name', True),
                         context_length=cfg.clip.context_length)
 
   @nnx.jit  # The model is an argument: captured by a closure, its weights would be constants.
@@ -96,8 +91,8 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if bool(f.labels) == bool(f.label_file):
     sys.exit('error: pass exactly one of --labels "a" "b" ... and --label_file=F.')
-  labels = list(f.labels) if f.labels else read_label_file(f.label_file)
   try:
+    labels = list(f.labels) if f.labels else read_labels(f.label_file)
     result = predict(f.checkpoint, f.video, labels, top_k=f.top_k, prompts=f.prompts)
   except (VideoError, FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
@@ -127,7 +122,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('checkpoint', None, 'Model directory (or a run workdir).', required=True)
   flags.DEFINE_string('video', None, 'Video file.', required=True)
   flags.DEFINE_multi_string('labels', labels or None, 'Labels (after --labels, space separated).')
-  flags.DEFINE_string('label_file', None, 'One label per line, or a labels CSV (id,name).')
+  flags.DEFINE_string('label_file', None, 'One label per line, or a labels CSV (id,name rows).')
   flags.DEFINE_integer('top_k', 5, 'How many labels to show.')
   flags.DEFINE_bool('json', False, 'Print a JSON list of {"label", "score"}.')
   flags.DEFINE_string('prompts', None, 'A prompt set (name or JSON) for labels it describes.')

@@ -46,7 +46,10 @@
     text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only
     text.templates       'actions' (people: "a video of a person {}.", the default), 'objects'
                          (short, for the synthetic set), or templates with one "{}" each,
-                         joined by '|'. WORKDIR/model records them; predict uses them
+                         joined by '|'. WORKDIR/model records them; predict uses them, and
+                         zero-shot when this is '' (configs/zeroshot.py)
+    text.bare_name       the bare class name is a text too (the paper's set: name, templates,
+                         prompts); WORKDIR/model records it for predict and zero-shot
     text.sets_per_step   description sets sampled per train step (K = 5 in the paper)
     optim                see claver_jax.optim.default_config (AdamW, groups, freezing, schedule)
     train.batch_size     global batch, independent of the device count
@@ -58,12 +61,17 @@
     checkpoint.keep, checkpoint.keep_best (by val/top1)
     mesh.data, mesh.fsdp  device mesh axes; -1 fills
     init.clip            a converted CLIP directory (towers; the family's new parts fresh)
-    init.checkpoint      a model directory of the family model.name (converted, or WORKDIR/model
-                         of a run); evaluating it alone (mode=eval, no workdir checkpoint) feeds
-                         it the normalisation it records. Another family's is an error, unless:
+    init.checkpoint      a model directory of the family model.name (converted, or a run's
+                         WORKDIR/model or WORKDIR): its weights only, never its optimizer state,
+                         schedule or step; evaluating it alone (mode=eval, no workdir
+                         checkpoint) feeds it the normalisation it records. Another family's is
+                         an error, unless:
     init.towers_only     True: take only init.checkpoint's CLIP towers (image, text, logit
                          scale), from a directory of any kind that has plain ones (CLIP, CLAVER,
                          motion prompts; not X-CLIP), and build model.name's own parts fresh
+    init.require         '' | 'clip' | 'checkpoint': the init this recipe starts from; a run
+                         without it is rejected before it starts, naming init.require_from
+    init.require_from    what init.require wants, in words (e.g. the preset that makes it)
     zeroshot             configs/zeroshot.py only: datasets and their paths, see
                          claver_jax.zeroshot.default_config
 """
@@ -72,6 +80,8 @@ import ml_collections
 
 from claver_jax import optim, sharding
 from claver_jax.data import default_config as data_config
+
+MODES = ('train', 'eval', 'zeroshot')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -88,8 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
       motion_prompt_gate=0.1))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
-      tokenizer='', num_merges=1000, prompts='', templates='actions', allow_missing=False,
-      sets_per_step=5))
+      tokenizer='', num_merges=1000, prompts='', templates='actions', bare_name=True,
+      allow_missing=False, sets_per_step=5))
   c.optim = optim.default_config()
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128, epochs=30, max_steps=0, grad_accum_steps=1, label_smoothing=0.1,
@@ -100,5 +110,49 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, keep_best=1))
   c.mesh = sharding.default_config()
-  c.init = ml_collections.ConfigDict(dict(clip='', checkpoint='', towers_only=False))
+  c.init = ml_collections.ConfigDict(dict(clip='', checkpoint='', towers_only=False, require='',
+                                          require_from=''))
   return c
+
+
+class ConfigError(ValueError):
+  """A config that cannot work: the message names the keys and the fix."""
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Rejects a config that cannot work, before anything is written to the workdir."""
+  from claver_jax.models.temporal import TEMPORAL_KINDS
+  if c.mode not in MODES:
+    raise ConfigError(f'config.mode={c.mode!r}; use one of {list(MODES)}.')
+  init = c.init
+  if init.clip and init.checkpoint:
+    raise ConfigError(f'config.init.clip={init.clip!r} and config.init.checkpoint='
+                      f'{init.checkpoint!r} are both set; a run starts from one of them.')
+  if init.require not in ('', 'clip', 'checkpoint'):
+    raise ConfigError(f"config.init.require={init.require!r}; use '', 'clip' or 'checkpoint'.")
+  if init.require and not init[init.require]:
+    raise ConfigError(f'This recipe starts from config.init.{init.require}: '
+                      f'{init.require_from or "set it"}. Pass --config.init.{init.require}=DIR.')
+  if c.text.tokenizer == 'train' and (init.clip or init.checkpoint):
+    key = 'clip' if init.clip else 'checkpoint'
+    raise ConfigError(f"config.text.tokenizer='train' learns a new vocabulary, but the text tower "
+                      f'of config.init.{key} was trained with its own; set '
+                      f"--config.text.tokenizer='' to use that one.")
+  if not c.text.templates and c.mode != 'zeroshot':
+    raise ConfigError("config.text.templates is empty; '' means the model directory's own in "
+                      "zero-shot only. Use 'actions', 'objects' or templates joined by '|'.")
+  if c.model.pos_init not in ('random', 'sincos'):
+    raise ConfigError(f"config.model.pos_init={c.model.pos_init!r}; use 'random' (CLIP's) or "
+                      "'sincos'.")
+  if c.model.temporal not in TEMPORAL_KINDS:
+    raise ConfigError(f'config.model.temporal={c.model.temporal!r}; use one of '
+                      f'{list(TEMPORAL_KINDS)}.')
+  if c.model.dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"config.model.dtype={c.model.dtype!r}; use 'float32' or 'bfloat16'.")
+  t = c.train
+  if t.mixup_alpha < 0 or t.cutmix_alpha < 0 or not 0 <= t.mixup_switch_prob <= 1:
+    raise ConfigError(f'config.train.mixup_alpha={t.mixup_alpha} and cutmix_alpha='
+                      f'{t.cutmix_alpha} must be >= 0 (0 turns that one off), mixup_switch_prob='
+                      f'{t.mixup_switch_prob} in [0, 1].')
+  if not 0 <= t.label_smoothing < 1:
+    raise ConfigError(f'config.train.label_smoothing={t.label_smoothing} must be in [0, 1).')

@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -30,8 +32,9 @@ from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar
 from claver_jax.models import CLIPConfig, families, load
 from claver_jax.models.clip import set_remat, sincos_position_embedding
-from claver_jax.models.io import (input_normalization, load_towers, read_model_config,
-                                  write_model_dir)
+from claver_jax.models.io import (input_normalization, load_towers, model_dir,
+                                  read_model_config, write_model_dir)
+from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
                                      resolve_templates)
@@ -39,7 +42,8 @@ from claver_jax.text.tokenizer import Tokenizer, train_tokenizer
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or inf; the last good checkpoint is kept."""
+  """The loss, the gradient or the parameters became NaN or inf; the last good checkpoint is
+  kept."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,11 +61,13 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
       prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
       texts, _ = build_prompt_texts(class_names, prompt_set,
                                     templates=resolve_templates(config.text.templates),
-                                    allow_missing=config.text.allow_missing)
+                                    allow_missing=config.text.allow_missing,
+                                    name=config.text.bare_name)
       train_tokenizer([t for row in texts for t in row], out, num_merges=config.text.num_merges)
     distributed.barrier('tokenizer')
     return load_tokenizer(out)
-  source = source or config.init.clip or config.init.checkpoint
+  source = source or config.init.clip or (config.init.checkpoint and
+                                          model_dir(config.init.checkpoint))
   if not source:
     raise ValueError('config.text.tokenizer is empty and there is no config.init.clip or '
                      'config.init.checkpoint to take one from: set it to a BPE file or directory, '
@@ -79,44 +85,46 @@ def model_family(config: ml_collections.ConfigDict) -> families.Family:
   family = families.get(config.model.name)
   init = config.init
   if init.checkpoint:
-    kind, _, _ = read_model_config(init.checkpoint)
-    if init.get('towers_only'):
+    kind, _, _ = read_model_config(model_dir(init.checkpoint))
+    if init.towers_only:
       families.check_has_towers(kind, init.checkpoint)
     elif kind != family.name:
-      raise ValueError(f'config.init.checkpoint={init.checkpoint} holds a {kind!r} model '
-                       f'but config.model.name={family.name!r}; set --config.model.name={kind} '
-                       'to continue it, or --config.init.towers_only=True to start a fresh '
-                       f'{family.name} from its CLIP towers.')
+      raise ConfigError(f'config.init.checkpoint={init.checkpoint} holds a {kind!r} model '
+                        f'but config.model.name={family.name!r}; set --config.model.name={kind}'
+                        + (' (or pass a CLIP as config.init.clip)' if kind == 'clip' else '')
+                        + ' to continue it, or --config.init.towers_only=True to start a fresh '
+                        f'{family.name} from its CLIP towers.')
+  elif init.towers_only:
+    raise ConfigError('config.init.towers_only=True takes the towers of config.init.checkpoint, '
+                      'which is empty; pass --config.init.checkpoint=DIR.')
   if family.frozen_towers:
     if not (init.clip or init.checkpoint):
-      raise ValueError(f'config.model.name={family.name!r} trains on frozen CLIP towers: pass '
-                       'them as --config.init.clip=DIR (a CLIP) or --config.init.checkpoint=DIR '
-                       '(with --config.init.towers_only=True for another family\'s model).')
+      raise ConfigError(f'config.model.name={family.name!r} trains on frozen CLIP towers: pass '
+                        'them as --config.init.clip=DIR (a CLIP) or --config.init.checkpoint=DIR '
+                        "(with --config.init.towers_only=True for another family's model).")
     if not (config.optim.freeze_image and config.optim.freeze_text):
-      raise ValueError(f'config.model.name={family.name!r} trains on frozen CLIP towers: set '
-                       '--config.optim.freeze_image=True --config.optim.freeze_text=True.')
+      raise ConfigError(f'config.model.name={family.name!r} trains on frozen CLIP towers: set '
+                        '--config.optim.freeze_image=True --config.optim.freeze_text=True.')
   return family
 
 
 def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                rngs: nnx.Rngs) -> nnx.Module:
   """A model of the family config.model.name: from config.init.checkpoint (a model dir of that
-  family; with config.init.towers_only, a model dir of any kind with plain CLIP towers: those
-  towers, fresh new parts), config.init.clip (a CLIP model dir: its towers, fresh new parts) or
-  from scratch (config.model.arch, or 'custom' with config.model.clip)."""
+  family, or a run's workdir: its weights only, never its optimizer state, schedule or step;
+  with config.init.towers_only, a model dir of any kind with plain CLIP towers: those towers,
+  fresh new parts), config.init.clip (a CLIP model dir: its towers, fresh new parts) or from
+  scratch (config.model.arch, or 'custom' with config.model.clip)."""
   family = model_family(config)
   dtype = jnp.dtype(config.model.dtype)
-  if config.model.pos_init not in ('random', 'sincos'):
-    raise ValueError(f"config.model.pos_init={config.model.pos_init!r}; use 'random' (CLIP's) "
-                     "or 'sincos'.")
   if config.init.checkpoint and config.init.towers_only:
     clip = load_towers(config.init.checkpoint, dtype=dtype)
     logging.info('Taking the CLIP towers of %s; the %s parts start fresh.', config.init.checkpoint,
                  family.name)
     return family.from_clip(clip, families.model_config(config, clip.cfg), dtype=dtype, rngs=rngs)
   if config.init.checkpoint:
-    return load(config.init.checkpoint, dtype=dtype, num_frames=config.data.num_frames,
-                resample_frames=config.model.resample_frames,
+    return load(model_dir(config.init.checkpoint), dtype=dtype,
+                num_frames=config.data.num_frames, resample_frames=config.model.resample_frames,
                 **{key: config.model[key] for key in family.run_options})
   if config.init.clip:
     clip = load(config.init.clip, dtype=dtype)
@@ -178,9 +186,10 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: int,
                     num_sets: int, text_frozen: bool, group_of: optim.GroupOf):
-  """(state, batch, text, step) -> (state, metrics). `text` is [A, C, E] cached embeddings
-  (projected, not normalised) when the text tower is frozen, else [A, C, S] tokens. `group_of`
-  is the model family's parameter groups."""
+  """(state, batch, text, step) -> (state, {'loss', 'finite'}). `text` is [A, C, E] cached
+  embeddings (projected, not normalised) when the text tower is frozen, else [A, C, S] tokens.
+  `group_of` is the model family's parameter groups. 'finite' is False when the loss or the
+  gradient's global norm is not finite."""
   tc, dc = config.train, config.data
   sets = min(config.text.sets_per_step, num_sets)
   wrt = optim.trainable_filter(config.optim, group_of)
@@ -195,6 +204,11 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: in
     return soft_cross_entropy(logits, targets)
 
   def train_step(state, batch, text, step):
+    chex.assert_shape(batch['video'], (tc.batch_size, dc.num_frames, dc.image_size,
+                                       dc.image_size, 3))
+    chex.assert_shape(batch['label'], (tc.batch_size,))
+    chex.assert_shape(text, (num_sets, num_classes, None))
+    chex.assert_type([batch['video'], batch['label']], [jnp.uint8, jnp.int32])
     model, optimizer = nnx.merge(graphdef, state)
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
     mix_rng, set_rng = jax.random.split(rng)
@@ -216,8 +230,10 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: in
       loss = loss + l / tc.grad_accum_steps
       g = jax.tree.map(lambda x: x / tc.grad_accum_steps, g)
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    # Checked on device; the loop reads it where it reads the loss (no extra host sync).
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {'loss': loss}
+    return nnx.state((model, optimizer)), {'loss': loss, 'finite': finite}
 
   return train_step
 
@@ -241,32 +257,37 @@ def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]
                   out_shardings=replicated))
 
 
-def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh) -> dict[str, Any]:
-  """One pass over the eval split -> evaluate.summarize(...) over the valid videos."""
+def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
+             stop: distributed.StopRequest | None = None) -> dict[str, Any] | None:
+  """One pass over the eval split -> evaluate.summarize(...) over the valid videos. Scores stay on
+  the devices and are gathered once at the end. None when `stop` is requested between batches
+  (the same batch on every process)."""
   text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens)
-  all_scores, all_labels = [], []
+  parts = []
   batch_sharding = sharding.batch_sharding(mesh)
   for host_batch in data.eval_pass():
+    if stop is not None and stop():
+      return None
     batch = make_global_batch(host_batch, batch_sharding)
-    s = scores(state, batch['video'], text)
-    gathered = multihost_utils.process_allgather(
-        {'scores': s, 'label': batch['label'], 'valid': batch['valid']}, tiled=True)
-    keep = np.asarray(gathered['valid'])
-    all_scores.append(np.asarray(gathered['scores'])[keep])
-    all_labels.append(np.asarray(gathered['label'])[keep])
-  return evaluate.summarize(np.concatenate(all_scores), np.concatenate(all_labels),
-                            data.class_names)
+    parts.append({'scores': scores(state, batch['video'], text), 'label': batch['label'],
+                  'valid': batch['valid']})
+  together = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+  gathered = multihost_utils.process_allgather(together, tiled=True)
+  keep = np.asarray(gathered['valid'])
+  return evaluate.summarize(np.asarray(gathered['scores'])[keep],
+                            np.asarray(gathered['label'])[keep], data.class_names)
 
 
 def export_model(model: nnx.Module, tokenizer: Tokenizer, out: Path, source: dict[str, Any],
                  normalization: tuple[Any, Any]) -> None:
   """WORKDIR/model: a model directory that `load()` and `predict` read, recording the input
-  normalisation the run trained with. Every process calls this: each writes its shards of the
-  parameters, process 0 the rest."""
+  normalisation the run trained with; a link to the newest of WORKDIR/.model.versions/, replaced
+  in one rename. Every process calls this: each writes its shards of the parameters, process 0
+  the rest."""
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   write_model_dir(out, kind=families.of(model).name, config=model.cfg, params=params,
                   normalization=normalization, tokenizer=(tokenizer.vocab, tokenizer.merges),
-                  source=source, overwrite=True)
+                  source=source, overwrite=True, versioned=True)
 
 
 def checkpoint_normalization(config: ml_collections.ConfigDict) -> tuple[Any, Any] | None:
@@ -274,13 +295,14 @@ def checkpoint_normalization(config: ml_collections.ConfigDict) -> tuple[Any, An
   mean/std, which the run feeds the model, differ from it."""
   if not config.init.checkpoint:
     return None
-  _, _, meta = read_model_config(config.init.checkpoint)
-  recorded = input_normalization(meta, config.init.checkpoint)
+  checkpoint = model_dir(config.init.checkpoint)
+  _, _, meta = read_model_config(checkpoint)
+  recorded = input_normalization(meta, checkpoint)
   if not np.allclose(recorded, (config.data.mean, config.data.std)):
     logging.warning('config.data.mean/std %s differ from the %s that %s records; training and '
                     'evaluating a workdir checkpoint with config.data\'s, evaluating the directory '
                     'itself with its own.', (tuple(config.data.mean), tuple(config.data.std)),
-                    recorded, config.init.checkpoint)
+                    recorded, checkpoint)
   return recorded
 
 
@@ -289,20 +311,24 @@ def checkpoint_normalization(config: ml_collections.ConfigDict) -> tuple[Any, An
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (config.mode='train') or evaluates (config.mode='eval'); returns the last metrics."""
+  check_config(config)                     # Nothing is written before the config is known good.
+  if config.mode not in ('train', 'eval'):
+    raise ConfigError(f"config.mode={config.mode!r}; train_and_evaluate runs 'train' or 'eval'.")
   workdir = Path(workdir).absolute()
   model_family(config)                # A family error, before anything is written.
-  workdir.mkdir(parents=True, exist_ok=True)
 
   # ----------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   num_devices = mesh.size
   tc = config.train
   if tc.batch_size % (num_devices * tc.grad_accum_steps):
-    raise ValueError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
-                     f'devices x grad_accum_steps={tc.grad_accum_steps}.')
+    raise ConfigError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
+                      f'devices x grad_accum_steps={tc.grad_accum_steps}.')
   if tc.batch_size % jax.process_count() or config.eval.batch_size % num_devices:
-    raise ValueError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
-                     f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} devices.')
+    raise ConfigError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
+                      f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
+                      'devices.')
+  workdir.mkdir(parents=True, exist_ok=True)
 
   # ----------------------------------------------------------------------------- input
   data_config = config.data.copy_and_resolve_references()
@@ -325,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   set_remat(model, config.model.remat)
   templates = resolve_templates(config.text.templates)
   prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None, templates=templates,
-                          allow_missing=config.text.allow_missing,
+                          allow_missing=config.text.allow_missing, name=config.text.bare_name,
                           context_length=model.cfg.clip.context_length)
   logging.info('Texts: %d description sets x %d classes (%s).', *prompts.tokens.shape[:2],
                ', '.join(sorted(set(prompts.kinds))))
@@ -362,15 +388,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_sharding)
   latest = checkpointer.latest_step()
+  progress: dict[str, Any] = {}
   if latest is not None:
-    restored = checkpointer.restore(latest, nnx.to_pure_dict(abstract), train_iter)
+    restored, progress = checkpointer.restore(latest, nnx.to_pure_dict(abstract), train_iter)
     nnx.replace_by_pure_dict(state, restored)
     start_step = latest
     logging.info('Resuming from step %d in %s.', start_step, workdir)
   writer = MetricWriter(workdir, resume_step=start_step)
 
-  def evaluate_now(step: int) -> dict[str, Any]:
-    summary = run_eval(data, state, encode_text, scores, prompts.tokens, mesh)
+  def evaluate_now(step: int, stop: distributed.StopRequest | None = None
+                   ) -> dict[str, Any] | None:
+    logging.info('Evaluating step %d (%d batches).', step, data.eval_batches)
+    summary = run_eval(data, state, encode_text, scores, prompts.tokens, mesh, stop)
+    if summary is None:
+      logging.warning('SIGTERM during the evaluation of step %d: evaluation stopped.', step)
+      return None
     metrics = {'val/top1': summary['top1'], 'val/top5': summary['top5'], **data.metrics()}
     writer.write(step, metrics)
     if jax.process_index() == 0:
@@ -389,8 +421,120 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     checkpointer.close()
     return metrics
-  if config.mode != 'train':
-    raise ValueError(f"config.mode={config.mode!r}; use 'train' or 'eval'.")
+
+  # ----------------------------------------------------------------------------- loop
+  text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen
+          else jnp.asarray(prompts.tokens))
+  stop = distributed.StopRequest()
+  eval_every = config.eval_every_steps or steps_per_epoch
+  bar = progress_bar(total_steps, start_step)
+  losses, metrics = [], {}
+  unchecked: list[tuple[int, jax.Array]] = []   # (step, its on-device finiteness flag)
+  best = progress.get('best_val_top1')          # Of WORKDIR/model; None before the first export.
+  tick, clips = time.time(), 0
+
+  def last_good() -> str:
+    saved = checkpointer.latest_step()
+    return (f'the last good checkpoint ({checkpointer.directory / str(saved)}) is kept'
+            if saved is not None else 'no checkpoint had been saved')
+
+  def check_finite(flags: list[Any] | None = None) -> None:
+    """Raises at the first step whose loss or gradient was not finite (a host sync: called only
+    where the loop syncs anyway). `flags`: the unchecked steps' flags, if already fetched."""
+    flags = jax.device_get([f for _, f in unchecked]) if flags is None else flags
+    bad = next((s for (s, _), ok in zip(unchecked, flags) if not ok), None)
+    unchecked.clear()
+    if bad is not None:
+      raise NonFiniteLossError(
+          f'The training loss or gradient is not finite at step {bad}. Stopping: nothing from '
+          f'step {bad} on is saved or exported, and {last_good()}. Lower config.optim.lr, check '
+          'the data, or enable config.optim.grad_clip_norm.')
+
+  def check_parameters(step: int) -> None:
+    if not all_finite(state):
+      raise NonFiniteLossError(f'The parameters are not finite after step {step}; nothing saved '
+                               f'or exported, and {last_good()}. Lower config.optim.lr or enable '
+                               'config.optim.grad_clip_norm.')
+
+  def evaluate_and_export(step: int) -> dict[str, Any] | None:
+    """Evaluates; WORKDIR/model becomes this model when it is finite and its val top-1 beats the
+    best so far. None when a SIGTERM stopped the evaluation."""
+    nonlocal best
+    evaluated = evaluate_now(step, stop)
+    if evaluated is not None and (best is None or evaluated['val/top1'] > best):
+      check_parameters(step)
+      best = evaluated['val/top1']
+      export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
+                   {'workdir': str(workdir), 'step': step, 'val/top1': best,
+                    'templates': list(templates), 'bare_name': config.text.bare_name,
+                    'eval_resize_ratio': config.data.eval_resize_ratio}, normalization)
+      progress.update(best_val_top1=best, best_step=step)
+    return evaluated
+
+  def save(step: int, evaluated: dict[str, Any] | None, eval_pending: bool) -> None:
+    checkpointer.save(step, nnx.to_pure_dict(state), train_iter, config,
+                      {'val/top1': evaluated['val/top1']} if evaluated else None,
+                      {**progress, 'eval_pending': eval_pending})
+
+  try:
+    if progress.get('eval_pending'):   # A SIGTERM stopped this step's evaluation: do it now.
+      evaluated = evaluate_and_export(start_step)
+      if evaluated is None:            # Stopped again: step start_step stays as it was saved.
+        logging.warning('SIGTERM: step %d is saved; exiting. Run again to resume.', start_step)
+        return metrics
+      metrics.update(evaluated)
+    for step in range(start_step + 1, total_steps + 1):
+      batch = make_global_batch(next(train_iter), batch_sharding)
+      state, out = train_step(state, batch, text, jnp.asarray(step, jnp.int32))
+      losses.append(out['loss'])
+      unchecked.append((step, out['finite']))
+      clips += tc.batch_size
+      bar.update(1)
+      last = step == total_steps
+      if step % config.log_every_steps == 0 or last:
+        values, flags = jax.device_get((losses, [f for _, f in unchecked]))
+        check_finite(flags)
+        loss = float(np.mean(values))
+        rate = clips / (time.time() - tick)
+        metrics = {'train/loss': loss, 'train/lr': float(schedule(step - 1)),
+                   'train/clips_per_s': rate}
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f'{loss:.4f}', lr=f'{metrics["train/lr"]:.2e}',
+                        clips_s=f'{rate:.1f}')
+        losses, tick, clips = [], time.time(), 0
+      evaluating = step % eval_every == 0 or last
+      evaluated = None
+      if evaluating:
+        check_finite()
+        evaluated = evaluate_and_export(step)
+        metrics.update(evaluated or {})
+      stopping = stop()                      # The same answer on every process.
+      if (step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or last
+          or evaluating or stopping):
+        check_finite()
+        check_parameters(step)
+        save(step, evaluated, eval_pending=evaluating and evaluated is None)
+      if stopping:
+        logging.warning('SIGTERM: saved step %d; exiting. Run again to resume.', step)
+        break
+  finally:
+    stop.close()
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    if train_iter is not None and hasattr(train_iter, 'close'):
+      train_iter.close()
+  return metrics
+
+  if config.mode == 'eval':
+    if latest is None and not config.init.checkpoint:
+      raise ValueError(f'config.mode=eval, but {workdir} has no checkpoint and '
+                       'config.init.checkpoint is empty: there is nothing to evaluate.')
+    metrics = evaluate_now(start_step)
+    writer.close()
+    checkpointer.close()
+    return metrics
 
   # ----------------------------------------------------------------------------- loop
   text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen

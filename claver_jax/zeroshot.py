@@ -5,7 +5,9 @@ r"""Zero-shot evaluation of a Kinetics-400-trained model on UCF-101, HMDB-51 and
     python -m claver_jax.zeroshot --config=configs/zeroshot.py --workdir=DIR [the same flags]
 
 The protocol is X-CLIP's, which CLAVER follows. The model never sees these classes in training;
-each class is described by the 16 templates plus its interpretive prompts:
+each class is described by its bare name, the templates the model directory records (those it
+was trained with; else the 16 'actions' ones; config.text.templates overrides) and its
+interpretive prompts:
   * UCF-101 and HMDB-51: all classes, on each of the 3 official test splits; the mean ± std of
     top-1 and top-5 over the splits, and each split.
   * Kinetics-600: its classes that are not in Kinetics-400 (by name, ignoring case and spacing,
@@ -42,13 +44,14 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from claver_jax import distributed, evaluate, sharding
+from claver_jax import cli, distributed, evaluate, sharding
 from claver_jax.data import build_pipelines
 from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
 from claver_jax.fileio import atomic_write_text
 from claver_jax.models import input_normalization, load_video_model, read_model_config
-from claver_jax.predict import model_dir, read_label_file
+from claver_jax.models.io import model_dir
+from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import prompt_tokens, resolve_templates
 from claver_jax.train import make_eval_fns, run_eval
@@ -165,7 +168,7 @@ def _k600_runs(cfg: ml_collections.ConfigDict, out: Path, write: bool) -> list[R
                      'it) or new_classes (a file of their names).')
   k600_names = read_labels(cfg.labels)
   if cfg.new_classes:
-    candidates = read_label_file(cfg.new_classes)
+    candidates = read_labels(cfg.new_classes)
     unknown = [n for n in candidates if n not in k600_names]
     if unknown:
       raise DataError(f'{cfg.new_classes}: {len(unknown)} classes are not in {cfg.labels}: '
@@ -266,12 +269,13 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   """Evaluates config.init.checkpoint zero-shot (see the module docstring); writes
   WORKDIR/zeroshot.json, prints a table and returns what it wrote."""
   if 'zeroshot' not in config:
-    raise ValueError('The config has no zeroshot section; start from configs/zeroshot.py.')
+    raise ConfigError('The config has no zeroshot section; start from configs/zeroshot.py.')
+  check_config(config)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   if not config.init.checkpoint:
-    raise ValueError('config.init.checkpoint is empty: set it to the K400-trained model directory '
-                     '(or the workdir of its run) to evaluate.')
+    raise ConfigError('config.init.checkpoint is empty: set it to the K400-trained model directory '
+                      '(or the workdir of its run) to evaluate.')
   checkpoint = model_dir(config.init.checkpoint)
   kind, model_cfg, meta = read_model_config(checkpoint)
   image_size = (model_cfg if kind == 'clip' else model_cfg.clip).image_size
@@ -283,6 +287,12 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if config.eval.batch_size % mesh.size or config.eval.batch_size % jax.process_count():
     raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
                      f'{mesh.size} devices and the {jax.process_count()} processes.')
+
+  # The model's own texts and test view (WORKDIR/model records them), unless the config names
+  # templates.
+  source = meta.get('source', {})
+  templates = resolve_templates(config.text.templates or source.get('templates') or 'actions')
+  bare_name = source.get('bare_name', True)
 
   # ----------------------------------------------------------------------------- input
   runs, skipped = plan_runs(config, workdir)
@@ -297,7 +307,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     data_config.update(dict(
         source='filelist', root=run.root, train_list='', val_list=run.list_path,
         labels=run.labels, shots=0, eval_batch_size=config.eval.batch_size // jax.process_count(),
-        num_clips=config.eval.num_clips, num_crops=config.eval.num_crops))
+        num_clips=config.eval.num_clips, num_crops=config.eval.num_crops,
+        eval_resize_ratio=source.get('eval_resize_ratio', config.data.eval_resize_ratio)))
     pipelines.append(build_pipelines(data_config))
 
   # ----------------------------------------------------------------------------- model
@@ -321,7 +332,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     for run, data in zip(runs, pipelines):
       bar.set_description(f'{run.dataset} {run.name}')
       texts = prompt_tokens(data.class_names, tokenizer, run.prompts or None,
-                            templates=resolve_templates(config.text.templates),
+                            templates=templates, name=bare_name,
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)
       summary = run_eval(_Progress(data, bar), state, encode_text, scores, texts.tokens, mesh)
@@ -339,6 +350,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
   datasets = {name: summarize_runs(r) for name, r in results.items()}
   report = {'checkpoint': str(checkpoint), 'num_frames': config.data.num_frames,
+            'templates': list(templates),
             'views': [config.eval.num_clips, config.eval.num_crops], 'datasets': datasets,
             'skipped': skipped}
   if lead:
@@ -364,6 +376,8 @@ def main(argv: list[str]) -> None:
   absl_logging.get_absl_handler().setFormatter(logging.Formatter('%(levelname).1s %(message)s'))
   try:
     run_zeroshot(flags.FLAGS.config, flags.FLAGS.workdir)
+  except ConfigError as e:
+    cli.fail(str(e))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
 
@@ -375,4 +389,4 @@ if __name__ == '__main__':
                                   'zeroshot section.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Where zeroshot.json and the reports go.', required=True)
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

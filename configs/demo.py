@@ -46,6 +46,9 @@ def get_config(arg=None):
   c.data.synthetic_frames = 8
   c.data.synthetic_size = 48
   c.data.scales = (1.0,)             # No MultiScaleCrop: 52% vs 45% with it, at 1500 steps.
+  # Trained on whole frames, so tested on them: the paper's view (the centre 48 px of frames
+  # resized to 54) gave 86.1% where the whole frame gave 88.8%, on one trained model.
+  c.data.eval_resize_ratio = 1.0
   c.data.jitter_prob = 0.0
   c.data.grayscale_prob = 0.0
 
@@ -55,6 +58,8 @@ def get_config(arg=None):
   # which long texts of twin classes ("from the left ... to the right") nearly coincide.
   c.text.templates = 'objects'
   c.text.prompts = ''
+  # Not the bare name either: with it (and the same templates) 89.3% instead of 92.2%.
+  c.text.bare_name = False
 
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.01

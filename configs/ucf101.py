@@ -1,31 +1,40 @@
-r"""UCF-101: few-shot from CLIP, or fully supervised from a Kinetics-400 model. ViT-B/16, 32 frames.
+r"""UCF-101: few-shot or fully supervised from a Kinetics-400 model. ViT-B/16, 32 frames.
 
 The argument is `shots=K` (or just K), K in 2, 4, 8, 16, for few-shot, or `full` (the default);
-a temporal head may follow: `configs/ucf101.py:shots=2,kmct`; or `xclip`, for X-CLIP with its own
-recipe (class names alone, text tower frozen, image tower trained): `shots=2,xclip`; or
-`motion_prompts` (after SiF, on frozen towers), with the recipe of configs/k400.py's
-`motion_prompts` (ours; SiF's is not public) for the few-shot epochs and batch below. First the
-list files of split 1:
+`from_clip` (few-shot only) and a temporal head may follow: `configs/ucf101.py:shots=2,kmct`; or
+`xclip`, for X-CLIP with its own recipe (from CLIP in few-shot; class names alone, text tower
+frozen, image tower trained): `shots=2,xclip`; or `motion_prompts` (after SiF, on frozen towers)
+with the recipe of configs/k400.py's `motion_prompts` (ours; SiF's is not public), from CLIP in
+few-shot, for the epochs and batch below. First the list files of split 1:
 
     python -m claver_jax.data.annotations --format=ucf101 --src=UCF101/ucfTrainTestlist \
         --split=1 --out=lists/ucf101/split1
 
-Few-shot (X-CLIP's protocol, which CLAVER reuses): K clips of each class drawn from split 1's
-train list (config.data.shots, by config.data.shots_seed; the draw is written to
-WORKDIR/train_<K>shot_seed<seed>.txt when the run passes its workdir to the data pipeline),
-tested on split 1's whole test list. Initialised from CLIP:
+Few-shot, the paper's recipe (Table 14): K clips of each class drawn from split 1's train list
+(config.data.shots, by config.data.shots_seed; the draw is written to
+WORKDIR/train_<K>shot_seed<seed>.txt), tested on split 1's whole test list, starting from the
+Kinetics-400 model trained 20 epochs at 32 frames, 80 epochs at lr 2e-6 (cosine to 2e-8). First
+that model (the same one zero-shot evaluates):
 
+    python -m claver_jax.main --config=configs/k400.py:B16,32,pretrain --workdir=runs/k400_pretrain \
+        --config.init.clip=ckpt/clip_b16 [K400 data flags, see configs/k400.py]
     python -m claver_jax.main --config=configs/ucf101.py:shots=2 --workdir=runs/ucf101_2shot \
-        --config.init.clip=ckpt/clip_b16 --config.data.root=UCF101/videos \
+        --config.init.checkpoint=runs/k400_pretrain --config.data.root=UCF101/videos \
         --config.data.train_list=lists/ucf101/split1/train.txt \
         --config.data.val_list=lists/ucf101/split1/test.txt \
         --config.data.labels=lists/ucf101/split1/labels.csv
 
-Fully supervised: all of split 1's train list, initialised from the 32-frame K400 model (the
-official config resumes from k400_exp_16_32_KMT/best.pth); the same flags with
+init.checkpoint takes the model's weights only (its WORKDIR/model), never its optimizer state,
+schedule or step: the run starts at step 1 with a fresh schedule (the official code restores all
+of them). X-CLIP's few-shot recipe for CLAVER, 50 epochs from CLIP, is `shots=2,from_clip` with
+--config.init.clip=ckpt/clip_b16 in place of --config.init.checkpoint; the X-CLIP model with
+its own recipe, `shots=2,xclip`, starts from CLIP too.
+
+Fully supervised: all of split 1's train list, from the 32-frame K400 model (the official config
+resumes from k400_exp_16_32_KMT/best.pth); the same flags with
 
     --config=configs/ucf101.py:full --workdir=runs/ucf101_full \
-        --config.init.checkpoint=runs/k400_b16_32/model     (instead of --config.init.clip)
+        --config.init.checkpoint=runs/k400_b16_32/model
 
 UCF-101's root is the folder that holds the class folders (ApplyEyeMakeup/...).
 
@@ -37,15 +46,17 @@ Expected top-1 (%), few-shot, B/16 32 frames, from the official CLAVER and X-CLI
 The model zoo lists no fully supervised UCF-101 result.
 
 Where the numbers come from:
-  * few-shot: microsoft/VideoX X-CLIP/configs/ucf101/16_32.yaml: ViT-B/16, 32 frames, 50 epochs,
-    lr 2e-6, batch 4 per GPU x 2 accumulation steps (X-CLIP has no other UCF-101 config; its
-    few-shot models are B/16 32x224).
+  * few-shot: the CLAVER paper's Table 14 (from the K400 model of 20 epochs at 32 frames; 80
+    epochs, lr 2e-6, min lr 2e-8); X-CLIP's (`from_clip`, `xclip`): microsoft/VideoX
+    X-CLIP/configs/ucf101/16_32.yaml: ViT-B/16, 32 frames, 50 epochs, lr 2e-6, batch 4 per GPU x
+    2 accumulation steps.
   * full: yjyddq/CLAVER configs/ucf101/16_32.yaml: ViT-B/16, 32 frames, KMT, 80 epochs, lr 2e-6,
     batch 4 per GPU x 2 accumulation steps, resumed from the K400 B/16 32-frame model, class
     descriptions = action decomposition + body + synonyms (the shipped `ucf101` prompt set).
   * the global batch: 8 GPUs (the CLAVER README's setup) x 4 = 32 clips per micro-batch, 64 per
-    update. Everything else is the official defaults (utils/config.py): 5 warmup epochs, cosine,
-    weight decay 0.001, label smoothing .1, mixup .8, cutmix 1, tests with 1 clip x 1 crop.
+    update. Everything else is the official defaults (utils/config.py): 5 warmup epochs, cosine
+    to lr / 100, weight decay 0.001, label smoothing .1, mixup .8, cutmix 1, tests with 1 clip x
+    1 crop.
 
 Memory per device (`python -m claver_jax.memory --config=configs/ucf101.py:full`: XLA's memory
 analysis of the compiled train step on 8 simulated devices, CPU backend, nothing run; see the
@@ -68,16 +79,25 @@ _k400 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_k400)
 
 SHOTS = (2, 4, 8, 16)
+PRETRAINED_K400 = ("the paper's Kinetics-400 model of 20 epochs at 32 frames: the WORKDIR of a "
+                   '`configs/k400.py:B16,32,pretrain` run (or its WORKDIR/model). For X-CLIP\'s '
+                   'recipe from CLIP instead, use shots=K,from_clip with --config.init.clip')
+FULL_K400 = ('the fully supervised Kinetics-400 model at 32 frames: the WORKDIR of a '
+             '`configs/k400.py:B16,32` run (or its WORKDIR/model)')
 
 
-def parse_setting(arg: str | None) -> tuple[int, str]:
-  """'shots=2,kmct' -> (2, 'kmct'); 'full' -> (0, 'kmt'); 'shots=2,xclip' -> (2, 'xclip');
-  'shots=2,motion_prompts' -> (2, 'motion_prompts'). 0 shots = fully supervised."""
-  shots, temporal = 0, 'kmt'
+def parse_setting(arg: str | None) -> tuple[int, bool, str]:
+  """'shots=2,kmct' -> (2, False, 'kmct'); 'shots=2,from_clip' -> (2, True, 'kmt');
+  'full' -> (0, False, 'kmt'); 'shots=2,xclip' -> (2, True, 'xclip'), 'shots=2,motion_prompts'
+  -> (2, True, 'motion_prompts'): X-CLIP's few-shot recipe, and ours for motion prompts, start
+  from CLIP. 0 shots = fully supervised."""
+  shots, from_clip, temporal = 0, False, 'kmt'
   for token in filter(None, (arg or '').replace(' ', '').split(',')):
     value = token[len('shots='):] if token.startswith('shots=') else token
     if token == 'full':
       shots = 0
+    elif token == 'from_clip':
+      from_clip = True
     elif token in ('xclip', 'motion_prompts'):
       temporal = token
     elif value.isdigit() and int(value) in SHOTS:
@@ -86,14 +106,16 @@ def parse_setting(arg: str | None) -> tuple[int, str]:
       temporal = token
     else:
       raise ValueError(f'Unknown setting {token!r} in {arg!r}: use shots=K (K in {SHOTS}) or '
-                       f'full, optionally with a temporal head {list(TEMPORAL_KINDS)}, xclip or '
-                       'motion_prompts; e.g. "shots=2,kmct".')
-  return shots, temporal
+                       f'full, optionally with from_clip (few-shot) and a temporal head '
+                       f'{list(TEMPORAL_KINDS)}, xclip or motion_prompts; e.g. "shots=2,kmct".')
+  if from_clip and not shots:
+    raise ValueError(f'{arg!r}: from_clip is X-CLIP\'s few-shot recipe; use it with shots=K.')
+  return shots, from_clip or (temporal in ('xclip', 'motion_prompts') and shots > 0), temporal
 
 
 def make_config(prompts: str, arg: str | None):
   """The UCF-101 / HMDB-51 config; `prompts` is the dataset's prompt set."""
-  shots, temporal = parse_setting(arg)
+  shots, from_clip, temporal = parse_setting(arg)
   c = base_config()
   c.model.arch = 'B16'
   c.model.temporal = temporal
@@ -104,18 +126,29 @@ def make_config(prompts: str, arg: str | None):
   c.data.shots = shots
   c.data.mean, c.data.std = IMAGENET_MEAN, IMAGENET_STD   # The official pipelines'.
   c.text.prompts = prompts
-  c.optim.lr = 2e-6
-  c.train.epochs = 50 if shots else 80
+  c.optim.lr = 2e-6                  # Cosine to 2e-8 (optim.end_lr_ratio = 0.01).
+  c.train.epochs = 50 if from_clip else 80
   c.train.batch_size = 64
   c.train.grad_accum_steps = 2
   c.eval.batch_size = 16
+  if from_clip:
+    c.init.require, c.init.require_from = 'clip', 'a converted CLIP ViT-B/16 (convert.clip_to_flax)'
+  else:
+    c.init.require = 'checkpoint'
+    c.init.require_from = PRETRAINED_K400 if shots else FULL_K400
   if temporal == 'xclip':          # X-CLIP's own few-shot recipe (its configs/*/16_32.yaml).
     c.model.name, c.model.temporal = 'xclip', 'kmt'
     c.text.prompts, c.text.templates = '', '{}'
     c.optim.freeze_image, c.optim.freeze_text = False, True
-  if temporal == 'motion_prompts':
+    if not shots:
+      c.init.require_from = ('an X-CLIP Kinetics-400 model at 32 frames: the WORKDIR of a '
+                             '`configs/k400.py:B16,32,xclip` run, or a converted one')
+  if temporal == 'motion_prompts':   # Ours (configs/k400.py: motion_prompts_recipe).
     c.model.name, c.model.temporal = 'motion_prompts', 'kmt'
     _k400.motion_prompts_recipe(c)
+    if not shots:
+      c.init.require_from = ('a motion-prompts Kinetics-400 model at 32 frames: the WORKDIR of a '
+                             '`configs/k400.py:B16,32,motion_prompts` run')
   return c
 
 

@@ -12,10 +12,11 @@ The protocol is in claver_jax/zeroshot.py. First the list files, one folder per 
     python -m claver_jax.data.annotations --format=kinetics --src=k600/annotations/val.csv \
         --split_name=val --out=lists/k600
 
-Then, with the model of a 32-frame K400 run (configs/k400.py:B16,32,kmt) or a converted one:
+Then, with the paper's 20-epoch 32-frame K400 model (a configs/k400.py:B16,32,pretrain run) or
+a converted one:
 
     python -m claver_jax.main --config=configs/zeroshot.py --workdir=runs/zeroshot_b16_32 \
-        --config.init.checkpoint=runs/k400_b16_32 \
+        --config.init.checkpoint=runs/k400_pretrain \
         --config.zeroshot.ucf101.root=UCF101/videos \
         --config.zeroshot.ucf101.test_list='lists/ucf101/split{split}/test.txt' \
         --config.zeroshot.ucf101.labels=lists/ucf101/split1/labels.csv \
@@ -63,6 +64,7 @@ def get_config(arg=None):
   c.eval.batch_size = 16
   c.eval.num_clips = 1
   c.eval.num_crops = 1
+  c.text.templates = ''              # The model directory's own (those it was trained with).
   c.zeroshot = zeroshot.default_config()
   if arg:
     c.zeroshot.datasets = arg

@@ -193,8 +193,38 @@ def test_sincos_positions_lay_out_the_patch_grid_for_models_from_scratch():
   model = make_model(config, tokenizer, nnx.Rngs(0))
   assert 0.1 < float(jnp.std(model.clip.visual.positional_embedding[...])) < 0.15  # 64 ** -0.5
   config.model.pos_init = 'learned'
+  from claver_jax.run_config import check_config
   with pytest.raises(ValueError, match="pos_init='learned'"):
-    make_model(config, tokenizer, nnx.Rngs(0))
+    check_config(config)
+
+
+def test_shapes_are_checked_at_the_boundaries():
+  """chex at the video encoder and the train step's inputs: a clip of the wrong frame count or
+  size, or a batch that does not match the config, names the shape expected (traced only)."""
+  import types
+  import tiny_config
+  from claver_jax import optim
+  from claver_jax.train import make_model, make_train_step
+  config = tiny_config.get_config()                                  # T = 4, S = 16
+  model = make_model(config, types.SimpleNamespace(vocab_size=100, eot_token_id=99),
+                     nnx.Rngs(0))
+  for shape in ((2, 3, 16, 16, 3), (2, 4, 32, 32, 3), (2, 4, 16, 16)):
+    with pytest.raises(AssertionError, match=r'expected \(None, 4, 16, 16, 3\)'):
+      model.encode_video(jnp.zeros(shape))
+  tx, _ = optim.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
+  graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=optim.trainable_filter(
+      config.optim))))
+  step = make_train_step(graphdef, config, num_classes=12, num_sets=6, text_frozen=False)
+  spec = jax.ShapeDtypeStruct
+  batch = {'video': spec((8, 4, 16, 16, 3), jnp.uint8), 'label': spec((8,), jnp.int32)}
+  text, at = spec((6, 12, 32), jnp.int32), spec((), jnp.int32)
+  jax.eval_shape(step, state, batch, text, at)                       # as the config says: fine
+  wrong = {'video': {**batch, 'video': spec((8, 8, 16, 16, 3), jnp.uint8)},
+           'label': {**batch, 'label': spec((4,), jnp.int32)},
+           'dtype': {**batch, 'video': spec((8, 4, 16, 16, 3), jnp.float32)}}
+  for name, bad in wrong.items():
+    with pytest.raises(AssertionError, match='Chex'):
+      jax.eval_shape(step, state, bad, text, at)
 
 
 # ------------------------------------------------------------------- official checkpoint parity

@@ -169,14 +169,125 @@ def test_malformed_lists_give_line_numbered_errors(motion_dir, tmp_path, text, m
 
 
 @pytest.mark.parametrize('text,message', [
-    ('id,name\n0,a\n2,b\n', r'ids must be 0..1 without gaps; missing \[1\]'),
-    ('id,name\n0,a\n0,b\n', r'labels.csv:3: id 0 appears twice'),
+    ('id,name\n0,a\n2,b\n', r'labels.csv:3: id 2: ids must be 0..1 without gaps; missing \[1\]'),
+    ('id,name\n0,a\n0,b\n', r"labels.csv:3: id 0 appears twice \('a' on line 2, 'b' here\)"),
     ('0,a\nb\n', r'labels.csv:2: expected "id,name"'),
+    ('ID, Name\n0,a\n1,a\n', r"labels.csv:3: the class name 'a' appears twice \(also on line 2\)"),
+    ('run\njump\n\nrun\n', r"labels.csv:4: the class name 'run' appears twice"),
+    ('0,a\n-1,b\n', r'labels.csv:2: id -1 is negative'),
+    ('\n\n', r'has no classes'),
 ])
 def test_malformed_labels_give_clear_errors(tmp_path, text, message):
   (tmp_path / 'labels.csv').write_text(text)
   with pytest.raises(DataError, match=message):
     read_labels(tmp_path / 'labels.csv')
+
+
+@pytest.mark.parametrize('text,names', [
+    ('id,name\n1,b c\n0,"a, with comma"\n', ['a, with comma', 'b c']),     # ids, not line order
+    ('ID,Name\n0,a\n\n1,b\n', ['a', 'b']),                                 # any header case
+    ('\ufeff0,a\n1,b\n', ['a', 'b']),                                       # BOM, no header
+    ('moving left\n  moving right \n', ['moving left', 'moving right']),     # one name a line
+])
+def test_labels_files(tmp_path, text, names):
+  (tmp_path / 'labels.csv').write_text(text, encoding='utf-8')
+  assert read_labels(tmp_path / 'labels.csv') == names
+
+
+def test_truncated_and_corrupt_mp4s_are_named_as_such(motion_dir, tmp_path):
+  from claver_jax.data.video import VideoError, open_video
+  path = motion_dir / read_list(motion_dir / 'train.txt')[0][0]
+  data = path.read_bytes()
+  moov = data.index(b'moov') - 4        # The index sits after the frames (no faststart).
+  cases = {'half': (data[:len(data) // 2], "truncated: the file has"),
+           'in the index': (data[:moov + 40], "its 'moov' box runs from byte"),
+           'no index': (data[:moov], "corrupt or truncated: it has no 'moov' box"),
+           'empty': (b'', 'empty: the file has 0 bytes')}
+  for name, (content, message) in cases.items():
+    broken = tmp_path / f'{name}.mp4'
+    broken.write_bytes(content)
+    with pytest.raises(VideoError, match=message):
+      open_video(broken)
+  # The cut that PyAV opens as "no video stream" is still reported as truncated.
+  for cut in range(moov + 8, len(data), 3):
+    (tmp_path / 'cut.mp4').write_bytes(data[:cut])
+    try:
+      open_video(tmp_path / 'cut.mp4').close()
+    except VideoError as e:
+      assert 'truncated' in str(e), str(e)
+
+
+def test_the_pipeline_closes_every_container_it_opens(motion_dir, tmp_path, monkeypatch):
+  """Closed by `with` blocks when each clip is read, not left to the garbage collector."""
+  import gc
+  from claver_jax.data import video
+  opened, closed = [], []
+  real_init, real_close = video.PyAVVideo.__init__, video.PyAVVideo.close
+  monkeypatch.setattr(video.PyAVVideo, '__init__',     # Counted once opened.
+                      lambda self, *a, **kw: (real_init(self, *a, **kw), opened.append(id(self)))[0])
+  monkeypatch.setattr(video.PyAVVideo, 'close',
+                      lambda self: (closed.append(id(self)), real_close(self))[1])
+  from claver_jax.data.pipeline import SampleLoader
+  from claver_jax.data.sources import FileListSource
+  bad = with_bad_videos(motion_dir, tmp_path / 'bad')          # train.txt line 1 is corrupt
+  source = FileListSource(bad, bad / 'train.txt', synthetic.NUM_CLASSES)
+  loader = SampleLoader(source, num_frames=4, image_size=32)
+  gc.disable()
+  try:
+    samples = [loader.train_sample(i, i) for i in range(4)]
+    views = [loader.eval_item((i, True)) for i in range(4)]
+    assert samples[0]['substituted'] and not views[2]['substituted']
+    assert len(opened) == 6 and sorted(closed) == sorted(opened)   # 4 train + 2 readable eval
+  finally:
+    gc.enable()
+
+
+def test_single_view_is_the_centre_crop_of_a_short_side_of_256_over_224(tmp_path):
+  """The official 1-crop test geometry, in evaluation and in predict: 64x48 gray ramps at S = 16
+  are resized to 24x18 (short side int(256/224 16) = 18), then the centre 16x16 is taken. The
+  old geometry (short side 16, then the centre crop) starts ~17 levels lower on each ramp."""
+  from claver_jax.data.pipeline import SampleLoader
+  from claver_jax.data.video import open_video
+  from claver_jax.predict import load_clip_frames
+  height, width, size = 48, 64, 16
+  ramps = {'x': np.broadcast_to(4 * np.arange(width), (height, width)),        # along the long side
+           'y': np.broadcast_to(5 * np.arange(height)[:, None], (height, width))}
+
+  def expected(axis: str, short_side: int) -> np.ndarray:
+    """The ramp's values along the crop's middle line: pixel centres mapped back to the frame."""
+    scale = short_side / height
+    resized = round(width * scale) if axis == 'x' else short_side
+    start = (resized - size) // 2
+    source = (start + np.arange(size) + 0.5) / scale - 0.5
+    return (4 if axis == 'x' else 5) * source
+
+  class Files:                              # A source over the two mp4s.
+    def __init__(self, paths):
+      self.paths = paths
+    def __len__(self):
+      return len(self.paths)
+    def label(self, index):
+      return 0
+    def open(self, index):
+      return open_video(self.paths[index])
+
+  paths = []
+  for axis, ramp in ramps.items():
+    paths.append(tmp_path / f'{axis}.mp4')
+    synthetic.write_mp4(paths[-1], np.repeat(np.asarray(ramp, np.uint8)[None, :, :, None], 3, -1)
+                        .repeat(4, axis=0))
+  loader = SampleLoader(Files(paths), num_frames=2, image_size=size)
+  whole = SampleLoader(Files(paths), num_frames=2, image_size=size, eval_resize_ratio=1.0)
+  for index, (axis, path) in enumerate(zip(ramps, paths)):
+    for clip in (loader.eval_views(index)[0], load_clip_frames(path, 2, size)):
+      assert clip.shape == (2, size, size, 3)
+      line = clip[0, size // 2, :, 1] if axis == 'x' else clip[0, :, size // 2, 1]
+      np.testing.assert_allclose(line, expected(axis, 18), atol=6)
+      assert abs(float(line[0]) - expected(axis, size)[0]) > 10     # not the old geometry
+    # data.eval_resize_ratio=1.0 (the demo: trained on whole frames): the short side S.
+    for clip in (whole.eval_views(index)[0], load_clip_frames(path, 2, size, 1.0)):
+      line = clip[0, size // 2, :, 1] if axis == 'x' else clip[0, :, size // 2, 1]
+      np.testing.assert_allclose(line, expected(axis, size), atol=6)
 
 
 def test_list_paths_may_contain_spaces(tmp_path):

@@ -200,6 +200,31 @@ def test_mixup_cutmix_targets_sum_to_one():
         np.testing.assert_allclose(mixed[0], lam * video[0] + (1 - lam) * video[3], atol=1e-4)
 
 
+@pytest.mark.parametrize('mixup_alpha,cutmix_alpha', [(0.0, 1.0), (0.8, 0.0), (0.0, 0.0)])
+def test_an_alpha_of_zero_turns_its_branch_off(mixup_alpha, cutmix_alpha):
+  """timm's rule: cutmix only, mixup only, or neither (plain label smoothing), never NaN."""
+  video = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 16, 16, 3)), jnp.float32)
+  labels = jnp.array([0, 3, 3, 9])
+  step = jax.jit(lambda rng: mixup_cutmix(rng, video, labels, 10, mixup_alpha=mixup_alpha,
+                                          cutmix_alpha=cutmix_alpha, switch_prob=0.5))
+  smoothed = np.asarray(jax.nn.one_hot(labels, 10)) * 0.9 + 0.01
+  for seed in range(20):
+    mixed, targets = map(np.asarray, step(jax.random.key(seed)))
+    assert np.isfinite(mixed).all() and np.isfinite(targets).all(), seed
+    np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
+    lam = (targets[0, 0] - 0.01) / 0.9
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+      np.testing.assert_array_equal(mixed, video)
+      np.testing.assert_allclose(targets, smoothed, rtol=1e-6)
+    elif mixup_alpha == 0:        # Every step a box: each pixel is its own or its partner's.
+      kept = np.isclose(mixed[0], video[0]).all(axis=(0, -1))
+      assert (kept | np.isclose(mixed[0], video[3]).all(axis=(0, -1))).all()
+      np.testing.assert_allclose(kept.mean(), lam, atol=1e-5)
+    else:                         # Every step a blend (never an empty box, as a NaN one is).
+      assert 0 < lam < 1 - 1e-6, seed
+      np.testing.assert_allclose(mixed[0], lam * video[0] + (1 - lam) * video[3], atol=1e-4)
+
+
 def test_cutmix_box_area_corrects_lambda():
   mask, lam = cutmix_box(jax.random.key(0), jnp.float32(0.6), 20, 30)
   np.testing.assert_allclose(lam, 1 - mask.mean(), rtol=1e-6)

@@ -63,6 +63,7 @@ def test_k400_presets():
       'L14_336', 32, 'kmct', 336)
   d = k400.get_config(None)
   assert (d.model.arch, d.data.num_frames, d.model.temporal) == ('B16', 8, 'kmt')
+  assert d.data.num_workers >= 8         # Accelerator hosts: decoding in worker processes.
   assert parse_preset('16, B32') == {'name': 'claver', 'arch': 'B32', 'num_frames': 16,
                                      'temporal': 'kmt'}
   with pytest.raises(ValueError, match='e.g. "B16,16,kmct"'):

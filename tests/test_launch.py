@@ -417,7 +417,9 @@ def test_two_process_run_exports_the_model(two_processes, one_process):
   two, one = two_processes[0], one_process
   assert read_model_config(two / 'model')[2]['source']['step'] == 2    # the best val: step 2
   assert read_model_config(one / 'model')[2]['source']['step'] == 2
-  assert not [p.name for p in two.iterdir() if p.name.startswith('.model.')]  # no temp dirs left
+  # A link to a complete version written by both processes; no temporary directories left.
+  assert (two / 'model').is_symlink() and (two / 'model').resolve().parent == two / '.model.versions'
+  assert not [p.name for p in two.iterdir() if '.tmp' in p.name or '.link-' in p.name]
   video = np.random.default_rng(0).normal(size=(2, 4, 16, 16, 3)).astype(np.float32)
   tokens = load_tokenizer(two / 'model')(['moving left', 'fading in', 'growing'], context_length=32)
   logits = [np.asarray(load(w / 'model').logits(video, tokens)) for w in (two, one)]

@@ -25,6 +25,19 @@ def test_readme_commands_are_what_ci_runs():
   assert TEST_COMMAND in ci_commands
 
 
+def test_readme_stands_alone_and_lays_out_every_module():
+  """A user's clone has no ../shared/DESIGN.md: the README's own layout section names every
+  module of the package."""
+  readme = (REPO / 'README.md').read_text()
+  assert 'DESIGN.md' not in readme
+  start = readme.index('## How the code is laid out')
+  section = readme[start:readme.index('\n## ', start + 1)]
+  modules = sorted(p.relative_to(REPO / 'claver_jax') for p in (REPO / 'claver_jax').rglob('*.py')
+                   if p.name != '__init__.py')
+  missing = [str(m) for m in modules if f' {m.name} ' not in section.replace('\n', ' \n')]
+  assert not missing, f'modules the README does not lay out: {missing}'
+
+
 def test_dependencies_and_torch_pin():
   cfg = configparser.ConfigParser()
   cfg.read(REPO / 'setup.cfg')

@@ -8,11 +8,12 @@ import logging
 import numpy as np
 import pytest
 
+from claver_jax.data.labels import read_labels
 from claver_jax.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from claver_jax.text import Tokenizer, load_tokenizer, prompts
 from claver_jax.text.prompts import (ASPECTS, TEMPLATES, Collision, MissingPromptsError,
                                      build_prompt_texts, find_collisions, load_prompt_set,
-                                     prompt_tokens, read_class_names, readable_name)
+                                     prompt_tokens, readable_name)
 from conftest import CLIP_BPE, SHARED_REFERENCE, requires_clip_bpe, run_cli
 from prompt_helpers import tiny_clip_vocab, write_tiny_clip_vocab
 
@@ -56,7 +57,7 @@ def reference_classes(name):
     return source
   if not (LABELS / source).is_file():
     pytest.skip(f'{LABELS / source} is absent (../shared/reference is not checked out)')
-  return read_class_names(LABELS / source)
+  return read_labels(LABELS / source)
 
 
 def require_shipped(name):
@@ -72,18 +73,18 @@ def test_shapes_kinds_alignment_and_cycling(tok):
   templates = ['a video of {}.', 'someone {}.']
   names = ['ApplyLipstick', 'jumping']
   out = prompt_tokens(names, tok, SET, templates=templates)
-  # 2 templates, then per aspect the most texts any class has: 3 + 3 + 2.
-  assert out.tokens.shape == (10, 2, 77) and out.tokens.dtype == np.int32
-  assert out.kinds == ('template',) * 2 + ('decomposition',) * 3 + ('synonyms',) * 3 + (
-      'body_parts',) * 2
+  # The bare name, 2 templates, then per aspect the most texts any class has: 3 + 3 + 2.
+  assert out.tokens.shape == (11, 2, 77) and out.tokens.dtype == np.int32
+  assert out.kinds == ('name',) + ('template',) * 2 + ('decomposition',) * 3 + (
+      'synonyms',) * 3 + ('body_parts',) * 2
   column = {c: [row[i] for row in out.texts] for i, c in enumerate(names)}
   assert column['ApplyLipstick'] == [
-      'a video of apply lipstick.', 'someone apply lipstick.',
+      'apply lipstick', 'a video of apply lipstick.', 'someone apply lipstick.',
       'uncap a tube', 'trace the lips', 'press lips together',
       'coloring the lips', 'coloring the lips', 'coloring the lips',  # One text, cycled.
       'the wrist turns', 'the lips pout']
   assert column['jumping'] == [
-      'a video of jumping.', 'someone jumping.',
+      'jumping', 'a video of jumping.', 'someone jumping.',
       'crouch then spring up', 'leave the ground', 'crouch then spring up',  # Cycled.
       'leaping', 'hopping', 'bounding', 'legs extend', 'legs extend']
   for a, row in enumerate(out.texts):
@@ -93,9 +94,14 @@ def test_shapes_kinds_alignment_and_cycling(tok):
 
 def test_templates_only_and_readable_names(tok):
   out = prompt_tokens(['ApplyEyeMakeup', 'brush_hair', 'YoYo', 'passing American football'], tok)
-  assert out.tokens.shape == (len(TEMPLATES), 4, 77) and set(out.kinds) == {'template'}
-  assert out.texts[0] == [TEMPLATES[0].format(n) for n in
-                          ['apply eye makeup', 'brush hair', 'yo yo', 'passing american football']]
+  names = ['apply eye makeup', 'brush hair', 'yo yo', 'passing american football']
+  assert out.tokens.shape == (1 + len(TEMPLATES), 4, 77)
+  assert out.kinds == ('name',) + ('template',) * len(TEMPLATES)
+  assert out.texts[0] == names and out.texts[1] == [TEMPLATES[0].format(n) for n in names]
+  assert prompt_tokens(['brush_hair'], tok, name=False).texts[0] == [TEMPLATES[0].format(
+      'brush hair')]
+  assert prompt_tokens(['brush_hair'], tok, templates=['{}', 'a {}']).texts == [
+      ['brush hair'], ['a brush hair']]                       # '{}' is the bare name already
   assert readable_name('TVWatching') == 'tv watching'
   assert len(TEMPLATES) == len(set(TEMPLATES)) >= 16
 
@@ -111,11 +117,12 @@ def test_template_sets_by_name_or_spelled_out(tok):
   with pytest.raises(ValueError, match='exactly one'):
     resolve_templates('{} and {}|fine {}')
   out = prompt_tokens(['moving left'], tok, templates=resolve_templates('objects'))
-  assert out.texts[1] == ['a video of moving left.'] and out.tokens.shape[0] == 6
+  assert out.texts[2] == ['a video of moving left.'] and out.tokens.shape[0] == 7
 
 
 def test_aspect_subset_and_bad_arguments(tok):
-  texts, kinds = build_prompt_texts(['jumping'], SET, templates=[], aspects=['synonyms'])
+  texts, kinds = build_prompt_texts(['jumping'], SET, templates=[], aspects=['synonyms'],
+                                    name=False)
   assert kinds == ('synonyms',) * 3 and texts == [['leaping'], ['hopping'], ['bounding']]
   with pytest.raises(ValueError, match='exactly one'):
     build_prompt_texts(['jumping'], templates=['no slot'])
@@ -160,12 +167,12 @@ def test_missing_class_falls_back_to_templates_when_allowed(tok, caplog):
                         allow_missing=True)
   assert "'sleeping': not in the prompt set" in caplog.text
   assert 'fall back to their template texts' in caplog.text
-  assert out.tokens.shape == (3 + 2 + 3 + 1, 2, 77)
+  assert out.tokens.shape == (1 + 3 + 2 + 3 + 1, 2, 77)
   sleeping = [row[0] for row in out.texts]
-  assert sleeping[3:] == ['a video of sleeping.', 'someone sleeping.',
-                          'a video of sleeping.', 'someone sleeping.', 'people sleeping.',
-                          'a video of sleeping.']
-  assert [row[1] for row in out.texts][3:5] == SET['jumping']['decomposition']
+  assert sleeping[4:] == ['sleeping', 'a video of sleeping.',                       # 2 decomp.
+                          'sleeping', 'a video of sleeping.', 'someone sleeping.',  # 3 synonyms
+                          'sleeping']                                               # 1 body part
+  assert [row[1] for row in out.texts][4:6] == SET['jumping']['decomposition']
 
 
 def test_loading_sets_by_name_and_path(tmp_path):
@@ -187,18 +194,6 @@ def test_loading_sets_by_name_and_path(tmp_path):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
       load_prompt_set(path)
-
-
-def test_read_class_names(tmp_path):
-  path = tmp_path / 'labels.csv'
-  path.write_text('id,name\n1,b c\n0,"a, with comma"\n')
-  assert read_class_names(path) == ['a, with comma', 'b c']
-  path.write_text('0,a\n1\n')
-  with pytest.raises(ValueError, match='labels.csv:2: expected "id,name"'):
-    read_class_names(path)
-  path.write_text('0,a\n2,b\n')
-  with pytest.raises(ValueError, match='0..N-1'):
-    read_class_names(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,8 +304,9 @@ def test_shipped_texts_fit_clip_context(name, real_tok):
 def test_shipped_set_tokens_for_a_dataset(real_tok):
   classes = reference_classes('ucf101')
   out = prompt_tokens(classes, real_tok, 'ucf101')
-  assert out.tokens.shape == (len(TEMPLATES) + 9, 101, 77) and out.num_truncated == 0
-  assert out.texts[len(TEMPLATES)][0] == load_prompt_set('ucf101')['ApplyEyeMakeup'][
+  assert out.tokens.shape == (1 + len(TEMPLATES) + 9, 101, 77) and out.num_truncated == 0
+  assert out.texts[0][0] == 'apply eye makeup'
+  assert out.texts[1 + len(TEMPLATES)][0] == load_prompt_set('ucf101')['ApplyEyeMakeup'][
       'decomposition'][0]
   eot = (out.tokens == real_tok.eot_token_id).sum(-1)
   assert (eot == 1).all()  # Every row has exactly one end-of-text token.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from data_helpers import synthetic_dir
 from prompt_helpers import tiny_clip_vocab
 
 FRAMES, SIZE = 4, 16
+TEMPLATES = ('a clip of {}.', '{} on screen.')    # What tiny_model_dir records it was trained with.
 # Three test splits of different sizes over the 36 clips, overlapping as real splits do not,
 # so that their accuracies differ.
 SPLITS = {1: range(0, 12), 2: range(10, 30), 3: range(24, 36)}
@@ -100,15 +102,28 @@ def test_pipeline_keeps_k_clips_per_class_and_writes_the_list(motion_dir, tmp_pa
 
 
 def test_few_shot_and_full_configs():
+  """The paper's few-shot recipe by default (Table 14: from the 20-epoch 32-frame K400 model, 80
+  epochs, lr 2e-6 to 2e-8); X-CLIP's (50 epochs from CLIP) as `from_clip`."""
   few = load_config('ucf101', 'shots=4,kmct')
-  assert (few.data.shots, few.model.temporal, few.train.epochs) == (4, 'kmct', 50)
-  assert (few.optim.lr, few.train.batch_size, few.train.grad_accum_steps) == (2e-6, 64, 2)
+  assert (few.data.shots, few.model.temporal, few.train.epochs) == (4, 'kmct', 80)
+  assert (few.optim.lr, few.optim.lr * few.optim.end_lr_ratio) == (2e-6, pytest.approx(2e-8))
+  assert (few.train.batch_size, few.train.grad_accum_steps) == (64, 2)
   assert (few.data.num_frames, few.model.arch, few.text.prompts) == (32, 'B16', 'ucf101')
+  assert few.init.require == 'checkpoint' and 'configs/k400.py:B16,32,pretrain' in few.init.require_from
+  xclip = load_config('hmdb51', 'shots=2,from_clip')
+  assert (xclip.data.shots, xclip.train.epochs, xclip.init.require) == (2, 50, 'clip')
   full = load_config('hmdb51', 'full')
   assert (full.data.shots, full.train.epochs, full.text.prompts) == (0, 80, 'hmdb51')
+  assert full.init.require == 'checkpoint'
   assert load_config('hmdb51', '8').data.shots == 8
+  pretrain = load_config('k400', 'B16,32,pretrain')
+  assert (pretrain.train.epochs, pretrain.data.num_frames, pretrain.model.arch) == (20, 32, 'B16')
+  assert load_config('k400', 'B16,32').train.epochs == 60
+  assert load_config('k600', 'B16,32').data.num_workers == pretrain.data.num_workers >= 8
   with pytest.raises(ValueError, match='shots=K'):
     load_config('ucf101', 'shots=3')
+  with pytest.raises(ValueError, match='from_clip'):
+    load_config('ucf101', 'full,from_clip')
 
 
 # ----------------------------------------------------------------------------------- zero-shot
@@ -147,7 +162,7 @@ def random_params(cfg: CLAVERConfig, seed: int = 0) -> dict:
 @pytest.fixture(scope='module')
 def tiny_model_dir(tmp_path_factory):
   """A random tiny KMT CLAVER (4 frames of 16 px) with a tiny CLIP-format vocabulary, recording
-  ImageNet's input normalisation."""
+  TEMPLATES as a run's WORKDIR/model does, and ImageNet's input normalisation."""
   vocab, merges = tiny_clip_vocab()
   clip = CLIPConfig(embed_dim=32, image_size=SIZE, patch_size=8, vision_width=64,
                     vision_layers=1, vision_heads=1, vision_mlp_dim=128, context_length=77,
@@ -156,14 +171,16 @@ def tiny_model_dir(tmp_path_factory):
   cfg = CLAVERConfig(clip=clip, num_frames=FRAMES, temporal='kmt', temporal_layers=1)
   return write_model_dir(tmp_path_factory.mktemp('model') / 'tiny', kind='claver', config=cfg,
                          params=random_params(cfg), tokenizer=(vocab, merges),
+                         source={'templates': list(TEMPLATES)},
                          normalization=(IMAGENET_MEAN, IMAGENET_STD))
 
 
 @pytest.fixture(scope='module')
 def independent_top_k(tiny_model_dir):
   """(root, items, class_names) -> top-1 / top-5 (%) of the videos `items`, read one by one as
-  predict reads them and normalised as the directory records, scored over templates +
-  synthetic_motion texts: softmax over classes per description set, mean over sets."""
+  predict reads them and normalised as the directory records, scored over the class names, the
+  model's recorded TEMPLATES and the synthetic_motion texts: softmax over classes per description
+  set, mean over sets."""
   model, tokenizer = load(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
   @nnx.jit
@@ -176,7 +193,7 @@ def independent_top_k(tiny_model_dir):
     return jax.nn.softmax(logits, axis=-1).mean(axis=0)
 
   def top_k(root, items, class_names) -> tuple[float, float]:
-    texts = prompt_tokens(class_names, tokenizer, 'synthetic_motion')
+    texts = prompt_tokens(class_names, tokenizer, 'synthetic_motion', templates=TEMPLATES)
     video = np.stack([load_clip_frames(root / path, FRAMES, SIZE) for path, _ in items])
     s = np.asarray(scores(model, jnp.asarray(video), jnp.asarray(texts.tokens)))
     labels = np.array([label for _, label in items])
@@ -184,6 +201,28 @@ def independent_top_k(tiny_model_dir):
             100 * evaluate.topk_correct(s, labels, 5).mean())
 
   return top_k
+
+
+def test_broken_model_directories_give_one_clear_error(tiny_model_dir, motion_dir, tmp_path):
+  """No params/, or a parameter shard cut short: one line naming the directory and the problem,
+  from load() and from predict's CLI."""
+  import shutil
+  no_params = shutil.copytree(tiny_model_dir, tmp_path / 'no_params')
+  shutil.rmtree(no_params / 'params')
+  cut = shutil.copytree(tiny_model_dir, tmp_path / 'cut')
+  shard = max((p for p in (cut / 'params').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  cases = {no_params: f'{no_params} has no params/ directory',
+           cut: f'{cut}/params: a parameter shard is unreadable (corrupt or cut short): '}
+  video = motion_dir / read_list(motion_dir / 'val.txt')[0][0]
+  for directory, message in cases.items():
+    with pytest.raises(ValueError, match=re.escape(message)):
+      load(directory)
+    proc = run_cli('claver_jax.predict', f'--checkpoint={directory}', f'--video={video}',
+                   '--labels', 'a', 'b', check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        proc.stderr.strip().splitlines()[-1]], proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith(f'error: {message}')
 
 
 def zeroshot_config(model_dir, motion_dir, datasets: str):
@@ -204,14 +243,23 @@ def zeroshot_config(model_dir, motion_dir, datasets: str):
 
 @pytest.fixture(scope='module')
 def zeroshot_run(tiny_model_dir, motion_dir, tmp_path_factory):
+  """The run's workdir, config and report; and how often evaluation gathered across processes."""
+  from claver_jax import train
   workdir = tmp_path_factory.mktemp('zeroshot')
   config = zeroshot_config(tiny_model_dir, motion_dir, 'ucf101,hmdb51,k600')
-  return workdir, config, zeroshot.run_zeroshot(config, str(workdir))
+  gathers = []
+  real = train.multihost_utils.process_allgather
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train.multihost_utils, 'process_allgather',
+                  lambda *a, **kw: (gathers.append(1), real(*a, **kw))[1])
+    report = zeroshot.run_zeroshot(config, str(workdir))
+  return workdir, config, report, len(gathers)
 
 
 def test_split_results_and_their_mean_and_std(zeroshot_run, independent_top_k, motion_dir):
-  workdir, _, report = zeroshot_run
+  workdir, _, report, _ = zeroshot_run
   assert report == json.loads((workdir / 'zeroshot.json').read_text())
+  assert report['templates'] == list(TEMPLATES)          # the model directory's own
   assert 'hmdb51' in report['skipped'] and 'hmdb51' not in report['datasets']
   ucf = report['datasets']['ucf101']
   names = read_labels(motion_dir / 'labels.csv')
@@ -232,9 +280,17 @@ def test_split_results_and_their_mean_and_std(zeroshot_run, independent_top_k, m
   assert (workdir / 'zeroshot' / 'ucf101' / 'split2' / 'per_class.json').is_file()
 
 
+def test_evaluation_gathers_once_per_evaluation(zeroshot_run):
+  """Scores stay on the devices through an evaluation: one gather per run, not one per batch."""
+  _, config, report, gathers = zeroshot_run
+  runs = [r for d in report['datasets'].values() for r in d['runs'].values()]
+  assert len(runs) == 6 and gathers == 6
+  assert sum(r['num_videos'] for r in runs) > 6 * config.eval.batch_size   # several batches each
+
+
 def test_k600_draws_are_seeded_subsets_of_the_new_classes(zeroshot_run, independent_top_k,
                                                          motion_dir):
-  workdir, _, report = zeroshot_run
+  workdir, _, report, _ = zeroshot_run
   k600 = report['datasets']['k600']
   names = read_labels(motion_dir / 'labels.csv')
   new = [n for n in names if n not in ('moving left', 'growing', 'fading out',
@@ -274,7 +330,7 @@ def test_nothing_configured_is_a_clear_error(tiny_model_dir, tmp_path):
 
 def test_cli_on_eight_devices_skips_unset_datasets_and_matches_the_direct_call(
     zeroshot_run, tiny_model_dir, tmp_path, monkeypatch):
-  _, config, report = zeroshot_run
+  _, config, report, _ = zeroshot_run
   ucf = config.zeroshot.ucf101
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
   proc = run_cli('claver_jax.zeroshot', '--config=configs/zeroshot.py', f'--workdir={tmp_path}',

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -133,18 +134,94 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert saved and max(saved) >= 2
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path):
+def test_sigterm_during_an_evaluation_saves_and_exits_within_30_s(tmp_path):
+  """The demo config, evaluated at step 2 (1200 clips): SIGTERM between its batches stops the
+  evaluation, saves step 2 and exits 0; the evaluation is marked to be redone on resume."""
+  import threading
+  workdir = tmp_path / 'demo'
+  command = main_command(workdir, '--config.eval_every_steps=2', '--config.train.max_steps=4')
+  command[command.index(f'--config={TINY}')] = '--config=configs/demo.py'
+  proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  stderr, evaluating = [], threading.Event()
+
+  def read():
+    for line in proc.stderr:
+      stderr.append(line)
+      if 'Evaluating step 2' in line:
+        evaluating.set()
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  assert evaluating.wait(timeout=300), ''.join(stderr)[-3000:]
+  time.sleep(2)                                      # Inside the batches.
+  signalled = time.time()
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  elapsed = time.time() - signalled
+  reader.join(timeout=10)
+  text = ''.join(stderr)
+  assert proc.returncode == 0 and elapsed < 30, (elapsed, text[-3000:])
+  assert 'SIGTERM during the evaluation of step 2' in text and 'SIGTERM: saved step 2' in text
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [2]
+  assert not [r for r in read_metrics(workdir) if 'val/top1' in r]
+  progress = json.loads((workdir / 'checkpoints' / '2' / 'progress' / 'metadata').read_text())
+  assert progress['eval_pending'] is True
+
+
+def test_non_finite_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(uninterrupted,
+                                                                                tmp_path):
+  """lr 1e12 from step 9: the first step whose loss or gradient is not finite is found on the
+  device, whether the loss is read every step or every 100; nothing from it on is saved or
+  exported."""
+  import re
   import shutil
-  workdir = tmp_path / 'nan'
-  shutil.copytree(uninterrupted[0], workdir)
-  # More epochs from step 9, with a learning rate that blows the weights up.
-  proc = run_main(workdir, '--config.train.epochs=3', '--config.optim.lr=1e12',
-                  '--config.optim.warmup_epochs=0', check=False)
-  assert proc.returncode != 0
-  assert 'not finite' in proc.stderr or 'loss is nan' in proc.stderr
-  assert 'last good checkpoint (step 9) is kept' in proc.stderr
-  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  assert max(saved) == 9
+  from claver_jax.models.io import read_model_config
+  blow_up = ('--config.train.epochs=3', '--config.optim.lr=1e12', '--config.optim.warmup_epochs=0')
+  found = {}
+  for log_every in (1, 100):
+    workdir = shutil.copytree(uninterrupted[0], tmp_path / f'log{log_every}')
+    proc = run_main(workdir, *blow_up, f'--config.log_every_steps={log_every}',
+                    '--config.checkpoint_every_steps=1000', '--config.eval_every_steps=1000',
+                    check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and 'not finite at step' in last, proc.stderr[-3000:]
+    found[log_every] = int(re.search(r'not finite at step (\d+)', last).group(1))
+    saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+    assert max(saved) < found[log_every]
+    assert f'the last good checkpoint ({workdir}/checkpoints/{max(saved)}) is kept' in last
+    assert read_model_config(workdir / 'model')[2]['source']['step'] == 9     # not replaced
+  assert found[1] == found[100] and 9 < found[1] < 27
+
+
+def test_a_resume_drops_a_torn_metrics_line_redoes_a_stopped_evaluation_and_keeps_the_best(
+    uninterrupted, tmp_path):
+  """A copy of the 9-step run whose last metrics line was torn by a SIGKILL and whose step-9
+  evaluation a SIGTERM stopped (as test_sigterm_during_an_evaluation... leaves step 2), resumed
+  for 9 more steps at lr 0: the torn line is dropped with a warning, step 9 is evaluated first,
+  and since the unchanged model is not better, WORKDIR/model stays step 9's (before, the best
+  restarted at -1 on every resume and the first evaluation always exported)."""
+  import shutil
+  from claver_jax.models.io import read_model_config
+  workdir = shutil.copytree(uninterrupted[0], tmp_path / 'resumed')
+  metrics = workdir / 'metrics.jsonl'
+  whole = metrics.read_text()
+  metrics.write_text(whole + '{"step": 10, "train/lo')
+  progress = workdir / 'checkpoints' / '9' / 'progress' / 'metadata'
+  progress.write_text(json.dumps({**json.loads(progress.read_text()), 'eval_pending': True}))
+  proc = run_main(workdir, '--config.train.epochs=2', '--config.optim.lr=0')
+  assert f'{metrics}:{whole.count(chr(10)) + 1}: dropped a torn last line' in proc.stderr
+  rows = read_metrics(workdir)
+  assert rows[:whole.count('\n')] == [json.loads(line) for line in whole.splitlines()]
+  top1 = [(r['step'], r['val/top1']) for r in rows if 'val/top1' in r]
+  assert [step for step, _ in top1] == [9, 9, 18] and len({v for _, v in top1}) == 1
+  assert read_model_config(workdir / 'model')[2]['source']['step'] == 9
+
+
+def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(tmp_path):
+  from claver_jax.metrics import MetricsFileError, MetricWriter
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+  with pytest.raises(MetricsFileError, match=r'metrics.jsonl:2: not a JSON line'):
+    MetricWriter(tmp_path, resume_step=3)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='simulated CPU devices')
@@ -176,6 +253,7 @@ def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path, monkeypatch):
   from claver_jax.text.prompts import OBJECT_TEMPLATES
   meta = json_lib.loads((uninterrupted[0] / 'model' / 'config.json').read_text())
   assert meta['source']['templates'] == list(OBJECT_TEMPLATES)
+  assert meta['source']['eval_resize_ratio'] == 1.0        # the demo's whole-frame test view
   used, real = [], predict.prompt_tokens
   monkeypatch.setattr(predict, 'prompt_tokens',
                       lambda *a, **kw: used.append(kw['templates']) or real(*a, **kw))
@@ -185,16 +263,125 @@ def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path, monkeypatch):
   assert all(r['label'] in labels for r in result)
   scores = [r['score'] for r in result]
   assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-5
-  label_file = tmp_path / 'labels.csv'
-  label_file.write_text('id,name\n' + ''.join(f'{i},{n}\n' for i, n in enumerate(labels)))
+  label_file = tmp_path / 'labels.csv'        # Any-case header, ids out of line order.
+  label_file.write_text('ID,Name\n' + ''.join(f'{i},{n}\n' for i, n in reversed(list(
+      enumerate(labels)))))
   table = run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}/model',
                   f'--video={video}', f'--label_file={label_file}').stdout.splitlines()
   assert table[0].split() == ['label', 'score'] and len(table) == 6     # header + top 5
-  broken = tmp_path / 'broken.mp4'
-  broken.write_bytes(b'not a video')
+  assert {line.rsplit(None, 1)[0].strip() for line in table[1:]} <= set(labels)
+  broken = tmp_path / 'broken.mp4'                   # Cut inside its index: PyAV sees no stream.
+  data = video.read_bytes()
+  broken.write_bytes(data[:data.index(b'moov') + 60])
   bad = run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}', f'--video={broken}',
                 '--labels', 'a', 'b', check=False)
-  assert bad.returncode != 0 and 'error:' in bad.stderr
+  assert bad.returncode != 0
+  assert f"error: {broken}: truncated: the file has" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_predict_and_the_prompts_check_read_labels_files_as_training_does(uninterrupted, tmp_path):
+  """One parser: ids and an `ID,Name` header honoured, duplicate names an error with file:line,
+  in predict's --label_file (see also test_predict_on_a_synthetic_mp4) and the prompts
+  checker's --labels as in training's read_labels."""
+  from claver_jax.data import synthetic
+  from claver_jax.data.sources import read_labels
+  from conftest import run_cli
+  clip, _ = synthetic.make_clip(7, num_frames=8, size=32)
+  video = tmp_path / 'clip.mp4'
+  synthetic.write_mp4(video, clip)
+  good = tmp_path / 'good.csv'
+  good.write_text('ID,Name\n1,moving right\n0,moving left\n')
+  assert read_labels(good) == ['moving left', 'moving right']
+  check = run_cli('claver_jax.text.prompts', '--check=synthetic_motion', f'--labels={good}',
+                  check=False)
+  assert 'coverage: 2/2 classes' in check.stdout
+  twice = tmp_path / 'twice.csv'
+  twice.write_text('0,moving left\n1,moving right\n2,moving left\n')
+  with pytest.raises(ValueError, match='twice.csv:3: the class name'):
+    read_labels(twice)
+  for proc in (run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}',
+                       f'--video={video}', f'--label_file={twice}', check=False),
+               run_cli('claver_jax.text.prompts', '--check=synthetic_motion',
+                       f'--labels={twice}', check=False)):
+    assert proc.returncode != 0
+    assert f"error: {twice}:3: the class name 'moving left' appears twice" in proc.stderr
+
+
+def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted, tmp_path,
+                                                                  monkeypatch):
+  """WORKDIR/model while the run exports a new best: checked after every rename, exchange and
+  removal the export makes, from a copied workdir (model/ a real directory) on."""
+  import json as json_lib
+  import shutil
+  from claver_jax import fileio, train
+  from claver_jax.models import load
+  from claver_jax.text import load_tokenizer
+  workdir = shutil.copytree(uninterrupted[0], tmp_path / 'copy')
+  out = workdir / 'model'
+  assert (uninterrupted[0] / 'model').is_symlink() and not out.is_symlink()
+  model, tokenizer = load(out), load_tokenizer(out)
+  checks = []
+
+  def assert_complete(what):
+    source = json_lib.loads((out / 'config.json').read_text())['source']
+    assert (out / 'params' / '_METADATA').is_file() and (out / 'tokenizer').is_dir(), what
+    checks.append((what, source['step']))
+
+  def checked(name, real):
+    def call(*args, **kwargs):
+      result = real(*args, **kwargs)
+      assert_complete(name)
+      return result
+    return call
+
+  for module, name in ((os, 'replace'), (os, 'rename'), (shutil, 'rmtree'), (fileio, 'exchange')):
+    monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
+  for step in (100, 200, 300):
+    train.export_model(model, tokenizer, out, {'step': step}, ((0.5,) * 3, (0.25,) * 3))
+    assert_complete('after')
+    assert checks[-1][1] == step and load(out).cfg == model.cfg
+  assert {'replace', 'exchange', 'rmtree'} <= {what for what, _ in checks}
+  assert out.is_symlink() and out.resolve().parent == workdir / '.model.versions'
+  assert len(list((workdir / '.model.versions').iterdir())) == 2     # this one and the one before
+
+
+def test_config_errors_are_one_line_and_write_nothing(tmp_path):
+  """A misspelt key, a recipe without the checkpoint it starts from, keys that cannot work
+  together: one line on stderr, exit 2, no workdir."""
+  workdir = tmp_path / 'never'
+  cases = {
+      ('--config.model.temporall=kmt',):
+          "error: --config.model.temporall: config.model has no key 'temporall'; did you mean "
+          "'config.model.temporal'?",
+      ('--config.init.clip=/some/clip',):
+          "error: config.text.tokenizer='train' learns a new vocabulary, but the text tower of "
+          'config.init.clip',
+      ('--config=configs/ucf101.py:shots=2',):
+          'error: This recipe starts from config.init.checkpoint: the paper\'s Kinetics-400 model '
+          'of 20 epochs at 32 frames: the WORKDIR of a `configs/k400.py:B16,32,pretrain` run',
+  }
+  for overrides, message in cases.items():
+    proc = run_main(workdir, *overrides, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(message), lines[0]
+    assert not workdir.exists()
+
+
+def test_init_checkpoint_takes_the_weights_only(uninterrupted, tmp_path):
+  """From another run's workdir (its WORKDIR/model): step 1, the schedule from its start, the
+  source untouched. Cutmix only (mixup_alpha 0) trains with finite losses."""
+  source = uninterrupted[0]
+  before = sorted(p.name for p in (source / 'checkpoints').iterdir())
+  workdir = tmp_path / 'from_checkpoint'
+  run_main(workdir, f'--config.init.checkpoint={source}', '--config.text.tokenizer=',
+           '--config.train.max_steps=2', '--config.train.cutmix_alpha=1.0')
+  rows = [r for r in read_metrics(workdir) if 'train/loss' in r]
+  assert [r['step'] for r in rows] == [1, 2]
+  assert rows[0]['train/lr'] == 0.0                          # warmup starts again at 0
+  assert all(np.isfinite(r['train/loss']) for r in rows)
+  assert sorted(p.name for p in (source / 'checkpoints').iterdir()) == before
+  assert not (workdir / 'tokenizer').exists()               # the checkpoint's vocabulary
 
 
 def test_eval_mode_needs_something_to_evaluate(tmp_path):

@@ -15,7 +15,7 @@ _EXPORTS = {
     'build_pipelines': 'pipeline', 'default_config': 'pipeline', 'make_global_batch': 'pipeline',
     'Pipelines': 'pipeline', 'SubstitutionLog': 'pipeline', 'mixup_cutmix': 'mixup',
     'normalize': 'transforms', 'CLIP_MEAN': 'transforms', 'CLIP_STD': 'transforms',
-    'DataError': 'sources', 'read_labels': 'sources', 'read_list': 'sources',
+    'DataError': 'labels', 'read_labels': 'labels', 'read_list': 'sources',
     'VideoError': 'video', 'open_video': 'video', 'train_indices': 'video',
     'eval_indices': 'video', 'CLASS_NAMES': 'synthetic'}
 __all__ = sorted(_EXPORTS)

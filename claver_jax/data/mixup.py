@@ -6,7 +6,9 @@ As in the official code (timm's batch mode), each sample i is mixed with sample 
 lambda for the whole batch. With probability `switch_prob` it is CutMix (lambda ~ Beta(1, 1), one
 box for every frame of every clip, lambda corrected to the box's true area after clipping),
 otherwise Mixup (lambda ~ Beta(.8, .8)). Targets are label-smoothed one-hots mixed with the same
-lambda, so each row sums to 1.
+lambda, so each row sums to 1. An alpha of 0 turns its branch off (timm's rule): with
+mixup_alpha=0 every step is CutMix, with cutmix_alpha=0 every step is Mixup, and with both 0
+the clips pass unchanged with label-smoothed targets.
 """
 
 from __future__ import annotations
@@ -46,16 +48,28 @@ def mixup_cutmix(rng: jax.Array, video: jax.Array, labels: jax.Array, num_classe
 
   See the module docstring. Targets sum to 1 along C.
   """
+  if mixup_alpha < 0 or cutmix_alpha < 0:
+    raise ValueError(f'mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0 '
+                     '(0 turns that branch off).')
+  targets = smooth_one_hot(labels, num_classes, label_smoothing)
+  if mixup_alpha == 0 and cutmix_alpha == 0:
+    return video, targets
   rng_switch, rng_mix, rng_cut, rng_box = jax.random.split(rng, 4)
   _, _, height, width, _ = video.shape
-  use_cutmix = jax.random.uniform(rng_switch) < switch_prob
-  lam_mix = jax.random.beta(rng_mix, mixup_alpha, mixup_alpha)
-  lam_cut = jax.random.beta(rng_cut, cutmix_alpha, cutmix_alpha)
-  mask, lam_box = cutmix_box(rng_box, lam_cut, height, width)
   partner = video[::-1]
-  mixed_up = lam_mix.astype(video.dtype) * video + (1 - lam_mix).astype(video.dtype) * partner
-  cut = jnp.where(mask[None, None, :, :, None], partner, video)
-  mixed = jnp.where(use_cutmix, cut, mixed_up)
-  lam = jnp.where(use_cutmix, lam_box, lam_mix)
-  targets = smooth_one_hot(labels, num_classes, label_smoothing)
+  if cutmix_alpha > 0:
+    lam_cut = jax.random.beta(rng_cut, cutmix_alpha, cutmix_alpha)
+    mask, lam_box = cutmix_box(rng_box, lam_cut, height, width)
+    cut = jnp.where(mask[None, None, :, :, None], partner, video)
+  if mixup_alpha > 0:
+    lam_mix = jax.random.beta(rng_mix, mixup_alpha, mixup_alpha)
+    mixed_up = lam_mix.astype(video.dtype) * video + (1 - lam_mix).astype(video.dtype) * partner
+  if mixup_alpha == 0:
+    mixed, lam = cut, lam_box
+  elif cutmix_alpha == 0:
+    mixed, lam = mixed_up, lam_mix
+  else:
+    use_cutmix = jax.random.uniform(rng_switch) < switch_prob
+    mixed = jnp.where(use_cutmix, cut, mixed_up)
+    lam = jnp.where(use_cutmix, lam_box, lam_mix)
   return mixed, lam * targets + (1 - lam) * targets[::-1]

@@ -46,8 +46,9 @@ from claver_jax.data import synthetic
 from claver_jax.data.sources import (DataError, FileListSource, PreparedSource, SubsetSource,
                                      SyntheticSource, Ucf101TfdsSource, few_shot_indices,
                                      read_labels)
-from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, MULTI_SCALES, augment_train_clip,
-                                        normalize, spatial_crops, train_short_side)
+from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, MULTI_SCALES, TEST_RESIZE_RATIO,
+                                        augment_train_clip, eval_short_side, normalize,
+                                        spatial_crops, train_short_side)
 from claver_jax.data.video import VideoError, eval_indices, train_indices
 from claver_jax.fileio import atomic_write_text
 
@@ -82,6 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
                  WORKDIR/train_<shots>shot_seed<shots_seed>.txt (for filelist a list file: as
                  train_list with shots=0 it trains on exactly those clips).
   num_clips, num_crops: eval views (temporal clips x spatial crops); the paper tests with 4 x 3.
+  eval_resize_ratio: one crop is the centre S crop of frames whose short side is resized to
+                 int(ratio S): 256/224, the official test view, by default; 1.0 for models
+                 trained on whole frames (MultiScaleCrop off), as the demo. 3 crops: short side S.
   mean, std:     per-channel normalisation of `normalize` (CLIP's by default).
   scales, flip_prob, jitter_prob, jitter (brightness, contrast, saturation, hue),
   grayscale_prob: train augmentation. flip_prob None means 0.5, or 0 for the synthetic motion
@@ -94,7 +98,8 @@ def default_config() -> ml_collections.ConfigDict:
       source='filelist', root='', train_list='', val_list='', labels='', num_frames=8,
       image_size=224, batch_size=8, eval_batch_size=8, num_workers=0, worker_buffer_size=2,
       read_threads=2, read_buffer=2,
-      seed=0, shots=0, shots_seed=0, num_clips=1, num_crops=1, mean=CLIP_MEAN, std=CLIP_STD,
+      seed=0, shots=0, shots_seed=0, num_clips=1, num_crops=1,
+      eval_resize_ratio=TEST_RESIZE_RATIO, mean=CLIP_MEAN, std=CLIP_STD,
       scales=MULTI_SCALES,
       flip_prob=None, jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2,
       synthetic_videos=1200, synthetic_frames=16, synthetic_size=64, synthetic_seed=0,
@@ -143,6 +148,7 @@ class SampleLoader:
   shard_index: int = 0
   num_clips: int = 1
   num_crops: int = 1
+  eval_resize_ratio: float = TEST_RESIZE_RATIO
   scales: tuple[float, ...] = MULTI_SCALES
   flip_prob: float = 0.5
   jitter_prob: float = 0.8
@@ -151,11 +157,11 @@ class SampleLoader:
   max_substitution_tries: int = 8
 
   def _train_clip(self, source_index: int, rng: np.random.Generator) -> np.ndarray:
-    video = self.source.open(source_index)
-    indices = train_indices(video.num_frames, self.num_frames, rng)
-    # Frames larger than the resize target shrink while they are converted (fewer pixels to
-    # convert); smaller ones are converted as they are and resized inside the crop.
-    clip = video.frames(indices, short_side=train_short_side(self.image_size), enlarge=False)
+    with self.source.open(source_index) as video:
+      indices = train_indices(video.num_frames, self.num_frames, rng)
+      # Frames larger than the resize target shrink while they are converted (fewer pixels to
+      # convert); smaller ones are converted as they are and resized inside the crop.
+      clip = video.frames(indices, short_side=train_short_side(self.image_size), enlarge=False)
     return augment_train_clip(clip, self.image_size, rng, scales=self.scales,
                               flip_prob=self.flip_prob, jitter_prob=self.jitter_prob,
                               jitter=self.jitter, grayscale_prob=self.grayscale_prob)
@@ -177,10 +183,14 @@ class SampleLoader:
                 index=np.int64(source_index))
 
   def eval_views(self, source_index: int) -> np.ndarray:
-    """uint8 [V, T, S, S, 3]: num_clips deterministic clips x num_crops crops."""
-    video = self.source.open(source_index)
-    indices = eval_indices(video.num_frames, self.num_frames, self.num_clips)
-    frames = video.frames(indices.reshape(-1), short_side=self.image_size)
+    """uint8 [V, T, S, S, 3]: num_clips deterministic clips x num_crops crops (one: the centre
+    S crop of a short side of eval_resize_ratio S, 256/224 S by default; three: S crops along the
+    long side of a short side S)."""
+    with self.source.open(source_index) as video:
+      indices = eval_indices(video.num_frames, self.num_frames, self.num_clips)
+      frames = video.frames(indices.reshape(-1),
+                            short_side=eval_short_side(self.image_size, self.num_crops,
+                                                       self.eval_resize_ratio))
     clips = frames.reshape(self.num_clips, self.num_frames, *frames.shape[1:])
     views = np.stack([spatial_crops(clip, self.image_size, self.num_crops) for clip in clips])
     return views.reshape(-1, *views.shape[2:])
@@ -369,7 +379,7 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
   eval_log = SubstitutionLog('eval', eval_source.name if eval_source else str)
   if eval_source is not None:
     loader = SampleLoader(eval_source, num_clips=cfg.num_clips, num_crops=cfg.num_crops,
-                          **loader_args)
+                          eval_resize_ratio=cfg.eval_resize_ratio, **loader_args)
     shard = list(range(len(eval_source)))[shard_index::shard_count]
     per_process = -(-len(eval_source) // shard_count)
     eval_batches = -(-per_process // cfg.eval_batch_size)

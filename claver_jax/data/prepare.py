@@ -56,8 +56,7 @@ def _cache_one(job: tuple[FileListSource, int, Path, int, int]) -> str | None:
   """Encodes one video into the cache; returns the error text if it cannot be read."""
   source, index, cache_file, short_side, quality = job
   try:
-    video = source.open(index)
-    with video:
+    with source.open(index) as video:
       frames = video.frames(range(video.num_frames), short_side)
     encoded = _encode_frames(frames, quality)
   except VideoError as e:

@@ -6,14 +6,13 @@ Every source has `len(source)`, `source.label(i)` (int), `source.name(i)` (a pat
 picklable and open their files lazily, so grain worker processes can use them.
 
 List files have one clip per line, `relative/path.mp4 LABEL_ID` (the path may contain spaces; the
-label is the last field); blank lines are skipped. Labels CSVs have `id,name` rows with ids
-0..C-1, optionally under an `id,name` header. `few_shot_indices` draws a K-shot subset of a
-list and `SubsetSource` serves it.
+label is the last field); blank lines are skipped. Labels files are read by
+`claver_jax.data.labels.read_labels` (`id,name` CSVs, or one name a line), re-exported here.
+`few_shot_indices` draws a K-shot subset of a list and `SubsetSource` serves it.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import tarfile
@@ -23,42 +22,13 @@ from typing import Sequence
 import numpy as np
 
 from claver_jax.data import synthetic
-from claver_jax.data.video import ArrayVideo, Video, VideoError, open_video
-
-
-class DataError(ValueError):
-  """Malformed dataset metadata (list file, labels CSV, prepared dataset); says where and why."""
+from claver_jax.data.labels import DataError, read_labels  # noqa: F401 (re-exported)
+from claver_jax.data.video import ArrayVideo, InMemory, Video, VideoError, open_video
 
 
 # ---------------------------------------------------------------------------------------------
 # Metadata files
 # ---------------------------------------------------------------------------------------------
-def read_labels(path: str | os.PathLike) -> list[str]:
-  """A labels CSV (`id,name`) -> class names in id order."""
-  path = Path(path)
-  if not path.is_file():
-    raise DataError(f'Labels CSV {path} does not exist; pass config.data.labels=<id,name CSV>.')
-  names: dict[int, str] = {}
-  with open(path, newline='', encoding='utf-8') as f:
-    for line_number, row in enumerate(csv.reader(f), 1):
-      if not row or (line_number == 1 and [c.strip() for c in row] == ['id', 'name']):
-        continue
-      where = f'{path}:{line_number}'
-      if len(row) != 2 or not row[0].strip().lstrip('-').isdigit() or not row[1].strip():
-        raise DataError(f'{where}: expected "id,name" (e.g. "0,abseiling"), got {",".join(row)!r}.')
-      class_id, name = int(row[0]), row[1].strip()
-      if class_id in names:
-        raise DataError(f'{where}: id {class_id} appears twice ({names[class_id]!r}, {name!r}).')
-      names[class_id] = name
-  if not names:
-    raise DataError(f'Labels CSV {path} has no classes.')
-  if sorted(names) != list(range(len(names))):
-    missing = sorted(set(range(max(names) + 1)) - set(names))[:10]
-    raise DataError(f'Labels CSV {path}: ids must be 0..{len(names) - 1} without gaps; '
-                    f'missing {missing}{" (negative ids present)" if min(names) < 0 else ""}.')
-  return [names[i] for i in range(len(names))]
-
-
 def read_list(path: str | os.PathLike, num_classes: int | None = None
               ) -> list[tuple[str, int]]:
   """A list file -> [(relative path, label)]; errors name the file and line."""
@@ -221,7 +191,7 @@ class SubsetSource:
     return self.source.open(self.indices[index])
 
 
-class JpegVideo:
+class JpegVideo(InMemory):
   """A prepared record's JPEG frames behind the `Video` interface; decodes only what is asked."""
 
   def __init__(self, jpeg: np.ndarray, offsets: np.ndarray, name: str):

@@ -22,12 +22,20 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 IMAGENET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
 MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)
+TEST_RESIZE_RATIO = 256 / 224        # The official single view: short side 256 for 224 crops.
 _GRAY = np.array([0.299, 0.587, 0.114], np.float32)   # ITU-R 601 luma, as torchvision.
 
 
 def train_short_side(image_size: int) -> int:
   """The short side a training clip is resized to before cropping: int(256 / 224 * S)."""
   return int(256 / 224 * image_size)
+
+
+def eval_short_side(image_size: int, num_crops: int, ratio: float = TEST_RESIZE_RATIO) -> int:
+  """The short side a test clip is resized to, as the official test pipelines do: int(256 / 224
+  * S) for the single centre crop (256 for 224; `ratio` changes 256 / 224), S for several crops
+  along the long side."""
+  return int(ratio * image_size) if num_crops == 1 else image_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,18 +85,22 @@ def crop_resize(clip: np.ndarray, box: tuple[float, float, float, float], image_
 
 
 def spatial_crops(clip: np.ndarray, image_size: int, num_crops: int) -> np.ndarray:
-  """uint8 [T, H, W, 3] with short side S -> [num_crops, T, S, S, 3].
+  """uint8 [T, H, W, 3] resized to `eval_short_side(S, num_crops)` -> [num_crops, T, S, S, 3].
 
-  One crop is the centre crop; n > 1 crops are evenly spaced along the long side from one end
-  to the other (3: start, centre, end), centred on the short side.
+  One crop is the centre S x S crop (of a short side of 256/224 S: the official single view; of
+  any short side >= S).
+  n > 1 crops need a short side of S: they are evenly spaced along the long side from one end to
+  the other (3: start, centre, end).
   """
   _, height, width, _ = clip.shape
+  if num_crops == 1:
+    if min(height, width) < image_size:
+      raise ValueError(f'spatial_crops: a {height}x{width} clip has no {image_size} px centre crop.')
+    y0, x0 = (height - image_size) // 2, (width - image_size) // 2
+    return clip[None, :, y0:y0 + image_size, x0:x0 + image_size]
   if min(height, width) != image_size:
     raise ValueError(f'spatial_crops expects a short side of {image_size}, got {height}x{width}.')
-  if num_crops == 1:
-    starts = [(max(height, width) - image_size) // 2]
-  else:
-    starts = np.linspace(0, max(height, width) - image_size, num_crops).round().astype(int)
+  starts = np.linspace(0, max(height, width) - image_size, num_crops).round().astype(int)
   if height > width:
     return np.stack([clip[:, s:s + image_size] for s in starts])
   return np.stack([clip[:, :, s:s + image_size] for s in starts])

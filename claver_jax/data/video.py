@@ -24,7 +24,8 @@ class VideoError(ValueError):
 
 
 class Video(Protocol):
-  """A readable clip: its frame count and its frames at given indices."""
+  """A readable clip: its frame count and its frames at given indices. A context manager: use
+  it in a `with` block, which closes what it holds (a container, a file) when the block ends."""
 
   num_frames: int
 
@@ -32,6 +33,15 @@ class Video(Protocol):
              enlarge: bool = True) -> np.ndarray:
     """uint8 [len(indices), H, W, 3]; the short side resized to `short_side` when given (only
     when it is longer, with enlarge=False)."""
+
+  def close(self) -> None:
+    """Releases the file and decoder; frames() cannot be called after."""
+
+  def __enter__(self) -> Video:
+    ...
+
+  def __exit__(self, *exc) -> None:
+    ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +94,20 @@ def resized_shape(height: int, width: int, short_side: int | None,
 # ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
-class ArrayVideo:
+class InMemory:
+  """The `Video` context-manager methods of a video that holds no file: nothing to release."""
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class ArrayVideo(InMemory):
   """Frames already in memory (uint8 [N, H, W, 3]) behind the `Video` interface."""
 
   def __init__(self, frames: np.ndarray):
@@ -102,27 +125,84 @@ class ArrayVideo:
                      for f in selected])
 
 
+def mp4_damage(source: str | os.PathLike | io.IOBase) -> str | None:
+  """How an MP4/MOV (ISO BMFF) file is damaged, from its top-level boxes, or None when it is not
+  one or its boxes are whole: 'truncated: ...' (a box runs past the end of the file),
+  'corrupt ...' (no 'moov' box, the index a player needs) or 'empty: ...' (any file of 0 bytes)."""
+  own = not isinstance(source, io.IOBase)
+  try:
+    f = open(source, 'rb') if own else source
+  except OSError:
+    return None
+  try:
+    start = f.tell()
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    if size == 0:
+      return 'empty: the file has 0 bytes'
+    if f.read(8)[4:8] != b'ftyp':
+      return None
+    position, boxes = 0, []
+    while position + 8 <= size:
+      f.seek(position)
+      header = f.read(16)
+      length, kind = int.from_bytes(header[:4], 'big'), header[4:8].decode('latin-1')
+      if length == 1 and len(header) == 16:
+        length = int.from_bytes(header[8:16], 'big')
+      elif length == 0:
+        length = size - position
+      if length < 8:
+        return f'corrupt: the box at byte {position} declares {length} bytes'
+      if position + length > size:
+        return (f'truncated: the file has {size} bytes, but its {kind!r} box runs from byte '
+                f'{position} to {position + length}')
+      boxes.append(kind)
+      position += length
+    if 'moov' not in boxes:
+      return f"corrupt or truncated: it has no 'moov' box (the index of the frames); boxes: {boxes}"
+    return None
+  finally:
+    if own:
+      f.close()
+    else:
+      f.seek(start)
+
+
 class PyAVVideo:
-  """A video file decoded with PyAV; see the module docstring for how frames are found."""
+  """A video file decoded with PyAV; see the module docstring for how frames are found. Close it
+  (or use it as a context manager): the container holds a file and decoder buffers."""
 
   def __init__(self, source: str | os.PathLike | io.IOBase, name: str):
     import av
     self.name = name
+    self._source = source
     try:
       self._container = av.open(source if isinstance(source, io.IOBase) else os.fspath(source))
     except FileNotFoundError as e:
       raise VideoError(f'{name}: no such file') from e
     except (av.FFmpegError, OSError, ValueError) as e:
-      raise VideoError(f'{name}: not a readable video ({type(e).__name__}: {e})') from e
-    if not self._container.streams.video:
+      raise self._error(f'not a readable video ({type(e).__name__}: {e})') from e
+    try:
+      self._index()
+    except BaseException:
       self.close()
-      raise VideoError(f'{name}: the container has no video stream')
+      raise
+
+  def _error(self, what: str) -> VideoError:
+    """A VideoError saying what failed, and first whether the file is truncated or corrupt."""
+    damage = mp4_damage(self._source)
+    return VideoError(f'{self.name}: {damage}; {what}' if damage else f'{self.name}: {what}')
+
+  def _index(self) -> None:
+    """Finds the video stream and the frames' timestamps and keyframes."""
+    import av
+    if not self._container.streams.video:
+      raise self._error('the container has no video stream')
     self._stream = self._container.streams.video[0]
     try:
       self._packets = [p for p in self._container.demux(self._stream) if p.size]
     except (av.FFmpegError, OSError) as e:
-      self.close()
-      raise VideoError(f'{name}: cannot demux ({type(e).__name__}: {e})') from e
+      raise self._error(f'cannot demux ({type(e).__name__}: {e})') from e
     self._seekable = bool(self._packets) and all(p.pts is not None for p in self._packets)
     if self._seekable:
       self._frame_pts = sorted(p.pts for p in self._packets)
@@ -135,8 +215,7 @@ class PyAVVideo:
       self._all_frames = self._decode_all()
       self.num_frames = len(self._all_frames)
     if self.num_frames == 0:
-      self.close()
-      raise VideoError(f'{name}: the video stream has no frames')
+      raise self._error('the video stream has no frames')
 
   def close(self) -> None:
     self._container.close()
@@ -153,7 +232,7 @@ class PyAVVideo:
       self._container.seek(0)
       return list(self._container.decode(self._stream))
     except (av.FFmpegError, OSError) as e:
-      raise VideoError(f'{self.name}: cannot decode ({type(e).__name__}: {e})') from e
+      raise self._error(f'cannot decode ({type(e).__name__}: {e})') from e
 
   def _decode_at(self, wanted: set[int]) -> dict[int, object]:
     """Decodes the frames with pts in `wanted`, jumping to keyframes over gaps: pts -> frame."""
@@ -175,10 +254,10 @@ class PyAVVideo:
           elif not flushed:
             frames, flushed = context.decode(None), True
           else:
-            raise VideoError(f'{self.name}: the frame at pts {target} never decoded')
+            raise self._error(f'the frame at pts {target} never decoded')
           found.update((f.pts, f) for f in frames if f.pts in wanted)
     except (av.FFmpegError, OSError) as e:
-      raise VideoError(f'{self.name}: cannot decode ({type(e).__name__}: {e})') from e
+      raise self._error(f'cannot decode ({type(e).__name__}: {e})') from e
     return found
 
   def frames(self, indices: Sequence[int], short_side: int | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -98,9 +99,10 @@ class CLAVER(nnx.Module):
         dtype=dtype, rngs=rngs)
 
   def encode_frames(self, video: jax.Array) -> jax.Array:
-    """[B, T, H, W, 3] -> [B, T, embed_dim]: L2-normalised per-frame embeddings."""
-    if video.ndim != 5 or video.shape[-1] != 3:
-      raise ValueError(f'video must be [B, T, H, W, 3]; got shape {video.shape}.')
+    """[B, T, S, S, 3] (T = cfg.num_frames, S = the image size) -> [B, T, embed_dim]:
+    L2-normalised per-frame embeddings."""
+    size = self.cfg.clip.image_size
+    chex.assert_shape(video, (None, self.cfg.num_frames, size, size, 3))
     b, t = video.shape[:2]
     tokens = self.clip.visual.encode_tokens(video.reshape(b * t, *video.shape[2:]))
     tokens = tokens.reshape(b, t, *tokens.shape[1:])              # [B, T, L, D]
@@ -108,7 +110,7 @@ class CLAVER(nnx.Module):
     return l2_normalize(self.clip.visual.pool(cls))
 
   def encode_video(self, video: jax.Array) -> jax.Array:
-    """[B, T, H, W, 3] -> [B, embed_dim]: the mean over T of normalised frame embeddings."""
+    """[B, T, S, S, 3] -> [B, embed_dim]: the mean over T of normalised frame embeddings."""
     return self.encode_frames(video).mean(axis=1)
 
   def video_features(self, video: jax.Array) -> jax.Array:

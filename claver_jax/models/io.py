@@ -13,9 +13,11 @@ Directories written before it was recorded are read with CLIP's, with a notice.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -66,14 +68,17 @@ def abstract_params(kind: str, config: Any, dtype=jnp.float32) -> tuple[nnx.Grap
 def write_model_dir(out: str | os.PathLike, *, kind: str, config: Any, params: Any,
                     normalization: tuple[Sequence[float], Sequence[float]],
                     tokenizer: tuple[dict[str, int], list[str]] | None = None,
-                    source: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+                    source: dict[str, Any] | None = None, overwrite: bool = False,
+                    versioned: bool = False) -> Path:
   """Writes a model directory atomically. `params` is a pure dict of arrays; `normalization`
-  the (mean, std) of the inputs the weights expect, on 0-1 pixel values.
+  the (mean, std) of the inputs the weights expect, on 0-1 pixel values. `versioned` (for
+  WORKDIR/model): `out` becomes a symlink to a new complete version, so that a model directory
+  is there at every instant (see claver_jax.fileio).
 
   In a multi-process run every process calls this with the same global arrays: each writes its
   shards of the parameters, and process 0 the other files.
   """
-  with distributed.atomic_directory(out, overwrite=overwrite) as tmp:
+  with distributed.atomic_directory(out, overwrite=overwrite, versioned=versioned) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(tmp / 'params', params)
     if jax.process_index() == 0:
@@ -114,6 +119,15 @@ def read_model_config(path: str | os.PathLike) -> tuple[str, Any, dict[str, Any]
   return kind, from_dict(meta['config']), meta
 
 
+def model_dir(path: str | os.PathLike) -> Path:
+  """A model directory, or a run's workdir holding one in model/; a link (WORKDIR/model) resolved
+  once, so that everything is read from one version while the run exports newer ones."""
+  path = Path(path)
+  if not (path / 'config.json').is_file() and (path / 'model' / 'config.json').is_file():
+    path = path / 'model'
+  return path.resolve()
+
+
 def input_normalization(meta: dict[str, Any], where: Any) -> tuple[tuple[float, ...],
                                                                      tuple[float, ...]]:
   """(mean, std) a model directory's config.json (`meta`) records; CLIP's, with a notice, for
@@ -136,7 +150,7 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int |
     warning, unless `resample_frames=False` makes it an error.
   attention: CLAVER only; 'dense' | 'chunked' | 'auto' instead of the directory's (kronecker.py).
   """
-  path = Path(path).absolute()
+  path = Path(path).resolve()       # Once: a WORKDIR/model link swapped meanwhile is not followed.
   kind, config, _ = read_model_config(path)
   if num_frames is not None and kind not in families.FAMILIES:
     raise ValueError(f'num_frames applies to video models ({", ".join(families.FAMILIES)}); '
@@ -154,10 +168,54 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int |
 def load_towers(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> CLIP:
   """The CLIP towers (image tower, text tower, logit scale) of a model directory of any kind
   that has plain ones: a CLIP, CLAVER, motion prompts; not X-CLIP (its image tower computes with
-  its cross-frame messages)."""
+  its cross-frame messages). `path` may be a run's workdir (model_dir)."""
+  path = model_dir(path)
   kind, _, _ = read_model_config(path)
   families.check_has_towers(kind, path)
   return families.clip_towers(load(path, dtype=dtype))
+
+
+class ModelDirError(ValueError):
+  """A model directory that cannot be read: the message names it and what is missing or broken."""
+
+
+def _root_cause(error: BaseException) -> str:
+  """The first line of the innermost cause of `error` (TensorStore's says which file failed)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return line.split(': ', 1)[1] if line.split(':', 1)[0].isupper() else line
+
+
+class _QuietAbandonedReads:
+  """When a restore fails, orbax leaves the reads of the other arrays running, and they fail too:
+  each coroutine (when collected), asyncio for their gathering future, and TensorStore for reads
+  that finish after orbax closed its event loop would print a traceback, during the restore or
+  at exit. While this is active, and for good once `failed()` was called, those reports are
+  dropped: ModelDirError says what broke."""
+
+  def __enter__(self) -> '_QuietAbandonedReads':
+    self._previous, self._kept = sys.unraisablehook, False
+    sys.unraisablehook = self._hook
+    return self
+
+  def _hook(self, unraisable) -> None:
+    code = getattr(unraisable.object, 'cr_code', None)
+    from_orbax = code is not None and 'orbax' in code.co_filename
+    late = (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == 'Event loop is closed')
+    if not (from_orbax or late):
+      self._previous(unraisable)
+
+  def failed(self) -> None:
+    self._kept = True
+    logging.getLogger('asyncio').addFilter(
+        lambda record: 'exception was never retrieved' not in record.getMessage())
+    gc.collect()
+
+  def __exit__(self, *exc) -> None:
+    if not self._kept:
+      sys.unraisablehook = self._previous
 
 
 def load_video_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
@@ -176,14 +234,39 @@ def _restore(path: Path, kind: str, config: Any, dtype: Any) -> nnx.Module:
   graphdef, state = abstract_params(kind, config, jnp.dtype(dtype))
   pure = nnx.to_pure_dict(state)
   expected = {k: v.shape for k, v in flatten_params(pure).items()}
-  with ocp.StandardCheckpointer() as checkpointer:
-    stored_tree = checkpointer.metadata(path / 'params').item_metadata.tree
-    stored = {k: tuple(v.shape) for k, v in flatten_params(stored_tree).items()}
-    _check_same_params(expected, stored, where=path / 'params')
+  params = path / 'params'
+  if not params.is_dir():
+    raise ModelDirError(f'{path} has no params/ directory: the model directory is incomplete '
+                        '(an unfinished copy or write?). Export or convert it again.')
+  checkpointer, restored = ocp.StandardCheckpointer(), None
+  try:
+    try:
+      metadata = checkpointer.metadata(params)
+    except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise many kinds)
+      raise ModelDirError(f'{params} is unreadable: {_root_cause(e)}') from e
+    if metadata is None or metadata.item_metadata is None:
+      raise ModelDirError(f'{params} holds no orbax checkpoint (no readable _METADATA): the model '
+                          'directory is incomplete. Export or convert it again.')
+    stored = {k: tuple(v.shape) for k, v in flatten_params(metadata.item_metadata.tree).items()}
+    _check_same_params(expected, stored, where=params)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           pure)
-    restored = checkpointer.restore(path / 'params', target)
+    with _QuietAbandonedReads() as quiet:
+      try:
+        restored = checkpointer.restore(params, target)
+      except Exception as e:  # noqa: BLE001
+        cause = _root_cause(e)
+        del e
+        quiet.failed()
+        raise ModelDirError(f'{params}: a parameter shard is unreadable (corrupt or cut short): '
+                            f'{cause}') from None
+  finally:
+    try:
+      checkpointer.close()
+    except Exception:  # noqa: BLE001 (a failed restore's other reads: ModelDirError says it)
+      if restored is not None:
+        raise
   nnx.replace_by_pure_dict(state, restored)
   logging.info('Loaded %s model from %s.', kind, path)
   return nnx.merge(graphdef, state)

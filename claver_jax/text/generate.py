@@ -39,8 +39,9 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from claver_jax.data.labels import read_labels
 from claver_jax.fileio import atomic_write_text
-from claver_jax.text.prompts import ASPECTS, PromptSet, read_class_names, read_prompt_set
+from claver_jax.text.prompts import ASPECTS, PromptSet, read_prompt_set
 from claver_jax.text.prompts import readable_name
 
 MAX_WORDS = 77
@@ -391,7 +392,7 @@ def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
   try:
-    class_names = read_class_names(f.labels)
+    class_names = read_labels(f.labels)
     backend = make_backend(f.backend, f.model, base_url=f.base_url, chat=f.chat,
                            max_new_tokens=f.max_new_tokens, batch_size=f.batch_size,
                            timeout=f.timeout, max_attempts=f.max_attempts, backoff=f.backoff,

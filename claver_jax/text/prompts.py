@@ -6,13 +6,15 @@ interpretive prompts in three aspects:
     {"abseiling": {"decomposition": ["...", ...], "synonyms": [...], "body_parts": [...]}, ...}
 
 `prompt_tokens` turns a class list into A text variants per class, aligned so that variant a has
-the same kind for every class: the templates first ("a video of a person {}."), then the
-decomposition, synonym and body-part texts. Each aspect gets as many variants as the class with
-the most texts in it; a class with fewer cycles its own.
+the same kind for every class, the paper's text set: the bare class name first ("apply eye
+makeup"), then the templates ("a video of a person {}."), then the decomposition, synonym and
+body-part texts. Each aspect gets as many variants as the class with the most texts in it; a
+class with fewer cycles its own.
 
     >>> tok = load_tokenizer('bpe_simple_vocab_16e6.txt.gz')
     >>> out = prompt_tokens(class_names, tok, load_prompt_set('kinetics400'))
-    >>> out.tokens.shape, out.kinds[0], out.kinds[-1]  # (A, C, 77), 'template', 'body_parts'
+    >>> out.tokens.shape, out.kinds[0], out.kinds[1], out.kinds[-1]
+    ((A, C, 77), 'name', 'template', 'body_parts')'
 
 Shipped sets (`claver_jax/text/interpretive/*.json`) are found by name; check one against a
 labels CSV (`id,name`) with
@@ -25,7 +27,6 @@ which prints coverage, per-aspect counts, texts over 77 tokens and texts that na
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import difflib
 import importlib.resources
@@ -40,9 +41,11 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from claver_jax.data.labels import read_labels
 from claver_jax.text.tokenizer import Tokenizer
 
 ASPECTS = ('decomposition', 'synonyms', 'body_parts')
+NAME_KIND = 'name'
 TEMPLATE_KIND = 'template'
 SHIPPED_SETS = ('kinetics400', 'kinetics600', 'ucf101', 'hmdb51', 'synthetic_motion')
 
@@ -116,7 +119,7 @@ class Collision(NamedTuple):
 class PromptTokens:
   """The texts of C classes in A aligned variants.
 
-  tokens: int32 [A, C, context_length]; kinds[a]: 'template' or the aspect of variant a;
+  tokens: int32 [A, C, context_length]; kinds[a]: 'name', 'template' or the aspect of variant a;
   texts[a][c]: the text behind tokens[a, c]; num_truncated: texts cut to fit the context.
   """
   tokens: np.ndarray
@@ -207,26 +210,6 @@ def load_prompt_set(name_or_path: str | os.PathLike) -> PromptSet:
   return read_prompt_set(shipped_set_path(str(name_or_path)))
 
 
-def read_class_names(labels_csv: str | os.PathLike) -> list[str]:
-  """A labels CSV (`id,name` rows, header optional) -> class names in id order."""
-  path = Path(labels_csv)
-  rows = {}
-  with path.open(newline='', encoding='utf-8') as f:
-    for line_number, row in enumerate(csv.reader(f), start=1):
-      if not row or (line_number == 1 and [c.strip().lower() for c in row] == ['id', 'name']):
-        continue
-      if len(row) != 2 or not row[0].strip().isdigit() or not row[1].strip():
-        raise ValueError(f'{path}:{line_number}: expected "id,name", got {",".join(row)!r}.')
-      label = int(row[0])
-      if label in rows:
-        raise ValueError(f'{path}:{line_number}: id {label} appears twice.')
-      rows[label] = row[1].strip()
-  if sorted(rows) != list(range(len(rows))) or not rows:
-    raise ValueError(f'{path}: ids must be 0..N-1 with none missing; got {len(rows)} rows with '
-                     f'ids {sorted(rows)[:5]}...')
-  return [rows[i] for i in range(len(rows))]
-
-
 def close_matches(name: str, candidates: Sequence[str], n: int = 3) -> list[str]:
   """Names in `candidates` that look like `name`, ignoring case, spaces and punctuation."""
   def key(s):
@@ -256,16 +239,18 @@ def _missing_message(missing: Mapping[str, list[str]], prompt_set: PromptSet) ->
 
 def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None = None, *,
                        templates: Sequence[str] = TEMPLATES, aspects: Sequence[str] = ASPECTS,
-                       allow_missing: bool = False) -> tuple[list[list[str]], tuple[str, ...]]:
-  """Texts [A][C] and kinds [A] for `class_names` (see the module docstring).
+                       allow_missing: bool = False, name: bool = True
+                       ) -> tuple[list[list[str]], tuple[str, ...]]:
+  """Texts [A][C] and kinds [A] for `class_names` (see the module docstring). `name`: the bare
+  (readable) class name is variant 0, unless a template is "{}" already.
 
   Class names are looked up exactly. A class without texts in an aspect is an error naming it,
   unless `allow_missing`: then its slots of that aspect take its template texts, with a warning.
   """
   if not class_names:
     raise ValueError('No class names given.')
-  if not templates and not (prompt_set and aspects):
-    raise ValueError('No templates and no interpretive prompts: there would be no texts.')
+  if not name and not templates and not (prompt_set and aspects):
+    raise ValueError('No names, templates or interpretive prompts: there would be no texts.')
   bad = [t for t in templates if t.count('{}') != 1]
   if bad:
     raise ValueError(f'Each template needs exactly one "{{}}" for the class name; got {bad}.')
@@ -273,8 +258,10 @@ def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None 
   if unknown:
     raise ValueError(f'Unknown aspects {unknown}; choose from {list(ASPECTS)}.')
   names = [readable_name(c) for c in class_names]
-  texts = [[t.format(name) for name in names] for t in templates]
+  texts = [[t.format(n) for n in names] for t in templates]
   kinds = [TEMPLATE_KIND] * len(templates)
+  if name and '{}' not in templates:
+    texts, kinds = [names, *texts], [NAME_KIND, *kinds]
   if prompt_set is None:
     return texts, tuple(kinds)
 
@@ -290,8 +277,8 @@ def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None 
     if not allow_missing:
       raise MissingPromptsError(message + '\nFix the names (they must match the prompt set '
                                 'exactly), add texts for them, or allow the template fallback.')
-    if not templates:
-      raise ValueError(message + '\nThe fallback needs templates, and there are none.')
+    if not texts:
+      raise ValueError(message + '\nThe fallback needs names or templates, and there are none.')
     logging.warning('%s\nThey fall back to their template texts.', message)
 
   fallback = [[row[c] for row in texts] for c in range(len(class_names))]
@@ -306,8 +293,10 @@ def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None 
 def prompt_tokens(class_names: Sequence[str], tokenizer: Tokenizer,
                   prompt_set: PromptSet | str | os.PathLike | None = None, *,
                   templates: Sequence[str] = TEMPLATES, aspects: Sequence[str] = ASPECTS,
-                  allow_missing: bool = False, context_length: int = 77) -> PromptTokens:
-  """int32 [A, C, context_length] tokens of `class_names`, with kinds and texts.
+                  allow_missing: bool = False, name: bool = True,
+                  context_length: int = 77) -> PromptTokens:
+  """int32 [A, C, context_length] tokens of `class_names`, with kinds and texts (`name`: the bare
+  class name as variant 0, see build_prompt_texts).
 
   prompt_set: a loaded set, a shipped set's name, a JSON path, or None for templates only. Texts
   longer than the context are cut, keep their end-of-text token, and are counted in a warning.
@@ -315,7 +304,7 @@ def prompt_tokens(class_names: Sequence[str], tokenizer: Tokenizer,
   if prompt_set is not None and not isinstance(prompt_set, dict):
     prompt_set = load_prompt_set(prompt_set)
   texts, kinds = build_prompt_texts(class_names, prompt_set, templates=templates,
-                                    aspects=aspects, allow_missing=allow_missing)
+                                    aspects=aspects, allow_missing=allow_missing, name=name)
   flat = [t for row in texts for t in row]
   unique = list(dict.fromkeys(flat))
   num_truncated = tokenizer.num_truncated(unique, context_length)
@@ -421,7 +410,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   try:
     prompt_set = load_prompt_set(f.check)
-    class_names = read_class_names(f.labels) if f.labels else None
+    class_names = read_labels(f.labels) if f.labels else None
     tokenizer = None
     if f.tokenizer:
       from claver_jax.text.tokenizer import load_tokenizer
