@@ -9,7 +9,8 @@
     model.temporal       CLAVER: kmt | kmct | joint | pipeline | cls_only | mean
     model.temporal_layers  CLAVER: None = a third of the ViT's depth
     model.temporal_heads   CLAVER's temporal transformer, X-CLIP's MIT, the attention of motion
-                         prompts: None = width / 64 (CLAVER: vision width; the others: embed dim)
+                         prompts: None = width / 64 (CLAVER: vision width; X-CLIP: embed dim;
+                         motion prompts: model.motion_width)
     model.attention      CLAVER: how the Kronecker attention is computed: 'dense' ([T·L, T·L]
                          scores), 'chunked' (exact, a chunk of frames at a time, O(T·L²) memory)
                          or 'auto' (chunked from 512 tokens per clip;
@@ -17,6 +18,7 @@
                          an init.checkpoint's
     model.xclip_mit_layers, xclip_prompt_layers  X-CLIP: MIT (1) and prompt generator (2) depth
     model.xclip_prompt_alpha  X-CLIP: the prompt generator's initial output scale (0.1)
+    model.motion_width   motion prompts: the width of its new parts (None: embed dim / 4)
     model.motion_layers  motion prompts: the motion transformer's depth (1)
     model.motion_long_term  motion prompts: the long-term stream's differences, 'mean' (to the
                          clip mean) or 'stride' (over T/2 frames)
@@ -94,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
       temporal_heads=ml_collections.config_dict.placeholder(int), attention='auto',
       temporal_init_std=0.02, pos_init='random', dtype='float32', remat=False,
       resample_frames=True, xclip_mit_layers=1, xclip_prompt_layers=2, xclip_prompt_alpha=0.1,
-      motion_layers=1, motion_long_term='mean', motion_fusion='sum', motion_num_prompts=8,
+      motion_width=ml_collections.config_dict.placeholder(int), motion_layers=1,
+      motion_long_term='mean', motion_fusion='sum', motion_num_prompts=8,
       motion_prompt_gate=0.1))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(

@@ -118,6 +118,7 @@ def get_config(arg=None):
     c.train.batch_size = 256
   if preset['name'] == 'motion_prompts':
     motion_prompts_recipe(c)
+    c.init.require, c.init.require_from = 'clip', 'a converted CLIP (convert.clip_to_flax)'
     c.train.epochs = 30
     c.train.batch_size = 256
   return c

@@ -13,8 +13,9 @@ and its config has `clip` (the CLIPConfig of its towers), `num_frames`, to_dict 
   claver          CLAVER         clip.visual.*          clip.text.*           temporal.*
   xclip           XCLIP          visual.* but messages  text.*, logit_scale   visual.blocks.*.message_*,
                                                                                 mit.*, prompts_*
-  motion_prompts  MotionPrompts  clip.visual.*          clip.text.*,          motion.*, prompts.*,
-                                                        clip.logit_scale      communication.*
+  motion_prompts  MotionPrompts  clip.visual.*          clip.text.*,          down.*, up.*, motion.*,
+                                                        clip.logit_scale      prompts.*,
+                                                                                communication.*
 (X-CLIP's logit scale goes with its text tower, which the official code freezes with it; so does
 that of motion prompts, whose towers are always frozen.)
 
@@ -97,8 +98,9 @@ def _xclip_config(clip: CLIPConfig, config: ml_collections.ConfigDict) -> XCLIPC
 def _motion_prompts_config(clip: CLIPConfig,
                            config: ml_collections.ConfigDict) -> MotionPromptsConfig:
   m = config.model
-  return MotionPromptsConfig(clip=clip, num_frames=config.data.num_frames, layers=m.motion_layers,
-                             heads=m.get('temporal_heads'), long_term=m.motion_long_term,
+  return MotionPromptsConfig(clip=clip, num_frames=config.data.num_frames, width=m.motion_width,
+                             layers=m.motion_layers, heads=m.get('temporal_heads'),
+                             long_term=m.motion_long_term,
                              fusion=m.motion_fusion, num_prompts=m.motion_num_prompts,
                              prompt_gate=m.motion_prompt_gate)
 
@@ -119,7 +121,7 @@ FAMILIES: dict[str, Family] = {
         'motion_prompts', MotionPromptsConfig, MotionPrompts, _motion_prompts_config,
         motion_prompts_from_clip,
         param_groups=((r'^clip\.visual\.', 'image'), (r'^clip\.(text\.|logit_scale$)', 'text'),
-                      (r'^(motion|prompts|communication)\.', 'new')),
+                      (r'^(down|up|motion|prompts|communication)\.', 'new')),
         vision='clip.visual', temporal_embedding='motion.positional_embedding', towers='clip',
         frozen_towers=True, trainable_budget=0.05),
 }

@@ -10,22 +10,28 @@ multimodal communication). Every design choice below is ours (README: Motion pro
     >>> model.logits(video, tokens)     # [B, N], against the per-video texts
 
 E is CLIP's embed dim, T the frames, f [B, T, E] the frozen image tower's L2-normalised per-frame
-embeddings (no gradient flows into them).
-  motion         Short-term stream: adjacent differences f[t+1] - f[t] (0 after the last frame)
-                 through a depthwise temporal convolution (kernel 3) and an MLP. Long-term stream:
-                 differences to the clip mean f[t] - mean(f), or over a stride of T/2
-                 (f[t + T/2] - f[t], 0 past the end), through an MLP. Spatial stream: f + a
-                 temporal position embedding. Fused by a sum (or concatenation + linear), then
-                 pre-LN transformer blocks over T: the motion tokens [B, T, E]; their mean over T
-                 is the video embedding [B, E].
-  prompts        n learnt queries cross-attend to the motion tokens: the motion prompts [B, n, E].
-                 Each L2-normalised class text attends to its video's prompts (X-CLIP's prompt
-                 generator, one layer); the result, through a learnt gate [E] initialised small,
-                 is added to it: per-video texts [B, C, E].
-  communication  one cross-attention each way, with residuals: the video embedding attends to
-                 its C per-video texts and each text to the video embedding.
+embeddings (no gradient flows into them), d the width of the new parts (E / 4 by default: that
+keeps them within 5% of the towers' parameters at every size, the demo's included). `down`
+(E -> d) brings frames and texts to the width; linear maps d -> E bring results back.
+  motion         x = down(f) [B, T, d]. Short-term stream: adjacent differences x[t+1] - x[t]
+                 (0 after the last frame) through a depthwise temporal convolution (kernel 3) and
+                 an MLP. Long-term stream: differences to the clip mean x[t] - mean(x), or over a
+                 stride of T/2 (x[t + T/2] - x[t], 0 past the end), through an MLP. Spatial
+                 stream: x + a temporal position embedding. Fused by a sum (or concatenation +
+                 linear), then pre-LN transformer blocks over T: the motion tokens [B, T, d].
+                 The video embedding [B, E] is the mean of f (CLIP-Mean's) plus up(the mean
+                 motion token).
+  prompts        n learnt queries cross-attend to the motion tokens: the motion prompts [B, n, d].
+                 Each L2-normalised class text, brought to the width, attends to its video's
+                 prompts (X-CLIP's prompt generator, one layer, with its gate [d] initialised
+                 small); the result, brought to E, is added to it: per-video texts [B, C, E].
+  communication  one cross-attention each way at the width: the video embedding attends to its
+                 C per-video texts and each text to the video embedding; the results, brought to
+                 E, are added to them.
   logits         exp(logit_scale) <normalised video embedding, normalised per-video text>; the
                  logit scale is CLIP's, frozen with the towers.
+Every map back to E starts at zero, so a fresh model has the cosines of CLIP-Mean with the same
+towers: what the towers know zero-shot is where training starts.
 """
 
 from __future__ import annotations
@@ -49,12 +55,14 @@ STREAMS = ('spatial', 'short', 'long')
 @dataclasses.dataclass(frozen=True)
 class MotionPromptsConfig:
   """clip: the (frozen) towers. num_frames: T, the rows of the temporal position embedding.
-  layers, heads: the motion transformer (heads None = embed_dim // 64, 1 where 64 does not
-  divide); the prompts and the communication use the same heads. long_term: 'mean' | 'stride'.
-  fusion: 'sum' | 'concat'. num_prompts: n learnt queries. prompt_gate: the initial value of the
-  gate [E] on the prompts added to the texts."""
+  width: d, the width of the new parts (None: embed_dim // 4); they meet CLIP's embed dim E
+  through linear maps. layers, heads: the motion transformer (heads None = d // 64, 1 where 64
+  does not divide); the prompts and the communication use the same heads. long_term: 'mean' |
+  'stride'. fusion: 'sum' | 'concat'. num_prompts: n learnt queries. prompt_gate: the initial
+  value of the gate [d] on the prompts added to the texts."""
   clip: CLIPConfig = CLIPConfig()
   num_frames: int = 8
+  width: int | None = None
   layers: int = 1
   heads: int | None = None
   long_term: str = 'mean'
@@ -69,9 +77,11 @@ class MotionPromptsConfig:
     for name in ('num_frames', 'layers', 'num_prompts'):
       if getattr(self, name) < 1:
         problems.append(f'{name}={getattr(self, name)} must be at least 1')
-    if self.heads is not None and (self.heads < 1 or self.clip.embed_dim % self.heads):
-      problems.append(f'heads={self.heads} must be at least 1 and divide the embed dim '
-                      f'{self.clip.embed_dim}')
+    if self.width is not None and self.width < 1:
+      problems.append(f'width={self.width} must be at least 1')
+    if self.heads is not None and (self.heads < 1 or self.num_width % self.heads):
+      problems.append(f'heads={self.heads} must be at least 1 and divide the width '
+                      f'{self.num_width}')
     if self.long_term not in LONG_TERM:
       problems.append(f'long_term={self.long_term!r} (choose one of {LONG_TERM})')
     if self.fusion not in FUSIONS:
@@ -80,15 +90,20 @@ class MotionPromptsConfig:
       raise ValueError('Invalid MotionPromptsConfig: ' + '; '.join(problems) + '.')
 
   @property
+  def num_width(self) -> int:
+    """d: `width`, or embed_dim // 4."""
+    return self.width or max(self.clip.embed_dim // 4, 1)
+
+  @property
   def num_heads(self) -> int:
-    e = self.clip.embed_dim
-    return self.heads or (e // 64 if e % 64 == 0 else 1)
+    d = self.num_width
+    return self.heads or (d // 64 if d % 64 == 0 else 1)
 
   @property
   def summary(self) -> str:
     """What the model adds to its CLIP, in words (for reports)."""
-    return (f'{self.layers} motion layers ({self.long_term} long-term, {self.fusion} fusion), '
-            f'{self.num_prompts} motion prompts')
+    return (f'{self.layers} motion layers of width {self.num_width} ({self.long_term} long-term, '
+            f'{self.fusion} fusion), {self.num_prompts} motion prompts')
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -99,8 +114,13 @@ class MotionPromptsConfig:
     return cls(**{**d, 'clip': CLIPConfig.from_dict(d['clip'])})
 
 
+def _back_to_embed(width: int, embed_dim: int, rngs: nnx.Rngs) -> nnx.Linear:
+  """A map d -> E initialised to zero: what it adds to CLIP's embeddings starts at nothing."""
+  return nnx.Linear(width, embed_dim, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
 def _shift_difference(frames: jax.Array, stride: int) -> jax.Array:
-  """[B, T, E] -> f[t + stride] - f[t], zero where t + stride is past the last frame."""
+  """[B, T, d] -> x[t + stride] - x[t], zero where t + stride is past the last frame."""
   t = frames.shape[1]
   if stride >= t:
     return jnp.zeros_like(frames)
@@ -112,55 +132,56 @@ def _shift_difference(frames: jax.Array, stride: int) -> jax.Array:
 # Two-stream motion modelling
 # ---------------------------------------------------------------------------------------------
 class MotionModelling(nnx.Module):
-  """Per-frame embeddings f [B, T, E] -> motion tokens [B, T, E] (streams, fusion, blocks)."""
+  """Frame embeddings brought to the width, x [B, T, d] -> motion tokens [B, T, d] (streams,
+  fusion, blocks)."""
 
   def __init__(self, cfg: MotionPromptsConfig, *, rngs: nnx.Rngs):
-    c, e = cfg.clip, cfg.clip.embed_dim
+    c, d = cfg.clip, cfg.num_width
     self.num_frames = cfg.num_frames
     self.long_term = cfg.long_term
     self.positional_embedding = nnx.Param(
-        jax.nn.initializers.truncated_normal(0.02)(rngs.params(), (cfg.num_frames, e)))
-    self.short_conv = nnx.Conv(e, e, (3,), padding='SAME', feature_group_count=e, rngs=rngs)
-    mlp = dict(activation=c.activation, fc_std=e ** -0.5, proj_std=0.02, dtype=jnp.float32,
+        jax.nn.initializers.truncated_normal(0.02)(rngs.params(), (cfg.num_frames, d)))
+    self.short_conv = nnx.Conv(d, d, (3,), padding='SAME', feature_group_count=d, rngs=rngs)
+    mlp = dict(activation=c.activation, fc_std=d ** -0.5, proj_std=0.02, dtype=jnp.float32,
                rngs=rngs)
-    self.short_mlp = MLP(e, e // 2, **mlp)
-    self.long_mlp = MLP(e, e // 2, **mlp)
-    self.fuse = nnx.Linear(3 * e, e, rngs=rngs) if cfg.fusion == 'concat' else None
+    self.short_mlp = MLP(d, d, **mlp)
+    self.long_mlp = MLP(d, d, **mlp)
+    self.fuse = nnx.Linear(3 * d, d, rngs=rngs) if cfg.fusion == 'concat' else None
     self.blocks = nnx.List([
-        ResidualBlock(e, cfg.num_heads, 2 * e, activation=c.activation,
+        ResidualBlock(d, cfg.num_heads, 2 * d, activation=c.activation,
                       layer_norm_eps=c.layer_norm_eps, depth=cfg.layers, rngs=rngs)
         for _ in range(cfg.layers)
     ])
 
-  def streams(self, frames: jax.Array) -> dict[str, jax.Array]:
-    """f [B, T, E] -> {'spatial', 'short', 'long'}, each [B, T, E]."""
-    t = frames.shape[1]
+  def streams(self, x: jax.Array) -> dict[str, jax.Array]:
+    """x [B, T, d] -> {'spatial', 'short', 'long'}, each [B, T, d]."""
+    t = x.shape[1]
     if t != self.num_frames:
       raise ValueError(f'The clip has {t} frames but the temporal position embedding has '
                        f'{self.num_frames}; load the checkpoint with num_frames={t} to resample '
                        'it.')
-    short = self.short_mlp(self.short_conv(_shift_difference(frames, 1)))
+    short = self.short_mlp(self.short_conv(_shift_difference(x, 1)))
     if self.long_term == 'mean':
-      long = frames - frames.mean(axis=1, keepdims=True)
+      long = x - x.mean(axis=1, keepdims=True)
     else:
-      long = _shift_difference(frames, max(t // 2, 1))
-    return {'spatial': frames + self.positional_embedding[...], 'short': short,
+      long = _shift_difference(x, max(t // 2, 1))
+    return {'spatial': x + self.positional_embedding[...], 'short': short,
             'long': self.long_mlp(long)}
 
   def fuse_streams(self, streams: dict[str, jax.Array]) -> jax.Array:
-    """The three streams -> [B, T, E]: their sum, or a linear map of their concatenation."""
+    """The three streams -> [B, T, d]: their sum, or a linear map of their concatenation."""
     if self.fuse is None:
       return streams['spatial'] + streams['short'] + streams['long']
     return self.fuse(jnp.concatenate([streams[s] for s in STREAMS], axis=-1))
 
   def tokens(self, fused: jax.Array) -> jax.Array:
-    """Fused streams [B, T, E] -> motion tokens [B, T, E] (the transformer over T)."""
+    """Fused streams [B, T, d] -> motion tokens [B, T, d] (the transformer over T)."""
     for block in self.blocks:
       fused = block(fused)
     return fused
 
-  def __call__(self, frames: jax.Array) -> jax.Array:
-    return self.tokens(self.fuse_streams(self.streams(frames)))
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.tokens(self.fuse_streams(self.streams(x)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,47 +189,54 @@ class MotionModelling(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 class MotionAwarePrompts(nnx.Module):
   """Motion tokens -> n motion prompts (learnt queries cross-attend to them); class texts ->
-  per-video texts (each text attends to the prompts, through a gate initialised small)."""
+  per-video texts (each text attends to its video's prompts; the result, through a gate
+  initialised small, is brought to E and added to it)."""
 
   def __init__(self, cfg: MotionPromptsConfig, *, rngs: nnx.Rngs):
-    c, e = cfg.clip, cfg.clip.embed_dim
-    self.queries = nnx.Param(jax.random.normal(rngs.params(), (cfg.num_prompts, e)))
-    self.query_norm = nnx.LayerNorm(e, epsilon=c.layer_norm_eps, rngs=rngs)
-    self.motion_norm = nnx.LayerNorm(e, epsilon=c.layer_norm_eps, rngs=rngs)
-    self.cross_attn = CrossAttention(e, cfg.num_heads, rngs=rngs)
+    c, d = cfg.clip, cfg.num_width
+    self.queries = nnx.Param(jax.random.normal(rngs.params(), (cfg.num_prompts, d)))
+    self.query_norm = nnx.LayerNorm(d, epsilon=c.layer_norm_eps, rngs=rngs)
+    self.motion_norm = nnx.LayerNorm(d, epsilon=c.layer_norm_eps, rngs=rngs)
+    self.cross_attn = CrossAttention(d, cfg.num_heads, rngs=rngs)
     init_like_official(self.cross_attn, rngs)
-    self.generator = PromptGenerator(e, 1, cfg.num_heads, cfg.prompt_gate, mlp_dim=e,
+    self.generator = PromptGenerator(d, 1, cfg.num_heads, cfg.prompt_gate, mlp_dim=d,
                                      activation=c.activation, layer_norm_eps=c.layer_norm_eps,
                                      rngs=rngs)
+    self.up = _back_to_embed(d, c.embed_dim, rngs)
 
   def learn(self, motion: jax.Array) -> jax.Array:
-    """Motion tokens [B, T, E] -> motion prompts [B, n, E]."""
+    """Motion tokens [B, T, d] -> motion prompts [B, n, d]."""
     queries = jnp.broadcast_to(self.queries[...], (motion.shape[0], *self.queries.shape))
     return queries + self.cross_attn(self.query_norm(queries), self.motion_norm(motion))
 
-  def __call__(self, texts: jax.Array, prompts: jax.Array) -> jax.Array:
-    """Texts [B, N, E], motion prompts [B, n, E] -> per-video texts [B, N, E]."""
-    return texts + self.generator(texts, prompts)
+  def __call__(self, texts: jax.Array, texts_down: jax.Array, prompts: jax.Array) -> jax.Array:
+    """Texts [B, N, E], the same at the width [B, N, d], motion prompts [B, n, d] -> per-video
+    texts [B, N, E]."""
+    return texts + self.up(self.generator(texts_down, prompts))
 
 
 # ---------------------------------------------------------------------------------------------
 # Multimodal communication
 # ---------------------------------------------------------------------------------------------
 class MultimodalCommunication(nnx.Module):
-  """The video embedding [G, E] and its texts [G, C, E] attend to each other once, at the same
-  time, with residuals."""
+  """The video embedding [G, E] and its texts [G, C, E], brought to the width, attend to each
+  other once, at the same time; the results, brought back to E, are added to them."""
 
   def __init__(self, cfg: MotionPromptsConfig, *, rngs: nnx.Rngs):
-    c, e = cfg.clip, cfg.clip.embed_dim
-    self.video_norm = nnx.LayerNorm(e, epsilon=c.layer_norm_eps, rngs=rngs)
-    self.text_norm = nnx.LayerNorm(e, epsilon=c.layer_norm_eps, rngs=rngs)
-    self.video_cross_attn = CrossAttention(e, cfg.num_heads, rngs=rngs)   # video asks the texts
-    self.text_cross_attn = CrossAttention(e, cfg.num_heads, rngs=rngs)    # texts ask the video
+    c, d, e = cfg.clip, cfg.num_width, cfg.clip.embed_dim
+    self.video_norm = nnx.LayerNorm(d, epsilon=c.layer_norm_eps, rngs=rngs)
+    self.text_norm = nnx.LayerNorm(d, epsilon=c.layer_norm_eps, rngs=rngs)
+    self.video_cross_attn = CrossAttention(d, cfg.num_heads, rngs=rngs)   # video asks the texts
+    self.text_cross_attn = CrossAttention(d, cfg.num_heads, rngs=rngs)    # texts ask the video
     init_like_official(self, rngs)
+    self.video_up = _back_to_embed(d, e, rngs)
+    self.text_up = _back_to_embed(d, e, rngs)
 
-  def __call__(self, video: jax.Array, texts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    v, t = self.video_norm(video)[:, None], self.text_norm(texts)
-    return video + self.video_cross_attn(v, t)[:, 0], texts + self.text_cross_attn(t, v)
+  def __call__(self, video: jax.Array, texts: jax.Array, down) -> tuple[jax.Array, jax.Array]:
+    """`down`: the model's map from E to the width."""
+    v, t = self.video_norm(down(video))[:, None], self.text_norm(down(texts))
+    return (video + self.video_up(self.video_cross_attn(v, t)[:, 0]),
+            texts + self.text_up(self.text_cross_attn(t, v)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,8 +247,11 @@ class MotionPrompts(nnx.Module):
 
   def __init__(self, cfg: MotionPromptsConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.cfg = cfg
+    d, e = cfg.num_width, cfg.clip.embed_dim
     self.clip = CLIP(cfg.clip, dtype=dtype, rngs=rngs)
+    self.down = nnx.Linear(e, d, kernel_init=nnx.initializers.normal(e ** -0.5), rngs=rngs)
     self.motion = MotionModelling(cfg, rngs=rngs)
+    self.up = _back_to_embed(d, e, rngs)
     self.prompts = MotionAwarePrompts(cfg, rngs=rngs)
     self.communication = MultimodalCommunication(cfg, rngs=rngs)
 
@@ -234,14 +265,20 @@ class MotionPrompts(nnx.Module):
     return jax.lax.stop_gradient(l2_normalize(frames))
 
   def encode_video(self, video: jax.Array) -> jax.Array:
-    """[B, T, H, W, 3] -> [B, E]: the mean of the motion tokens, before the communication with
-    any text; not normalised."""
-    return self.motion(self.frame_embeddings(video)).mean(axis=1)
+    """[B, T, H, W, 3] -> [B, E]: the video embedding, before the communication with any text;
+    not normalised."""
+    return self.frame_features(self.frame_embeddings(video))['video']
 
   def video_features(self, video: jax.Array) -> dict[str, jax.Array]:
-    """-> {'video': [B, E], 'prompts': [B, n, E]}: what `class_logits` needs of a video."""
-    motion = self.motion(self.frame_embeddings(video))
-    return {'video': motion.mean(axis=1), 'prompts': self.prompts.learn(motion)}
+    """-> {'video': [B, E], 'prompts': [B, n, d]}: what `class_logits` needs of a video."""
+    return self.frame_features(self.frame_embeddings(video))
+
+  def frame_features(self, frames: jax.Array) -> dict[str, jax.Array]:
+    """`video_features` from the frame embeddings f [B, T, E]: the video embedding is the mean
+    of f plus the mean motion token brought to E."""
+    motion = self.motion(self.down(frames))
+    return {'video': frames.mean(axis=1) + self.up(motion.mean(axis=1)),
+            'prompts': self.prompts.learn(motion)}
 
   def encode_text(self, tokens: jax.Array) -> jax.Array:
     """[N, context] -> [N, E], projected, not normalised."""
@@ -253,9 +290,11 @@ class MotionPrompts(nnx.Module):
     exp(logit_scale) * cosine."""
     video, prompts = features['video'], features['prompts']
     (a, c, e), b = text.shape, video.shape[0]
-    texts = jnp.broadcast_to(l2_normalize(text).reshape(1, a * c, e), (b, a * c, e))
-    texts = self.prompts(texts, prompts).reshape(b * a, c, e)
-    video, texts = self.communication(jnp.repeat(video, a, axis=0), texts)
+    text = l2_normalize(text).reshape(a * c, e)
+    texts = self.prompts(jnp.broadcast_to(text, (b, a * c, e)),
+                         jnp.broadcast_to(self.down(text), (b, a * c, self.cfg.num_width)),
+                         prompts).reshape(b * a, c, e)
+    video, texts = self.communication(jnp.repeat(video, a, axis=0), texts, self.down)
     video, texts = l2_normalize(video).reshape(b, a, e), l2_normalize(texts).reshape(b, a, c, e)
     return jnp.exp(self.clip.logit_scale[...]) * jnp.einsum('bae,bace->abc', video, texts)
 
