@@ -17,6 +17,19 @@ temporal embedding's init):
         --workdir=/tmp/xclip_demo
 
 Expected: val top-1 87.9% after 1650 steps (target: the mean baseline + 25 points, 66.5%).
+
+Motion prompts (after SiF; README: Motion prompts) on the frozen towers of the run above, its
+own checkpoint (`motion_prompts`: the model family, init.towers_only, both towers frozen, 450
+steps at lr 1e-2), and the `mean` baseline from the same checkpoint (CLIP-Mean on those towers):
+
+    python -m claver_jax.main --config=configs/demo.py:motion_prompts \
+        --config.init.checkpoint=/tmp/claver_demo --workdir=/tmp/motion_demo
+    python -m claver_jax.main --config=configs/demo.py:motion_prompts \
+        --config.init.checkpoint=/tmp/claver_demo --workdir=/tmp/motion_demo_mean \
+        --config.model.name=claver --config.model.temporal=mean --config.mode=eval
+
+Expected (measured, deterministic): motion prompts 88.75% with 13,968 trainable parameters
+(4.26% of the towers'); `mean` 21.5% (target: `mean` + 25 points, 46.5%).
 """
 
 import ml_collections

@@ -68,14 +68,16 @@ Motion prompts (`motion_prompts`; README: Motion prompts), on frozen CLIP towers
     python -m claver_jax.main --config=configs/k400.py:B16,8,motion_prompts \
         --workdir=runs/motion_b16_8 --config.init.clip=ckpt/clip_b16 [same data flags]
 
-SiF's hyperparameters are not public (nor its code or full text): this recipe is ours. Both
-towers and the logit scale frozen (the class texts encoded once and cached); AdamW (0.9, 0.98),
-eps 1e-8, weight decay 0.001, lr 3e-4 for the new parts (the order used for parts trained on a
-frozen CLIP), 5 warmup epochs then cosine to lr/100, 30 epochs, batch 256 (X-CLIP's); label
-smoothing .1, mixup .8, cutmix 1; class texts: the class name alone (X-CLIP's); frames
-normalised with CLIP's own mean/std, which the frozen towers were trained with. 1 motion layer,
-8 motion prompts: 7.37M trainable parameters at B16 and B32 (4.9% of the towers' 149.6M /
-151.3M), 16.6M at L14 (3.9%). No expected accuracy: SiF reports none we could check.
+SiF's hyperparameters are not public (nor its code or full text): this recipe is ours, and
+untested at this scale (no Kinetics run was made). Both towers and the logit scale frozen (the
+class texts encoded once and cached); AdamW (0.9, 0.98), eps 1e-8, weight decay 0.001, lr 3e-4
+for the new parts (a guess: on the demo's 14k new parameters 1e-2 won, see the README), 5 warmup
+epochs then cosine to lr/100, 30 epochs, batch 256 (X-CLIP's); label smoothing .1, mixup .8,
+cutmix 1; class texts: the class name alone (X-CLIP's); frames normalised with CLIP's own
+mean/std, which the frozen towers were trained with. Width 128 (E/4), 1 motion layer, 8 motion
+prompts: 828,544 trainable parameters at B16 and B32 (0.55% of the towers' 149.6M / 151.3M),
+1.86M at L14 (0.43% of 427.6M); the run prints its count. No expected accuracy: SiF's figures
+are not available to us.
 """
 
 from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD

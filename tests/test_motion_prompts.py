@@ -20,6 +20,7 @@ from claver_jax.models import (CLAVER, XCLIP, CLAVERConfig, CLIPConfig, MotionPr
 from claver_jax.models.motion_prompts import STREAMS
 from conftest import REPO, run_cli
 from test_claver import TINY
+from test_protocols import SPLITS, motion_dir, zeroshot_config  # noqa: F401 (a fixture)
 
 # Jitted: eager calls dispatch every small op on its own.
 streams = nnx.jit(lambda model, video: model.motion.streams(
@@ -194,6 +195,22 @@ def load_config(name, arg):
   return module.get_config(arg)
 
 
+def test_the_presets_start_where_their_recipes_say():
+  from claver_jax.data.transforms import CLIP_MEAN
+  k400 = load_config('k400', 'B16,8,motion_prompts')
+  assert (k400.init.require, k400.optim.lr, k400.text.templates) == ('clip', 3e-4, '{}')
+  assert tuple(k400.data.mean) == CLIP_MEAN and k400.train.epochs == 30
+  few = load_config('ucf101', 'shots=2,motion_prompts')
+  assert (few.data.shots, few.init.require, few.train.epochs) == (2, 'clip', 50)
+  full = load_config('hmdb51', 'full,motion_prompts')
+  assert full.init.require == 'checkpoint'
+  assert 'configs/k400.py:B16,32,motion_prompts' in full.init.require_from
+  demo = load_config('demo', 'motion_prompts')
+  assert (demo.init.require, demo.init.towers_only, demo.text.tokenizer) == ('checkpoint', True, '')
+  with pytest.raises(ValueError, match='pretrain'):
+    load_config('k400', 'B16,32,pretrain,motion_prompts')
+
+
 @pytest.mark.parametrize('name,arg', [('k400', 'B16,8,motion_prompts'),
                                       ('k400', 'B32,8,motion_prompts'),
                                       ('k400', 'L14,8,motion_prompts'),
@@ -273,6 +290,24 @@ def test_predict_on_a_synthetic_mp4(motion_run, tmp_path):
                     tuple(meta['normalization']['std']))
   want = np.mean([jax.nn.softmax(logits(model, video, t)[0]) for t in tokens], axis=0)
   np.testing.assert_allclose([got[label] for label in labels], want, atol=1e-5)
+
+
+def test_eval_and_zero_shot_take_it_like_the_other_families(motion_run, claver_dir, motion_dir,
+                                                            tmp_path):
+  from claver_jax import zeroshot
+  workdir, _ = motion_run
+  metrics = workdir / 'metrics.jsonl'
+  trained = [json.loads(line) for line in metrics.read_text().splitlines()]
+  run_cli('claver_jax.main', '--config=tests/tiny_config.py:motion_prompts', f'--workdir={workdir}',
+          f'--config.init.checkpoint={claver_dir}', '--config.mode=eval')
+  evaluated = json.loads(metrics.read_text().splitlines()[-1])
+  assert evaluated['step'] == 3
+  assert evaluated['val/top1'] == [m for m in trained if 'val/top1' in m][-1]['val/top1']
+  report = zeroshot.run_zeroshot(zeroshot_config(workdir, motion_dir, 'ucf101'),
+                                 str(tmp_path / 'zeroshot'))
+  runs = report['datasets']['ucf101']['runs']
+  assert {name: r['num_videos'] for name, r in runs.items()} == {
+      f'split{s}': len(clips) for s, clips in SPLITS.items()}
 
 
 # ---------------------------------------------------------------------- sharding and FLOPs
