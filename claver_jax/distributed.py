@@ -161,26 +161,27 @@ def device_put_identical(tree: Any, shardings: Any) -> Any:
 class StopRequest:
   """SIGTERM -> every process stops at the same point (saves, exits 0, resumes later).
 
-  `stop()` is called after every train step and between evaluation batches, in the same sequence
-  on every process; it is True from the first call after the signal on. With jax.distributed
+  `stop(step)` is called after every train step, from start_step + 1 on, on every process;
+  `stop()` (no step) between evaluation batches. In a one-process run a Python handler sets a
+  flag that both read, so a SIGTERM stops an evaluation at its next batch. With jax.distributed
   running, JAX's preemption service owns SIGTERM: the process that gets it tells the
-  coordination service, the processes agree on the first check none of them has passed (the
-  checks are numbered 1, 2, ... in call order), and `stop()` is True there on every process.
-  Each call is a local check: no device work and no network round trip. In a one-process run a
-  Python handler sets a flag that `stop()` reads. Create it just before the loop and `close()`
-  it after.
+  coordination service, the processes agree on the first step none of them has finished, and
+  `stop(step)` is True at that step on every process, so they save the same checkpoint. Its sync
+  points are numbered by train step, as orbax's CheckpointManager numbers its own calls (the two
+  share one counter per process), so the checks between evaluation batches cannot be sync points:
+  a multi-process run stops after the evaluation, at that step. Each call is a local check: no
+  device work and no network round trip. Create it just before the loop and `close()` it after.
   """
 
-  def __init__(self):
+  def __init__(self, start_step: int):
     self.distributed = jax.distributed.is_initialized()
     self.signal: int | None = None
     self._previous: Any = None
-    self._checks = 0
     if self.distributed:
       from jax.experimental import multihost_utils
-      # Check 0: a notice during the first step's compilation then stops at check 1. (A notice
-      # before this point, e.g. while restoring, is missed.)
-      multihost_utils.reached_preemption_sync_point(0)
+      # Where this run starts: a notice during the first step's compilation then stops after
+      # step start_step + 1. (A notice before this point, e.g. while restoring, is missed.)
+      multihost_utils.reached_preemption_sync_point(start_step)
     else:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -188,11 +189,10 @@ class StopRequest:
     del frame
     self.signal = signum
 
-  def __call__(self) -> bool:
-    if self.distributed and self.signal is None:
+  def __call__(self, step: int | None = None) -> bool:
+    if self.distributed and self.signal is None and step is not None:
       from jax.experimental import multihost_utils
-      self._checks += 1
-      if multihost_utils.reached_preemption_sync_point(self._checks):
+      if multihost_utils.reached_preemption_sync_point(step):
         self.signal = signal.SIGTERM
     return self.signal is not None
 

@@ -260,8 +260,8 @@ def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]
 def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
              stop: distributed.StopRequest | None = None) -> dict[str, Any] | None:
   """One pass over the eval split -> evaluate.summarize(...) over the valid videos. Scores stay on
-  the devices and are gathered once at the end. None when `stop` is requested between batches
-  (the same batch on every process)."""
+  the devices and are gathered once at the end. None when `stop()` is set between batches (a
+  SIGTERM in a one-process run; a multi-process run stops after the evaluation, see StopRequest)."""
   text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens)
   parts = []
   batch_sharding = sharding.batch_sharding(mesh)
@@ -425,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- loop
   text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen
           else jnp.asarray(prompts.tokens))
-  stop = distributed.StopRequest()
+  stop = distributed.StopRequest(start_step)
   eval_every = config.eval_every_steps or steps_per_epoch
   bar = progress_bar(total_steps, start_step)
   losses, metrics = [], {}
@@ -508,86 +508,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         check_finite()
         evaluated = evaluate_and_export(step)
         metrics.update(evaluated or {})
-      stopping = stop()                      # The same answer on every process.
+      stopping = stop(step)                  # The same answer on every process.
       if (step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or last
           or evaluating or stopping):
         check_finite()
         check_parameters(step)
         save(step, evaluated, eval_pending=evaluating and evaluated is None)
-      if stopping:
-        logging.warning('SIGTERM: saved step %d; exiting. Run again to resume.', step)
-        break
-  finally:
-    stop.close()
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    if train_iter is not None and hasattr(train_iter, 'close'):
-      train_iter.close()
-  return metrics
-
-  if config.mode == 'eval':
-    if latest is None and not config.init.checkpoint:
-      raise ValueError(f'config.mode=eval, but {workdir} has no checkpoint and '
-                       'config.init.checkpoint is empty: there is nothing to evaluate.')
-    metrics = evaluate_now(start_step)
-    writer.close()
-    checkpointer.close()
-    return metrics
-
-  # ----------------------------------------------------------------------------- loop
-  text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen
-          else jnp.asarray(prompts.tokens))
-  stop = distributed.StopRequest(start_step)
-  eval_every = config.eval_every_steps or steps_per_epoch
-  bar = progress_bar(total_steps, start_step)
-  losses, metrics, best = [], {}, -1.0
-  tick, clips = time.time(), 0
-
-  def save(step: int, extra: dict[str, Any] | None = None) -> None:
-    checkpointer.save(step, nnx.to_pure_dict(state), train_iter, config, extra)
-
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      batch = make_global_batch(next(train_iter), batch_sharding)
-      state, out = train_step(state, batch, text, jnp.asarray(step, jnp.int32))
-      losses.append(out['loss'])
-      clips += tc.batch_size
-      bar.update(1)
-      last = step == total_steps
-      if step % config.log_every_steps == 0 or last:
-        loss = float(np.mean(jax.device_get(losses)))
-        if not np.isfinite(loss):
-          raise NonFiniteLossError(
-              f'The training loss is {loss} at step {step}. Stopping; the last good checkpoint '
-              f'(step {checkpointer.latest_step()}) is kept. Lower config.optim.lr, check the '
-              'data, or enable config.optim.grad_clip_norm.')
-        rate = clips / (time.time() - tick)
-        metrics = {'train/loss': loss, 'train/lr': float(schedule(step - 1)),
-                   'train/clips_per_s': rate}
-        writer.write(step, metrics)
-        bar.set_postfix(loss=f'{loss:.4f}', lr=f'{metrics["train/lr"]:.2e}',
-                        clips_s=f'{rate:.1f}')
-        losses, tick, clips = [], time.time(), 0
-      evaluated = None
-      if step % eval_every == 0 or last:
-        evaluated = evaluate_now(step)
-        metrics.update(evaluated)
-        if evaluated['val/top1'] > best:
-          best = evaluated['val/top1']
-          export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
-                       {'workdir': str(workdir), 'step': step, 'val/top1': best,
-                        'templates': list(templates)}, normalization)
-      stopping = stop(step)                  # The same answer on every process.
-      if (step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or last
-          or evaluated is not None or stopping):
-        if not all_finite(state):
-          raise NonFiniteLossError(f'The parameters are not finite after step {step}; nothing '
-                                   f'saved. The last good checkpoint '
-                                   f'(step {checkpointer.latest_step()}) is kept. Lower '
-                                   'config.optim.lr or enable config.optim.grad_clip_norm.')
-        save(step, {'val/top1': evaluated['val/top1']} if evaluated else None)
       if stopping:
         logging.warning('SIGTERM: saved step %d; exiting. Run again to resume.', step)
         break

@@ -204,6 +204,7 @@ def test_shapes_are_checked_at_the_boundaries():
   import types
   import tiny_config
   from claver_jax import optim
+  from claver_jax.models import families
   from claver_jax.train import make_model, make_train_step
   config = tiny_config.get_config()                                  # T = 4, S = 16
   model = make_model(config, types.SimpleNamespace(vocab_size=100, eot_token_id=99),
@@ -211,10 +212,12 @@ def test_shapes_are_checked_at_the_boundaries():
   for shape in ((2, 3, 16, 16, 3), (2, 4, 32, 32, 3), (2, 4, 16, 16)):
     with pytest.raises(AssertionError, match=r'expected \(None, 4, 16, 16, 3\)'):
       model.encode_video(jnp.zeros(shape))
-  tx, _ = optim.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
+  group_of = families.of(model).group_of
+  tx, _ = optim.make_optimizer(config.optim, group_of, total_steps=10, steps_per_epoch=5)
   graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=optim.trainable_filter(
-      config.optim))))
-  step = make_train_step(graphdef, config, num_classes=12, num_sets=6, text_frozen=False)
+      config.optim, group_of))))
+  step = make_train_step(graphdef, config, num_classes=12, num_sets=6, text_frozen=False,
+                         group_of=group_of)
   spec = jax.ShapeDtypeStruct
   batch = {'video': spec((8, 4, 16, 16, 3), jnp.uint8), 'label': spec((8,), jnp.int32)}
   text, at = spec((6, 12, 32), jnp.int32), spec((), jnp.int32)
@@ -290,7 +293,7 @@ def test_num_frames_resampling(official, tmp_path, caplog):
   assert model.encode_video(video8).shape == (2, 64)
   with pytest.raises(ValueError, match='resampling of the temporal embedding turned off'):
     load(out, num_frames=8, resample_frames=False)
-  with pytest.raises(ValueError, match='num_frames=8 to resample'):
+  with pytest.raises(AssertionError, match='load the checkpoint with num_frames=T to resample'):
     load(out).encode_video(video8)
 
 

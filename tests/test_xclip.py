@@ -260,16 +260,20 @@ def loaded(model_dir):
 
 def expected_scores(model_dir, video_path, labels, mean, std, templates=None) -> np.ndarray:
   """Predict's scores, computed independently: per template a softmax over the labels of
-  `logits`, averaged over the templates (by default those the directory records)."""
-  from claver_jax.data.transforms import normalize
+  `logits`, averaged over the templates. By default the texts (templates, bare name) and the test
+  view are those the directory records, as predict's; given templates, the bare name and the
+  paper's view, as zero-shot's."""
+  from claver_jax.data.transforms import TEST_RESIZE_RATIO, normalize
   from claver_jax.predict import load_clip_frames
-  from claver_jax.text.prompts import prompt_tokens
+  from claver_jax.text.prompts import prompt_tokens, resolve_templates
   model, tokenizer = loaded(model_dir)
-  templates = templates or json.loads((model_dir / 'config.json').read_text())['source'][
-      'templates']
-  tokens = prompt_tokens(labels, tokenizer, None, templates=templates,
+  source = json.loads((model_dir / 'config.json').read_text())['source']
+  name, ratio = (True, TEST_RESIZE_RATIO) if templates else (source['bare_name'],
+                                                             source['eval_resize_ratio'])
+  templates = templates or resolve_templates(source['templates'])
+  tokens = prompt_tokens(labels, tokenizer, None, templates=templates, name=name,
                          context_length=model.cfg.clip.context_length).tokens
-  frames = load_clip_frames(video_path, model.cfg.num_frames, model.cfg.clip.image_size)
+  frames = load_clip_frames(video_path, model.cfg.num_frames, model.cfg.clip.image_size, ratio)
   video = normalize(frames[None], mean, std)
   return np.mean([jax.nn.softmax(logits(model, video, t)[0]) for t in tokens], axis=0)
 
@@ -339,7 +343,8 @@ def test_family_errors_come_before_the_workdir(xclip_run, tmp_path):
                  '--config.model.name=xclips', check=False)
   assert proc.returncode != 0 and "config.model.name='xclips' is not a model family" in proc.stderr
   proc = run_cli('claver_jax.main', '--config=tests/tiny_config.py', f'--workdir={workdir}',
-                 f'--config.init.checkpoint={xclip_run / "model"}', check=False)
+                 f'--config.init.checkpoint={xclip_run / "model"}', '--config.text.tokenizer=',
+                 check=False)
   assert proc.returncode != 0 and "holds a 'xclip' model" in proc.stderr
   assert '--config.model.name=xclip' in proc.stderr and not workdir.exists()
 

@@ -1,11 +1,14 @@
 """A PyTorch CLAVER written from the paper's and the issue's description of the official model:
 OpenAI's CLIP (torch_clip.OpenAICLIP) plus `visual.temporal_embedding` [1, T, W] and
 `visual.transformer_t.resblocks.{i}.temporal_*` blocks with packed-q/k/v nn.MultiheadAttention.
-The Kronecker masks here are built with loops from their definitions, not with kron.
+The Kronecker masks here are built with loops from their definitions, not with kron, once per
+(kind, T, L): the official code builds its mask once, so the speed benchmark
+(benchmarks/model_speed.py) times the model, not the mask.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -30,6 +33,13 @@ def loop_mask(kind: str, num_frames: int, tokens_per_frame: int) -> torch.Tensor
           'pipeline': li == lj,
       }[kind]
   return allowed
+
+
+@functools.lru_cache(maxsize=None)
+def additive_mask(kind: str, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
+  """float [T·L, T·L]: 0 where `loop_mask` allows, -inf elsewhere (nn.MultiheadAttention's form)."""
+  allowed = loop_mask(kind, num_frames, tokens_per_frame)
+  return torch.zeros(allowed.shape).masked_fill(~allowed, float('-inf'))
 
 
 class TemporalBlock(nn.Module):
@@ -75,8 +85,7 @@ class OfficialCLAVER(torch_clip.OpenAICLIP):
     l, d = x.shape[1:]
     x = x.reshape(b, t, l, d) + v.temporal_embedding[:, :, None, :]   # to every token of a frame
     x = x.reshape(b, t * l, d).permute(1, 0, 2)                      # frame-major: t*L + l
-    allowed = loop_mask(self.mask, t, l)
-    attn_mask = torch.zeros(t * l, t * l).masked_fill(~allowed, float('-inf'))
+    attn_mask = additive_mask(self.mask, t, l)
     for block in v.transformer_t.resblocks:
       x = block(x, attn_mask)
     cls = x.permute(1, 0, 2).reshape(b, t, l, d)[:, :, 0]

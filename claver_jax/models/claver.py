@@ -101,8 +101,10 @@ class CLAVER(nnx.Module):
   def encode_frames(self, video: jax.Array) -> jax.Array:
     """[B, T, S, S, 3] (T = cfg.num_frames, S = the image size) -> [B, T, embed_dim]:
     L2-normalised per-frame embeddings."""
-    size = self.cfg.clip.image_size
-    chex.assert_shape(video, (None, self.cfg.num_frames, size, size, 3))
+    size, frames = self.cfg.clip.image_size, self.cfg.num_frames
+    chex.assert_shape(video, (None, frames, size, size, 3), custom_message=(
+        f'the model takes clips of {frames} frames of {size}x{size}x3; for another frame count, '
+        f'load the checkpoint with num_frames=T to resample its temporal embedding'))
     b, t = video.shape[:2]
     tokens = self.clip.visual.encode_tokens(video.reshape(b * t, *video.shape[2:]))
     tokens = tokens.reshape(b, t, *tokens.shape[1:])              # [B, T, L, D]

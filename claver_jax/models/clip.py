@@ -136,6 +136,27 @@ def _activation(name: str):
 _normal = jax.nn.initializers.normal
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              is_causal: bool = False) -> jax.Array:
+  """softmax(q kᵀ / √Dh) v per head, heads-major: q [B, H, Sq, Dh], k, v [B, H, Sk, Dh] ->
+  [B, H, Sq, Dh]. mask: bool, True = may attend, broadcastable to [B, H, Sq, Sk]; is_causal: query
+  i sees keys 0..i (Sq = Sk). Scores and softmax in float32, as `jax.nn.dot_product_attention`.
+
+  Heads-major operands make both products plain batched matmuls with no transposes between them;
+  on XLA:CPU this is 1.2-1.8x faster (forward + backward) than `jax.nn.dot_product_attention` on
+  [B, S, H, Dh] operands.
+  """
+  scores = jnp.einsum('bhqd,bhkd->bhqk', q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
+                      preferred_element_type=jnp.float32)
+  if is_causal:
+    causal = jnp.arange(q.shape[2])[:, None] >= jnp.arange(k.shape[2])[None, :]
+    mask = causal if mask is None else jnp.logical_and(mask, causal)
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bhkd->bhqd', weights, v)
+
+
 class MultiHeadAttention(nnx.Module):
   """Self-attention with packed q/k/v, as PyTorch `nn.MultiheadAttention`."""
 
@@ -149,9 +170,23 @@ class MultiHeadAttention(nnx.Module):
     """x: [B, S, D]; mask: bool, True = may attend, broadcastable to [B, heads, S, S]."""
     b, s, d = x.shape
     qkv = self.qkv(x).reshape(b, s, 3, self.heads, d // self.heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-    return self.out(y.reshape(b, s, d))
+    q, k, v = jnp.unstack(qkv.transpose(2, 0, 3, 1, 4))          # [B, H, S, Dh] each
+    y = attention(q, k, v, mask=mask, is_causal=is_causal)
+    return self.out(y.transpose(0, 2, 1, 3).reshape(b, s, d))
+
+  def attend_from(self, queries: jax.Array, x: jax.Array, *,
+                  mask: jax.Array | None = None) -> jax.Array:
+    """Queries from the rows `queries` [B, P, D], keys and values from x [B, S, D] -> [B, P, D];
+    mask: bool, broadcastable to [B, heads, P, S]. With `queries` rows of x and the matching
+    rows of a self-attention mask, these are the rows of `self(x, mask=...)`."""
+    (b, p, d), s = queries.shape, x.shape[1]
+    kernel = self.qkv.kernel[...].astype(x.dtype)                # [D, 3D]: q | k | v
+    bias = self.qkv.bias[...].astype(x.dtype)
+    q = (queries @ kernel[:, :d] + bias[:d]).reshape(b, p, self.heads, -1).transpose(0, 2, 1, 3)
+    kv = (x @ kernel[:, d:] + bias[d:]).reshape(b, s, 2, self.heads, -1)
+    k, v = jnp.unstack(kv.transpose(2, 0, 3, 1, 4))               # [B, H, S, Dh] each
+    y = attention(q, k, v, mask=mask)
+    return self.out(y.transpose(0, 2, 1, 3).reshape(b, p, d))
 
 
 class MLP(nnx.Module):
@@ -189,6 +224,25 @@ class ResidualBlock(nnx.Module):
     if self.remat:
       return nnx.remat(_block_forward, static_argnums=(3,))(self, x, mask, is_causal)
     return _block_forward(self, x, mask, is_causal)
+
+  def at_positions(self, x: jax.Array, positions: jax.Array, *,
+                   mask: jax.Array | None = None) -> jax.Array:
+    """The block's output at `positions` only: x [B, S, D], positions int [B, P] -> [B, P, D].
+    mask: the rows of the self-attention mask for those queries, broadcastable to
+    [B, heads, P, S]. Keys and values come from every position; the queries, the attention
+    output and the MLP from the P rows alone (2/12 of the block's matmul work for P << S)."""
+    if self.remat:
+      return nnx.remat(_block_at_positions)(self, x, positions, mask)
+    return _block_at_positions(self, x, positions, mask)
+
+
+def _block_at_positions(block: ResidualBlock, x: jax.Array, positions: jax.Array,
+                        mask: jax.Array | None) -> jax.Array:
+  y = block.ln_1(x)
+  rows = positions[..., None]                                     # [B, P, 1]
+  x = jnp.take_along_axis(x, rows, axis=1)
+  x = x + block.attn.attend_from(jnp.take_along_axis(y, rows, axis=1), y, mask=mask)
+  return x + block.mlp(block.ln_2(x))
 
 
 def _block_forward(block: ResidualBlock, x: jax.Array, mask: jax.Array | None,
@@ -255,11 +309,20 @@ class VisionTransformer(nnx.Module):
           f'images are {images.shape[1]}x{images.shape[2]} but this model takes {size}x{size}. '
           'Resize the inputs, or convert the weights with --image_size to resample the '
           'positional embedding.')
-    x = self.conv1(images.astype(self.dtype))                     # [N, g, g, width]
-    x = x.reshape(x.shape[0], -1, x.shape[-1])                    # row-major patches
+    x = self.embed_patches(images.astype(self.dtype))             # [N, g², width], row-major
     cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(x.dtype)
     return self.ln_pre(x)
+
+  def embed_patches(self, images: jax.Array) -> jax.Array:
+    """[N, H, W, 3] -> [N, g², width]: `conv1` (stride = kernel = patch) as one matmul of the
+    flattened patches [N·g², p·p·3] with the kernel [p·p·3, width]: the same sums as the
+    convolution, about 1.8x faster on XLA:CPU; on accelerators XLA lowers both to one matmul."""
+    n, h, w, c = images.shape
+    p = self.cfg.patch_size
+    patches = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    kernel = self.conv1.kernel[...].astype(images.dtype)          # [p, p, 3, width]
+    return patches.reshape(n, (h // p) * (w // p), p * p * c) @ kernel.reshape(p * p * c, -1)
 
   def pool(self, tokens: jax.Array) -> jax.Array:
     """Class tokens [..., width] -> `ln_post` -> `proj` -> [..., embed_dim], in float32."""
@@ -286,8 +349,8 @@ class TextTransformer(nnx.Module):
     self.text_projection = nnx.Param(
         width ** -0.5 * jax.random.normal(rngs.params(), (width, cfg.embed_dim)))
 
-  def encode_tokens(self, tokens: jax.Array) -> jax.Array:
-    """[N, S] int -> [N, S, width] float32: every position after `ln_final`, before pooling."""
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """[N, S] int -> [N, S, width]: token plus positional embeddings, the first block's input."""
     if tokens.ndim != 2:
       raise ValueError(f'tokens must be [N, context]; got shape {tokens.shape}.')
     if tokens.shape[1] > self.cfg.context_length:
@@ -295,7 +358,11 @@ class TextTransformer(nnx.Module):
                        f'{self.cfg.context_length}; tokenize with context_length='
                        f'{self.cfg.context_length}.')
     x = self.token_embedding(tokens)
-    x = x + self.positional_embedding[:tokens.shape[1]].astype(x.dtype)
+    return x + self.positional_embedding[:tokens.shape[1]].astype(x.dtype)
+
+  def encode_tokens(self, tokens: jax.Array) -> jax.Array:
+    """[N, S] int -> [N, S, width] float32: every position after `ln_final`, before pooling."""
+    x = self.embed(tokens)
     for block in self.blocks:
       x = block(x, is_causal=True)
     return self.ln_final(x)
@@ -312,7 +379,18 @@ class TextTransformer(nnx.Module):
     return eot @ self.text_projection[...]
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return self.pool(self.encode_tokens(tokens), tokens)
+    """[N, S] int -> [N, embed_dim] float32, equal to `pool(encode_tokens(tokens), tokens)`.
+    Under the causal mask nothing after the pooled position reaches it, and the last block's
+    other rows feed nothing: that block runs for the pooled row only (its keys and values still
+    from every position), saving 10/12 of its work."""
+    *body, last = self.blocks
+    x = self.embed(tokens)
+    for block in body:
+      x = block(x, is_causal=True)
+    eot = self.eot_index(tokens)[:, None]                         # [N, 1]
+    causal = jnp.arange(tokens.shape[1]) <= eot                   # [N, S]: keys up to eot
+    x = last.at_positions(x, eot, mask=causal[:, None, None])[:, 0]   # [N, width]
+    return self.ln_final(x) @ self.text_projection[...]
 
 
 def sincos_position_embedding(grid: int, width: int) -> jax.Array:
@@ -350,9 +428,10 @@ class CLIP(nnx.Module):
 
   def encode_text(self, tokens: jax.Array, *, return_tokens: bool = False):
     """[N, S] int -> [N, embed_dim]; with return_tokens also [N, S, text_width] states."""
+    if not return_tokens:
+      return self.text(tokens)
     states = self.text.encode_tokens(tokens)
-    embedding = self.text.pool(states, tokens)
-    return (embedding, states) if return_tokens else embedding
+    return self.text.pool(states, tokens), states
 
   def logits(self, images: jax.Array, tokens: jax.Array) -> jax.Array:
     """-> [N_images, N_texts]: exp(logit_scale) times the cosine similarity."""

@@ -12,7 +12,8 @@ Who may attend to whom, for query token i and key token j (frames i // L and j /
 `kronecker_mask` is the same rule as a host matrix, for tests and inspection only.
 
 `kronecker_attention(q, k, v, kind=..., num_frames=T, implementation=...)`, q/k/v [B, T·L, H, Dh]:
-  dense     `jax.nn.dot_product_attention` with the whole mask: [B, H, T·L, T·L] scores.
+  dense     the whole mask: [B, H, T·L, T·L] scores, computed heads-major by `clip.attention` (as
+            the CLIP towers' attention; on XLA:CPU faster than `jax.nn.dot_product_attention`).
   chunked   exact, without the [T·L, T·L] matrix in the forward or the backward pass. Queries
             go a chunk of c frames at a time (c = 1 by default). kmt, kmct and joint: the
             chunk's scores against its own frames first ([B, H, c·L, c·L], masked from iota),
@@ -47,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from claver_jax.models.clip import attention
+
 MASK_KINDS = ('kmt', 'kmct', 'spatial', 'joint', 'pipeline')
 ATTENTION_IMPLEMENTATIONS = ('dense', 'chunked', 'auto')
 CHUNKED_KERNELS = ('portable', 'cudnn', 'splash')
@@ -56,8 +59,9 @@ BLOCKWISE_KINDS = ('kmt', 'kmct', 'joint')
 # 'auto' is chunked from this many tokens per clip (T·L) on. Below, dense's scores are small (at
 # 400 tokens, 7.7 MB per clip and layer at 12 heads) and the loops cost more than they save:
 # chunked/dense time of KMT's forward + backward on the CPU (benchmarks/kronecker_attention.py,
-# batches of ~3200 tokens) was 2.09 at 80 tokens, 1.52 at 208, 1.04-1.05 at 400 (0.88 once),
-# 0.69-0.75 at 600, 0.49-0.73 at 800 and beyond.
+# batches of ~3200 tokens; dense heads-major, two runs on a shared machine) was 2.5-3.6 at 80
+# tokens, 1.7-2.1 at 208, 1.09-1.12 at 400, 0.69-1.11 at 600 and 800, where chunked keeps far
+# less memory.
 AUTO_CHUNKED_MIN_TOKENS = 512
 SPLASH_BLOCK = 128
 
@@ -123,10 +127,11 @@ def kronecker_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str, 
   if s % num_frames:
     raise ValueError(f'{s} tokens are not {num_frames} frames of equal length.')
   l = s // num_frames
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)                 # [B, H, T·L, Dh] and back
   if resolve_implementation(implementation, num_frames, l) == 'dense':
     ids = lax.iota(jnp.int32, s)
     mask = None if kind == 'joint' else allowed(kind, ids[:, None], ids[None, :], l)[None, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return heads_first(attention(heads_first(q), heads_first(k), heads_first(v), mask=mask))
   kernel = kernel or chunked_kernel(q.dtype)
   if kernel not in CHUNKED_KERNELS:
     raise ValueError(f'kernel={kernel!r}; choose one of {CHUNKED_KERNELS}.')
@@ -139,7 +144,6 @@ def kronecker_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str, 
                       'chunked kernel.', kernel, type(e).__name__, e)
   if num_frames % chunk_frames:
     raise ValueError(f'chunk_frames={chunk_frames} must divide the {num_frames} frames.')
-  heads_first = lambda x: x.transpose(0, 2, 1, 3)                 # [B, H, T·L, Dh]
   out = _chunked(heads_first(q), heads_first(k), heads_first(v), kind, num_frames, chunk_frames)
   return heads_first(out)
 

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from claver_jax.models.clip import (MLP, CLIPConfig, MultiHeadAttention, ResidualBlock,
-                                    TextTransformer, VisionTransformer, check_known_fields,
-                                    l2_normalize)
+                                    TextTransformer, VisionTransformer, attention,
+                                    check_known_fields, l2_normalize)
 
 
 def official_heads(width: int) -> int:
@@ -204,11 +204,11 @@ class CrossAttention(nnx.Module):
     self.proj = nnx.Linear(width, width, rngs=rngs)
 
   def __call__(self, x: jax.Array, visual: jax.Array) -> jax.Array:
-    (b, n, e), m, h = x.shape, visual.shape[1], self.heads
-    q = self.q_proj(x).reshape(b, n, h, e // h)
-    k = self.k_proj(visual).reshape(b, m, h, e // h)
-    v = self.v_proj(visual).reshape(b, m, h, e // h)
-    return self.proj(jax.nn.dot_product_attention(q, k, v).reshape(b, n, e))
+    (b, n, e), h = x.shape, self.heads
+    heads_first = lambda y: y.reshape(b, y.shape[1], h, e // h).transpose(0, 2, 1, 3)
+    q, k, v = heads_first(self.q_proj(x)), heads_first(self.k_proj(visual)), heads_first(
+        self.v_proj(visual))                                       # [B, H, N | M, E / H]
+    return self.proj(attention(q, k, v).transpose(0, 2, 1, 3).reshape(b, n, e))
 
 
 class PromptGeneratorLayer(nnx.Module):
