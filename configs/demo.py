@@ -28,8 +28,8 @@ steps at lr 1e-2), and the `mean` baseline from the same checkpoint (CLIP-Mean o
         --config.init.checkpoint=/tmp/claver_demo --workdir=/tmp/motion_demo_mean \
         --config.model.name=claver --config.model.temporal=mean --config.mode=eval
 
-Expected (measured, deterministic): motion prompts 88.75% with 13,968 trainable parameters
-(4.26% of the towers'); `mean` 21.5% (target: `mean` + 25 points, 46.5%).
+Expected (measured, deterministic): motion prompts 88.08% with 13,968 trainable parameters
+(4.26% of the towers'); `mean` 20.08% (target: `mean` + 25 points, 45.1%).
 """
 
 import ml_collections
