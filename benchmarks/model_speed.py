@@ -11,9 +11,12 @@ weights (the printed video-embedding difference checks it). fp32, T = 8 frames, 
   inference  `encode_video` of a [2, 8, 224, 224, 3] clip batch (torch under no_grad; ours jitted).
   train      the paper's step: image tower frozen; temporal parts, text tower and logit scale
              trained (the same parameter count on both sides, printed); 5 description sets x 20
-             classes of 77-token texts encoded in the step; soft cross-entropy; AdamW with the
-             temporal parts at 10x lr. Ours is claver_jax.train.make_train_step, jitted with the
-             state donated, as the train loop runs it (mixup off on both sides).
+             classes of texts 8 to 77 tokens long in 77-token rows, encoded in the step; soft
+             cross-entropy; AdamW with the temporal parts at 10x lr. Ours is
+             claver_jax.train.make_train_step, jitted with the state donated, as the train loop
+             runs it: the texts cut to the longest and encoded in groups at their own length
+             (the reference encodes every row at 77 tokens, as the official code does); mixup
+             off on both sides.
   peak       a 2048^3 fp32 matmul in each framework; our ViT forward over the B·T = 16 frames
              (FLOPs from XLA's cost analysis) as a fraction of JAX's matmul rate.
 
@@ -186,8 +189,9 @@ def main(argv: list[str]) -> None:
   import torch
   from flax import nnx
 
-  from claver_jax import optim
+  from claver_jax import optim, sharding
   from claver_jax.models import families, load
+  from claver_jax.models.clip import needed_context, pool_index
   from claver_jax.train import make_train_step
   from convert.claver_to_flax import convert
 
@@ -275,14 +279,17 @@ def main(argv: list[str]) -> None:
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
   ours_trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
   step_graphdef, state = nnx.split((model, optimizer))
-  train_step = jax.jit(make_train_step(step_graphdef, config, CLASSES, SETS, text_frozen=False,
+  # As the train loop gives them: cut to the longest text, with each text's length.
+  cut = tokens[..., :needed_context(tokens, model.cfg.clip)]
+  train_step = jax.jit(make_train_step(step_graphdef, config, sharding.make_mesh(config.mesh),
+                                       pool_index(cut, model.cfg.clip) + 1, text_frozen=False,
                                        group_of=group_of),
                        donate_argnums=(0,))
   # Committed to the device, as the train loop's sharded arrays are: uncommitted inputs to the
   # first call and committed outputs into the next would compile the step twice.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state, batch, text = jax.device_put(
-      (state, {'video': video_uint8, 'label': labels}, tokens), device)
+      (state, {'video': video_uint8, 'label': labels}, cut), device)
   step_number = 0
 
   def ours_train():

@@ -1,10 +1,11 @@
 """Run checkpoints in WORKDIR/checkpoints: model + optimizer state, data iterator, config.
 
 Each step directory holds four items: `state` (nnx state of model and optimizer, as a pure
-dict), `data` (the grain iterator's state, so a resumed run sees exactly the batches it would
-have seen), `config` (JSON) and `progress` (JSON: the best val/top1 so far and its step, which
-WORKDIR/model holds, and whether this step's evaluation is still to do). Saves are asynchronous. The last `keep` checkpoints are kept
-and, separately, the `keep_best` best by val/top1: a preservation policy, because `best_fn`
+dict), `data` (the grain iterator's state, a count of global batches, so a resumed run sees
+exactly the batches it would have seen, with any number of processes), `config` (JSON) and
+`progress` (JSON: the best val/top1 so far and its step, which WORKDIR/model holds, and whether
+this step's evaluation is still to do). Saves are asynchronous. The last `keep` checkpoints are
+kept and, separately, the `keep_best` best by val/top1: a preservation policy, because `best_fn`
 with `max_to_keep` alone can delete the latest one.
 
 In a multi-process run every process calls save and restore with its global arrays (orbax writes
@@ -88,9 +89,10 @@ class Checkpointer:
     Returns (state, progress); progress is {} for a checkpoint saved without one.
 
     A checkpoint written by another number of processes restores too: the arrays are resharded
-    onto this run's mesh, and every process's iterator continues from process 0's saved position
-    (each process has consumed the same number of batches). The clips are then split over the
-    processes differently, so their order is not the one the interrupted run would have seen.
+    onto this run's mesh, and every process's iterator continues from process 0's saved state,
+    which counts global batches (every process's is the same). The global batches do not depend
+    on the process count (data/pipeline.py), so the run sees the batches the interrupted one
+    would have seen, given the same global batch size and num_workers.
     """
     data_dir = self.directory / str(step) / 'data'
     own_file = data_dir / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
@@ -107,9 +109,9 @@ class Checkpointer:
                                 'the checkpoint is incomplete. Delete it to resume from the one '
                                 'before, or start a fresh workdir.')
       data_iterator.set_state(json.loads(first[0].read_text()))
-      logging.warning('Step %d was saved by %s processes and is restored by %d: the data '
-                      'continues from the same position, but in another order.', step,
-                      first[0].stem.rsplit('-of-', 1)[1], jax.process_count())
+      logging.info('Step %d was saved by %s processes and is restored by %d: the data '
+                   'continues from the same global batch.', step,
+                   first[0].stem.rsplit('-of-', 1)[1], jax.process_count())
     logging.info('Restored step %d from %s.', step, self.directory)
     return restored['state'], dict(restored.get('progress') or {})
 

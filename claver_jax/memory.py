@@ -1,14 +1,18 @@
 r"""Per-device memory of the compiled train step, from XLA's memory analysis: nothing is run.
 
     python -m claver_jax.memory --config=configs/k400.py:B16,32 [--devices=8]
-    python -m claver_jax.memory --table      # the README's table: what fits, per config
+    python -m claver_jax.memory --config=configs/k400.py:B16,8,xclip --num_classes=400
+    python -m claver_jax.memory --table --text_length=32   # the README's table: what fits
 
 The train step is the one train.py compiles (`make_train_step`, its shardings, the donated
 state), lowered on abstract shapes (`nnx.eval_shape`, `jax.ShapeDtypeStruct`) for a mesh of
 --devices simulated CPU devices and compiled by XLA's CPU backend; `memory_analysis()` of that
 per-device program gives its arguments, outputs and temporaries. A device's peak is taken as
 arguments + outputs - donated aliases + temporaries. The class count and description sets come
-from the config's prompt set; the texts are `context_length` tokens long (--text_length).
+from the config's prompt set, templates and text.bare_name; a config without a prompt set (X-CLIP's
+presets: the class name alone) needs --num_classes. Every text is counted at `context_length`
+tokens, or at --text_length (the step cuts texts to the longest one, rounded up to 8: 32 for
+the shipped prompt sets with OpenAI's vocabulary; the README's table uses --text_length=32).
 
 What this measures is the CPU backend's buffer assignment: GPU and TPU compilers fuse, lay out
 and schedule differently, so their peaks differ. Hence a margin: a micro-batch fits a device
@@ -36,6 +40,7 @@ if __name__ == '__main__':   # Simulated devices must be asked for before jax st
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from claver_jax import optim, sharding
@@ -65,21 +70,29 @@ class StepMemory:
     return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
-def text_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(description sets A, classes C) of the config's prompt set and templates."""
-  if not config.text.prompts:
-    raise ValueError('The memory analysis takes its classes from config.text.prompts; this '
-                     'config has none.')
-  prompt_set = load_prompt_set(config.text.prompts)
-  texts, _ = build_prompt_texts(list(prompt_set), prompt_set,
+def text_shape(config: ml_collections.ConfigDict,
+               num_classes: int | None = None) -> tuple[int, int]:
+  """(description sets A, classes C) of the config's texts: the classes of its prompt set, or
+  else `num_classes` of them, with its templates and bare name."""
+  if config.text.prompts:
+    prompt_set = load_prompt_set(config.text.prompts)
+    classes = list(prompt_set)
+  elif num_classes:
+    prompt_set, classes = None, [f'class {i}' for i in range(num_classes)]
+  else:
+    raise ValueError('config.text.prompts is empty, so the class count is unknown: pass '
+                     '--num_classes (e.g. 400 for Kinetics-400).')
+  texts, _ = build_prompt_texts(classes, prompt_set,
                                 templates=resolve_templates(config.text.templates),
-                                allow_missing=True)
+                                allow_missing=True, name=config.text.bare_name)
   return len(texts), len(texts[0])
 
 
 def train_step_memory(config: ml_collections.ConfigDict, num_devices: int,
-                      text_length: int | None = None) -> StepMemory:
-  """The compiled train step of `config` (its global batch and accumulation) on `num_devices`."""
+                      text_length: int | None = None,
+                      num_classes: int | None = None) -> StepMemory:
+  """The compiled train step of `config` (its global batch and accumulation) on `num_devices`;
+  `num_classes` for a config without a prompt set (see `text_shape`)."""
   from claver_jax.train import make_train_step
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:num_devices])
   # The config's model; a 'custom' one with CLIP's vocabulary (its tokenizer is not read).
@@ -97,9 +110,11 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int,
   graphdef, state = nnx.split(nnx.eval_shape(build))
   state_sharding = sharding.state_shardings(mesh, state)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  num_sets, num_classes = text_shape(config)
+  num_sets, num_classes = text_shape(config, num_classes)
   text_frozen = config.optim.freeze_text
-  step = jax.jit(make_train_step(graphdef, config, num_classes, num_sets, text_frozen,
+  length = text_length or cfg.clip.context_length
+  step = jax.jit(make_train_step(graphdef, config, mesh,
+                                 np.full((num_sets, num_classes), length), text_frozen,
                                  family.group_of),
                  in_shardings=(state_sharding, batch_sharding, replicated, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
@@ -109,8 +124,7 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int,
            'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
   text = (jax.ShapeDtypeStruct((num_sets, num_classes, cfg.clip.embed_dim), jnp.float32)
           if text_frozen else
-          jax.ShapeDtypeStruct((num_sets, num_classes, text_length or cfg.clip.context_length),
-                               jnp.int32))
+          jax.ShapeDtypeStruct((num_sets, num_classes, length), jnp.int32))
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state, state_sharding)
   compiled = step.lower(abstract_state, batch, text,
@@ -183,7 +197,10 @@ def main(argv: list[str]) -> None:
     return
   if f.config is None:
     raise SystemExit('error: pass --config=configs/k400.py[:PRESET] or --table.')
-  m = train_step_memory(f.config, f.devices, f.text_length)
+  try:
+    m = train_step_memory(f.config, f.devices, f.text_length, f.num_classes)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
   c = f.config
   print(f'{c.model.arch}, {c.data.num_frames} frames, {c.model.temporal} '
         f'(attention {c.model.attention}), {c.model.dtype}, remat={c.model.remat}: batch '
@@ -203,4 +220,6 @@ if __name__ == '__main__':
   flags.DEFINE_bool('table', False, "Print the README's table of what fits.")
   flags.DEFINE_integer('devices', 8, 'Simulated devices of the mesh (data parallel).')
   flags.DEFINE_integer('text_length', None, 'Tokens per text (default: the context length).')
+  flags.DEFINE_integer('num_classes', None, 'Classes of a config without a prompt set '
+                       '(config.text.prompts), e.g. X-CLIP\'s presets.')
   app.run(main)

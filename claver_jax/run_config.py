@@ -55,7 +55,9 @@
     text.sets_per_step   description sets sampled per train step (K = 5 in the paper)
     optim                see claver_jax.optim.default_config (AdamW, groups, freezing, schedule)
     train.batch_size     global batch, independent of the device count
-    train.epochs, train.max_steps (0 = no cap), train.grad_accum_steps
+    train.epochs, train.max_steps (0 = no cap)
+    train.grad_accum_steps  micro-batches per step, run by a lax.scan; each spans every device;
+                         the texts are encoded once per step
     train.label_smoothing, mixup_alpha, cutmix_alpha, mixup_switch_prob
     eval.batch_size, eval.num_clips, eval.num_crops (views per video)
     eval_every_steps     0 = at the end of each epoch

@@ -87,3 +87,16 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def check_process_rows(mesh: jax.sharding.Mesh, global_batch: int) -> None:
+  """The data pipeline gives process i rows [i B, (i + 1) B) of each global batch of
+  `global_batch` clips (B = global_batch / processes); raises if its devices hold other rows."""
+  per_process = global_batch // jax.process_count()
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  held = sorted({row for index in index_map.values() for row in range(global_batch)[index[0]]})
+  start = jax.process_index() * per_process
+  if held != list(range(start, start + per_process)):
+    raise ValueError(f'The mesh gives process {jax.process_index()} rows {held[:4]}... of each '
+                     f'batch, not the rows {start}..{start + per_process - 1} its data pipeline '
+                     'reads: list each process\'s devices consecutively in the mesh.')

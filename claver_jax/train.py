@@ -4,8 +4,16 @@ shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
 Loss: each step samples `config.text.sets_per_step` of the A description sets; the loss is the
 soft cross-entropy over the C classes for each set, averaged. With a frozen text tower all A·C
 texts are encoded once and cached (projected, not normalised); otherwise the sampled sets are
-encoded inside the step. Models are used only through their family's interface
-(claver_jax.models.families): train, evaluate and export CLAVER and X-CLIP alike.
+encoded inside the step, once per step whatever `config.train.grad_accum_steps`. Models are used
+only through their family's interface (claver_jax.models.families): train, evaluate and export
+CLAVER and X-CLIP alike.
+
+Scale: the text attention is causal and pools at the end-of-text token, so a text encoded at
+any context that holds it gives the same embedding. Texts are cut to the longest one (rounded up
+to 8 tokens); in the step, they are sorted by length and encoded in groups at their own context
+(`encode_texts_by_length`). Each group is split over the devices, forward and backward
+(`encode_texts_sharded`). Gradient accumulation is a lax.scan over micro-batches that each span
+every device (`micro_batches`).
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar
 from claver_jax.models import CLIPConfig, families, load
-from claver_jax.models.clip import set_remat, sincos_position_embedding
+from claver_jax.models.clip import (needed_context, pool_index, set_remat,
+                                    sincos_position_embedding)
 from claver_jax.models.io import (input_normalization, load_towers, model_dir,
                                   read_model_config, write_model_dir)
 from claver_jax.run_config import ConfigError, check_config
@@ -76,6 +85,7 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
 
 
 TEMPORAL_INIT_STD = 0.02   # The temporal embedding's initialisation in the official code.
+TEXTS_PER_DEVICE = 512     # Texts each device encodes per call in evaluation.
 
 
 def model_family(config: ml_collections.ConfigDict) -> families.Family:
@@ -184,24 +194,90 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(-1).mean()
 
 
-def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: int,
-                    num_sets: int, text_frozen: bool, group_of: optim.GroupOf):
-  """(state, batch, text, step) -> (state, {'loss', 'finite'}). `text` is [A, C, E] cached
-  embeddings (projected, not normalised) when the text tower is frozen, else [A, C, S] tokens.
-  `group_of` is the model family's parameter groups. 'finite' is False when the loss or the
-  gradient's global norm is not finite."""
-  tc, dc = config.train, config.data
-  sets = min(config.text.sets_per_step, num_sets)
-  wrt = optim.trainable_filter(config.optim, group_of)
+def encode_texts_sharded(model: nnx.Module, tokens: jax.Array,
+                         mesh: jax.sharding.Mesh) -> jax.Array:
+  """tokens int32 [N, S] -> [N, E] (the family's `encode_text`: projected, not normalised), on
+  every device. Inside jit: each device of the batch axes encodes N / devices of the texts (N
+  padded with empty texts to a multiple of the device count; their embeddings are dropped) and
+  the embeddings are gathered; the backward pass through the text tower is split the same way."""
+  n = tokens.shape[0]
+  # Padded on every device, then each takes its rows: no tokens move between devices.
+  tokens = jax.lax.with_sharding_constraint(jnp.pad(tokens, ((0, -n % mesh.size), (0, 0))),
+                                            sharding.replicated(mesh))
+  tokens = jax.lax.with_sharding_constraint(tokens, sharding.batch_sharding(mesh))
+  embeddings = model.encode_text(tokens)
+  return jax.lax.with_sharding_constraint(embeddings, sharding.replicated(mesh))[:n]
 
-  def loss_fn(model, video, targets, text, set_ids):
-    if text_frozen:
-      t = text[set_ids]                                                    # [K, C, E]
-    else:
-      tokens = text[set_ids]
-      t = model.encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(sets, num_classes, -1)
-    logits = model.class_logits(model.video_features(video), t)           # [K, B, C]
-    return soft_cross_entropy(logits, targets)
+
+def length_buckets(lengths: np.ndarray, sets: int, multiple: int = 8
+                   ) -> tuple[tuple[int, int], ...]:
+  """Static groups (count, context) to encode the texts of any `sets` rows of `lengths` int
+  [A, C] (the context each text needs) by length: sorted by length, the texts of any such choice
+  fill the groups in order, each at most as long as its group's context (a multiple of
+  `multiple`). A group's count is the fewest texts of that length or shorter that `sets` rows can
+  hold, less the groups before it."""
+  total, longest = sets * lengths.shape[1], int(lengths.max())
+  buckets, placed = [], 0
+  for context in range(multiple, longest + multiple, multiple):
+    fits = total if context >= longest else int(np.sort((lengths <= context).sum(1))[:sets].sum())
+    if fits > placed:
+      buckets.append((fits - placed, context))
+      placed = fits
+  return tuple(buckets)
+
+
+def encode_texts_by_length(model: nnx.Module, tokens: jax.Array, lengths: jax.Array,
+                           buckets: tuple[tuple[int, int], ...],
+                           mesh: jax.sharding.Mesh) -> jax.Array:
+  """tokens int32 [N, S], lengths int [N] (the context each needs) -> [N, E] (projected, not
+  normalised), on every device. Inside jit: the texts sorted by length, each group of
+  `length_buckets` encoded at its own context by `encode_texts_sharded`. The text attention is
+  causal, so this is exact."""
+  order = jnp.argsort(lengths, stable=True)
+  ranked = jax.lax.with_sharding_constraint(tokens[order], sharding.replicated(mesh))
+  parts, start = [], 0
+  for count, context in buckets:
+    parts.append(encode_texts_sharded(model, ranked[start:start + count, :context], mesh))
+    start += count
+  return jnp.concatenate(parts)[jnp.argsort(order)]
+
+
+def micro_batches(tree: Any, count: int, mesh: jax.sharding.Mesh) -> Any:
+  """Leaves [B, ...] split over the devices -> [count, B / count, ...]: micro-batch m takes the
+  m-th 1/count of every device's rows (a strided split of the global batch), so each micro-batch
+  is spread over every device and no data moves."""
+  devices = mesh.size
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.AXES))
+
+  def split(x):
+    per_device = x.reshape(devices, count, x.shape[0] // (devices * count), *x.shape[1:])
+    stacked = per_device.swapaxes(0, 1).reshape(count, x.shape[0] // count, *x.shape[1:])
+    return jax.lax.with_sharding_constraint(stacked, spec)
+
+  return jax.tree.map(split, tree)
+
+
+def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    text_lengths: np.ndarray, text_frozen: bool, group_of: optim.GroupOf):
+  """(state, batch, text, step) -> (state, {'loss', 'finite'}). `text` is [A, C, E] cached
+  embeddings (projected, not normalised) when the text tower is frozen, else [A, C, S] tokens;
+  `text_lengths` int [A, C] is the context each text needs (its pooling position + 1).
+  `group_of` is the model family's parameter groups. 'finite' is False when the loss or the
+  gradient's global norm is not finite.
+
+  One step: normalise and mix the global batch; draw K of the A description sets; encode their
+  K·C texts once, by length and split over the devices (`encode_texts_by_length`); run
+  `grad_accum_steps` micro-batches (lax.scan, each spread over every device), accumulating the
+  gradients of the parameters and of the text embeddings; take the latter back through the text
+  tower once; update. The model is used through its family's `encode_text`, `video_features`
+  and `class_logits`.
+  """
+  tc, dc = config.train, config.data
+  num_sets, num_classes = text_lengths.shape
+  sets = min(config.text.sets_per_step, num_sets)
+  buckets = length_buckets(text_lengths, sets)
+  accum = tc.grad_accum_steps
+  wrt = optim.trainable_filter(config.optim, group_of)
 
   def train_step(state, batch, text, step):
     chex.assert_shape(batch['video'], (tc.batch_size, dc.num_frames, dc.image_size,
@@ -221,15 +297,41 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: in
     else:
       targets = smooth_one_hot(batch['label'], num_classes, tc.label_smoothing)
     set_ids = jax.random.choice(set_rng, num_sets, (sets,), replace=False)
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))
-    micro = video.shape[0] // tc.grad_accum_steps
-    loss, grads = 0.0, None
-    for i in range(tc.grad_accum_steps):                  # Gradient accumulation, unrolled.
-      part = slice(i * micro, (i + 1) * micro)
-      l, g = grad_fn(model, video[part], targets[part], text, set_ids)
-      loss = loss + l / tc.grad_accum_steps
-      g = jax.tree.map(lambda x: x / tc.grad_accum_steps, g)
-      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    chosen = jax.lax.with_sharding_constraint(text[set_ids], sharding.replicated(mesh))
+    graph, params, rest = nnx.split(model, wrt, ...)
+
+    def text_embeddings(params):                                           # -> [K, C, E]
+      tokens = chosen.reshape(sets * num_classes, -1)
+      lengths = jnp.asarray(text_lengths)[set_ids].reshape(-1)
+      embeddings = encode_texts_by_length(nnx.merge(graph, params, rest), tokens, lengths,
+                                          buckets, mesh)
+      return embeddings.reshape(sets, num_classes, -1)
+
+    if text_frozen:
+      text_emb, text_backward = chosen, None
+    else:
+      text_emb, text_backward = jax.vjp(text_embeddings, params)
+
+    def micro_loss(params, text_emb, video, targets):
+      model = nnx.merge(graph, params, rest)
+      logits = model.class_logits(model.video_features(video), text_emb)   # [K, B, C]
+      return soft_cross_entropy(logits, targets)
+
+    grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1))
+    if accum == 1:     # No loop: XLA's CPU backend runs a loop's body about 3x slower.
+      loss, (grads, text_grad) = grad_fn(params, text_emb, video, targets)
+    else:
+      def micro_step(carry, micro):
+        loss, grads, text_grad = carry
+        l, (g, t) = grad_fn(params, text_emb, *micro)
+        return (loss + l, jax.tree.map(jnp.add, grads, g), text_grad + t), None
+
+      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(text_emb))
+      (loss, grads, text_grad), _ = jax.lax.scan(micro_step, zeros,
+                                                 micro_batches((video, targets), accum, mesh))
+    if text_backward is not None:
+      grads = jax.tree.map(jnp.add, grads, text_backward(text_grad)[0])
+    loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
     # Checked on device; the loop reads it where it reads the loss (no extra host sync).
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     optimizer.update(model, grads)
@@ -239,14 +341,15 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, num_classes: in
 
 
 def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]):
-  """Jitted (state, tokens [N, S]) -> [N, E] and (state, uint8 video [B, V, T, H, W, 3], text
-  [A, C, E]) -> [B, C]; frames are normalised with `normalization` (mean, std)."""
+  """Jitted (state, tokens [N, S]) -> [N, E] (split over the devices, see
+  `encode_texts_sharded`) and (state, uint8 video [B, V, T, H, W, 3], text [A, C, E]) -> [B, C];
+  frames are normalised with `normalization` (mean, std)."""
   mean, std = (tuple(v) for v in normalization)
   replicated = sharding.replicated(mesh)
 
   def encode_text(state, tokens):
     model, _ = nnx.merge(graphdef, state)
-    return model.encode_text(tokens)
+    return encode_texts_sharded(model, tokens, mesh)
 
   def scores(state, video, text):
     model, _ = nnx.merge(graphdef, state)
@@ -262,7 +365,8 @@ def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
   """One pass over the eval split -> evaluate.summarize(...) over the valid videos. Scores stay on
   the devices and are gathered once at the end. None when `stop()` is set between batches (a
   SIGTERM in a one-process run; a multi-process run stops after the evaluation, see StopRequest)."""
-  text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens)
+  text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
+                               chunk=TEXTS_PER_DEVICE * mesh.size)
   parts = []
   batch_sharding = sharding.batch_sharding(mesh)
   for host_batch in data.eval_pass():
@@ -328,6 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ConfigError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
                       f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
                       'devices.')
+  sharding.check_process_rows(mesh, tc.batch_size)
   workdir.mkdir(parents=True, exist_ok=True)
 
   # ----------------------------------------------------------------------------- input
@@ -353,8 +458,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None, templates=templates,
                           allow_missing=config.text.allow_missing, name=config.text.bare_name,
                           context_length=model.cfg.clip.context_length)
-  logging.info('Texts: %d description sets x %d classes (%s).', *prompts.tokens.shape[:2],
-               ', '.join(sorted(set(prompts.kinds))))
+  # The text attention is causal: the context is cut to the longest text, the same embeddings.
+  tokens = prompts.tokens[..., :needed_context(prompts.tokens, model.cfg.clip)]
+  logging.info('Texts: %d description sets x %d classes (%s), %d tokens each.',
+               *prompts.tokens.shape[:2], ', '.join(sorted(set(prompts.kinds))), tokens.shape[-1])
   steps_per_epoch = max(data.num_train // tc.batch_size, 1)
   total_steps = int(round(tc.epochs * steps_per_epoch))
   if tc.max_steps:
@@ -374,8 +481,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- steps
   text_frozen = config.optim.freeze_text
   train_step = jax.jit(
-      make_train_step(graphdef, config, len(class_names), prompts.tokens.shape[0], text_frozen,
-                      family.group_of),
+      make_train_step(graphdef, config, mesh, pool_index(tokens, model.cfg.clip) + 1,
+                      text_frozen, family.group_of),
       in_shardings=(state_sharding, batch_sharding, replicated, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh, normalization)
@@ -399,7 +506,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def evaluate_now(step: int, stop: distributed.StopRequest | None = None
                    ) -> dict[str, Any] | None:
     logging.info('Evaluating step %d (%d batches).', step, data.eval_batches)
-    summary = run_eval(data, state, encode_text, scores, prompts.tokens, mesh, stop)
+    summary = run_eval(data, state, encode_text, scores, tokens, mesh, stop)
     if summary is None:
       logging.warning('SIGTERM during the evaluation of step %d: evaluation stopped.', step)
       return None
@@ -423,8 +530,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return metrics
 
   # ----------------------------------------------------------------------------- loop
-  text = (evaluate.encode_texts(lambda t: encode_text(state, t), prompts.tokens) if text_frozen
-          else jnp.asarray(prompts.tokens))
+  text = (evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
+                                chunk=TEXTS_PER_DEVICE * num_devices) if text_frozen
+          else jnp.asarray(tokens))
   stop = distributed.StopRequest(start_step)
   eval_every = config.eval_every_steps or steps_per_epoch
   bar = progress_bar(total_steps, start_step)

@@ -50,6 +50,7 @@ from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
 from claver_jax.fileio import atomic_write_text
 from claver_jax.models import input_normalization, load_video_model, read_model_config
+from claver_jax.models.clip import needed_context
 from claver_jax.models.io import model_dir
 from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
@@ -335,7 +336,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                             templates=templates, name=bare_name,
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)
-      summary = run_eval(_Progress(data, bar), state, encode_text, scores, texts.tokens, mesh)
+      tokens = texts.tokens[..., :needed_context(texts.tokens, model.cfg.clip)]
+      summary = run_eval(_Progress(data, bar), state, encode_text, scores, tokens, mesh)
       if lead:
         evaluate.write_reports(summary, data.class_names,
                                workdir / 'zeroshot' / run.dataset / run.name)

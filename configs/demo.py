@@ -6,9 +6,11 @@ It trains a tiny ViT + temporal transformer + text tower from scratch, on 12 cla
 only by motion, each the time reversal of its twin. A BPE vocabulary is learnt from the class
 texts (the short 'objects' templates) into WORKDIR/tokenizer.
 
-Expected, on 2 CPU cores (measured, idle): val top-1 92.2% after 1650 steps in 4 min 14 s; with
---config.model.temporal=mean (frame-order blind: twins share their frames) 41.5%. Chance is
-8.3%. The target was >= 90% in <= 5 minutes, and <= 60% for mean.
+Expected, on 2 CPU cores: val top-1 91.75% after 1650 steps (measured; the run's time:
+TODO(lead): measure idle; 4 min 14 s idle with the previous train order); with
+--config.model.temporal=mean (frame-order blind: twins share their frames) 41.5% (measured with
+the previous train order). Chance is 8.3%. The target was >= 90% in <= 5 minutes, and <= 60%
+for mean.
 
 X-CLIP on the same task, with the same settings (the MIT takes the temporal heads and the
 temporal embedding's init):
@@ -16,7 +18,8 @@ temporal embedding's init):
     python -m claver_jax.main --config=configs/demo.py --config.model.name=xclip \
         --workdir=/tmp/xclip_demo
 
-Expected: val top-1 87.9% after 1650 steps (target: the mean baseline + 25 points, 66.5%).
+Expected: val top-1 88.6% after 1650 steps (measured; target: the mean baseline + 25 points,
+66.5%).
 
 Motion prompts (after SiF; README: Motion prompts) on the frozen towers of the run above, its
 own checkpoint (`motion_prompts`: the model family, init.towers_only, both towers frozen, 450
@@ -71,7 +74,8 @@ def get_config(arg=None):
   # which long texts of twin classes ("from the left ... to the right") nearly coincide.
   c.text.templates = 'objects'
   c.text.prompts = ''
-  # Not the bare name either: with it (and the same templates) 89.3% instead of 92.2%.
+  # Not the bare name either: with it (and the same templates) 89.3% instead of 92.2% (the
+  # previous train order).
   c.text.bare_name = False
 
   c.optim.lr = 1e-3

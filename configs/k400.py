@@ -40,14 +40,14 @@ the host's cores (--config.data.num_workers=N); on a small host, lower it. Measu
 (load ~10, so only the trend holds; TODO(lead): measure idle): 0 workers 3.2 clips/s, 1: 3.0,
 2: 5.8, 4: 10.1 (bare PyAV decoding 5.1).
 
-Memory per device (`python -m claver_jax.memory --config=configs/k400.py:B16,32`: XLA's memory
-analysis of the compiled train step on 8 simulated devices, CPU backend, nothing run; see the
-README's table): B16 at 32 frames, bf16, chunked attention, 1 clip per device peaks at 91.5 GiB,
-88.5 of it the text tower (the 5 x 400 sampled texts at 77 tokens, fwd + bwd, on every device),
-plus 2.0 GiB per further clip. As shipped (batch 128: 16 clips per device on 8 devices) it needs
-121.8 GiB and fits no 80 GB GPU or TPU chip: the text tower must be split over the devices and
-cut to the texts' length first. Per-device clips are batch_size / (devices x
-train.grad_accum_steps); raise `--config.train.grad_accum_steps` where the table says fewer fit.
+Memory per device (`python -m claver_jax.memory --config=configs/k400.py:B16,32 --text_length=32`:
+XLA's memory analysis of the compiled train step on 8 simulated devices, CPU backend, nothing
+run; see the README's table): B16 at 32 frames, bf16, chunked attention, 1 clip per device peaks
+at 7.7 GiB, 4.7 of it the text tower (the 5 x 400 sampled texts split over the devices, at 32
+tokens at most, fwd + bwd), plus 2.0 GiB per further clip. As shipped (batch 128: 16 clips per
+device on 8 devices) it needs 38.0 GiB: it fits an 80 GB GPU (up to 27 clips per device); a
+32 GiB TPU chip takes 8 clips (`--config.train.grad_accum_steps=2` on 8 chips), a 16 GiB one 2
+(`=8`). Per-device clips are batch_size / (devices x train.grad_accum_steps).
 
 X-CLIP (`xclip`). Expected top-1 / top-5 (%), 4x3 views, from the official X-CLIP model zoo
 (microsoft/VideoX, X-CLIP/README.md):

@@ -58,13 +58,13 @@ Where the numbers come from:
     to lr / 100, weight decay 0.001, label smoothing .1, mixup .8, cutmix 1, tests with 1 clip x
     1 crop.
 
-Memory per device (`python -m claver_jax.memory --config=configs/ucf101.py:full`: XLA's memory
-analysis of the compiled train step on 8 simulated devices, CPU backend, nothing run; see the
-README's table): 25.9 GiB at 1 clip per device, 22.9 of it the text tower (5 x 101 texts at 77
-tokens, on every device), plus 2.0 GiB per further clip. As shipped (64 clips in 2 accumulation
-steps: 4 clips per device on 8 devices) 43.4 GiB: it fits an 80 GB GPU, which takes up to 18
-clips per device (`--config.train.grad_accum_steps=1` fits too). No 16 or 32 GiB TPU chip fits
-it while every device encodes all texts. HMDB-51 (configs/hmdb51.py) likewise.
+Memory per device (`python -m claver_jax.memory --config=configs/ucf101.py:full
+--text_length=32`: XLA's memory analysis of the compiled train step on 8 simulated devices, CPU
+backend, nothing run; see the README's table): 4.6 GiB at 1 clip per device, 1.6 of it the text
+tower (5 x 101 texts split over the devices, at 32 tokens at most), plus 2.0 GiB per further
+clip. As shipped (64 clips in 2 accumulation steps: 4 clips per device on 8 devices) 11.4 GiB:
+it fits an 80 GB GPU (up to 28 clips per device; `--config.train.grad_accum_steps=1` fits too),
+a 32 GiB TPU chip (up to 10) and a 16 GiB one (up to 4). HMDB-51 (configs/hmdb51.py) likewise.
 """
 
 import importlib.util

@@ -203,7 +203,7 @@ def test_shapes_are_checked_at_the_boundaries():
   size, or a batch that does not match the config, names the shape expected (traced only)."""
   import types
   import tiny_config
-  from claver_jax import optim
+  from claver_jax import optim, sharding
   from claver_jax.models import families
   from claver_jax.train import make_model, make_train_step
   config = tiny_config.get_config()                                  # T = 4, S = 16
@@ -216,7 +216,8 @@ def test_shapes_are_checked_at_the_boundaries():
   tx, _ = optim.make_optimizer(config.optim, group_of, total_steps=10, steps_per_epoch=5)
   graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=optim.trainable_filter(
       config.optim, group_of))))
-  step = make_train_step(graphdef, config, num_classes=12, num_sets=6, text_frozen=False,
+  step = make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
+                         text_lengths=np.full((6, 12), 32), text_frozen=False,
                          group_of=group_of)
   spec = jax.ShapeDtypeStruct
   batch = {'video': spec((8, 4, 16, 16, 3), jnp.uint8), 'label': spec((8,), jnp.int32)}

@@ -191,13 +191,15 @@ def test_mixup_cutmix_targets_sum_to_one():
       assert mixed.shape == video.shape and targets.shape == (4, 10)
       np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
       assert float(targets.min()) >= 0.1 / 10 - 1e-6      # Smoothing keeps every class > 0.
-      # Sample 0 is mixed with sample 3: its target mass splits between their labels.
+      # Sample 0 is mixed with sample 1: its target mass splits between their labels.
       lam = (float(targets[0, 0]) - 0.01) / 0.9
+      np.testing.assert_allclose(targets[0, 3], 0.01 + 0.9 * (1 - lam), rtol=1e-5)
+      np.testing.assert_allclose(targets[2, [3, 9]], targets[3, [9, 3]], rtol=1e-5)  # 2 with 3
       if switch == 1.0:
         kept = np.isclose(np.asarray(mixed[0]), np.asarray(video[0])).all(axis=(0, -1))
         np.testing.assert_allclose(kept.mean(), lam, atol=1e-5)  # lambda = the kept area.
       else:
-        np.testing.assert_allclose(mixed[0], lam * video[0] + (1 - lam) * video[3], atol=1e-4)
+        np.testing.assert_allclose(mixed[0], lam * video[0] + (1 - lam) * video[1], atol=1e-4)
 
 
 @pytest.mark.parametrize('mixup_alpha,cutmix_alpha', [(0.0, 1.0), (0.8, 0.0), (0.0, 0.0)])
@@ -218,11 +220,11 @@ def test_an_alpha_of_zero_turns_its_branch_off(mixup_alpha, cutmix_alpha):
       np.testing.assert_allclose(targets, smoothed, rtol=1e-6)
     elif mixup_alpha == 0:        # Every step a box: each pixel is its own or its partner's.
       kept = np.isclose(mixed[0], video[0]).all(axis=(0, -1))
-      assert (kept | np.isclose(mixed[0], video[3]).all(axis=(0, -1))).all()
+      assert (kept | np.isclose(mixed[0], video[1]).all(axis=(0, -1))).all()
       np.testing.assert_allclose(kept.mean(), lam, atol=1e-5)
     else:                         # Every step a blend (never an empty box, as a NaN one is).
       assert 0 < lam < 1 - 1e-6, seed
-      np.testing.assert_allclose(mixed[0], lam * video[0] + (1 - lam) * video[3], atol=1e-4)
+      np.testing.assert_allclose(mixed[0], lam * video[0] + (1 - lam) * video[1], atol=1e-4)
 
 
 def test_cutmix_box_area_corrects_lambda():

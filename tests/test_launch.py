@@ -1,9 +1,11 @@
 """Multi-process runs and the launchers.
 
-Real runs of main through launch/local_multiprocess.sh: 2 processes x 2 CPU devices give the same
-losses as 1 process x 4 devices; SIGTERM to one process stops both after the same step with a
-checkpoint; that checkpoint resumes in one process. The launchers' process handling is checked
-with stand-in processes, and the cloud launchers through --dry_run.
+Real runs of main on the demo config through launch/local_multiprocess.sh: 2 processes x 2 CPU
+devices give the losses of 1 process x 4 devices (the global batches do not depend on the
+process count); SIGTERM to one process stops both after the same step with a checkpoint; that
+checkpoint resumes in one process with the losses the two-process run gave after it. The
+launchers' process handling is checked with stand-in processes, and the cloud launchers through
+--dry_run.
 """
 
 from __future__ import annotations
@@ -29,18 +31,14 @@ LAUNCH = REPO / 'launch'
 SCRIPTS = sorted(LAUNCH.glob('*.sh'))
 SOURCED = {'dry_run.sh'}             # Helpers the launchers source; not run on their own.
 TINY = 'tests/tiny_config.py'
-# Each batch is the whole train split (40 synthetic videos: 32 train, 8 val), every clip is
-# deterministic (synthetic frames = T, one crop scale, no flip or jitter) and the learning rate
-# constant. So each step sees the same data however many processes read it (each process reads
-# its own shard, in an order that depends on the process count), and a run's steps do not depend
-# on its length. The mesh is data=2 x fsdp=2 in every run. Sizes are pinned here, whatever the
-# demo config they start from says.
-SAME_DATA = ('--config.data.synthetic_videos=40', '--config.data.num_frames=4',
-             '--config.data.synthetic_frames=4', '--config.data.image_size=16',
-             '--config.data.synthetic_size=32', '--config.model.clip.patch_size=8',
-             '--config.data.scales=(1.0,)', '--config.train.batch_size=32',
-             '--config.optim.warmup_epochs=0', '--config.optim.end_lr_ratio=1.0',
-             '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.eval_every_steps=2')
+DEMO = 'configs/demo.py'
+# The demo as it ships (its 4800 train clips in batches of 32, its model, its augmentation) on a
+# data=2 x fsdp=2 mesh, with a constant learning rate so that a run's steps do not depend on its
+# length (3 steps here, 1650 there), a loss logged and a checkpoint saved at every step, and an
+# evaluation at step 3 (the last of the shortest run; the next one, at 6, is never reached).
+DEMO_RUN = ('--config.optim.warmup_epochs=0', '--config.optim.end_lr_ratio=1.0',
+            '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.eval_every_steps=3',
+            '--config.log_every_steps=1', '--config.checkpoint_every_steps=1')
 
 
 # Compiling dominates these runs: XLA's CPU backend without LLVM optimisation compiles in 3/4 of
@@ -76,8 +74,8 @@ def start_one_process(workdir, env, *overrides) -> subprocess.Popen:
   """main in one process with 4 CPU devices."""
   devices = '--xla_force_host_platform_device_count=4'
   return subprocess.Popen(
-      [sys.executable, '-m', 'claver_jax.main', f'--config={TINY}', f'--workdir={workdir}',
-       *SAME_DATA, *overrides],
+      [sys.executable, '-m', 'claver_jax.main', f'--config={DEMO}', f'--workdir={workdir}',
+       *DEMO_RUN, *overrides],
       cwd=REPO, env={**env, 'XLA_FLAGS': f'{FAST_COMPILE} {devices}'},
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -96,9 +94,8 @@ def two_processes(run_env, tmp_path_factory):
   log = workdir.parent / 'launcher.log'
   with open(log, 'w') as stderr:
     launcher = subprocess.Popen(
-        ['bash', str(LAUNCH / 'local_multiprocess.sh'), '2', f'--config={TINY}',
-         f'--workdir={workdir}', *SAME_DATA, '--config.train.epochs=100',
-         '--config.checkpoint.keep=100'],
+        ['bash', str(LAUNCH / 'local_multiprocess.sh'), '2', f'--config={DEMO}',
+         f'--workdir={workdir}', *DEMO_RUN, '--config.checkpoint.keep=100'],
         cwd=REPO, env=run_env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 300
     while time.time() < deadline and launcher.poll() is None:
@@ -118,8 +115,7 @@ def one_process(two_processes, run_env, tmp_path_factory):
   texts give the same vocabulary; this skips learning it again)."""
   workdir = tmp_path_factory.mktemp('one') / 'run'
   shutil.copytree(two_processes[0] / 'tokenizer', workdir / 'tokenizer')
-  finish(start_one_process(workdir, run_env, '--config.train.epochs=100',
-                           '--config.train.max_steps=3'))
+  finish(start_one_process(workdir, run_env, '--config.train.max_steps=3'))
   return workdir
 
 
@@ -130,9 +126,9 @@ def test_two_processes_give_the_losses_of_one(two_processes, one_process):
   got, expected = losses(workdir), losses(one_process)
   assert sorted(expected) == [1, 2, 3] and {1, 2, 3} <= set(got)
   np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)],
-                             rtol=1e-5)
+                             rtol=1e-4)
   assert got[3] < got[1]                                    # it learns
-  assert val(workdir, 2) == val(one_process, 2)             # eval gathers every process's clips
+  assert val(workdir, 3) == val(one_process, 3)             # eval gathers every process's clips
   assert 'Process 0 of 2 (explicit), 2 of 4 devices local.' in stderr
   assert stderr.count('I Texts:') == 1                      # INFO from process 0 only
   assert list(workdir.glob('events.out.tfevents.*'))
@@ -156,17 +152,19 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
                                                     tmp_path):
   workdir = tmp_path / 'resumed'
   shutil.copytree(two_processes[0], workdir)
-  for step in saved_steps(workdir):                         # resume from step 2
-    if step > 2:
+  for step in saved_steps(workdir):                         # resume from step 1
+    if step > 1:
       shutil.rmtree(workdir / 'checkpoints' / str(step))
-  stderr = finish(start_one_process(workdir, run_env, '--config.train.epochs=100',
-                                    '--config.train.max_steps=3'))
-  assert 'Step 2 was saved by 2 processes and is restored by 1' in stderr
-  assert 'Resuming from step 2' in stderr
+  stderr = finish(start_one_process(workdir, run_env, '--config.train.max_steps=3'))
+  assert 'Step 1 was saved by 2 processes and is restored by 1' in stderr
+  assert 'Resuming from step 1' in stderr
   got = losses(workdir)
   assert sorted(got) == [1, 2, 3]
-  np.testing.assert_allclose(got[3], losses(two_processes[0])[3], rtol=1e-5)
-  np.testing.assert_allclose(got[3], losses(one_process)[3], rtol=1e-5)
+  # The same global batches after the checkpoint: the losses the two-process run went on with.
+  np.testing.assert_allclose([got[2], got[3]], [losses(two_processes[0])[s] for s in (2, 3)],
+                             rtol=1e-4)
+  np.testing.assert_allclose([got[2], got[3]], [losses(one_process)[s] for s in (2, 3)],
+                             rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------- start-up
@@ -415,12 +413,12 @@ def test_two_process_run_exports_the_model(two_processes, one_process):
   from claver_jax.models.io import read_model_config
   from claver_jax.text import load_tokenizer
   two, one = two_processes[0], one_process
-  assert read_model_config(two / 'model')[2]['source']['step'] == 2    # the best val: step 2
-  assert read_model_config(one / 'model')[2]['source']['step'] == 2
+  assert read_model_config(two / 'model')[2]['source']['step'] == 3    # the only val: step 3
+  assert read_model_config(one / 'model')[2]['source']['step'] == 3
   # A link to a complete version written by both processes; no temporary directories left.
   assert (two / 'model').is_symlink() and (two / 'model').resolve().parent == two / '.model.versions'
   assert not [p.name for p in two.iterdir() if '.tmp' in p.name or '.link-' in p.name]
-  video = np.random.default_rng(0).normal(size=(2, 4, 16, 16, 3)).astype(np.float32)
+  video = np.random.default_rng(0).normal(size=(2, 8, 48, 48, 3)).astype(np.float32)
   tokens = load_tokenizer(two / 'model')(['moving left', 'fading in', 'growing'], context_length=32)
   logits = [np.asarray(load(w / 'model').logits(video, tokens)) for w in (two, one)]
   np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)

@@ -26,3 +26,15 @@ def test_cli_on_simulated_devices():
   assert 'on 2 simulated cpu devices' in proc.stdout
   assert 'batch 8 x accumulation 1 on 2 devices' in proc.stdout
   assert '80 GB GPU: fits' in proc.stdout
+
+
+def test_cli_takes_the_class_count_of_a_config_without_prompts():
+  """X-CLIP's presets have no prompt set (the class name alone): --num_classes counts them, and
+  without it the error says so."""
+  args = ('claver_jax.memory', '--config=tests/tiny_config.py', '--config.model.name=xclip',
+          '--config.text.templates={}', '--devices=2')
+  failed = run_cli(*args, check=False)
+  assert failed.returncode != 0 and 'pass --num_classes' in failed.stderr
+  proc = run_cli(*args, '--num_classes=400')
+  assert 'batch 8 x accumulation 1 on 2 devices' in proc.stdout
+  assert '80 GB GPU: fits' in proc.stdout

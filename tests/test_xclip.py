@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 import tiny_config
 import torch_clip
 import torch_xclip
-from claver_jax import evaluate, optim, train
+from claver_jax import evaluate, optim, sharding, train
 from claver_jax.models import XCLIP, families, load
+from claver_jax.models.clip import pool_index
 from claver_jax.models.xclip import XCLIPConfig
 from conftest import run_cli
 from convert.clip_to_flax import ConversionError
@@ -213,7 +214,9 @@ def test_one_train_step_learns_with_the_text_tower_frozen():
   # The cached text embeddings, unnormalised, as train_and_evaluate makes them.
   text = nnx.jit(lambda m, t: evaluate.encode_texts(m.encode_text, t))(model, tokens)
   graphdef, state = nnx.split((model, optimizer))
-  step = jax.jit(train.make_train_step(graphdef, config, 3, 2, True, family.group_of))
+  step = jax.jit(train.make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
+                                       pool_index(tokens, model.cfg.clip) + 1, True,
+                                       family.group_of))
   batch = {'video': rng.integers(0, 256, (8, 4, 16, 16, 3), dtype=np.uint8),
            'label': np.arange(8, dtype=np.int32) % 3}
   before = nnx.to_pure_dict(nnx.state(model))

@@ -2,13 +2,16 @@
 
     >>> video, targets = mixup_cutmix(rng, video, labels, num_classes)   # inside the jitted step
 
-As in the official code (timm's batch mode), each sample i is mixed with sample B - 1 - i with one
-lambda for the whole batch. With probability `switch_prob` it is CutMix (lambda ~ Beta(1, 1), one
-box for every frame of every clip, lambda corrected to the box's true area after clipping),
-otherwise Mixup (lambda ~ Beta(.8, .8)). Targets are label-smoothed one-hots mixed with the same
-lambda, so each row sums to 1. An alpha of 0 turns its branch off (timm's rule): with
-mixup_alpha=0 every step is CutMix, with cutmix_alpha=0 every step is Mixup, and with both 0
-the clips pass unchanged with label-smoothed targets.
+As in the official code (timm's batch mode), samples are mixed in pairs with one lambda for the
+whole batch; the pairs are neighbours (2k, 2k + 1; the last sample of an odd batch is its own
+partner) where timm pairs i with B - 1 - i: the batch is shuffled, so both are random pairs, and
+neighbours stay on one device when the batch is split over devices in even shares (mixing moves
+no data) and do not depend on the device count. With probability `switch_prob` it is CutMix
+(lambda ~ Beta(1, 1), one box for every frame of every clip, lambda corrected to the box's true
+area after clipping), otherwise Mixup (lambda ~ Beta(.8, .8)). Targets are label-smoothed
+one-hots mixed with the same lambda, so each row sums to 1. An alpha of 0 turns its branch off
+(timm's rule): with mixup_alpha=0 every step is CutMix, with cutmix_alpha=0 every step is Mixup,
+and with both 0 the clips pass unchanged with label-smoothed targets.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax
   """int [B] -> float32 [B, C]: 1 - smoothing + smoothing / C on the label, smoothing / C off."""
   off = smoothing / num_classes
   return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
+
+
+def neighbours(x: jax.Array) -> jax.Array:
+  """[B, ...] -> [B, ...]: rows 2k and 2k + 1 swapped (the last row of an odd B stays)."""
+  even = x.shape[0] - x.shape[0] % 2
+  swapped = x[:even].reshape(even // 2, 2, *x.shape[1:])[:, ::-1].reshape(x[:even].shape)
+  return jnp.concatenate([swapped, x[even:]]) if even < x.shape[0] else swapped
 
 
 def cutmix_box(rng: jax.Array, lam: jax.Array, height: int, width: int
@@ -56,7 +66,7 @@ def mixup_cutmix(rng: jax.Array, video: jax.Array, labels: jax.Array, num_classe
     return video, targets
   rng_switch, rng_mix, rng_cut, rng_box = jax.random.split(rng, 4)
   _, _, height, width, _ = video.shape
-  partner = video[::-1]
+  partner = neighbours(video)
   if cutmix_alpha > 0:
     lam_cut = jax.random.beta(rng_cut, cutmix_alpha, cutmix_alpha)
     mask, lam_box = cutmix_box(rng_box, lam_cut, height, width)
@@ -72,4 +82,4 @@ def mixup_cutmix(rng: jax.Array, video: jax.Array, labels: jax.Array, num_classe
     use_cutmix = jax.random.uniform(rng_switch) < switch_prob
     mixed = jnp.where(use_cutmix, cut, mixed_up)
     lam = jnp.where(use_cutmix, lam_box, lam_mix)
-  return mixed, lam * targets + (1 - lam) * targets[::-1]
+  return mixed, lam * targets + (1 - lam) * neighbours(targets)

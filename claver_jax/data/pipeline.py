@@ -19,11 +19,15 @@ and every process runs the same number of batches. Substitutions are counted by
 `Pipelines.train_substitutions` / `.eval_substitutions` (the first 20 paths are logged, then a
 count); `Pipelines.metrics()` gives the totals for the run's metrics.
 
-Train order: the list is sharded over JAX processes (ShardByJaxProcess, interleaved), shuffled
-with config.data.seed, reshuffled every epoch, and repeated forever. Each sample's augmentation
-is drawn from default_rng((seed, process, position)), so batches do not depend on
-config.data.num_workers, and a restored iterator state replays exactly the batches that followed
-it. A state is tied to its num_workers: grain's in-process and multi-worker states differ.
+Train order: one global stream, the same whatever the number of processes: the train list
+shuffled with config.data.seed, reshuffled every epoch, repeated forever, and cut into global
+batches of batch_size x shard_count clips. Process i reads rows [i B, (i + 1) B) of each global
+batch (B = batch_size), the rows its devices hold. Each clip's augmentation is drawn from
+default_rng((seed, epoch, clip index in the train list)), so batches do not depend on the process
+count or on config.data.num_workers. The iterator state counts global batches, so a restored
+state replays exactly the batches that followed it, in a run with any number of processes (the
+same global batch size). A state is tied to its num_workers: grain's in-process and
+multi-worker states differ.
 Worker processes (num_workers > 0) need the caller's entry point under
 `if __name__ == '__main__':`.
 """
@@ -34,6 +38,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -145,7 +150,6 @@ class SampleLoader:
   num_frames: int
   image_size: int
   seed: int = 0
-  shard_index: int = 0
   num_clips: int = 1
   num_crops: int = 1
   eval_resize_ratio: float = TEST_RESIZE_RATIO
@@ -166,12 +170,13 @@ class SampleLoader:
                               flip_prob=self.flip_prob, jitter_prob=self.jitter_prob,
                               jitter=self.jitter, grayscale_prob=self.grayscale_prob)
 
-  def train_sample(self, position: int, source_index: int) -> dict[str, np.ndarray]:
-    """The sample at `position` of this process's endless shuffled stream."""
+  def train_sample(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+    """(epoch, clip index) of the train stream -> the augmented sample (see TrainOrder)."""
+    epoch, source_index = item
     size = len(self.source)
     for attempt in range(self.max_substitution_tries + 1):
       candidate = (source_index + attempt) % size
-      rng = np.random.default_rng((self.seed, self.shard_index, position, attempt))
+      rng = np.random.default_rng((self.seed, epoch, source_index, attempt))
       try:
         video = self._train_clip(candidate, rng)
       except VideoError:
@@ -211,6 +216,33 @@ class SampleLoader:
     return dict(video=views, label=np.int32(self.source.label(source_index) if valid else 0),
                 substituted=np.bool_(substituted), valid=np.bool_(valid),
                 index=np.int64(source_index))
+
+
+@dataclasses.dataclass
+class TrainOrder:
+  """This process's share of the global train stream: element i -> (epoch, clip index).
+
+  The global stream is the clips 0..num_clips-1 shuffled with `seed`, reshuffled every epoch,
+  repeated forever; global batch k is its positions [k G, (k + 1) G), G = global_batch, and this
+  process reads rows [row_start, row_stop) of each. Picklable for grain workers.
+  """
+
+  num_clips: int
+  global_batch: int
+  row_start: int
+  row_stop: int
+  seed: int
+
+  def __post_init__(self):
+    self._order = grain.MapDataset.range(self.num_clips).shuffle(seed=self.seed).repeat()
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, index: int) -> tuple[int, int]:
+    rows = self.row_stop - self.row_start
+    position = (index // rows) * self.global_batch + self.row_start + index % rows
+    return position // self.num_clips, int(self._order[position])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,8 +368,10 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
   """Builds the train and eval pipelines of `config.data` (see `default_config`).
 
   Lists and labels are read and checked here, so malformed input fails before training.
-  `shard_index` / `shard_count` default to this JAX process and the process count. With
-  cfg.shots, shard 0 writes the K-shot train list into `workdir` when one is given.
+  `shard_index` / `shard_count` default to this JAX process and the process count: shard i
+  reads rows [i B, (i + 1) B) of every global train batch of B x shard_count clips
+  (B = cfg.batch_size) and every shard_count-th eval clip from the i-th. With cfg.shots,
+  shard 0 writes the K-shot train list into `workdir` when one is given.
   """
   if cfg.source not in SOURCES:
     raise DataError(f'config.data.source={cfg.source!r}; use one of {SOURCES}.')
@@ -353,24 +387,19 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
     class_names = (train_source or eval_source).class_names
   if train_source is not None and cfg.shots:
     train_source = _few_shot(cfg, train_source, class_names, shard_index == 0, workdir)
-  loader_args = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, seed=cfg.seed,
-                     shard_index=shard_index)
+  loader_args = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, seed=cfg.seed)
 
   train, train_log = None, SubstitutionLog(
       'train', train_source.name if train_source else str)
   if train_source is not None:
-    if len(train_source) < shard_count:
-      raise DataError(f'The train split has {len(train_source)} clips, fewer than the '
-                      f'{shard_count} processes.')
     loader = SampleLoader(train_source, scales=tuple(cfg.scales),
                           flip_prob=_flip_prob(cfg, class_names), jitter_prob=cfg.jitter_prob,
                           jitter=tuple(cfg.jitter), grayscale_prob=cfg.grayscale_prob,
                           **loader_args)
-    ds = (grain.MapDataset.range(len(train_source))
-          .slice(slice(shard_index, None, shard_count))
-          .shuffle(seed=cfg.seed)
-          .repeat()
-          .map_with_index(loader.train_sample)
+    order = TrainOrder(len(train_source), cfg.batch_size * shard_count,
+                       shard_index * cfg.batch_size, (shard_index + 1) * cfg.batch_size, cfg.seed)
+    ds = (grain.MapDataset.source(order)
+          .map(loader.train_sample)
           .batch(cfg.batch_size, drop_remainder=True)
           .to_iter_dataset(_read_options(cfg)))
     train = _prefetch(ds, cfg).map(train_log.record)

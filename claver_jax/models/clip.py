@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 ACTIVATIONS = ('quick_gelu', 'gelu', 'gelu_tanh')
@@ -332,6 +333,23 @@ class VisionTransformer(nnx.Module):
     return self.pool(self.encode_tokens(images)[:, 0])
 
 
+def pool_index(tokens, cfg: CLIPConfig):
+  """int [..., S] (numpy or jax) -> [...]: the position the text tower reads its sequence
+  embedding at, by cfg.text_pooling."""
+  xp = np if isinstance(tokens, np.ndarray) else jnp
+  if cfg.text_pooling == 'argmax':
+    return xp.argmax(tokens, axis=-1)
+  return xp.argmax(tokens == cfg.eos_token_id, axis=-1)
+
+
+def needed_context(tokens: np.ndarray, cfg: CLIPConfig, multiple: int = 8) -> int:
+  """How many leading positions of `tokens` int [..., S] the text tower needs: one past the
+  last position it pools at, rounded up to `multiple` (at most S). The attention is causal, so
+  encoding tokens[..., :n] gives the embeddings of the whole context."""
+  length = int(pool_index(np.asarray(tokens), cfg).max()) + 1 if tokens.size else 1
+  return min(-(-length // multiple) * multiple, tokens.shape[-1])
+
+
 class TextTransformer(nnx.Module):
   """CLIP's causal text transformer: tokens [N, S] -> states [N, S, width] -> [N, embed_dim]."""
 
@@ -369,9 +387,7 @@ class TextTransformer(nnx.Module):
 
   def eot_index(self, tokens: jax.Array) -> jax.Array:
     """[N, S] -> [N]: the position the sequence embedding is read at (see CLIPConfig)."""
-    if self.cfg.text_pooling == 'argmax':
-      return jnp.argmax(tokens, axis=-1)
-    return jnp.argmax(tokens == self.cfg.eos_token_id, axis=-1)
+    return pool_index(tokens, self.cfg)
 
   def pool(self, states: jax.Array, tokens: jax.Array) -> jax.Array:
     """[N, S, width] states, [N, S] tokens -> [N, embed_dim] in float32."""
