@@ -14,9 +14,10 @@ import pytest
 from flax import nnx
 
 import tiny_config
-from claver_jax import evaluate, optim, train
+from claver_jax import evaluate, optim, sharding, train
 from claver_jax.models import (CLAVER, XCLIP, CLAVERConfig, CLIPConfig, MotionPrompts,
                                MotionPromptsConfig, XCLIPConfig, families, load, write_model_dir)
+from claver_jax.models.clip import pool_index
 from claver_jax.models.motion_prompts import STREAMS
 from conftest import REPO, run_cli
 from test_claver import TINY
@@ -170,7 +171,9 @@ def test_a_train_step_learns_and_leaves_the_towers_alone(claver_dir):
   tokens[..., 4] = source.cfg.clip.vocab_size - 1
   text = nnx.jit(lambda m, t: evaluate.encode_texts(m.encode_text, t))(model, tokens)
   graphdef, state = nnx.split((model, optimizer))
-  step = jax.jit(train.make_train_step(graphdef, config, 3, 2, True, family.group_of))
+  step = jax.jit(train.make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
+                                       pool_index(tokens, model.cfg.clip) + 1, True,
+                                       family.group_of))
   batch = {'video': rng.integers(0, 256, (8, 4, 16, 16, 3), dtype=np.uint8),
            'label': np.arange(8, dtype=np.int32) % 3}
   before = nnx.to_pure_dict(nnx.state(model))
