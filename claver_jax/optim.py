@@ -21,6 +21,7 @@ from typing import Callable
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -62,6 +63,18 @@ def trainable_filter(config: ml_collections.ConfigDict,
     return isinstance(value, nnx.Param) and group_of(path_str(path)) not in frozen
 
   return trainable
+
+
+def count_parameters(model: nnx.Module, config: ml_collections.ConfigDict,
+                     group_of: GroupOf) -> tuple[int, int]:
+  """-> (trainable parameters, parameters of the CLIP towers: the 'image' and 'text' groups)."""
+  trainable = trainable_filter(config, group_of)
+  counts = {'trainable': 0, 'towers': 0}
+  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    size = int(np.prod(value.shape))
+    counts['trainable'] += size if trainable(path, value) else 0
+    counts['towers'] += size if group_of(path_str(path)) in ('image', 'text') else 0
+  return counts['trainable'], counts['towers']
 
 
 def decays(path: tuple | str, ndim: int) -> bool:

@@ -2,13 +2,15 @@
 
     mode                 'train' (train + periodic eval), 'eval' (evaluate a checkpoint) or
                          'zeroshot' (configs/zeroshot.py: claver_jax.zeroshot.run_zeroshot)
-    model.name           the model family: 'claver' (default) or 'xclip' (X-CLIP; see
+    model.name           the model family: 'claver' (default), 'xclip' (X-CLIP) or
+                         'motion_prompts' (after SiF, on frozen CLIP towers; see
                          claver_jax.models.families)
     model.arch           B32 | B16 | L14 | L14_336, or 'custom' with model.clip (CLIPConfig fields)
     model.temporal       CLAVER: kmt | kmct | joint | pipeline | cls_only | mean
     model.temporal_layers  CLAVER: None = a third of the ViT's depth
-    model.temporal_heads   CLAVER's temporal transformer, X-CLIP's MIT: None = the papers'
-                         width / 64 (CLAVER: vision width; X-CLIP: embed dim)
+    model.temporal_heads   CLAVER's temporal transformer, X-CLIP's MIT, the attention of motion
+                         prompts: None = width / 64 (CLAVER: vision width; X-CLIP: embed dim;
+                         motion prompts: model.motion_width)
     model.attention      CLAVER: how the Kronecker attention is computed: 'dense' ([T·L, T·L]
                          scores), 'chunked' (exact, a chunk of frames at a time, O(T·L²) memory)
                          or 'auto' (chunked from 512 tokens per clip;
@@ -16,6 +18,13 @@
                          an init.checkpoint's
     model.xclip_mit_layers, xclip_prompt_layers  X-CLIP: MIT (1) and prompt generator (2) depth
     model.xclip_prompt_alpha  X-CLIP: the prompt generator's initial output scale (0.1)
+    model.motion_width   motion prompts: the width of its new parts (None: embed dim / 4)
+    model.motion_layers  motion prompts: the motion transformer's depth (1)
+    model.motion_long_term  motion prompts: the long-term stream's differences, 'mean' (to the
+                         clip mean) or 'stride' (over T/2 frames)
+    model.motion_fusion  motion prompts: the streams 'sum'med or 'concat'enated + linear
+    model.motion_num_prompts, motion_prompt_gate  motion prompts: n learnt queries (8) and the
+                         initial gate on the prompts added to the texts (0.1)
     model.temporal_init_std  std of the temporal embedding (X-CLIP: the MIT's positional
                          embedding) of a model built from scratch (0.02, the official code's;
                          ~1 suits them, their tokens being O(1) per channel); init.clip /
@@ -59,7 +68,11 @@
     init.checkpoint      a model directory of the family model.name (converted, or a run's
                          WORKDIR/model or WORKDIR): its weights only, never its optimizer state,
                          schedule or step; evaluating it alone (mode=eval, no workdir
-                         checkpoint) feeds it the normalisation it records
+                         checkpoint) feeds it the normalisation it records. Another family's is
+                         an error, unless:
+    init.towers_only     True: take only init.checkpoint's CLIP towers (image, text, logit
+                         scale), from a directory of any kind that has plain ones (CLIP, CLAVER,
+                         motion prompts; not X-CLIP), and build model.name's own parts fresh
     init.require         '' | 'clip' | 'checkpoint': the init this recipe starts from; a run
                          without it is rejected before it starts, naming init.require_from
     init.require_from    what init.require wants, in words (e.g. the preset that makes it)
@@ -84,7 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
       temporal_layers=ml_collections.config_dict.placeholder(int),
       temporal_heads=ml_collections.config_dict.placeholder(int), attention='auto',
       temporal_init_std=0.02, pos_init='random', dtype='float32', remat=False,
-      resample_frames=True, xclip_mit_layers=1, xclip_prompt_layers=2, xclip_prompt_alpha=0.1))
+      resample_frames=True, xclip_mit_layers=1, xclip_prompt_layers=2, xclip_prompt_alpha=0.1,
+      motion_width=ml_collections.config_dict.placeholder(int), motion_layers=1,
+      motion_long_term='mean', motion_fusion='sum', motion_num_prompts=8,
+      motion_prompt_gate=0.1))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
       tokenizer='', num_merges=1000, prompts='', templates='actions', bare_name=True,
@@ -99,7 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, keep_best=1))
   c.mesh = sharding.default_config()
-  c.init = ml_collections.ConfigDict(dict(clip='', checkpoint='', require='', require_from=''))
+  c.init = ml_collections.ConfigDict(dict(clip='', checkpoint='', towers_only=False, require='',
+                                          require_from=''))
   return c
 
 

@@ -26,6 +26,9 @@ BATCH = P(AXES)
 # X-CLIP's message_attn and MIT blocks are covered by the attention and MLP rules.
 RULES: tuple[tuple[str, P], ...] = (
     (r'(qkv|c_fc|message_fc|[qkv]_proj)\.kernel$', P('fsdp', None)),
+    # Motion prompts' maps to and from its width, and its concatenated streams.
+    (r'(^|\.)(down|motion\.fuse)\.kernel$', P('fsdp', None)),
+    (r'(^|\.)(up|video_up|text_up)\.kernel$', P(None, 'fsdp')),
     (r'(attn\.out|c_proj|cross_attn\.proj)\.kernel$', P(None, 'fsdp')),
     (r'token_embedding\.embedding$', P('fsdp', None)),
     (r'conv1\.kernel$', P(None, None, None, 'fsdp')),

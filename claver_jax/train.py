@@ -41,7 +41,8 @@ from claver_jax.metrics import MetricWriter, progress_bar
 from claver_jax.models import CLIPConfig, families, load
 from claver_jax.models.clip import (needed_context, pool_index, set_remat,
                                     sincos_position_embedding)
-from claver_jax.models.io import input_normalization, model_dir, read_model_config, write_model_dir
+from claver_jax.models.io import (input_normalization, load_towers, model_dir,
+                                  read_model_config, write_model_dir)
 from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
@@ -88,25 +89,49 @@ TEXTS_PER_DEVICE = 512     # Texts each device encodes per call in evaluation.
 
 
 def model_family(config: ml_collections.ConfigDict) -> families.Family:
-  """config.model.name's family, checked against config.init.checkpoint's."""
+  """config.model.name's family, checked against config.init: a checkpoint of another kind
+  gives only its CLIP towers, and only with config.init.towers_only; a family on frozen towers
+  (motion prompts) needs towers to start from and both towers frozen."""
   family = families.get(config.model.name)
-  if config.init.checkpoint:
-    kind, _, _ = read_model_config(model_dir(config.init.checkpoint))
-    if kind != family.name:
-      raise ConfigError(f'config.init.checkpoint={config.init.checkpoint} holds a {kind!r} model '
+  init = config.init
+  if init.checkpoint:
+    kind, _, _ = read_model_config(model_dir(init.checkpoint))
+    if init.towers_only:
+      families.check_has_towers(kind, init.checkpoint)
+    elif kind != family.name:
+      raise ConfigError(f'config.init.checkpoint={init.checkpoint} holds a {kind!r} model '
                         f'but config.model.name={family.name!r}; set --config.model.name={kind}'
-                        + (' (or pass a CLIP as config.init.clip)' if kind == 'clip' else '') + '.')
+                        + (' (or pass a CLIP as config.init.clip)' if kind == 'clip' else '')
+                        + ' to continue it, or --config.init.towers_only=True to start a fresh '
+                        f'{family.name} from its CLIP towers.')
+  elif init.towers_only:
+    raise ConfigError('config.init.towers_only=True takes the towers of config.init.checkpoint, '
+                      'which is empty; pass --config.init.checkpoint=DIR.')
+  if family.frozen_towers:
+    if not (init.clip or init.checkpoint):
+      raise ConfigError(f'config.model.name={family.name!r} trains on frozen CLIP towers: pass '
+                        'them as --config.init.clip=DIR (a CLIP) or --config.init.checkpoint=DIR '
+                        "(with --config.init.towers_only=True for another family's model).")
+    if not (config.optim.freeze_image and config.optim.freeze_text):
+      raise ConfigError(f'config.model.name={family.name!r} trains on frozen CLIP towers: set '
+                        '--config.optim.freeze_image=True --config.optim.freeze_text=True.')
   return family
 
 
 def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                rngs: nnx.Rngs) -> nnx.Module:
   """A model of the family config.model.name: from config.init.checkpoint (a model dir of that
-  family, or a run's workdir: its weights only, never its optimizer state, schedule or step),
-  config.init.clip (a CLIP model dir: its towers, fresh new parts) or from scratch
-  (config.model.arch, or 'custom' with config.model.clip)."""
+  family, or a run's workdir: its weights only, never its optimizer state, schedule or step;
+  with config.init.towers_only, a model dir of any kind with plain CLIP towers: those towers,
+  fresh new parts), config.init.clip (a CLIP model dir: its towers, fresh new parts) or from
+  scratch (config.model.arch, or 'custom' with config.model.clip)."""
   family = model_family(config)
   dtype = jnp.dtype(config.model.dtype)
+  if config.init.checkpoint and config.init.towers_only:
+    clip = load_towers(config.init.checkpoint, dtype=dtype)
+    logging.info('Taking the CLIP towers of %s; the %s parts start fresh.', config.init.checkpoint,
+                 family.name)
+    return family.from_clip(clip, families.model_config(config, clip.cfg), dtype=dtype, rngs=rngs)
   if config.init.checkpoint:
     return load(model_dir(config.init.checkpoint), dtype=dtype,
                 num_frames=config.data.num_frames, resample_frames=config.model.resample_frames,
@@ -137,6 +162,20 @@ def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     visual.positional_embedding[...] = sincos_position_embedding(
         cfg.clip.image_size // cfg.clip.patch_size, cfg.clip.vision_width)
   return model
+
+
+def report_trainable(model: nnx.Module, config: ml_collections.ConfigDict,
+                     family: families.Family) -> None:
+  """Logs the trainable parameter count against the CLIP towers'; a warning above the family's
+  budget (config: config.optim)."""
+  trainable, towers = optim.count_parameters(model, config, family.group_of)
+  share = trainable / max(towers, 1)
+  logging.info('Trainable parameters: %s, %.2f%% of the CLIP towers\' %s.', f'{trainable:,}',
+               100 * share, f'{towers:,}')
+  if family.trainable_budget is not None and share > family.trainable_budget:
+    logging.warning('%s trains %.2f%% of its CLIP towers\' parameter count, above its budget of '
+                    '%.0f%%: this is no longer the parameter-efficient model it stands for.',
+                    family.name, 100 * share, 100 * family.trainable_budget)
 
 
 @jax.jit
@@ -430,6 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = optim.make_optimizer(config.optim, family.group_of, total_steps=total_steps,
                                       steps_per_epoch=steps_per_epoch)
   optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
+  report_trainable(model, config.optim, family)
 
   # ----------------------------------------------------------------------------- shard
   graphdef, state = nnx.split((model, optimizer))

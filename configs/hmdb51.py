@@ -1,8 +1,8 @@
 r"""HMDB-51: few-shot or fully supervised from a Kinetics-400 model. ViT-B/16, 32 frames.
 
 configs/ucf101.py with HMDB-51's classes and prompts; the same arguments (`shots=K` with K in
-2, 4, 8, 16, optionally `from_clip`, or `full`; optionally a temporal head or `xclip`). First the
-list files of split 1:
+2, 4, 8, 16, optionally `from_clip`, or `full`; optionally a temporal head, `xclip` or
+`motion_prompts`). First the list files of split 1:
 
     python -m claver_jax.data.annotations --format=hmdb51 \
         --src=HMDB51/testTrainMulti_7030_splits --split=1 --out=lists/hmdb51/split1

@@ -1,10 +1,11 @@
-r"""Kinetics-400, fully supervised, from OpenAI's CLIP: CLAVER, or X-CLIP with `xclip`.
+r"""Kinetics-400, fully supervised, from OpenAI's CLIP: CLAVER, X-CLIP with `xclip`, motion prompts
+(after SiF) with `motion_prompts`.
 
 Presets, in any order: an architecture (B32, B16, L14, L14_336), a frame count (8, 16, 32), a
-temporal head (kmt, kmct, joint, pipeline, cls_only, mean) or the model family `xclip`.
-Defaults: B16,8,kmt (CLAVER). `pretrain` (CLAVER) trains 20 epochs instead of the full schedule:
-`B16,32,pretrain` is the paper's starting point for few-shot (configs/ucf101.py, hmdb51.py:
-shots=K) and the model zero-shot evaluates (configs/zeroshot.py).
+temporal head (kmt, kmct, joint, pipeline, cls_only, mean) or the model family `xclip` or
+`motion_prompts`. Defaults: B16,8,kmt (CLAVER). `pretrain` (CLAVER) trains 20 epochs instead of
+the full schedule: `B16,32,pretrain` is the paper's starting point for few-shot
+(configs/ucf101.py, hmdb51.py: shots=K) and the model zero-shot evaluates (configs/zeroshot.py).
 
     python -m convert.clip_to_flax --src=ViT-B-16.pt --out=ckpt/clip_b16 \
         --bpe=bpe_simple_vocab_16e6.txt.gz
@@ -36,7 +37,7 @@ machine); Kinetics' 10-second clips decode more frames per clip. Each host must 
 of train.batch_size clips per step: if the accelerators wait on input, raise num_workers up to
 the host's cores (--config.data.num_workers=N); on a small host, lower it. Measured with
 `python -m benchmarks.input_pipeline --workers=0,1,2,4 --batches=8` on a shared 2-core machine
-(load ~10, so only the trend holds; TODO(lead): measure idle): 0 workers 3.2 clips/s, 1: 3.0,
+(load ~10, so only the trend holds; not yet measured idle): 0 workers 3.2 clips/s, 1: 3.0,
 2: 5.8, 4: 10.1 (bare PyAV decoding 5.1).
 
 Memory per device (`python -m claver_jax.memory --config=configs/k400.py:B16,32 --text_length=32`:
@@ -61,9 +62,25 @@ messages, MIT and prompt generator), 5 warmup epochs then cosine to lr/100, 30 e
 trained; class texts: the class name alone; 1 MIT layer, 2 prompt layers, alpha 0.1.
 
 Both official pipelines normalise frames with ImageNet's mean/std (data.mean/std here).
+
+Motion prompts (`motion_prompts`; README: Motion prompts), on frozen CLIP towers:
+
+    python -m claver_jax.main --config=configs/k400.py:B16,8,motion_prompts \
+        --workdir=runs/motion_b16_8 --config.init.clip=ckpt/clip_b16 [same data flags]
+
+SiF's hyperparameters are not public (nor its code or full text): this recipe is ours, and
+untested at this scale (no Kinetics run was made). Both towers and the logit scale frozen (the
+class texts encoded once and cached); AdamW (0.9, 0.98), eps 1e-8, weight decay 0.001, lr 3e-4
+for the new parts (a guess: on the demo's 14k new parameters 1e-2 won, see the README), 5 warmup
+epochs then cosine to lr/100, 30 epochs, batch 256 (X-CLIP's); label smoothing .1, mixup .8,
+cutmix 1; class texts: the class name alone (X-CLIP's); frames normalised with CLIP's own
+mean/std, which the frozen towers were trained with. Width 128 (E/4), 1 motion layer, 8 motion
+prompts: 828,544 trainable parameters at B16 and B32 (0.55% of the towers' 149.6M / 151.3M),
+1.86M at L14 (0.43% of 427.6M); the run prints its count. No expected accuracy: SiF's figures
+are not available to us.
 """
 
-from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.presets import parse_preset
 from claver_jax.run_config import base_config
 
@@ -101,4 +118,18 @@ def get_config(arg=None):
     c.optim.freeze_text = True
     c.train.epochs = 30
     c.train.batch_size = 256
+  if preset['name'] == 'motion_prompts':
+    motion_prompts_recipe(c)
+    c.init.require, c.init.require_from = 'clip', 'a converted CLIP (convert.clip_to_flax)'
+    c.train.epochs = 30
+    c.train.batch_size = 256
   return c
+
+
+def motion_prompts_recipe(c):
+  """Ours (SiF's is not public): frozen towers, the new parts at 3e-4, class names alone, CLIP's
+  normalisation. Shared by configs/ucf101.py and hmdb51.py."""
+  c.text.prompts, c.text.templates = '', '{}'
+  c.optim.freeze_image = c.optim.freeze_text = True
+  c.optim.lr, c.optim.new_lr_multiplier = 3e-4, 1.0
+  c.data.mean, c.data.std = CLIP_MEAN, CLIP_STD

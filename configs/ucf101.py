@@ -3,7 +3,9 @@ r"""UCF-101: few-shot or fully supervised from a Kinetics-400 model. ViT-B/16, 3
 The argument is `shots=K` (or just K), K in 2, 4, 8, 16, for few-shot, or `full` (the default);
 `from_clip` (few-shot only) and a temporal head may follow: `configs/ucf101.py:shots=2,kmct`; or
 `xclip`, for X-CLIP with its own recipe (from CLIP in few-shot; class names alone, text tower
-frozen, image tower trained): `shots=2,xclip`. First the list files of split 1:
+frozen, image tower trained): `shots=2,xclip`; or `motion_prompts` (after SiF, on frozen towers)
+with the recipe of configs/k400.py's `motion_prompts` (ours; SiF's is not public), from CLIP in
+few-shot, for the epochs and batch below. First the list files of split 1:
 
     python -m claver_jax.data.annotations --format=ucf101 --src=UCF101/ucfTrainTestlist \
         --split=1 --out=lists/ucf101/split1
@@ -65,9 +67,16 @@ it fits an 80 GB GPU (up to 28 clips per device; `--config.train.grad_accum_step
 a 32 GiB TPU chip (up to 10) and a 16 GiB one (up to 4). HMDB-51 (configs/hmdb51.py) likewise.
 """
 
+import importlib.util
+from pathlib import Path
+
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.models.temporal import TEMPORAL_KINDS
 from claver_jax.run_config import base_config
+
+_spec = importlib.util.spec_from_file_location('k400', Path(__file__).with_name('k400.py'))
+_k400 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_k400)
 
 SHOTS = (2, 4, 8, 16)
 PRETRAINED_K400 = ("the paper's Kinetics-400 model of 20 epochs at 32 frames: the WORKDIR of a "
@@ -79,8 +88,9 @@ FULL_K400 = ('the fully supervised Kinetics-400 model at 32 frames: the WORKDIR 
 
 def parse_setting(arg: str | None) -> tuple[int, bool, str]:
   """'shots=2,kmct' -> (2, False, 'kmct'); 'shots=2,from_clip' -> (2, True, 'kmt');
-  'full' -> (0, False, 'kmt'); 'shots=2,xclip' -> (2, True, 'xclip'): X-CLIP's few-shot recipe
-  starts from CLIP. 0 shots = fully supervised."""
+  'full' -> (0, False, 'kmt'); 'shots=2,xclip' -> (2, True, 'xclip'), 'shots=2,motion_prompts'
+  -> (2, True, 'motion_prompts'): X-CLIP's few-shot recipe, and ours for motion prompts, start
+  from CLIP. 0 shots = fully supervised."""
   shots, from_clip, temporal = 0, False, 'kmt'
   for token in filter(None, (arg or '').replace(' ', '').split(',')):
     value = token[len('shots='):] if token.startswith('shots=') else token
@@ -88,7 +98,7 @@ def parse_setting(arg: str | None) -> tuple[int, bool, str]:
       shots = 0
     elif token == 'from_clip':
       from_clip = True
-    elif token == 'xclip':
+    elif token in ('xclip', 'motion_prompts'):
       temporal = token
     elif value.isdigit() and int(value) in SHOTS:
       shots = int(value)
@@ -97,10 +107,10 @@ def parse_setting(arg: str | None) -> tuple[int, bool, str]:
     else:
       raise ValueError(f'Unknown setting {token!r} in {arg!r}: use shots=K (K in {SHOTS}) or '
                        f'full, optionally with from_clip (few-shot) and a temporal head '
-                       f'{list(TEMPORAL_KINDS)} or xclip; e.g. "shots=2,kmct".')
+                       f'{list(TEMPORAL_KINDS)}, xclip or motion_prompts; e.g. "shots=2,kmct".')
   if from_clip and not shots:
     raise ValueError(f'{arg!r}: from_clip is X-CLIP\'s few-shot recipe; use it with shots=K.')
-  return shots, from_clip or (temporal == 'xclip' and shots > 0), temporal
+  return shots, from_clip or (temporal in ('xclip', 'motion_prompts') and shots > 0), temporal
 
 
 def make_config(prompts: str, arg: str | None):
@@ -133,6 +143,12 @@ def make_config(prompts: str, arg: str | None):
     if not shots:
       c.init.require_from = ('an X-CLIP Kinetics-400 model at 32 frames: the WORKDIR of a '
                              '`configs/k400.py:B16,32,xclip` run, or a converted one')
+  if temporal == 'motion_prompts':   # Ours (configs/k400.py: motion_prompts_recipe).
+    c.model.name, c.model.temporal = 'motion_prompts', 'kmt'
+    _k400.motion_prompts_recipe(c)
+    if not shots:
+      c.init.require_from = ('a motion-prompts Kinetics-400 model at 32 frames: the WORKDIR of a '
+                             '`configs/k400.py:B16,32,motion_prompts` run')
   return c
 
 

@@ -1,4 +1,5 @@
-"""The demo config shrunk for tests: 16 px clips of 4 frames, a 1-layer ViT, batch 8."""
+"""The demo config shrunk for tests: 16 px clips of 4 frames, a 1-layer ViT, batch 8. The argument
+is the demo's ('motion_prompts')."""
 
 import importlib.util
 from pathlib import Path
@@ -10,8 +11,7 @@ _spec.loader.exec_module(_demo)
 
 
 def get_config(arg=None):
-  del arg
-  c = _demo.get_config()
+  c = _demo.get_config(arg)
   c.model.clip.update(dict(embed_dim=32, patch_size=8, vision_width=64, vision_layers=1,
                            vision_heads=1, vision_mlp_dim=128, context_length=32, text_width=32,
                            text_layers=1, text_heads=1, text_mlp_dim=64))

@@ -8,11 +8,19 @@ Every family's module has one video-text interface, and the loop uses nothing el
   logits(video, tokens) -> [B, N]
 and its config has `clip` (the CLIPConfig of its towers), `num_frames`, to_dict and from_dict.
 
-  name    module  image tower             text tower            new parts (x new_lr_multiplier)
-  claver  CLAVER  clip.visual.*           clip.text.*           temporal.*
-  xclip   XCLIP   visual.* but messages   text.*, logit_scale   visual.blocks.*.message_*,
-                                                                 mit.*, prompts_*
-(X-CLIP's logit scale goes with its text tower, which the official code freezes with it.)
+  name            module         image tower            text tower            new parts
+                                                                                (x new_lr_multiplier)
+  claver          CLAVER         clip.visual.*          clip.text.*           temporal.*
+  xclip           XCLIP          visual.* but messages  text.*, logit_scale   visual.blocks.*.message_*,
+                                                                                mit.*, prompts_*
+  motion_prompts  MotionPrompts  clip.visual.*          clip.text.*,          down.*, up.*, motion.*,
+                                                        clip.logit_scale      prompts.*,
+                                                                                communication.*
+(X-CLIP's logit scale goes with its text tower, which the official code freezes with it; so does
+that of motion prompts, whose towers are always frozen.)
+
+Model directories of one family can give their CLIP towers to another (`towers`, `load_towers`):
+config.init.towers_only (train.make_model).
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ import ml_collections
 from flax import nnx
 
 from claver_jax.models.claver import CLAVER, CLAVERConfig, claver_from_clip
-from claver_jax.models.clip import CLIPConfig, get_preset
+from claver_jax.models.clip import CLIP, CLIPConfig, get_preset
+from claver_jax.models.motion_prompts import (MotionPrompts, MotionPromptsConfig,
+                                              motion_prompts_from_clip)
 from claver_jax.models.xclip import XCLIP, XCLIPConfig, xclip_from_clip
 
 GROUPS = ('image', 'text', 'new', 'base')
@@ -42,7 +52,13 @@ class Family:
   vision: the path of the ViT. temporal_embedding: the path of the [T, D] parameter that ties a
   model to its frame count (absent in some variants, e.g. CLAVER's 'mean').
   run_options: config.model keys that a run sets on a model it loads (config.init.checkpoint),
-  as `load()` keywords: how it computes, never its parameters."""
+  as `load()` keywords: how it computes, never its parameters.
+  towers: the path of the plain CLIP (towers and logit scale) inside the model, or None where the
+  towers compute with parts of the family's own (X-CLIP's cross-frame messages).
+  frozen_towers: the family trains on frozen CLIP towers only (a run needs an init CLIP, or
+  another model's towers, and both towers frozen).
+  trainable_budget: trainable parameters at most this fraction of the towers' (a warning above).
+  """
   name: str
   config_class: type
   module_class: type
@@ -52,6 +68,9 @@ class Family:
   vision: str
   temporal_embedding: str
   run_options: tuple[str, ...] = ()
+  towers: str | None = None
+  frozen_towers: bool = False
+  trainable_budget: float | None = None
 
   def group_of(self, path: str) -> str:
     """'image' | 'text' | 'new' | 'base' for a dotted parameter path."""
@@ -76,18 +95,35 @@ def _xclip_config(clip: CLIPConfig, config: ml_collections.ConfigDict) -> XCLIPC
                      prompt_alpha=m.xclip_prompt_alpha)
 
 
+def _motion_prompts_config(clip: CLIPConfig,
+                           config: ml_collections.ConfigDict) -> MotionPromptsConfig:
+  m = config.model
+  return MotionPromptsConfig(clip=clip, num_frames=config.data.num_frames, width=m.motion_width,
+                             layers=m.motion_layers, heads=m.get('temporal_heads'),
+                             long_term=m.motion_long_term,
+                             fusion=m.motion_fusion, num_prompts=m.motion_num_prompts,
+                             prompt_gate=m.motion_prompt_gate)
+
+
 FAMILIES: dict[str, Family] = {
     'claver': Family(
         'claver', CLAVERConfig, CLAVER, _claver_config, claver_from_clip,
         param_groups=((r'^clip\.visual\.', 'image'), (r'^clip\.text\.', 'text'),
                       (r'^temporal\.', 'new')),
         vision='clip.visual', temporal_embedding='temporal.temporal_embedding',
-        run_options=('attention',)),
+        run_options=('attention',), towers='clip'),
     'xclip': Family(
         'xclip', XCLIPConfig, XCLIP, _xclip_config, xclip_from_clip,
         param_groups=((r'^visual\.blocks\.\d+\.message_', 'new'), (r'^(mit\.|prompts_)', 'new'),
                       (r'^visual\.', 'image'), (r'^(text\.|logit_scale$)', 'text')),
         vision='visual', temporal_embedding='mit.positional_embedding'),
+    'motion_prompts': Family(
+        'motion_prompts', MotionPromptsConfig, MotionPrompts, _motion_prompts_config,
+        motion_prompts_from_clip,
+        param_groups=((r'^clip\.visual\.', 'image'), (r'^clip\.(text\.|logit_scale$)', 'text'),
+                      (r'^(down|up|motion|prompts|communication)\.', 'new')),
+        vision='clip.visual', temporal_embedding='motion.positional_embedding', towers='clip',
+        frozen_towers=True, trainable_budget=0.05),
 }
 
 
@@ -138,6 +174,23 @@ def _find(node: Any, path: str) -> Any:
 def vision_tower(model: nnx.Module) -> nnx.Module:
   """The model's ViT (a clip.VisionTransformer)."""
   return _find(model, of(model).vision)
+
+
+def check_has_towers(kind: str, where: Any) -> None:
+  """An error unless a model of `kind` ('clip' or a family name) has plain CLIP towers."""
+  if kind != 'clip' and get(kind).towers is None:
+    raise ValueError(f'{where} holds a {kind} model, which has no plain CLIP towers to give: its '
+                     'image tower computes with parts of its own. Models with plain towers: '
+                     f'{["clip"] + [f.name for f in FAMILIES.values() if f.towers]}.')
+
+
+def clip_towers(model: nnx.Module) -> CLIP:
+  """The model's CLIP towers and logit scale, as the CLIP inside it (a CLIP is its own); an error
+  for a family whose towers compute with its own parts (X-CLIP)."""
+  if isinstance(model, CLIP):
+    return model
+  check_has_towers(of(model).name, 'This')
+  return _find(model, of(model).towers)
 
 
 def temporal_embedding(model: nnx.Module) -> nnx.Param | None:

@@ -165,6 +165,16 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int |
   return model
 
 
+def load_towers(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> CLIP:
+  """The CLIP towers (image tower, text tower, logit scale) of a model directory of any kind
+  that has plain ones: a CLIP, CLAVER, motion prompts; not X-CLIP (its image tower computes with
+  its cross-frame messages). `path` may be a run's workdir (model_dir)."""
+  path = model_dir(path)
+  kind, _, _ = read_model_config(path)
+  families.check_has_towers(kind, path)
+  return families.clip_towers(load(path, dtype=dtype))
+
+
 class ModelDirError(ValueError):
   """A model directory that cannot be read: the message names it and what is missing or broken."""
 

@@ -103,7 +103,7 @@ def _torch_linear_default(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _init_like_official(module: nnx.Module, rngs: nnx.Rngs) -> None:
+def init_like_official(module: nnx.Module, rngs: nnx.Rngs) -> None:
   """The official `_init_weights` of the MIT and the prompt generator: every Linear kernel
   truncated normal (std .02), biases 0; the packed q/k/v of nn.MultiheadAttention, which that
   hook does not reach, keep PyTorch's Xavier-uniform default."""
@@ -176,7 +176,7 @@ class MultiframeIntegration(nnx.Module):
                       layer_norm_eps=layer_norm_eps, depth=layers, rngs=rngs)
         for _ in range(layers)
     ])
-    _init_like_official(self.blocks, rngs)
+    init_like_official(self.blocks, rngs)
 
   def __call__(self, frames: jax.Array) -> jax.Array:
     t = frames.shape[1]
@@ -212,14 +212,15 @@ class CrossAttention(nnx.Module):
 
 
 class PromptGeneratorLayer(nnx.Module):
+  """x [B, N, E] attends to visual [B, M, E], then an MLP (mlp_dim None: 4 E, the official)."""
 
   def __init__(self, width: int, heads: int, *, activation: str, layer_norm_eps: float,
-               rngs: nnx.Rngs):
+               mlp_dim: int | None = None, rngs: nnx.Rngs):
     self.cross_attn = CrossAttention(width, heads, rngs=rngs)
     self.norm1 = nnx.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.norm3 = nnx.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)  # sic: the official name
-    self.mlp = MLP(width, 4 * width, activation, fc_std=0.02, proj_std=0.02, dtype=jnp.float32,
-                   rngs=rngs)
+    self.mlp = MLP(width, mlp_dim or 4 * width, activation, fc_std=0.02, proj_std=0.02,
+                   dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, x: jax.Array, visual: jax.Array) -> jax.Array:
     x = x + self.cross_attn(self.norm1(x), visual)
@@ -228,18 +229,19 @@ class PromptGeneratorLayer(nnx.Module):
 
 class PromptGenerator(nnx.Module):
   """The official `VideoSpecificPrompt`: texts [B, N, E], visual tokens [B, M, E] -> the
-  prompt alpha * x [B, N, E] that is added to each text."""
+  prompt alpha * x [B, N, E] that is added to each text. mlp_dim: as PromptGeneratorLayer's."""
 
   def __init__(self, width: int, layers: int, heads: int, alpha: float, *,
-               activation: str = 'quick_gelu', layer_norm_eps: float = 1e-5, rngs: nnx.Rngs):
+               activation: str = 'quick_gelu', layer_norm_eps: float = 1e-5,
+               mlp_dim: int | None = None, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.decoder = nnx.List([
         PromptGeneratorLayer(width, heads, activation=activation, layer_norm_eps=layer_norm_eps,
-                             rngs=rngs)
+                             mlp_dim=mlp_dim, rngs=rngs)
         for _ in range(layers)
     ])
     self.alpha = nnx.Param(jnp.full((width,), alpha, jnp.float32))
-    _init_like_official(self.decoder, rngs)
+    init_like_official(self.decoder, rngs)
 
   def __call__(self, text: jax.Array, visual: jax.Array) -> jax.Array:
     visual = self.norm(visual)
