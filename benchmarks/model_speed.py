@@ -1,6 +1,7 @@
 r"""claver_jax against the official PyTorch CLAVER on this machine: inference and the train step.
 
-    python -m benchmarks.model_speed [--arch=B32|tiny] [--rounds=7] [--train_rounds=3]
+    python -m benchmarks.model_speed [--arch=B32|tiny] [--rounds=5] [--train_rounds=3]
+        [--text_lengths=mixed|full] [--single_thread --clock=cpu]
 
 The reference is the official model's PyTorch structure (tests/torch_claver.py: OpenAI CLIP
 blocks with packed-q/k/v nn.MultiheadAttention, temporal blocks under an additive -inf KMT mask,
@@ -16,7 +17,9 @@ weights (the printed video-embedding difference checks it). fp32, T = 8 frames, 
              claver_jax.train.make_train_step, jitted with the state donated, as the train loop
              runs it: the texts cut to the longest and encoded in groups at their own length
              (the reference encodes every row at 77 tokens, as the official code does); mixup
-             off on both sides.
+             off on both sides. `--text_lengths=full` makes every text 77 tokens long: then
+             both sides encode the same 77-token texts and the ratio is the speed of the same
+             computation, without the saving from encoding texts at their own length.
   peak       a 2048^3 fp32 matmul in each framework; our ViT forward over the B·T = 16 frames
              (FLOPs from XLA's cost analysis) as a fraction of JAX's matmul rate.
 
@@ -76,11 +79,13 @@ def init_weights_(model, seed: int) -> None:
         p.copy_(0.02 * noise)
 
 
-def random_tokens(rng: np.random.Generator, n: int, context: int, vocab: int) -> np.ndarray:
-  """[n, context] int32: start, random ids, end-of-text (the largest id), zero padding."""
+def random_tokens(rng: np.random.Generator, n: int, context: int, vocab: int,
+                  full: bool = False) -> np.ndarray:
+  """[n, context] int32: start, random ids, end-of-text (the largest id), zero padding.
+  Lengths uniform in 8..context, or every text `context` tokens long if `full`."""
   tokens = np.zeros((n, context), np.int32)
   for i in range(n):
-    length = int(rng.integers(8, context + 1))
+    length = context if full else int(rng.integers(8, context + 1))
     tokens[i, 0] = vocab - 2
     tokens[i, 1:length - 1] = rng.integers(1, vocab - 2, length - 2)
     tokens[i, length - 1] = vocab - 1
@@ -270,7 +275,8 @@ def main(argv: list[str]) -> None:
   # ------------------------------------------------------------------------------- train step
   # Last: the step donates the model's arrays.
   config = train_config(size)
-  tokens = random_tokens(rng, SETS * CLASSES, c['context'], c['vocab']).reshape(SETS, CLASSES, -1)
+  tokens = random_tokens(rng, SETS * CLASSES, c['context'], c['vocab'],
+                         full=f.text_lengths == 'full').reshape(SETS, CLASSES, -1)
   labels = rng.integers(0, CLASSES, (BATCH,)).astype(np.int32)
   oc = config.optim
   group_of = families.of(model).group_of
@@ -281,6 +287,10 @@ def main(argv: list[str]) -> None:
   step_graphdef, state = nnx.split((model, optimizer))
   # As the train loop gives them: cut to the longest text, with each text's length.
   cut = tokens[..., :needed_context(tokens, model.cfg.clip)]
+  lengths = pool_index(tokens, model.cfg.clip) + 1
+  print(f'texts ({f.text_lengths}): {lengths.size} of {lengths.min()}-{lengths.max()} tokens '
+        f'(mean {lengths.mean():.1f}); ours cut to {cut.shape[-1]} and grouped by length, '
+        f'torch at {tokens.shape[-1]}.')
   train_step = jax.jit(make_train_step(step_graphdef, config, sharding.make_mesh(config.mesh),
                                        pool_index(cut, model.cfg.clip) + 1, text_frozen=False,
                                        group_of=group_of),
@@ -332,6 +342,10 @@ def define_flags() -> None:
   flags.DEFINE_enum('clock', 'wall', ['wall', 'cpu'], "'cpu': process CPU time, which on a "
                     'shared machine counts the work done rather than the share of the CPUs '
                     'obtained; meaningful with --single_thread.')
+  flags.DEFINE_enum('text_lengths', 'mixed', ['mixed', 'full'], "The train step's texts: "
+                    "'mixed', 8 to 77 tokens long (ours encodes each at its own length, the "
+                    "reference at 77); 'full', every text 77 tokens long, so both sides do the "
+                    'same text work and the ratio is the speed of the same computation.')
 
 
 if __name__ == '__main__':

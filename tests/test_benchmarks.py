@@ -17,3 +17,19 @@ def test_model_speed_runs_at_a_tiny_size():
   for line, name in zip(last, ['inference ours/torch speed', 'train ours/torch speed',
                                'vit forward / matmul peak']):
     assert re.fullmatch(rf'{re.escape(name)}: \d+\.\d\d', line), last
+
+
+def test_model_speed_full_length_texts_leave_nothing_to_cut():
+  # --text_lengths=full: every text needs all 77 positions, so our step encodes what the
+  # reference encodes; the default spreads the lengths over 8..77.
+  import numpy as np
+
+  from benchmarks.model_speed import random_tokens
+  from claver_jax.models.clip import CLIPConfig, needed_context, pool_index
+  cfg = CLIPConfig(vocab_size=1000, eos_token_id=999)
+  full = random_tokens(np.random.default_rng(0), 100, 77, 1000, full=True)
+  assert needed_context(full, cfg) == 77
+  assert set((pool_index(full, cfg) + 1).tolist()) == {77}
+  mixed = random_tokens(np.random.default_rng(0), 100, 77, 1000)
+  lengths = pool_index(mixed, cfg) + 1
+  assert lengths.min() >= 8 and lengths.max() <= 77 and len(set(lengths.tolist())) > 20
