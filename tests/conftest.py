@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,18 @@ CLIP_BPE = SHARED_REFERENCE / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz'
 requires_clip_bpe = pytest.mark.skipif(
     not CLIP_BPE.is_file(),
     reason=f'OpenAI\'s CLIP BPE vocabulary is not at {CLIP_BPE} (../shared/reference is absent)')
+
+
+def pytest_configure(config):
+  """One JAX compilation cache for the session, inherited by every process the tests start: the
+  tests run the CLI on the same tiny configs many times, and compiling dominates each run (a
+  tiny run compiles about 100 programs, most of them the model's eager initialisation, each
+  under the cache's default threshold of 1 s, hence the threshold 0)."""
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    directory = tempfile.mkdtemp(prefix='claver_jax_test_cache_')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = directory
+    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
 
 
 def run_cli(module: str, *args: str, check: bool = True,
