@@ -36,9 +36,9 @@ Input: clips are decoded and augmented by data.num_workers = 16 grain worker pro
 machine); Kinetics' 10-second clips decode more frames per clip. Each host must deliver its share
 of train.batch_size clips per step: if the accelerators wait on input, raise num_workers up to
 the host's cores (--config.data.num_workers=N); on a small host, lower it. Measured with
-`python -m benchmarks.input_pipeline --workers=0,1,2,4 --batches=8` on a shared 2-core machine
-(load ~10, so only the trend holds; not yet measured idle): 0 workers 3.2 clips/s, 1: 3.0,
-2: 5.8, 4: 10.1 (bare PyAV decoding 5.1).
+`python -m benchmarks.input_pipeline --workers=0,1,2,4 --batches=8` on an idle 2-core machine:
+bare PyAV decoding 23.7 clips/s; the pipeline with 0 workers (in-process) 19.6, 1: 18.7,
+2: 23.9, 4: 23.4 (the machine's 2 cores are the limit).
 
 Memory per device (`python -m claver_jax.memory --config=configs/k400.py:B16,32 --text_length=32`:
 XLA's memory analysis of the compiled train step on 8 simulated devices, CPU backend, nothing
