@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def test_model_speed_runs_at_a_tiny_size():
@@ -22,10 +22,16 @@ def test_model_speed_runs_at_a_tiny_size():
 def test_model_speed_full_length_texts_leave_nothing_to_cut():
   # --text_lengths=full: every text needs all 77 positions, so our step encodes what the
   # reference encodes; the default spreads the lengths over 8..77.
+  import importlib.util
+
   import numpy as np
 
-  from benchmarks.model_speed import random_tokens
   from claver_jax.models.clip import CLIPConfig, needed_context, pool_index
+  # By path: `pytest` (unlike `python -m pytest`) does not put the repository on sys.path.
+  spec = importlib.util.spec_from_file_location('model_speed', REPO / 'benchmarks' / 'model_speed.py')
+  model_speed = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(model_speed)
+  random_tokens = model_speed.random_tokens
   cfg = CLIPConfig(vocab_size=1000, eos_token_id=999)
   full = random_tokens(np.random.default_rng(0), 100, 77, 1000, full=True)
   assert needed_context(full, cfg) == 77
