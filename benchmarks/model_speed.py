@@ -292,7 +292,7 @@ def main(argv: list[str]) -> None:
         f'(mean {lengths.mean():.1f}); ours cut to {cut.shape[-1]} and grouped by length, '
         f'torch at {tokens.shape[-1]}.')
   train_step = jax.jit(make_train_step(step_graphdef, config, sharding.make_mesh(config.mesh),
-                                       pool_index(cut, model.cfg.clip) + 1, text_frozen=False,
+                                       lengths, text_frozen=False,
                                        group_of=group_of),
                        donate_argnums=(0,))
   # Committed to the device, as the train loop's sharded arrays are: uncommitted inputs to the

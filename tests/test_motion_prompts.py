@@ -14,13 +14,13 @@ import pytest
 from flax import nnx
 
 import tiny_config
-from claver_jax import evaluate, optim, sharding, train
+from claver_jax import optim, train
 from claver_jax.models import (CLAVER, XCLIP, CLAVERConfig, CLIPConfig, MotionPrompts,
                                MotionPromptsConfig, XCLIPConfig, families, load, write_model_dir)
-from claver_jax.models.clip import pool_index
 from claver_jax.models.motion_prompts import STREAMS
 from conftest import REPO, run_cli
 from test_claver import TINY
+from train_helpers import steps_on_cached_texts, unchanged
 from test_protocols import SPLITS, motion_dir, zeroshot_config  # noqa: F401 (a fixture)
 
 # Jitted: eager calls dispatch every small op on its own.
@@ -162,32 +162,15 @@ def test_a_train_step_learns_and_leaves_the_towers_alone(claver_dir):
   source = load(claver_dir)
   model = train.make_model(config, types.SimpleNamespace(vocab_size=source.cfg.clip.vocab_size),
                            nnx.Rngs(0))
-  family = families.of(model)
-  tx, _ = optim.make_optimizer(config.optim, family.group_of, total_steps=10, steps_per_epoch=10)
-  optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
   rng = np.random.default_rng(0)
   tokens = np.zeros((2, 3, 8), np.int32)                   # A=2 sets of C=3 classes
   tokens[..., 0], tokens[..., 1:4] = 1, rng.integers(2, source.cfg.clip.vocab_size - 1, (2, 3, 3))
   tokens[..., 4] = source.cfg.clip.vocab_size - 1
-  text = nnx.jit(lambda m, t: evaluate.encode_texts(m.encode_text, t))(model, tokens)
-  graphdef, state = nnx.split((model, optimizer))
-  step = jax.jit(train.make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
-                                       pool_index(tokens, model.cfg.clip) + 1, True,
-                                       family.group_of))
-  batch = {'video': rng.integers(0, 256, (8, 4, 16, 16, 3), dtype=np.uint8),
-           'label': np.arange(8, dtype=np.int32) % 3}
-  before = nnx.to_pure_dict(nnx.state(model))
-  losses = []
-  for i in range(4):
-    state, out = step(state, batch, text, jnp.asarray(i + 1, jnp.int32))
-    losses.append(float(out['loss']))
+  losses, before, after = steps_on_cached_texts(model, config, tokens, rng)
   assert losses[-1] < losses[0], losses
-  after = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0]))
   for part, moves in (('clip', False), ('down', True), ('motion', True), ('up', True),
                       ('prompts', True), ('communication', True)):
-    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[part]),
-                                                   jax.tree.leaves(after[part])))
-    assert same != moves, part
+    assert unchanged(before[part], after[part]) != moves, part
 
 
 # ---------------------------------------------------------------------------- the budget

@@ -20,14 +20,14 @@ from safetensors.torch import save_file
 import tiny_config
 import torch_clip
 import torch_xclip
-from claver_jax import evaluate, optim, sharding, train
+from claver_jax import evaluate, optim, train
 from claver_jax.models import XCLIP, families, load
-from claver_jax.models.clip import pool_index
 from claver_jax.models.xclip import XCLIPConfig
 from conftest import run_cli
 from convert.clip_to_flax import ConversionError
 from convert.xclip_to_flax import convert
 from test_claver import TINY
+from train_helpers import steps_on_cached_texts, unchanged
 
 
 # ------------------------------------------------------------------------------------- parity
@@ -205,32 +205,14 @@ def test_one_train_step_learns_with_the_text_tower_frozen():
   config.optim.lr = 1e-3
   tokenizer = types.SimpleNamespace(vocab_size=100, eot_token_id=99)
   model = train.make_model(config, tokenizer, nnx.Rngs(0))
-  family = families.of(model)
-  tx, _ = optim.make_optimizer(config.optim, family.group_of, total_steps=10, steps_per_epoch=10)
-  optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
   rng = np.random.default_rng(0)
   tokens = np.zeros((2, 3, 8), np.int32)                   # A=2 sets of C=3 classes
   tokens[..., 0], tokens[..., 1:4], tokens[..., 4] = 98, rng.integers(1, 98, (2, 3, 3)), 99
-  # The cached text embeddings, unnormalised, as train_and_evaluate makes them.
-  text = nnx.jit(lambda m, t: evaluate.encode_texts(m.encode_text, t))(model, tokens)
-  graphdef, state = nnx.split((model, optimizer))
-  step = jax.jit(train.make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
-                                       pool_index(tokens, model.cfg.clip) + 1, True,
-                                       family.group_of))
-  batch = {'video': rng.integers(0, 256, (8, 4, 16, 16, 3), dtype=np.uint8),
-           'label': np.arange(8, dtype=np.int32) % 3}
-  before = nnx.to_pure_dict(nnx.state(model))
-  losses = []
-  for i in range(4):
-    state, out = step(state, batch, text, jnp.asarray(i + 1, jnp.int32))
-    losses.append(float(out['loss']))
+  losses, before, after = steps_on_cached_texts(model, config, tokens, rng)
   assert losses[-1] < losses[0], losses
-  after = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0]))
   for tower, moves in (('text', False), ('logit_scale', False), ('visual', True), ('mit', True),
                        ('prompts_generator', True)):
-    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[tower]),
-                                                   jax.tree.leaves(after[tower])))
-    assert same != moves, tower
+    assert unchanged(before[tower], after[tower]) != moves, tower
 
 
 # ------------------------------------------------------------------- a run, predict, zero-shot
