@@ -44,6 +44,9 @@ An X-CLIP directory (configs/k400.py:B16,32,xclip, or the converted official zer
 runs the same command; X-CLIP's own protocol describes each class by its name alone: add
 --config.text.templates='{}' and --config.zeroshot.DATASET.prompts='' for each dataset.
 X-CLIP's model zoo expects top-1 (%), B/16 32 frames: HMDB-51 44.6, UCF-101 72.0, K600 65.2.
+The CLAVER paper also gives the std over the splits or draws, and K600's top-5: KMT 73.8 ± 0.6 /
+93.1 ± 0.6 (its Table 5), X-CLIP 65.2 ± 0.4 / 86.1 ± 0.8; every figure with its table is in
+claver_jax/paper.py, which the run report reads.
 
 Views: 1 clip x 1 crop, the official code's test default (TEST.NUM_CLIP = TEST.NUM_CROP = 1 in
 yjyddq/CLAVER utils/config.py); the README does not state the zero-shot views.
