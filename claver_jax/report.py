@@ -134,7 +134,9 @@ def key_settings(config: Mapping[str, Any], run: Mapping[str, Any] | None = None
     settings['temporal'] = (f"{_get(config, 'model.temporal')} ({depth}, attention "
                             f"{_get(config, 'model.attention')})")
   frozen = [t for t in ('image', 'text') if _get(config, f'optim.freeze_{t}')]
-  trained = [t for t in ('image', 'text') if t not in frozen]
+  text_lr = _get(config, 'optim.text_lr_multiplier', 1.0)
+  trained = [f'text (x{text_lr:g} lr)' if t == 'text' and text_lr != 1 else t
+             for t in ('image', 'text') if t not in frozen]
   settings['towers trained'] = ', '.join(trained) or 'none'
   settings['towers frozen'] = ', '.join(frozen) or 'none'
   templates = _get(config, 'text.templates')
@@ -390,9 +392,8 @@ def training_report(workdir: Path, record: Mapping[str, Any],
   total = run.get('total_steps')
   train = [r for r in rows if _finite(r.get('train/loss'))]
   last_step = train[-1]['step'] if train else 0
-  mode = _get(config, 'mode', 'train')
-  if mode == 'eval':
-    state = 'An evaluation-only run (config.mode=eval).'
+  if not train:
+    state = 'No training steps: an evaluation-only workdir (config.mode=eval).'
   elif total and last_step >= total:
     state = f'Finished: {last_step} of {total} steps.'
   elif total:

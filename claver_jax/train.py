@@ -370,8 +370,9 @@ def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
              stop: distributed.StopRequest | None = None) -> dict[str, Any] | None:
   """One pass over the eval split -> evaluate.summarize(...) over the valid videos, plus their
   'scores' [N, C], 'labels' [N] and 'index' [N] (eval-list positions; None for pipelines without
-  them). Scores stay on the devices and are gathered once at the end. None when `stop()` is set between batches (a
-  SIGTERM in a one-process run; a multi-process run stops after the evaluation, see StopRequest)."""
+  them). Scores stay on the devices and are gathered once at the end. None when `stop()` is set
+  between batches (a SIGTERM in a one-process run; a multi-process run stops after the
+  evaluation, see StopRequest)."""
   text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
                                chunk=TEXTS_PER_DEVICE * mesh.size)
   parts = []
@@ -518,13 +519,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----------------------------------------------------------------------------- record
   lead = jax.process_index() == 0
-  if lead:   # WORKDIR/config.json and TensorBoard's config text and hparams.
+  if lead:   # WORKDIR/config.json (an eval run keeps a training's) and TensorBoard's config.
     config_dict = json.loads(config.to_json_best_effort())
     run_info = {'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch,
                 'classes': len(class_names), 'train_clips': data.num_train,
                 'eval_clips': data.num_eval, 'devices': num_devices,
                 'processes': jax.process_count(), 'platform': jax.default_backend()}
-    report.write_run_config(workdir, config_dict, run_info)
+    if config.mode == 'train' or not (workdir / report.RUN_CONFIG).is_file():
+      report.write_run_config(workdir, config_dict, run_info)
     writer.write_config(config_dict, report.key_settings(config_dict, run_info), METRIC_TAGS)
   views = evaluate.views_name(config.eval.num_clips, config.eval.num_crops)
   prefix = 'eval' if config.mode == 'eval' else 'val'  # an eval run's rows: eval/*

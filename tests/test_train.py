@@ -439,13 +439,15 @@ def test_an_eval_run_has_its_own_rows_reports_and_score_dump(uninterrupted, tmp_
   assert top1 == pytest.approx(row['eval/top1'])
   text = (workdir / 'report.md').read_text()
   assert '| eval run | 9 | 1x2 |' in text and '| val, best | 9 | 1x1 |' in text
+  assert 'Finished: 9 of 9 steps.' in text                      # the training's config.json kept
+  assert json.loads((workdir / 'config.json').read_text())['config']['mode'] == 'train'
 
 
 def test_each_evaluation_counts_its_own_substitutes(tmp_path):
-  """A val list with one unreadable video, evaluated at steps 1 and 2: each row counts 1 (the
-  counter is reset per evaluation, not a running total). About 20 s."""
+  """A val list of 24 with one unreadable video, evaluated at steps 1 and 2: each row counts 1
+  (the counter is reset per evaluation, not a running total). About 20 s."""
   from data_helpers import synthetic_dir
-  data = synthetic_dir(tmp_path / 'data', num_videos=30, num_frames=8, size=32)
+  data = synthetic_dir(tmp_path / 'data', num_videos=120, num_frames=8, size=32)
   first = (data / 'val.txt').read_text().splitlines()[0].rsplit(' ', 1)[0]
   (data / first).write_bytes(b'not a video')
   workdir = tmp_path / 'run'
