@@ -39,16 +39,18 @@ class PaperFigure:
 
   def describe(self) -> str:
     """'top-1 84.3, top-5 96.3 (CLAVER paper, Table 1: CLAVER-B/16 (KMT), 8 frames, 4x3 views)'."""
-    numbers = ', '.join(f'{_metric_name(k)} {_number(v)}' for k, v in self.metrics.items())
+    numbers = ', '.join(f'{metric_name(k)} {format_value(v)}' for k, v in self.metrics.items())
     views = f', {self.views} views' if self.views else ''
     return f'{numbers} ({self.source}, {self.table}: {self.setting}{views})'
 
 
-def _metric_name(key: str) -> str:
+def metric_name(key: str) -> str:
+  """'top1' -> 'top-1'."""
   return {'top1': 'top-1', 'top5': 'top-5'}.get(key, key)
 
 
-def _number(value: Any) -> str:
+def format_value(value: Any) -> str:
+  """84.3 -> '84.3'; (54.1, 2.4) -> '54.1 ± 2.4'."""
   return f'{value[0]} ± {value[1]}' if isinstance(value, tuple) else f'{value}'
 
 
@@ -188,7 +190,7 @@ def all_figures() -> list[tuple[str, str, PaperFigure]]:
 def markdown_table() -> str:
   lines = ['| config | preset | expected | source |', '|---|---|---|---|']
   for name, preset, figure in all_figures():
-    numbers = ', '.join(f'{_metric_name(k)} {_number(v)}' for k, v in figure.metrics.items())
+    numbers = ', '.join(f'{metric_name(k)} {format_value(v)}' for k, v in figure.metrics.items())
     views = f' ({figure.views} views)' if figure.views else ''
     lines.append(f'| configs/{name}.py | `{preset}` | {numbers}{views} | {figure.source}, '
                  f'{figure.table} |')

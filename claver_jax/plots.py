@@ -127,7 +127,8 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], *, title
 def confused_pairs_figure(pairs: Sequence[Mapping[str, Any]], *, title: str) -> Figure:
   """The most-confused pairs (from `most_confused`) as horizontal bars of their video counts,
   most confused on top, each labelled with its share of the true class."""
-  labels = [f'{short_name(p["true"])} → {short_name(p["predicted"])}' for p in pairs] or ['(none)']
+  labels = ([f'{short_name(p["true"])} → {short_name(p["predicted"])}' for p in pairs]
+            or ['(none)'])
   counts = [p['count'] for p in pairs] or [0]
   figure = Figure(figsize=(9, 1.2 + 0.3 * len(labels)), dpi=DPI)
   ax = figure.add_subplot()

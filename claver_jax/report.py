@@ -371,7 +371,7 @@ def _paper_row(figure: paper.PaperFigure | None) -> list[str] | None:
   if figure is None:
     return None
   metrics = figure.metrics
-  show = lambda k: (paper._number(metrics[k]) if k in metrics else '–')
+  show = lambda k: (paper.format_value(metrics[k]) if k in metrics else '–')
   return [f'paper ({figure.source}, {figure.table})', '', figure.views or 'not stated',
           show('top1'), show('top5'), '–', '']
 
@@ -513,14 +513,14 @@ def zeroshot_report(workdir: Path, record: Mapping[str, Any], results: Mapping[s
     videos = sum(r.get('num_videos', 0) for r in runs.values())
     figure = expected.get(dataset)
     rows.append([dataset, 'mean ± std', str(len(runs)), str(videos),
-                 '; '.join(f'{paper._metric_name(m)} {c}' for m, c in zip(metrics, cells)),
+                 '; '.join(f'{paper.metric_name(m)} {c}' for m, c in zip(metrics, cells)),
                  figure.describe() if figure else '–'])
     for run, r in runs.items():
-      numbers = '; '.join(f'{paper._metric_name(k)} {r[k]:.2f}' for k in ('top1', 'top5',
+      numbers = '; '.join(f'{paper.metric_name(k)} {r[k]:.2f}' for k in ('top1', 'top5',
                                                                          'mean_class_acc')
                           if _finite(r.get(k)))
       rows.append(['', run, '', str(r.get('num_videos', '')), numbers, ''])
-    lines.append(f'{dataset}: ' + ', '.join(f'{paper._metric_name(m)} {c}'
+    lines.append(f'{dataset}: ' + ', '.join(f'{paper.metric_name(m)} {c}'
                                              for m, c in zip(metrics, cells))
                  + (f' (paper: {figure.describe()})' if figure else ''))
   report.heading('Results')

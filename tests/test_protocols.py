@@ -363,6 +363,7 @@ def test_the_zero_shot_report_gives_mean_and_std_per_dataset(zeroshot_run):
       assert (f'|  | {run} |  | {r["num_videos"]} | top-1 {r["top1"]:.2f}; top-5 {r["top5"]:.2f}'
               in text)
   assert 'hmdb51: skipped (no paths' in text
-  assert '![ucf101 split1: per-class top-1, worst first](zeroshot/ucf101/split1/per_class.png)' in text
+  assert ('![ucf101 split1: per-class top-1, worst first](zeroshot/ucf101/split1/per_class.png)'
+          in text)
   assert (workdir / 'config.json').is_file() and (workdir / 'report.html').is_file()
   assert 'Command:' not in text                       # called from Python: no command line

@@ -453,7 +453,8 @@ def test_each_evaluation_counts_its_own_substitutes(tmp_path):
   workdir = tmp_path / 'run'
   run_main(workdir, '--config.data.source=filelist', f'--config.data.root={data}',
            f'--config.data.train_list={data / "train.txt"}',
-           f'--config.data.val_list={data / "val.txt"}', f'--config.data.labels={data / "labels.csv"}',
+           f'--config.data.val_list={data / "val.txt"}',
+           f'--config.data.labels={data / "labels.csv"}',
            '--config.train.max_steps=2', '--config.eval_every_steps=1')
   evals = [r for r in read_metrics(workdir) if 'val/top1' in r]
   assert [(r['step'], r['data/eval_substituted']) for r in evals] == [(1, 1), (2, 1)]
