@@ -50,6 +50,8 @@ def load_clip_frames(video_path: str | Path, num_frames: int, image_size: int,
 def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str], *,
             top_k: int = 5, prompts: str | None = None) -> list[dict[str, float]]:
   """-> [{'label', 'score'}] for the top_k labels, best first."""
+  if top_k < 1:
+    raise ValueError(f'--top_k={top_k}: show at least one label (top_k >= 1).')
   if len(labels) < 1:
     raise ValueError('No labels given: pass --labels "a" "b" ... or --label_file=F.')
   repeated = sorted({label for label in labels if labels.count(label) > 1})
