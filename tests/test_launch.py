@@ -191,6 +191,18 @@ def test_multi_process_environments_are_detected(monkeypatch):
   assert distributed.detected_cluster() == 'Open MPI'
 
 
+def test_a_jax_without_the_private_tpu_module_runs_as_one_process(monkeypatch):
+  """claver_jax reads JAX's private jax._src.cloud_tpu_init; a JAX that moved it still starts."""
+  import sys
+  import jax._src
+  monkeypatch.delattr(jax._src, 'cloud_tpu_init', raising=False)
+  monkeypatch.setitem(sys.modules, 'jax._src.cloud_tpu_init', None)      # import fails
+  for var in [*SLURM_STEP, 'OMPI_MCA_orte_hnp_uri']:
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.running_in_cloud_tpu_vm() is False
+  assert distributed.detected_cluster() is None
+
+
 def test_explicit_settings_must_be_complete(monkeypatch):
   for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
               distributed.ENV_PROCESS_ID):
