@@ -195,7 +195,8 @@ def documented_keys(doc: str) -> set[str]:
       continue
     head = re.sub(r'\(.*?\)', '', line.strip().split('  ')[0])
     prefix = ''
-    for name in (n.strip() for n in head.split(',')):
+    for part in head.split(','):
+      name = re.match(r'\s*([a-z_0-9.]*)', part).group(1).rstrip('.')
       if '.' in name:
         prefix = name.rsplit('.', 1)[0] + '.'
         names.add(name)
