@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -56,16 +57,23 @@ def main(argv: list[str]) -> None:
                  jax.local_device_count(), jax.device_count())
   from claver_jax.run_config import ConfigError
   from claver_jax.train import NonFiniteLossError, train_and_evaluate
+  workdir = Path(flags.FLAGS.workdir)
+  created = not workdir.exists()
   try:
-    if _CONFIG.value.mode == 'zeroshot':      # configs/zeroshot.py: prints its table.
-      from claver_jax.zeroshot import run_zeroshot
-      run_zeroshot(_CONFIG.value, flags.FLAGS.workdir)
-      return
-    metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
-  except ConfigError as e:
-    cli.fail(str(e))
-  except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+    try:
+      if _CONFIG.value.mode == 'zeroshot':      # configs/zeroshot.py: prints its table.
+        from claver_jax.zeroshot import run_zeroshot
+        run_zeroshot(_CONFIG.value, flags.FLAGS.workdir)
+        return
+      metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+    except ConfigError as e:
+      cli.fail(str(e))
+    except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
+      sys.exit(f'error: {e}')
+  except BaseException:
+    if created and lead and workdir.is_dir() and not any(workdir.iterdir()):
+      workdir.rmdir()                # A run that failed before writing leaves no empty workdir.
+    raise
   if lead:
     from claver_jax.report import format_metrics
     print(f'Done. {format_metrics(metrics)}')

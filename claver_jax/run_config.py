@@ -2,6 +2,8 @@
 
     mode                 'train' (train + periodic eval), 'eval' (evaluate a checkpoint) or
                          'zeroshot' (configs/zeroshot.py: claver_jax.zeroshot.run_zeroshot)
+    seed                 the fresh parameters' initialisation and each train step's draws (mixup,
+                         description sets); the data order and augmentation follow data.seed
     model.name           the model family: 'claver' (default), 'xclip' (X-CLIP) or
                          'motion_prompts' (after SiF, on frozen CLIP towers; see
                          claver_jax.models.families)
@@ -45,7 +47,14 @@
     data.shots_seed      the seed of that draw: the same K-shot list in every process and run
     text.tokenizer       BPE file / vocab dir / model dir; '' = the init checkpoint's; 'train' =
                          learn one on the class texts (models from scratch)
-    text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only
+    text.num_merges      text.tokenizer='train': at most this many BPE merges are learnt (fewer
+                         when no pair of tokens occurs twice); the vocabulary is the 512 byte
+                         tokens, the merges, start and end of text
+    text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only;
+                         class names are matched exactly, else by their readable form
+                         ('ride_bike' finds 'ride bike', 'ApplyEyeMakeup' 'apply eye makeup')
+    text.allow_missing   False: a class without interpretive prompts in the set is an error
+                         naming it; True: its prompt slots take its template texts (a warning)
     text.templates       'actions' (people: "a video of a person {}.", the default), 'objects'
                          (short, for the synthetic set), or templates with one "{}" each,
                          joined by '|'. WORKDIR/model records them; predict uses them, and
@@ -64,7 +73,14 @@
                          class) as scores.npz beside its reports in WORKDIR/eval/ (see
                          claver_jax.evaluate.dump_scores; no pickles: np.load reads it)
     eval_every_steps     0 = at the end of each epoch
-    log_every_steps, checkpoint_every_steps (checkpoints are also saved at each epoch end)
+    log_every_steps, checkpoint_every_steps (checkpoints are also saved at each epoch end).
+                         SIGTERM saves after the step in progress, but a spot VM powers off ~30 s
+                         after it: in time only if the whole state gets written (1.45 GB for
+                         k400.py:B16,8,kmt, 3.91 GB for L14,8,kmt: fp32 weights and AdamW's two
+                         moments of the trained parts, from the models' shapes), i.e. at 50-130
+                         MB/s to the workdir. Otherwise the run resumes from the last periodic
+                         checkpoint, so the default, 500 steps (about half a Kinetics-400 epoch at
+                         batch 256), bounds the work lost; saves are asynchronous
     checkpoint.keep, checkpoint.keep_best (by val/top1)
     mesh.data, mesh.fsdp  device mesh axes; -1 fills
     init.clip            a converted CLIP directory (towers; the family's new parts fresh)
@@ -116,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
                                           dump_scores=False))
   c.eval_every_steps = 0
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
+  c.checkpoint_every_steps = 500
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, keep_best=1))
   c.mesh = sharding.default_config()
   c.init = ml_collections.ConfigDict(dict(clip='', checkpoint='', towers_only=False, require='',
@@ -130,9 +146,13 @@ class ConfigError(ValueError):
 
 def check_config(c: ml_collections.ConfigDict) -> None:
   """Rejects a config that cannot work, before anything is written to the workdir."""
+  from claver_jax.models.families import FAMILIES
   from claver_jax.models.temporal import TEMPORAL_KINDS
   if c.mode not in MODES:
     raise ConfigError(f'config.mode={c.mode!r}; use one of {list(MODES)}.')
+  if c.model.name not in FAMILIES:
+    raise ConfigError(f'config.model.name={c.model.name!r} is not a model family; use one of '
+                      f'{list(FAMILIES)}.')
   init = c.init
   if init.clip and init.checkpoint:
     raise ConfigError(f'config.init.clip={init.clip!r} and config.init.checkpoint='

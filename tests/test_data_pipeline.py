@@ -129,24 +129,66 @@ def test_workers_give_the_same_batches_and_state(motion_dir):
     resumed.close()
 
 
-def test_bad_videos_are_substituted_counted_and_logged(motion_dir, tmp_path, caplog):
+def test_bad_videos_are_substituted_counted_and_logged_once_with_their_reason(motion_dir,
+                                                                              tmp_path, caplog):
   bad = with_bad_videos(motion_dir, tmp_path / 'bad')
   data = build_pipelines(filelist_config(bad, batch_size=5, val_list=str(bad / 'train.txt'),
-                                         eval_batch_size=5))
+                                         eval_batch_size=5, max_substituted=1.0))
   with caplog.at_level(logging.WARNING):
-    batches = take(iter(data.train), 4)                     # One epoch: 20 clips.
+    batches = take(iter(data.train), 8)                     # Two epochs of 20 clips.
     eval_batches = list(data.eval_pass())
   substituted = np.concatenate([b['substituted'] for b in batches])
-  assert substituted.sum() == 2
+  assert substituted.sum() == 4
   assert all(b['video'].shape == (5, 4, 32, 32, 3) for b in batches)
+  assert all('reason' not in b and 'index' not in b for b in batches + eval_batches)
   assert np.concatenate([b['substituted'] for b in eval_batches]).sum() == 2
   bad_rows = [b['video'][b['substituted']] for b in eval_batches]
   assert all((v == 0).all() for v in bad_rows)              # Eval substitutes are black.
-  assert data.metrics() == {'data/train_substituted': 2, 'data/eval_substituted': 2}
-  first, second = (line.split()[0] for line in (bad / 'train.txt').read_text().splitlines()[:2])
-  logged = '\n'.join(r.getMessage() for r in caplog.records)
-  assert first in logged and second in logged
-  assert set(data.train_substitutions.paths) == {first, second}
+  assert data.metrics() == {'data/train_substituted': 4, 'data/eval_substituted': 2}
+  corrupt, missing = (line.split()[0] for line in (bad / 'train.txt').read_text().splitlines()[:2])
+  assert sorted(data.train_substitutions.paths) == sorted([corrupt, missing])
+  logged = sorted(r.getMessage().split(': ', 1)[1] for r in caplog.records
+                  if r.getMessage().startswith('Unreadable train video'))
+  assert len(logged) == 2                                   # Once each, though read twice.
+  assert logged[0].startswith(f'{bad / corrupt}: ') and 'not a readable video' in logged[0]
+  assert logged[1] == f'{bad / missing}: no such file'
+
+
+def test_a_wrong_root_stops_at_start_naming_the_paths_tried(motion_dir, tmp_path, caplog):
+  """The root one level too high: every path is missing. A root that loses a few videos only
+  warns; a run then stops once more than data.max_substituted of its samples were substitutes."""
+  with pytest.raises(DataError) as error:
+    wrong_root = filelist_config(motion_dir)
+    wrong_root.root = str(motion_dir.parent)
+    build_pipelines(wrong_root)
+  message = str(error.value)
+  assert '\n' not in message
+  first = (motion_dir / 'train.txt').read_text().split()[0]
+  assert message.startswith(f'16 of 16 videos sampled from {motion_dir / "train.txt"} cannot be '
+                            f"opened under config.data.root='{motion_dir.parent}': "
+                            f'{motion_dir.parent / first}: no such file;')
+  bad = with_bad_videos(motion_dir, tmp_path / 'bad')
+  with caplog.at_level(logging.WARNING):
+    data = build_pipelines(filelist_config(bad, val_list=''))
+  assert 'of 16 videos sampled from' in caplog.text
+  data.check_substituted('train', 9, 10)                    # Too few to judge yet.
+  data.check_substituted('train', 10, 200)                  # 5%: the default share.
+  data.check_substituted('eval', 1, 20)
+  for split, count, total in (('train', 11, 200), ('eval', 2, 20)):
+    with pytest.raises(DataError, match=rf'^{count} of {total} {split} samples were unreadable '
+                       r'videos replaced by substitutes, more than config.data.max_substituted'
+                       r'=0.05 of them; stopping'):
+      data.check_substituted(split, count, total)
+
+
+def test_worker_count_is_capped_at_the_cpus(caplog):
+  import os
+  from claver_jax.data.pipeline import usable_workers
+  cpus = len(os.sched_getaffinity(0))
+  with caplog.at_level(logging.WARNING):
+    assert usable_workers(cpus) == cpus and not caplog.records
+    assert usable_workers(cpus + 14) == cpus
+  assert f'config.data.num_workers={cpus + 14}, but this host has {cpus} CPUs' in caplog.text
 
 
 def test_synthetic_source_matches_the_written_files(motion_dir):

@@ -100,6 +100,12 @@ def test_a_run_writes_what_it_promises(uninterrupted):
   steps = sorted(train_losses(workdir))
   assert steps == list(range(1, 10))                              # 72 clips / batch 8
   assert all({'train/loss', 'train/lr'} <= set(r) for r in rows if 'train/loss' in r)
+  # Every row: the wall clock and the epoch (72 clips: 9 steps an epoch); train rows: the time a
+  # step took and how long of it the loop waited for its input.
+  assert [r['epoch'] for r in rows if 'train/loss' in r] == [round(s / 9, 4) for s in steps]
+  assert all(r['time'] > 1.6e9 for r in rows) and [r['time'] for r in rows] == sorted(
+      r['time'] for r in rows)
+  assert all(0 <= r['data/wait_s'] <= r['train/step_s'] for r in rows if 'train/loss' in r)
   val = [r for r in rows if 'val/top1' in r]
   assert val and {'val/top5', 'val/mean_class_acc', 'data/train_substituted',
                   'data/eval_substituted'} <= set(val[-1])
