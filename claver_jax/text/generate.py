@@ -243,11 +243,9 @@ class HFBackend:
   def __init__(self, model_dir: str | os.PathLike, *, max_new_tokens: int = 96,
                temperature: float = TEMPERATURE, top_p: float = TOP_P, batch_size: int = 8,
                device: str = 'auto'):
-    try:
-      import torch
-    except ImportError as e:
-      raise GenerationError('The hf backend needs PyTorch, which is not installed: pip install '
-                            'torch (or use --backend=openai with a server).') from e
+    from claver_jax.compat import require_torch
+    torch = require_torch('The hf backend (or use --backend=openai with a server)',
+                          GenerationError)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_dir = Path(model_dir)
     if not (model_dir / 'config.json').is_file():
