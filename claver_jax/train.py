@@ -65,8 +65,10 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
   source = config.text.tokenizer
   if source == 'train':
     out = workdir / 'tokenizer'
-    # Resuming: the vocabulary must not move. Process 0 writes it; the others read it.
-    if jax.process_index() == 0 and not (out / 'vocab.json').is_file():
+    # Resuming: the vocabulary must not move. Process 0 writes it (both files in one rename;
+    # an older run's half-written pair is written again); the others read it.
+    complete = (out / 'vocab.json').is_file() and (out / 'merges.txt').is_file()
+    if jax.process_index() == 0 and not complete:
       prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
       texts, _ = build_prompt_texts(class_names, prompt_set,
                                     templates=resolve_templates(config.text.templates),
