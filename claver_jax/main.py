@@ -54,8 +54,10 @@ def main(argv: list[str]) -> None:
   if jax.process_count() > 1:
     logging.info('Process 0 of %d (%s), %d of %d devices local.', jax.process_count(), setup,
                  jax.local_device_count(), jax.device_count())
+  from claver_jax.checkpoint import CheckpointError
   from claver_jax.run_config import ConfigError
   from claver_jax.train import NonFiniteLossError, train_and_evaluate
+  from claver_jax.workdir import WorkdirError
   try:
     if _CONFIG.value.mode == 'zeroshot':      # configs/zeroshot.py: prints its table.
       from claver_jax.zeroshot import run_zeroshot
@@ -64,7 +66,7 @@ def main(argv: list[str]) -> None:
     metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
   except ConfigError as e:
     cli.fail(str(e))
-  except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
+  except (NonFiniteLossError, WorkdirError, CheckpointError, ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   if lead:
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}

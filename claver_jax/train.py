@@ -48,6 +48,7 @@ from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
                                      resolve_templates)
 from claver_jax.text.tokenizer import Tokenizer, train_tokenizer
+from claver_jax.workdir import claim_workdir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -435,7 +436,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
                       'devices.')
   sharding.check_process_rows(mesh, tc.batch_size)
-  workdir.mkdir(parents=True, exist_ok=True)
+
+  # ----------------------------------------------------------------------------- workdir
+  # Room to write, the lock (one run per workdir, held until the end), stale temporaries swept,
+  # a resume under the config it was trained with: all before anything is built.
+  workdir_lock = claim_workdir(workdir, config)
 
   # ----------------------------------------------------------------------------- input
   data_config = config.data.copy_and_resolve_references()
@@ -496,12 +501,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = 0
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_sharding)
-  latest = checkpointer.latest_step()
   progress: dict[str, Any] = {}
-  if latest is not None:
-    restored, progress = checkpointer.restore(latest, nnx.to_pure_dict(abstract), train_iter)
+  # The newest checkpoint that reads; a damaged newer one is named and set aside.
+  resumed = checkpointer.restore_latest(nnx.to_pure_dict(abstract), train_iter)
+  latest = None if resumed is None else resumed[0]
+  if resumed is not None:
+    start_step, restored, progress = resumed
     nnx.replace_by_pure_dict(state, restored)
-    start_step = latest
     logging.info('Resuming from step %d in %s.', start_step, workdir)
   writer = MetricWriter(workdir, resume_step=start_step)
 
@@ -529,6 +535,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics = evaluate_now(start_step)
     writer.close()
     checkpointer.close()
+    if workdir_lock is not None:
+      workdir_lock.release()
     return metrics
 
   # ----------------------------------------------------------------------------- loop
@@ -600,6 +608,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       unchecked.append((step, out['finite']))
       clips += tc.batch_size
       bar.update(1)
+      checkpointer.check_background_save()   # A failed asynchronous save stops the run now.
       last = step == total_steps
       if step % config.log_every_steps == 0 or last:
         values, flags = jax.device_get((losses, [f for _, f in unchecked]))
@@ -635,4 +644,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     if train_iter is not None and hasattr(train_iter, 'close'):
       train_iter.close()
+    if workdir_lock is not None:
+      workdir_lock.release()
   return metrics

@@ -26,8 +26,8 @@ batch (B = batch_size), the rows its devices hold. Each clip's augmentation is d
 default_rng((seed, epoch, clip index in the train list)), so batches do not depend on the process
 count or on config.data.num_workers. The iterator state counts global batches, so a restored
 state replays exactly the batches that followed it, in a run with any number of processes (the
-same global batch size). A state is tied to its num_workers: grain's in-process and
-multi-worker states differ.
+same global batch size). grain's in-process and multi-worker states differ in form: a state saved
+with another num_workers is converted on restore (checkpoint.iterator_state).
 Worker processes (num_workers > 0) need the caller's entry point under
 `if __name__ == '__main__':`.
 """
