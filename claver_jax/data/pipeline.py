@@ -73,6 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
                  by `python -m claver_jax.data.prepare` (tfds_name='ucf101': tfds's data_dir).
   train_list, val_list: filelist: list files ("relative/path.mp4 LABEL" lines); tfds: split
                  names. '' skips that pipeline. Unused for synthetic.
+  allow_outside_root: filelist: accept list paths that leave root (absolute, or up through
+                 '..'); False rejects them, naming the line.
   labels:        labels CSV (id,name). tfds: defaults to root/labels.csv. Unused for synthetic.
   num_frames:    T, frames per clip.          image_size: S, the square crop side.
   batch_size:    host batch per JAX process (train); eval_batch_size likewise for eval.
@@ -100,7 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
   tfds_name:     '' for a prepared dataset; 'ucf101' for tfds's own builder (needs TensorFlow).
   """
   return ml_collections.ConfigDict(dict(
-      source='filelist', root='', train_list='', val_list='', labels='', num_frames=8,
+      source='filelist', root='', train_list='', val_list='', labels='',
+      allow_outside_root=False, num_frames=8,
       image_size=224, batch_size=8, eval_batch_size=8, num_workers=0, worker_buffer_size=2,
       read_threads=2, read_buffer=2,
       seed=0, shots=0, shots_seed=0, num_clips=1, num_crops=1,
@@ -299,7 +302,7 @@ def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
 def _make_source(cfg: ml_collections.ConfigDict, split: str, list_or_split: str,
                  num_classes: int):
   if cfg.source == 'filelist':
-    return FileListSource(cfg.root, list_or_split, num_classes)
+    return FileListSource(cfg.root, list_or_split, num_classes, cfg.allow_outside_root)
   if cfg.source == 'synthetic':
     return SyntheticSource(split, cfg.synthetic_videos, cfg.synthetic_frames, cfg.synthetic_size,
                            cfg.synthetic_seed)
