@@ -49,12 +49,16 @@ class WorkdirLock:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-      os.close(fd)
-      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-        raise WorkdirError(f'Cannot lock {self.path} ({e.strerror}).') from e
-      raise WorkdirError(f'{workdir} is in use by another run ({holder(self.path)}): two runs '
-                         'on one workdir destroy each other\'s checkpoints. Wait for it, stop '
-                         'it, or use another --workdir.') from None
+      if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+        logging.warning('%s cannot be locked on this file system (%s): one run at a time on '
+                        'this workdir is up to you.', self.path, e.strerror)
+      else:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+          raise WorkdirError(f'Cannot lock {self.path} ({e.strerror}).') from e
+        raise WorkdirError(f'{workdir} is in use by another run ({holder(self.path)}): two '
+                           'runs on one workdir destroy each other\'s checkpoints. Wait for it, '
+                           'stop it, or use another --workdir.') from None
     self._fd = fd
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
