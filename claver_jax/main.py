@@ -3,8 +3,9 @@ r"""Train or evaluate CLAVER: the command users run.
     python -m claver_jax.main --config=configs/NAME.py[:PRESET] --workdir=DIR [--config.KEY=VALUE]
 
 `config.mode` selects 'train' (train + periodic eval) or 'eval' (evaluate the workdir's latest
-checkpoint, or config.init.checkpoint). A second run with the same workdir resumes. SIGTERM
-saves a checkpoint and exits 0. A config error (an unknown key, a bad value, keys that cannot
+checkpoint, or config.init.checkpoint). A second run with the same workdir resumes (under the
+config it was trained with; see claver_jax/workdir.py); one started while another holds the
+workdir stops at once. SIGTERM saves a checkpoint and exits 0. A config error (an unknown key, a bad value, keys that cannot
 work together) is one line on stderr and exit status 2, before anything is written.
 
 Several processes (one per host) run the same command: on Cloud TPU VMs, in Slurm job steps and

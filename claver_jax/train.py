@@ -1,5 +1,5 @@
-"""The train loop: one function, read top to bottom (mesh, input, text, model + optimizer,
-shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
+"""The train loop: one function, read top to bottom (mesh, workdir, input, text, model +
+optimizer, shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
 
 Loss: each step samples `config.text.sets_per_step` of the A description sets; the loss is the
 soft cross-entropy over the C classes for each set, averaged. With a frozen text tower all A·C

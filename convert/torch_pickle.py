@@ -21,6 +21,7 @@ which needs torch >= 2.6: older versions' weights_only can be bypassed (CVE-2025
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import re
 import zipfile
@@ -50,6 +51,9 @@ class Opaque:
   called with and the state it was given. Nothing of the class is imported or run."""
 
   qualified_name = ''
+  args: tuple = ()
+  kwargs: dict = {}
+  state: Any = None            # What BUILD gave it (a TorchScript module: its attributes).
 
   def __new__(cls, *args, **kwargs):
     del args, kwargs
@@ -79,7 +83,6 @@ class _TensorUnpickler(pickle.Unpickler):
   """Tensors as numpy arrays, plain containers, placeholders for everything else."""
 
   def __init__(self, archive: zipfile.ZipFile, prefix: str, data: bytes, byteorder: str):
-    import io
     super().__init__(io.BytesIO(data))
     self.archive, self.prefix, self.byteorder = archive, prefix, byteorder
     self.storages: dict[str, np.ndarray] = {}
@@ -109,9 +112,12 @@ class _TensorUnpickler(pickle.Unpickler):
     if not isinstance(storage_type, _StorageType):
       raise UnsafeCheckpointError(f'storage of unsupported type {storage_type!r}')
     if key not in self.storages:
-      raw = self.archive.read(f'{self.prefix}/data/{key}')
-      itemsize = storage_type.dtype.itemsize
-      if not isinstance(numel, int) or numel < 0 or len(raw) < numel * itemsize:
+      if not isinstance(numel, int) or numel < 0:
+        raise UnsafeCheckpointError(f'storage {key} of {numel!r} elements')
+      size = numel * storage_type.dtype.itemsize
+      with self.archive.open(f'{self.prefix}/data/{key}') as f:
+        raw = f.read(size)                   # What the pickle claims, no more.
+      if len(raw) < size:
         raise UnsafeCheckpointError(f'storage {key} holds {len(raw)} bytes, fewer than its '
                                     f'{numel} elements of {storage_type.name}')
       dtype = storage_type.dtype.newbyteorder('>' if self.byteorder == 'big' else '<')

@@ -341,7 +341,9 @@ class OpenAIBackend:
     if self.api_key:
       headers['Authorization'] = f'Bearer {self.api_key}'
     data = None if payload is None else json.dumps(payload).encode()
-    for attempt in range(1, self.max_attempts + 1):
+    attempt = 0
+    while True:
+      attempt += 1
       last = attempt == self.max_attempts
       delay = self.backoff * 2 ** (attempt - 1)
       try:
@@ -362,8 +364,6 @@ class OpenAIBackend:
         if last:
           raise BadReplyError(f'{e} (attempt {attempt} of {self.max_attempts})') from e
         reason = str(e)
-      except RedirectRefusedError:
-        raise
       except TimeoutError as e:
         reason = str(e)
         if last:
@@ -380,7 +380,6 @@ class OpenAIBackend:
       logging.warning('%s: %s; retrying in %.2f s (attempt %d of %d).', url, reason, delay,
                       attempt + 1, self.max_attempts)
       time.sleep(delay)
-    raise AssertionError('unreachable')
 
   def check(self) -> None:
     """Fails early with a clear error when no server answers at base_url."""
