@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +88,14 @@ def check_room(workdir: Path) -> None:
   """Creates `workdir` and checks that it takes a fsynced write and has MIN_FREE_BYTES free."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f'.write-probe-{socket.gethostname()}-{os.getpid()}'
+    fd, probe = tempfile.mkstemp(prefix=fileio.temp_prefix(workdir / 'write-probe'), dir=workdir)
     try:
-      with open(probe, 'wb') as f:
+      with os.fdopen(fd, 'wb') as f:
         f.write(b'\0' * PROBE_BYTES)
         f.flush()
         os.fsync(f.fileno())
     finally:
-      probe.unlink(missing_ok=True)
+      os.unlink(probe)
   except OSError as e:
     raise WorkdirError(f'Cannot write to {workdir} ({e.strerror or e}): use a writable --workdir '
                        'with free space.') from e
