@@ -1,5 +1,5 @@
-"""The train loop: one function, read top to bottom (mesh, input, text, model + optimizer,
-shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
+"""The train loop: one function, read top to bottom (mesh, workdir, input, text, model +
+optimizer, shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
 
 Loss: each step samples `config.text.sets_per_step` of the A description sets; the loss is the
 soft cross-entropy over the C classes for each set, averaged. With a frozen text tower all A·C
@@ -50,6 +50,7 @@ from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
                                      resolve_templates)
 from claver_jax.text.tokenizer import Tokenizer, train_tokenizer
+from claver_jax.workdir import claim_workdir
 
 
 # The metrics TensorBoard's hparams view compares runs on.
@@ -72,8 +73,10 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
   source = config.text.tokenizer
   if source == 'train':
     out = workdir / 'tokenizer'
-    # Resuming: the vocabulary must not move. Process 0 writes it; the others read it.
-    if jax.process_index() == 0 and not (out / 'vocab.json').is_file():
+    # Resuming: the vocabulary must not move. Process 0 writes it (both files in one rename;
+    # an older run's half-written pair is written again); the others read it.
+    complete = (out / 'vocab.json').is_file() and (out / 'merges.txt').is_file()
+    if jax.process_index() == 0 and not complete:
       prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
       texts, _ = build_prompt_texts(class_names, prompt_set,
                                     templates=resolve_templates(config.text.templates),
@@ -508,7 +511,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   build_prompt_texts(class_names, load_prompt_set(config.text.prompts) if config.text.prompts
                      else None, templates=templates, allow_missing=config.text.allow_missing,
                      name=config.text.bare_name)      # Every class has its texts.
-  workdir.mkdir(parents=True, exist_ok=True)
+
+  # ----------------------------------------------------------------------------- workdir
+  # Room to write, the lock (one run per workdir, held until the end), stale temporaries swept,
+  # a resume under the config it was trained with: all before anything is built.
+  workdir_lock = claim_workdir(workdir, config)
 
   # ----------------------------------------------------------------------------- text
   tokenizer = tokenizer or make_tokenizer(config, workdir, class_names)
@@ -558,12 +565,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = 0
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_sharding)
-  latest = checkpointer.latest_step()
   progress: dict[str, Any] = {}
-  if latest is not None:
-    restored, progress = checkpointer.restore(latest, nnx.to_pure_dict(abstract), train_iter)
+  # The newest checkpoint that reads; a damaged newer one is named and set aside.
+  resumed = checkpointer.restore_latest(nnx.to_pure_dict(abstract), train_iter)
+  latest = None if resumed is None else resumed[0]
+  if resumed is not None:
+    start_step, restored, progress = resumed
     nnx.replace_by_pure_dict(state, restored)
-    start_step = latest
     logging.info('Resuming from step %d in %s.', start_step, workdir)
   writer = MetricWriter(workdir, resume_step=start_step,
                         steps_per_epoch=steps_per_epoch if data.num_train else None)
@@ -630,6 +638,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     if lead:
       report.write_and_log(workdir)
+    if workdir_lock is not None:
+      workdir_lock.release()
     return metrics
 
   # ----------------------------------------------------------------------------- loop
@@ -709,6 +719,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       unchecked.append((step, out['finite']))
       clips += tc.batch_size
       bar.update(1)
+      checkpointer.check_background_save()   # A failed asynchronous save stops the run now.
       last = step == total_steps
       if step % config.log_every_steps == 0 or last:
         values, flags, counts = jax.device_get((losses, [f for _, f in unchecked], substituted))
@@ -746,6 +757,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     if train_iter is not None and hasattr(train_iter, 'close'):
       train_iter.close()
+    if workdir_lock is not None:
+      workdir_lock.release()
 
   # ----------------------------------------------------------------------------- report
   # WORKDIR/report.md + .html and the summary in the log; not after a SIGTERM (a preempted

@@ -9,7 +9,7 @@ import pytest
 
 from claver_jax.data import synthetic
 from claver_jax.data.pipeline import build_pipelines, default_config
-from claver_jax.data.sources import DataError, read_labels, read_list
+from claver_jax.data.sources import DataError, FileListSource, read_labels, read_list
 from conftest import run_cli
 from data_helpers import synthetic_dir, with_bad_videos
 
@@ -356,6 +356,43 @@ def test_single_view_is_the_centre_crop_of_a_short_side_of_256_over_224(tmp_path
 def test_list_paths_may_contain_spaces(tmp_path):
   (tmp_path / 'list.txt').write_text('air drumming/x y.mp4 3\n')
   assert read_list(tmp_path / 'list.txt') == [('air drumming/x y.mp4', 3)]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_path(motion_dir, tmp_path):
+  """Editors on Windows save lists with a UTF-8 BOM; read as part of the first path, that clip
+  would be a silent substitution every epoch."""
+  text = (motion_dir / 'train.txt').read_text()
+  (tmp_path / 'train.txt').write_text('\ufeff' + text, encoding='utf-8')
+  assert read_list(tmp_path / 'train.txt') == read_list(motion_dir / 'train.txt')
+  data = build_pipelines(filelist_config(motion_dir, train_list=str(tmp_path / 'train.txt'),
+                                         val_list=''))
+  next(iter(data.train))
+  assert FileListSource(motion_dir, tmp_path / 'train.txt').open(0).num_frames > 0
+
+
+def test_list_paths_stay_inside_the_data_root(motion_dir, tmp_path):
+  import shutil
+  first = read_list(motion_dir / 'train.txt')[0][0]
+  root = tmp_path / 'root'
+  (root / 'sub').mkdir(parents=True)
+  shutil.copy(motion_dir / first, tmp_path / 'outside.mp4')
+  shutil.copy(motion_dir / first, root / 'inside.mp4')
+  for path in (str(tmp_path / 'outside.mp4'), '../outside.mp4', 'sub/../../outside.mp4'):
+    (tmp_path / 'list.txt').write_text(f'inside.mp4 0\n{path} 1\n')
+    with pytest.raises(DataError, match=f"list.txt:2: '{path}' is not a path inside the data "
+                                        'root .*config.data.allow_outside_root=True'):
+      FileListSource(root, tmp_path / 'list.txt')
+    assert FileListSource(root, tmp_path / 'list.txt', allow_outside_root=True).open(1)
+  (tmp_path / 'list.txt').write_text('sub/../inside.mp4 0\n')       # '..' that stays inside
+  assert FileListSource(root, tmp_path / 'list.txt').open(0)
+  (tmp_path / 'list.txt').write_text('../outside.mp4 0\n')
+  labels = str(motion_dir / 'labels.csv')
+  with pytest.raises(DataError, match='allow_outside_root'):
+    build_pipelines(filelist_config(root, train_list=str(tmp_path / 'list.txt'), val_list='',
+                                    labels=labels))
+  data = build_pipelines(filelist_config(root, train_list=str(tmp_path / 'list.txt'),
+                                         val_list='', labels=labels, allow_outside_root=True))
+  assert not next(iter(data.train))['substituted'].any()
 
 
 def test_ucf101_through_tfds_asks_for_tensorflow(motion_dir):

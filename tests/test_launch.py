@@ -155,7 +155,9 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
   for step in saved_steps(workdir):                         # resume from step 1
     if step > 1:
       shutil.rmtree(workdir / 'checkpoints' / str(step))
-  stderr = finish(start_one_process(workdir, run_env, '--config.train.max_steps=3'))
+  # max_steps=3 cuts the schedule the checkpoint was trained with: resume_anyway says it is meant.
+  stderr = finish(start_one_process(workdir, run_env, '--config.train.max_steps=3',
+                                    '--config.resume_anyway=True'))
   assert 'Step 1 was saved by 2 processes and is restored by 1' in stderr
   assert 'Resuming from step 1' in stderr
   got = losses(workdir)

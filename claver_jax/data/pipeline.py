@@ -32,8 +32,9 @@ batch (B = batch_size), the rows its devices hold. Each clip's augmentation is d
 default_rng((seed, epoch, clip index in the train list)), so batches do not depend on the process
 count or on config.data.num_workers. The iterator state counts global batches, so a restored
 state replays exactly the batches that followed it, in a run with any number of processes (the
-same global batch size). A state is tied to its num_workers: grain's in-process and
-multi-worker states differ. num_workers is capped at the CPUs this process may use, with a warning.
+same global batch size). grain's in-process and multi-worker states differ in form: a state saved
+with another num_workers is converted on restore (checkpoint.iterator_state). num_workers is
+capped at the CPUs this process may use, with a warning.
 Worker processes (num_workers > 0) need the caller's entry point under
 `if __name__ == '__main__':`.
 """
@@ -81,6 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
                  by `python -m claver_jax.data.prepare` (tfds_name='ucf101': tfds's data_dir).
   train_list, val_list: filelist: list files ("relative/path.mp4 LABEL" lines); tfds: split
                  names. '' skips that pipeline. Unused for synthetic.
+  allow_outside_root: filelist: accept list paths that leave root (absolute, or up through
+                 '..'); False rejects them, naming the line.
   labels:        labels CSV (id,name). tfds: defaults to root/labels.csv. Unused for synthetic.
   num_frames:    T, frames per clip.          image_size: S, the square crop side.
   batch_size:    host batch per JAX process (train); eval_batch_size likewise for eval.
@@ -113,7 +116,8 @@ def default_config() -> ml_collections.ConfigDict:
   tfds_name:     '' for a prepared dataset; 'ucf101' for tfds's own builder (needs TensorFlow).
   """
   return ml_collections.ConfigDict(dict(
-      source='filelist', root='', train_list='', val_list='', labels='', num_frames=8,
+      source='filelist', root='', train_list='', val_list='', labels='',
+      allow_outside_root=False, num_frames=8,
       image_size=224, batch_size=8, eval_batch_size=8, num_workers=0, worker_buffer_size=2,
       read_threads=2, read_buffer=2,
       seed=0, max_substituted=0.05, shots=0, shots_seed=0, num_clips=1, num_crops=1,
@@ -348,7 +352,7 @@ def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
 def _make_source(cfg: ml_collections.ConfigDict, split: str, list_or_split: str,
                  num_classes: int):
   if cfg.source == 'filelist':
-    return FileListSource(cfg.root, list_or_split, num_classes)
+    return FileListSource(cfg.root, list_or_split, num_classes, cfg.allow_outside_root)
   if cfg.source == 'synthetic':
     return SyntheticSource(split, cfg.synthetic_videos, cfg.synthetic_frames, cfg.synthetic_size,
                            cfg.synthetic_seed)
