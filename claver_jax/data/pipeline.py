@@ -290,7 +290,8 @@ def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
   if cfg.source == 'tfds' and not cfg.labels:
     if cfg.tfds_name:
       return []
-    return read_labels(Path(cfg.root) / 'labels.csv')
+    from claver_jax.data.prepare import find_dataset_dir
+    return read_labels(find_dataset_dir(cfg.root) / 'labels.csv')
   if not cfg.labels:
     raise DataError('config.data.labels is empty; set it to the labels CSV (id,name).')
   return read_labels(cfg.labels)
