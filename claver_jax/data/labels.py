@@ -33,7 +33,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
   if not path.is_file():
     raise DataError(f'Labels file {path} does not exist; pass a labels CSV (id,name rows) or a '
                     'file of one class name per line.')
-  text = path.read_text(encoding='utf-8-sig')
+  text = path.read_bytes().decode('utf-8-sig')
   numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
   if not numbered:
     raise DataError(f'Labels file {path} has no classes.')
