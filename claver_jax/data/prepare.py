@@ -306,6 +306,9 @@ def prepare(lists: Sequence[str | os.PathLike], root: str | os.PathLike,
     name = split_name(list_path)
     if name in splits:
       raise DataError(f'Two lists give the split name {name!r}; rename one of the files.')
+    if name == 'all':
+      raise DataError(f'{list_path} gives the split name "all", which tensorflow-datasets '
+                      'reserves for every split together; rename the file.')
     splits[name] = FileListSource(root, list_path, len(class_names))
   cache = Path(cache_dir) if cache_dir else default_cache_dir(out)
   cache.mkdir(parents=True, exist_ok=True)
