@@ -8,6 +8,7 @@ The logits come from the model family's `class_logits` (see claver_jax.models.fa
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from claver_jax.fileio import atomic_write_text
+from claver_jax.fileio import atomic_write_text, is_remote, run_path
 
 
 def encode_texts(encode_text, tokens: np.ndarray, chunk: int = 512) -> jax.Array:
@@ -67,7 +68,7 @@ def summarize(scores: np.ndarray, labels: np.ndarray,
 def write_reports(summary: dict[str, Any], class_names: Sequence[str],
                   directory: str | os.PathLike) -> None:
   """DIR/per_class.json and DIR/confusion.png (rows: true class, columns: predicted)."""
-  directory = Path(directory)
+  directory = run_path(directory)                       # Local or gs://.
   directory.mkdir(parents=True, exist_ok=True)
   report = {k: v for k, v in summary.items() if k != 'confusion'}
   report['confusion'] = summary['confusion'].tolist()
@@ -96,6 +97,11 @@ def confusion_png(confusion: np.ndarray, class_names: Sequence[str],
   if labelled:
     for i, name in enumerate(class_names):
       draw.text((2, top + 1 + i * cell + max(cell // 2 - 5, 0)), name, fill=0)
+  if is_remote(path):                   # One object upload: whole or nothing.
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG')
+    run_path(path).write_bytes(buffer.getvalue())
+    return
   tmp = Path(path).with_suffix('.tmp.png')
   image.save(tmp)
   os.replace(tmp, path)

@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from claver_jax import distributed, evaluate, optim, sharding
+from claver_jax import distributed, evaluate, fileio, optim, sharding
 from claver_jax.checkpoint import Checkpointer
 from claver_jax.data import build_pipelines, make_global_batch
 from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
@@ -418,7 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_config(config)                     # Nothing is written before the config is known good.
   if config.mode not in ('train', 'eval'):
     raise ConfigError(f"config.mode={config.mode!r}; train_and_evaluate runs 'train' or 'eval'.")
-  workdir = Path(workdir).absolute()
+  workdir = fileio.run_path(workdir)       # Local, or gs:// (etils.epath); else one-line error.
   model_family(config)                # A family error, before anything is written.
 
   # ----------------------------------------------------------------------------- mesh

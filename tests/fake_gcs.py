@@ -53,6 +53,7 @@ class FakeGcs:
                        # No metadata server: credential look-ups fail at once.
                        'GCE_METADATA_HOST': '127.0.0.1:9', 'GCE_METADATA_IP': '127.0.0.1:9'})
     _forget_cached_filesystems()
+    _plain_gcsfs()
     return self
 
   def __exit__(self, *exc) -> None:
@@ -94,6 +95,20 @@ def _part_body(section: bytes) -> bytes:
   return payload[:-2] if payload.endswith(b'\r\n') else payload[:-1]
 
 
+def _plain_gcsfs() -> None:
+  """gcsfs picks its bucket-probing subclass at import when GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is
+  unset; it asks a gRPC service for each bucket's type (a minute of retries here). Child
+  processes see the variable; this process, if gcsfs is already imported, gets the plain class
+  registered for gs:// (it stays so)."""
+  try:
+    import fsspec
+    import gcsfs.core
+  except ImportError:
+    return
+  for protocol in ('gs', 'gcs'):
+    fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+
+
 def _forget_cached_filesystems() -> None:
   """gcsfs and epath cache a client per process; a new server needs new ones."""
   try:
@@ -114,6 +129,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def log_message(self, *args) -> None:
     pass
+
+  def handle(self) -> None:
+    try:
+      super().handle()
+    except (ConnectionResetError, BrokenPipeError):     # A client that hung up: its business.
+      pass
 
   # -- replies ---------------------------------------------------------------------------------
   def _reply(self, status: int, body: bytes = b'', headers: dict | None = None,
