@@ -128,7 +128,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
   else:
     new = out.parent / f'.{out.name}.tmp-multiprocess'
   if lead:
-    fileio._remove_tree(new)                       # Left by a run that died while writing.
+    fileio.remove_tree(new)                       # Left by a run that died while writing.
     new.mkdir(parents=True)
   barrier(f'atomic_directory_start:{out}')
   yield new

@@ -103,7 +103,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
     else:
       replace_directory(new, out)
   except BaseException:
-    _remove_tree(new)
+    remove_tree(new)
     raise
 
 
@@ -136,7 +136,8 @@ def upload_tree(local: Path, remote: Any) -> None:
         shutil.copyfileobj(f, g, 16 << 20)
 
 
-def _remove_tree(path: Any) -> None:
+def remove_tree(path: Any) -> None:
+  """Deletes a local folder or every object under a remote prefix; nothing if absent."""
   if is_remote(path):
     with contextlib.suppress(FileNotFoundError):
       path.rmtree()
@@ -276,7 +277,7 @@ def _publish_link(version: Any, out: Any) -> None:
   keep = {str(version), str(previous)}
   for other in versions_dir(out).iterdir():
     if str(other) not in keep:
-      _remove_tree(other)
+      remove_tree(other)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

