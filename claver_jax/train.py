@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from claver_jax import distributed, evaluate, optim, report, sharding
+from claver_jax import distributed, evaluate, fileio, optim, report, sharding
 from claver_jax.checkpoint import Checkpointer
 from claver_jax.data import build_pipelines, make_global_batch
 from claver_jax.data.labels import DataError
@@ -479,8 +479,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_config(config)
   if config.mode not in ('train', 'eval'):
     raise ConfigError(f"config.mode={config.mode!r}; train_and_evaluate runs 'train' or 'eval'.")
-  workdir = Path(workdir).absolute()
-  model_family(config)
+  workdir = fileio.run_path(workdir)       # Local, or gs:// (etils.epath); else one-line error.
+  model_family(config)                     # A family error, before anything is written.
   check_init(config)
 
   # ----------------------------------------------------------------------------- mesh

@@ -50,7 +50,7 @@ from claver_jax import report as run_report
 from claver_jax.data import build_pipelines
 from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
-from claver_jax.fileio import atomic_write_text
+from claver_jax.fileio import atomic_write_text, run_path
 from claver_jax.models import input_normalization, load_video_model, read_model_config
 from claver_jax.models.clip import needed_context
 from claver_jax.models.io import model_dir
@@ -273,7 +273,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if 'zeroshot' not in config:
     raise ConfigError('The config has no zeroshot section; start from configs/zeroshot.py.')
   check_config(config)
-  workdir = Path(workdir).absolute()
+  workdir = run_path(workdir)              # Local, or gs:// (etils.epath).
   if not config.init.checkpoint:
     raise ConfigError('config.init.checkpoint is empty: set it to the K400-trained model directory '
                       '(or the workdir of its run) to evaluate.')

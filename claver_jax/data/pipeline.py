@@ -46,7 +46,6 @@ import hashlib
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import grain
@@ -62,6 +61,7 @@ from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, MULTI_SCALES, TEST_
                                         augment_train_clip, eval_short_side, normalize,
                                         spatial_crops, train_short_side)
 from claver_jax.data.video import VideoError, eval_indices, train_indices
+from claver_jax import fileio
 from claver_jax.fileio import atomic_write_text
 
 __all__ = ['Pipelines', 'SubstitutionLog', 'build_pipelines', 'default_config',
@@ -343,7 +343,8 @@ def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
   if cfg.source == 'tfds' and not cfg.labels:
     if cfg.tfds_name:
       return []
-    return read_labels(Path(cfg.root) / 'labels.csv')
+    from claver_jax.data.prepare import find_dataset_dir
+    return read_labels(find_dataset_dir(cfg.root) / 'labels.csv')
   if not cfg.labels:
     raise DataError('config.data.labels is empty; set it to the labels CSV (id,name).')
   return read_labels(cfg.labels)
@@ -379,7 +380,7 @@ def _few_shot(cfg: ml_collections.ConfigDict, source, class_names: list[str], wr
   digest = hashlib.sha256(lines.encode('utf-8')).hexdigest()[:12]
   written = ''
   if write and workdir is not None:
-    path = Path(workdir) / f'train_{cfg.shots}shot_seed{cfg.shots_seed}.txt'
+    path = fileio.run_path(workdir) / f'train_{cfg.shots}shot_seed{cfg.shots_seed}.txt'
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, lines)
     written = f'; written to {path}'
