@@ -137,13 +137,19 @@ def write_reports(summary: dict[str, Any], class_names: Sequence[str],
 
 
 def copy_reports(source: str | os.PathLike, target: str | os.PathLike) -> None:
-  """The files of the reports directory `source` as `target`, put in place in one step (a
-  complete directory at every instant; local or gs://)."""
-  from claver_jax.fileio import atomic_directory
+  """The files of the reports directory `source` as `target`: locally put in place in one step (a
+  complete directory at every instant); on gs://, which has no rename, file by file, each file
+  one whole object."""
+  from claver_jax.fileio import atomic_directory, is_remote
+  files = [item for item in run_path(source).iterdir()
+           if item.is_file() and not item.name.startswith('.')]
+  if is_remote(target):
+    for item in files:
+      atomic_write_bytes(run_path(target) / item.name, item.read_bytes())
+    return
   with atomic_directory(target, overwrite=True) as new:
-    for item in run_path(source).iterdir():
-      if item.is_file() and not item.name.startswith('.'):
-        (new / item.name).write_bytes(item.read_bytes())
+    for item in files:
+      (new / item.name).write_bytes(item.read_bytes())
 
 
 def dump_scores(path: str | os.PathLike, *, videos: Sequence[str], labels: np.ndarray,

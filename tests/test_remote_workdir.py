@@ -101,14 +101,18 @@ def test_a_run_on_gcs_writes_everything_there_and_resumes(gcs):
   workdir = f'gs://{BUCKET}/runs/tiny'
   first = main(workdir, '--config.train.max_steps=4')
   assert first.returncode == 0, first.stderr[-3000:]
-  second = main(workdir, '--config.train.max_steps=6')
+  second = main(workdir, '--config.train.max_steps=6', '--config.resume_anyway=True')
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resuming from step 4 in gs://fake-bucket/runs/tiny' in second.stderr
   names = gcs.names(BUCKET)
   for expected in ('runs/tiny/checkpoints/6/commit_success.txt', 'runs/tiny/metrics.jsonl',
-                   'runs/tiny/eval/per_class.json', 'runs/tiny/eval/confusion.png',
-                   'runs/tiny/tokenizer/vocab.json', f'runs/tiny/model/{fileio.LINK}'):
-    assert expected in names
+                   'runs/tiny/config.json', 'runs/tiny/report.md', 'runs/tiny/report.html',
+                   'runs/tiny/eval/latest/per_class.json', 'runs/tiny/eval/latest/confusion.png',
+                   'runs/tiny/eval/best/per_class.json', 'runs/tiny/eval/curves.png',
+                   f'runs/tiny/tokenizer/{fileio.LINK}', f'runs/tiny/model/{fileio.LINK}'):
+    assert expected in names, (expected, sorted(names))
+  assert any(n.startswith('runs/tiny/.tokenizer.versions/') and n.endswith('/merges.txt')
+             for n in names)
   assert any(n.startswith('runs/tiny/events.out.tfevents.') for n in names)
   steps = [r['step'] for r in read_metrics(workdir) if 'train/loss' in r]
   assert steps == [1, 2, 3, 4, 5, 6]
