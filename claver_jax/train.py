@@ -432,7 +432,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ConfigError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
                       f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
                       'devices.')
-  sharding.check_process_rows(mesh, tc.batch_size)
+  # The rows of each global batch this process's devices hold (interleaved with other
+  # processes' on TPU slices): its pipeline reads those of the one global train order.
+  train_rows = sharding.process_rows(mesh, tc.batch_size)
+  sharding.process_rows(mesh, config.eval.batch_size)        # Equal shares, or a clear error.
   workdir.mkdir(parents=True, exist_ok=True)
 
   # ----------------------------------------------------------------------------- input
@@ -442,7 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_config.num_clips, data_config.num_crops = config.eval.num_clips, config.eval.num_crops
   if config.mode == 'eval':
     data_config.train_list = ''
-  data = build_pipelines(data_config, workdir=workdir)
+  data = build_pipelines(data_config, train_rows=train_rows, workdir=workdir)
   class_names = data.class_names
 
   # ----------------------------------------------------------------------------- text

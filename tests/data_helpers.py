@@ -22,3 +22,13 @@ def with_bad_videos(src: Path, out: Path) -> Path:
   (out / corrupt).write_bytes(b'\x00\x00\x00\x18ftypmp42 this is not a video')
   (out / missing).unlink()
   return out
+
+
+def synthetic_train_config(**overrides):
+  """config.data for a few small clips of the in-memory synthetic set (no files)."""
+  from claver_jax.data.pipeline import default_config
+  cfg = default_config()
+  cfg.update(dict(source='synthetic', synthetic_videos=30, synthetic_frames=4, synthetic_size=16,
+                  num_frames=4, image_size=16, batch_size=8, eval_batch_size=4))
+  cfg.update(overrides)
+  return cfg
