@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from claver_jax import distributed, evaluate, optim, sharding
+from claver_jax import aot, distributed, evaluate, optim, sharding
 from claver_jax.checkpoint import Checkpointer
 from claver_jax.data import build_pipelines, make_global_batch
 from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
@@ -356,8 +356,9 @@ def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]
     return evaluate.view_scores(model, normalize(video, mean, std), text)
 
   return (jax.jit(encode_text, in_shardings=(state_sharding, replicated), out_shardings=replicated),
-          jax.jit(scores, in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
-                  out_shardings=replicated))
+          aot.on_first_call(lambda: jax.jit(
+              scores, in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
+              out_shardings=replicated), mesh, 'evaluation step'))
 
 
 def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
@@ -483,11 +484,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----------------------------------------------------------------------------- steps
   text_frozen = config.optim.freeze_text
-  train_step = jax.jit(
+  # Compiled at the first step under the mesh (the fused attention kernels need it), with a
+  # portable fallback should a fused kernel not compile; the log says which kernel runs.
+  train_step = aot.on_first_call(lambda: jax.jit(
       make_train_step(graphdef, config, mesh, pool_index(tokens, model.cfg.clip) + 1,
                       text_frozen, family.group_of),
       in_shardings=(state_sharding, batch_sharding, replicated, replicated),
-      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+      out_shardings=(state_sharding, replicated), donate_argnums=(0,)), mesh, 'train step')
   encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh, normalization)
 
   # ----------------------------------------------------------------------------- checkpoint
@@ -535,7 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- loop
   text = (evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
                                 chunk=TEXTS_PER_DEVICE * num_devices) if text_frozen
-          else jnp.asarray(tokens))
+          else jax.device_put(tokens, replicated))
   stop = distributed.StopRequest(start_step)
   eval_every = config.eval_every_steps or steps_per_epoch
   bar = progress_bar(total_steps, start_step)
@@ -596,7 +599,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       metrics.update(evaluated)
     for step in range(start_step + 1, total_steps + 1):
       batch = make_global_batch(next(train_iter), batch_sharding)
-      state, out = train_step(state, batch, text, jnp.asarray(step, jnp.int32))
+      state, out = train_step(state, batch, text, jax.device_put(np.int32(step), replicated))
       losses.append(out['loss'])
       unchecked.append((step, out['finite']))
       clips += tc.batch_size
