@@ -411,6 +411,27 @@ def checkpoint_normalization(config: ml_collections.ConfigDict) -> tuple[Any, An
   return recorded
 
 
+def check_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """The start-up checks of the batches on `mesh` (`claver_jax.memory --topology` runs them too):
+  the global batch splits over the devices and accumulation steps, the batches over the
+  processes, and every process's devices hold an equal share of each batch."""
+  num_devices, tc = mesh.size, config.train
+  processes = sorted({d.process_index for d in mesh.devices.flat})
+  if tc.batch_size % (num_devices * tc.grad_accum_steps):
+    raise ConfigError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
+                      f'devices x grad_accum_steps={tc.grad_accum_steps}.')
+  if tc.batch_size % len(processes) or config.eval.batch_size % num_devices:
+    raise ConfigError(f'Batch sizes must divide by the process count ({len(processes)}); '
+                      f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
+                      'devices.')
+  for process in processes:
+    for batch in (tc.batch_size, config.eval.batch_size):
+      try:
+        sharding.process_rows(mesh, batch, process)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -426,17 +447,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.make_mesh(config.mesh)
   num_devices = mesh.size
   tc = config.train
-  if tc.batch_size % (num_devices * tc.grad_accum_steps):
-    raise ConfigError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
-                      f'devices x grad_accum_steps={tc.grad_accum_steps}.')
-  if tc.batch_size % jax.process_count() or config.eval.batch_size % num_devices:
-    raise ConfigError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
-                      f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
-                      'devices.')
+  check_batches(config, mesh)
   # The rows of each global batch this process's devices hold (interleaved with other
   # processes' on TPU slices): its pipeline reads those of the one global train order.
   train_rows = sharding.process_rows(mesh, tc.batch_size)
-  sharding.process_rows(mesh, config.eval.batch_size)        # Equal shares, or a clear error.
   workdir.mkdir(parents=True, exist_ok=True)
 
   # ----------------------------------------------------------------------------- input

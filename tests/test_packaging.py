@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 
-TEST_COMMAND = "pip install -e '.[test]' && pytest -q"
+TEST_COMMAND = "pip install -e '.[test,tpu]' && pytest -q"
 DEMO_COMMAND = ('pip install -e . && python -m claver_jax.main --config=configs/demo.py '
                 '--workdir=/tmp/claver_demo')
 
