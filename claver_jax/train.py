@@ -39,7 +39,7 @@ from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar
 from claver_jax.models import CLIPConfig, families, load
-from claver_jax.models.clip import (needed_context, pool_index, set_remat,
+from claver_jax.models.clip import (clamp_logit_scale, needed_context, pool_index, set_remat,
                                     sincos_position_embedding)
 from claver_jax.models.io import (input_normalization, load_towers, model_dir,
                                   read_model_config, write_model_dir)
@@ -335,6 +335,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
     # Checked on device; the loop reads it where it reads the loss (no extra host sync).
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     optimizer.update(model, grads)
+    clamp_logit_scale(model)                 # As CLIP: the logits stay within 100 x cosine.
     return nnx.state((model, optimizer)), {'loss': loss, 'finite': finite}
 
   return train_step
