@@ -38,7 +38,7 @@ from claver_jax.data import build_pipelines, make_global_batch
 from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar
-from claver_jax.models import CLIPConfig, families, load
+from claver_jax.models import CLIPConfig, families, kronecker, load
 from claver_jax.models.clip import (clamp_logit_scale, needed_context, pool_index, set_remat,
                                     sincos_position_embedding)
 from claver_jax.models.io import (input_normalization, load_towers, model_dir,
@@ -328,7 +328,8 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
 
       zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(text_emb))
       (loss, grads, text_grad), _ = jax.lax.scan(micro_step, zeros,
-                                                 micro_batches((video, targets), accum, mesh))
+                                                 micro_batches((video, targets), accum, mesh),
+                                                 unroll=kronecker.loops_unrolled())
     if text_backward is not None:
       grads = jax.tree.map(jnp.add, grads, text_backward(text_grad)[0])
     loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)

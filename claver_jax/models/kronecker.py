@@ -150,6 +150,11 @@ def portable_kernels_only():
     _portable_only[0] = False
 
 
+def loops_unrolled() -> bool:
+  """True inside `unrolled_loops()` (train.py's accumulation scan unrolls there too)."""
+  return _unrolled[0]
+
+
 @contextlib.contextmanager
 def unrolled_loops():
   """The portable kernel's loops are traced as straight-line code inside, so that XLA's cost
