@@ -70,17 +70,18 @@ def _cost(stage) -> float:
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
 
 
-def step_flops(make_jitted: Callable[[], Any], mesh: jax.sharding.Mesh,
-               *args: Any) -> tuple[float, float]:
+def step_flops(make_jitted: Callable[[], Any], mesh: jax.sharding.Mesh, *args: Any,
+               compiled: Any = None) -> tuple[float, float]:
   """(counted, hidden): per-device FLOPs of a jitted step (make_jitted() -> jax.jit(...)) for
   abstract `args` under `mesh`. `counted` is XLA's cost analysis of the compiled, partitioned
   program, which counts the body of a loop once; `hidden` is what the other trips of the loops
   add: the portable attention kernel's (models/kronecker.py) and the accumulation scan's
   (train.py), from the lowered program traced with those loops unrolled
   (`kronecker.unrolled_loops`) less the same with loops, over the mesh's devices (that work is
-  split over the batch). Per-device step FLOPs are their sum."""
+  split over the batch). Per-device step FLOPs are their sum. `compiled`: the step already
+  compiled for `args`, if there is one (saves compiling it again)."""
   with jax.set_mesh(mesh):
-    counted = _cost(make_jitted().lower(*args).compile())
+    counted = _cost(compiled if compiled is not None else make_jitted().lower(*args).compile())
     jax.clear_caches()               # jit keeps traces by function: trace each form afresh
     looped = _cost(make_jitted().lower(*args))
     jax.clear_caches()

@@ -177,8 +177,10 @@ def budget(topology: str) -> tuple[str, float]:
           TPU_BUDGET_FRACTION * topologies.chip_memory(topology))
 
 
-def table(num_devices: int, text_length: int | None, topology: str = '') -> str:
-  """The README's table: one row per config of SETTINGS, on `topology`'s chips (or CPU devices)."""
+def table(num_devices: int, text_length: int | None, topology: str = '',
+          remat: bool | None = None) -> str:
+  """The README's table: one row per config of SETTINGS, on `topology`'s chips (or CPU devices);
+  `remat` overrides the configs' model.remat."""
   devices = step_devices(num_devices, topology)
   kinds = [budget(topology)] if topology else [(n, CPU_BUDGET_FRACTION * m) for n, m in DEVICES]
   lines = ['| config | model | peak at 1 clip/device (text tower) | per further clip | clips/device '
@@ -187,6 +189,8 @@ def table(num_devices: int, text_length: int | None, topology: str = '') -> str:
            '|---|---|---|---|' + '---|' * len(kinds) + '---|']
   for path, arg in SETTINGS:
     config = load_config(path, arg)
+    if remat is not None:
+      config.model.remat = remat
     at_one, at_two = (micro_batch_memory(config, n, text_length=text_length, topology=topology,
                                          num_devices=num_devices) for n in (1, 2))
     frozen_text = config.copy_and_resolve_references()
@@ -232,7 +236,8 @@ def main(argv: list[str]) -> None:
           f'{jax.default_backend()} devices; fits = peak <= {CPU_BUDGET_FRACTION:.0%} of the device '
           '(CPU figures overstate accelerators\'; see --topology).')
   if f.table:
-    print(table(f.devices, f.text_length, f.topology))
+    print(table(f.devices, f.text_length, f.topology,
+                None if f.remat is None else f.remat == 'true'))
     return
   if f.config is None:
     raise SystemExit('error: pass --config=configs/k400.py[:PRESET] or --table.')
@@ -263,6 +268,8 @@ if __name__ == '__main__':
   flags.DEFINE_bool('table', False, "Print the README's table of what fits.")
   flags.DEFINE_string('topology', '', 'A TPU slice to compile for (v5e:4x4, v5e:2x4, v4:2x2x4, '
                       'v6e:4x4, ...; needs libtpu, no TPU). Default: simulated CPU devices.')
+  flags.DEFINE_enum('remat', None, ['true', 'false'], '--table: set model.remat in every config '
+                    '(default: as each config has it).')
   flags.DEFINE_integer('devices', 8, 'Simulated CPU devices of the mesh, without --topology.')
   flags.DEFINE_integer('text_length', None, 'Tokens per text (default: the context length).')
   flags.DEFINE_integer('num_classes', None, 'Classes of a config without a prompt set '
