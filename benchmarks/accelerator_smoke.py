@@ -89,6 +89,16 @@ def local_mesh():
   return sharding.make_mesh(sharding.default_config(), devices=jax.local_devices())
 
 
+def run(name: str, fn: Callable[[], Any]) -> Any:
+  """fn()'s value; if it raises, the traceback on stderr and `RESULT name FAIL error=...`."""
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except  # one failed check, the rest go on
+    traceback.print_exc()
+    message = str(e).splitlines()[0][:300] if str(e) else ''
+    return result(name, False, error=repr(f'{type(e).__name__}: {message}'))
+
+
 # ------------------------------------------------------------------------------- checks
 def check_environment(quick: bool) -> bool:
   import flax
@@ -286,15 +296,6 @@ def main(argv: list[str]) -> None:
   print(f'accelerator smoke benchmark on {jax.device_count()} {jax.devices()[0].device_kind} '
         f'device(s){" (--quick)" if f.quick else ""}', flush=True)
   passed, train_rate = [], 0.0
-
-  def run(name: str, fn: Callable[[], Any]) -> Any:
-    try:
-      return fn()
-    except Exception as e:  # pylint: disable=broad-except  # one failed check, the rest go on
-      traceback.print_exc()
-      message = str(e).splitlines()[0][:300] if str(e) else ''
-      return result(name, False, error=repr(f'{type(e).__name__}: {message}'))
-
   passed.append(run('environment', lambda: check_environment(f.quick)))
   for frames in (8, 32):
     passed.append(run(f'attention_t{frames}', lambda: check_attention(frames, f.quick)))
