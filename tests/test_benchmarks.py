@@ -50,7 +50,7 @@ def test_accelerator_smoke_dry_run_on_the_cpu():
                                   'input_pipeline')], proc.stdout
   assert 'backend=cpu' in lines[0]
   assert "eval_kernel='portable chunked kernel'" in lines[1] and 'eval_rel_err=' in lines[1]
-  train = dict(item.split('=', 1) for item in lines[3].split()[3:])
+  train = dict(re.findall(r"(\w+)=('[^']*'|\S+)", lines[3]))
   assert float(train['loop_tflop_added']) > 0 and float(train['clips_per_s']) > 0
   assert re.search(r'^5 of 5 checks passed in \d+ s$', proc.stdout, re.M), proc.stdout
 

@@ -40,7 +40,7 @@ JAX's default backend):
             runs it on its part of the batch (`jax.shard_map`).
 A fused kernel that rejects its inputs when the program is traced falls back to the portable one
 with a warning that names why (once per reason), and the choice is recorded for the run's
-start-up summary (`kernel_report`); claver_jax.compile catches failures when the whole program
+start-up summary (`kernel_report`); claver_jax.aot catches failures when the whole program
 is compiled and compiles it again with `portable_kernels_only()`. The cudnn and splash kernels
 were written without the hardware: the splash kernel is compiled for TPU slice descriptions
 (libtpu) and run in Pallas' interpret mode on the CPU; cuDNN's is not exercised here.
@@ -113,7 +113,7 @@ def resolve_implementation(implementation: str, num_frames: int, tokens_per_fram
 
 GPU_PLATFORMS = ('gpu', 'cuda')
 _portable_only = [False]             # Set by `portable_kernels_only`.
-_kernel_report: dict[tuple, str] = {}
+_kernel_report: dict[tuple, tuple[str, str]] = {}   # -> (kernel, summary line)
 _warned: set[tuple[str, str]] = set()
 _unrolled = [False]                  # Set by `unrolled_loops`.
 
