@@ -33,11 +33,12 @@ def test_logit_scale_is_clamped_at_ln_100_in_the_logits_and_after_an_update(name
   model, cfg = tiny_model(name)
   video = jax.random.normal(jax.random.key(0), (2, cfg.num_frames, 16, 16, 3))
   text = jax.random.normal(jax.random.key(1), (1, 3, cfg.clip.embed_dim))
-  features = model.video_features(video)
+  features = nnx.jit(lambda m, v: m.video_features(v))(model, video)
+  class_logits = nnx.jit(lambda m, f, t: m.class_logits(f, t))
   logit_scale_param(model)[...] = jnp.asarray(math.log(100.0))
-  at_limit = model.class_logits(features, text)
+  at_limit = class_logits(model, features, text)
   logit_scale_param(model)[...] = jnp.asarray(10.0)             # e^10 = 22026 without a clamp
-  np.testing.assert_allclose(model.class_logits(features, text), at_limit, rtol=1e-6)
+  np.testing.assert_allclose(class_logits(model, features, text), at_limit, rtol=1e-6)
   assert float(jnp.abs(at_limit).max()) <= 100.0 + 1e-4
   clamp_logit_scale(model)
   assert float(logit_scale_param(model)[...]) == pytest.approx(MAX_LOGIT_SCALE)
@@ -76,7 +77,7 @@ def test_logits_are_the_scaled_cosines():
   model, cfg = tiny_model('claver')
   video = jax.random.normal(jax.random.key(0), (2, cfg.num_frames, 16, 16, 3))
   text = jax.random.normal(jax.random.key(1), (1, 3, cfg.clip.embed_dim))
-  features = model.video_features(video)
+  features = nnx.jit(lambda m, v: m.video_features(v))(model, video)
   expected = np.exp(float(model.clip.logit_scale[...])) * np.einsum(
       'be,ce->bc', np.asarray(features), np.asarray(l2_normalize(text[0])))
   np.testing.assert_allclose(model.class_logits(features, text)[0], expected, rtol=1e-5)
