@@ -8,8 +8,8 @@ A step is lowered and compiled under `jax.set_mesh(mesh)`: the fused attention k
 platform they compile for (a TPU slice's when compiling for one from a CPU host). When the
 program fails to compile and a fused kernel was traced into it (a cuDNN or Mosaic rejection that
 only the compiler sees), it is compiled again with the portable kernel, after a warning naming
-the error. `on_first_call` does this with the arguments of the first call, as the train loop
-uses it.
+the error. `on_first_call` does this with the arguments of the first call (and of each call
+with new shapes), as the train loop uses it.
 """
 
 from __future__ import annotations
@@ -108,18 +108,21 @@ def compile_step(make_jitted: Callable[[], Any], mesh: jax.sharding.Mesh, *args:
 
 def on_first_call(make_jitted: Callable[[], Any], mesh: jax.sharding.Mesh, name: str,
                   report: Callable[[CompiledStep], None] | None = None) -> Callable[..., Any]:
-  """A step that compiles itself (`compile_step`) for the shapes of its first call, logs its
-  summary (or hands it to `report`), then runs the executable."""
-  step: list[CompiledStep] = []
+  """A step that compiles itself (`compile_step`) for the shapes of its first call, and again for
+  each new set of shapes (zero-shot scores datasets of other class counts), logs its summary (or
+  hands it to `report`), then runs the executable."""
+  steps: dict[Any, CompiledStep] = {}
 
   def call(*args):
-    if not step:
-      step.append(compile_step(make_jitted, mesh, *abstract(args), name=name))
+    shapes = abstract(args)
+    key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(shapes))
+    if key not in steps:
+      steps[key] = compile_step(make_jitted, mesh, *shapes, name=name)
       if report is not None:
-        report(step[0])
+        report(steps[key])
       else:
-        for line in step[0].summary():
+        for line in steps[key].summary():
           logging.info('%s', line)
-    return step[0].compiled(*args)
+    return steps[key].compiled(*args)
 
   return call
