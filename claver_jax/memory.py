@@ -11,8 +11,8 @@ the checks a run starts with (the mesh from config.mesh, every host's rows of ea
 parameters' sharding rules), so a preset that would fail at start-up on that slice fails here.
 Without --topology the step is compiled by XLA's CPU backend for --devices simulated CPU devices:
 XLA:CPU computes bf16 matrix products in fp32 and lays out, fuses and schedules differently, so
-its figures overstate an accelerator's 2-5x (K400 B/16 32f: 7.74 GiB + 2.01 per clip where the
-v5e compile says 3.41 + 0.59); they are no GPU figures, only an upper bound.
+its figures overstate an accelerator's (K400 B/16 32f with the image tower frozen, 16 clips per
+device: 38.0 GiB for the CPU, 14.71 GiB for v5e); they are no GPU figures, only an upper bound.
 
 The train step is the one train.py compiles (`make_train_step`, its shardings, the donated
 state, the fused attention kernel the platform gets: splash on TPU), lowered on abstract shapes
