@@ -46,3 +46,11 @@ def cache_one_or_die(job):
   if 'die' in job.name:
     square_or_die(3)
   return prepare._cache_one(job)
+def synthetic_train_config(**overrides):
+  """config.data for a few small clips of the in-memory synthetic set (no files)."""
+  from claver_jax.data.pipeline import default_config
+  cfg = default_config()
+  cfg.update(dict(source='synthetic', synthetic_videos=30, synthetic_frames=4, synthetic_size=16,
+                  num_frames=4, image_size=16, batch_size=8, eval_batch_size=4))
+  cfg.update(overrides)
+  return cfg

@@ -12,7 +12,7 @@ from packaging.version import Version
 
 from conftest import REPO
 
-TEST_COMMAND = "pip install -e '.[test]' -c constraints.txt && pytest -q"
+TEST_COMMAND = "pip install -e '.[test,tpu]' -c constraints.txt && pytest -q"
 DEMO_COMMAND = ('pip install -e . -c constraints.txt && python -m claver_jax.main '
                 '--config=configs/demo.py --workdir=/tmp/claver_demo')
 
