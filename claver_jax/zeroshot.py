@@ -289,9 +289,6 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
                      f'{mesh.size} devices and the {jax.process_count()} processes.')
 
-  if jax.process_index() == 0:
-    run_report.write_run_config(workdir, json.loads(config.to_json_best_effort()))
-
   # The model's own texts and test view (WORKDIR/model records them), unless the config names
   # templates.
   source = meta.get('source', {})
@@ -306,6 +303,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if not runs:
     raise ValueError('Zero-shot: nothing to evaluate; set the paths of at least one dataset in '
                      'config.zeroshot (see claver_jax/zeroshot.py).')
+  if jax.process_index() == 0:
+    run_report.write_run_config(workdir, json.loads(config.to_json_best_effort()))
   pipelines = []
   for run in runs:
     data_config = config.data.copy_and_resolve_references()
