@@ -24,9 +24,10 @@ others go on; the exit status is 1 if any failed.
                   clips/s, MFU (per-device FLOPs from XLA's cost analysis plus the loop trips
                   it does not count, claver_jax.flops.step_flops, over the step time and the
                   peak) and peak memory.
-  input_pipeline  the train pipeline's clips/s on this host, from synthetic 320x240 mp4s with
-                  --workers grain workers, per host and per worker, and how many such hosts the
-                  train step above would need to be fed.
+  input_pipeline  the train pipeline's clips/s on this host with --workers grain workers, from
+                  synthetic 320x240 mp4s of 10 s and from the dataset prepared from them
+                  (benchmarks.input_pipeline.measure), and how many such hosts reading the
+                  prepared dataset the train step above would need to be fed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -270,19 +270,18 @@ def check_train_step(quick: bool, clips_per_device: int, steps: int) -> tuple[bo
 
 
 def check_input_pipeline(quick: bool, workers: int, accelerator_clips_per_s: float) -> bool:
-  from benchmarks.input_pipeline import pipeline
-  from claver_jax.data import synthetic
-  with tempfile.TemporaryDirectory() as tmp:
-    size, videos, frames, batches = ((64, 64), 8, 16, 2) if quick else ((240, 320), 24, 75, 12)
-    root = synthetic.write_dataset(Path(tmp) / 'videos', videos, num_frames=frames, size=size,
-                                   fps=25, progress=False)
-    (root / 'all.txt').write_text((root / 'train.txt').read_text() +
-                                  (root / 'val.txt').read_text())
-    rate = pipeline(root, workers, batches, 8)
-  per_worker = rate / max(workers, 1)
-  hosts = accelerator_clips_per_s / rate if accelerator_clips_per_s else 'unknown'
-  return result('input_pipeline', rate > 0, video=f'{size[1]}x{size[0]}x{frames}f', workers=workers,
-                cpus=os.cpu_count(), clips_per_s=rate, clips_per_s_per_worker=per_worker,
+  """The train pipeline's clips/s on this host, from mp4 and from a prepared dataset (what a pod
+  should read), on synthetic 320x240 clips (10 s at 25 fps; 16 frames with --quick)."""
+  from benchmarks.input_pipeline import measure
+  seconds, videos, batches = (0.64, 8, 2) if quick else (10, 24, 12)
+  rates = measure(seconds=seconds, num_videos=videos, batches=batches, workers=(workers,),
+                  bare=False)
+  mp4, prepared = rates[f'mp4/{workers}'], rates[f'prepared/{workers}']
+  hosts = accelerator_clips_per_s / prepared if accelerator_clips_per_s else 'unknown'
+  return result('input_pipeline', mp4 > 0 and prepared > 0,
+                video=f'320x240x{int(round(seconds * 25))}f', workers=workers,
+                cpus=os.cpu_count(), mp4_clips_per_s=mp4, prepared_clips_per_s=prepared,
+                prepared_clips_per_s_per_worker=prepared / max(workers, 1),
                 hosts_to_feed_train_step=hosts)
 
 

@@ -54,6 +54,9 @@ def tpu_devices(name: str) -> tuple:
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v4-8')
+    # Compiling needs no chip: let several processes (tests, a run beside a memory check) load
+    # libtpu at once instead of failing on its machine-wide /tmp/libtpu_lockfile.
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   chip_config, chips_per_host, _, _ = TOPOLOGIES[name]
   return tuple(topologies.get_topology_desc(
       name, 'tpu', chip_config_name=chip_config, chips_per_host_bounds=chips_per_host,

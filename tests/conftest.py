@@ -29,6 +29,9 @@ requires_clip_bpe = pytest.mark.skipif(
 # With libtpu installed, a process that starts JAX's backends without JAX_PLATFORMS probes for
 # TPU chips and prints libtpu's warnings; every test, and every process it starts, runs on the CPU.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The tests compile for TPU slices (libtpu, no chip) in several processes at once: none may take
+# libtpu's machine-wide /tmp/libtpu_lockfile.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 
 def pytest_configure(config):
