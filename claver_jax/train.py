@@ -7,9 +7,9 @@ the C classes for each drawn set, averaged over the K draws. K >= A (the paper p
 draws per update as the official 8-GPU run made) encodes each of the A sets once, weighted by how
 often it was drawn: the same loss and gradient as encoding every draw. With a frozen text tower
 all A·C texts are encoded once and cached (projected, not normalised); otherwise the drawn sets
-are encoded inside the step, once per step whatever `config.train.grad_accum_steps`. Models are used
-only through their family's interface (claver_jax.models.families): train, evaluate and export
-CLAVER and X-CLIP alike.
+are encoded inside the step, once per step whatever `config.train.grad_accum_steps`. Models are
+used only through their family's interface (claver_jax.models.families): train, evaluate and
+export CLAVER and X-CLIP alike.
 
 Scale: the text attention is causal and pools at the end-of-text token, so a text encoded at
 any context that holds it gives the same embedding. Texts are cut to the longest one (rounded up
@@ -439,8 +439,8 @@ def init_from_workdir(config: ml_collections.ConfigDict, workdir: Path
                       ) -> ml_collections.ConfigDict:
   """config.mode='eval' of a run's workdir needs nothing but the workdir: with no init.clip,
   init.checkpoint or text.tokenizer given, the model is built from WORKDIR/model (the run's
-  export: architecture, tokenizer) and the latest checkpoint's weights are evaluated (WORKDIR/model's
-  own when there is none). Any other config is returned as it is."""
+  export: architecture, tokenizer) and the latest checkpoint's weights are evaluated
+  (WORKDIR/model's own when there is none). Any other config is returned as it is."""
   init = config.init
   exported = workdir / 'model'
   if (config.mode != 'eval' or init.clip or init.checkpoint or config.text.tokenizer

@@ -141,7 +141,8 @@ def test_temporal_blocks_start_at_pytorch_defaults():
   each of our parameters has the official one's distribution (bounds of the uniforms, zeros),
   checked against freshly built torch modules of the same width."""
   torch.manual_seed(0)
-  official = {k: v.detach().numpy() for k, v in torch_claver.TemporalBlock(128).state_dict().items()}
+  official = {k: v.detach().numpy()
+              for k, v in torch_claver.TemporalBlock(128).state_dict().items()}
   model = CLAVER(CLAVERConfig(clip=TINY, num_frames=4, temporal_layers=1), rngs=nnx.Rngs(3))
   block = model.temporal.blocks[0]
   ours = {'temporal_attn.in_proj_weight': block.attn.qkv.kernel, 'temporal_attn.in_proj_bias':
