@@ -3,12 +3,23 @@ r"""Per-view FLOPs of a video model, from XLA's cost analysis of the lowered pro
     python -m claver_jax.flops --config=configs/k400.py:B16,16
     python -m claver_jax.flops --config=configs/k400.py:B16,8,xclip
     python -m claver_jax.flops --table        # the README's table of the papers' variants
+    python -m claver_jax.flops --config=configs/k400.py:B16,8 --texts [--devices=8]
+    python -m claver_jax.flops --texts_table  # the README's table of the text work per update
 
 Shapes only: the model is built with `nnx.eval_shape` and its functions are lowered, never run.
 XLA counts a multiply-add as 2 FLOPs; GMACs below are half the GFLOPs. One view is one clip of T
 frames at the config's image size through `video_features` (the ViT and the family's temporal
 parts; no text tower); scoring it against C class texts (`class_logits`, X-CLIP's prompt
 generator) is counted apart, as it grows with C.
+
+--texts: the text tower's work in one train step (update) of a config whose text tower trains:
+the description sets it draws (text.sets_per_step, K), the texts it encodes (every set once when
+K >= A, else the K drawn; claver_jax.train) split over --devices, and the text tower's forward +
+backward FLOPs at --text_length tokens per text (32: the shipped prompt sets' longest with
+OpenAI's vocabulary; the step encodes shorter ones at 16 or 24, so this is an upper bound),
+against the official loop's per GPU: 5 sets of C texts per micro-batch, at 77 tokens (counted
+with our text tower, whose last block runs for the pooled row only: a few percent under the
+official tower's count).
 """
 
 from __future__ import annotations
@@ -101,6 +112,64 @@ def paper_table() -> str:
   return '\n'.join(lines)
 
 
+# The --texts_table rows: (config file, argument).
+TEXT_SETTINGS = (('configs/k400.py', 'B16,8,kmt'), ('configs/k400.py', 'B16,32,kmt'),
+                 ('configs/k400.py', 'L14,8,kmt'), ('configs/k600.py', 'B16,8,kmt'),
+                 ('configs/ucf101.py', 'shots=2'), ('configs/hmdb51.py', 'full'))
+OFFICIAL_GPUS, OFFICIAL_SETS_PER_MICRO_BATCH, OFFICIAL_CONTEXT = 8, 5, 77
+
+
+def text_tower_flops(cfg: Any, num_texts: int, text_length: int) -> float:
+  """FLOPs of the text tower's forward + backward (to its parameters) over `num_texts` texts of
+  `text_length` tokens, from XLA's cost analysis of the lowered program."""
+  family = families.of_config(cfg)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: family.module_class(cfg, rngs=nnx.Rngs(0))))
+  tokens = jax.ShapeDtypeStruct((num_texts, text_length), jnp.int32)
+  loss = lambda s, t: nnx.merge(graphdef, s).encode_text(t).sum()
+  return _flops(jax.grad(loss), state, tokens)
+
+
+def text_report(config, num_devices: int = OFFICIAL_GPUS,
+                text_length: int = 32) -> dict[str, float]:
+  """The text work of one train step of `config` (see the module docstring): `draws` (K),
+  `sets` (A), `classes` (C), `texts` encoded per update and `per_device`, their forward +
+  backward `tflops_per_device`; the official loop's `official_texts_per_gpu` and
+  `official_tflops_per_gpu` for the same K per update (K / 8 GPUs micro-batches' worth)."""
+  from claver_jax.memory import text_shape
+  sets, classes = text_shape(config)
+  draws = config.text.sets_per_step
+  texts = (sets if draws >= sets else draws) * classes
+  per_device = -(-texts // num_devices)
+  cfg = families.model_config(config)
+  per_text = text_tower_flops(cfg, 1, text_length)
+  per_text_official = text_tower_flops(cfg, 1, OFFICIAL_CONTEXT)
+  official = draws * classes // OFFICIAL_GPUS
+  return {'draws': draws, 'sets': sets, 'classes': classes, 'texts': texts,
+          'per_device': per_device, 'tflops_per_device': per_device * per_text / 1e12,
+          'official_texts_per_gpu': official,
+          'official_tflops_per_gpu': official * per_text_official / 1e12}
+
+
+def load_config(path: str, arg: str | None):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('preset', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def texts_table(text_length: int = 32) -> str:
+  lines = ['| config | K drawn per update | A x C | texts encoded per device (8) | text tower '
+           'fwd + bwd per device, TFLOPs | official per GPU: texts at 77 tokens, TFLOPs |',
+           '|---|---|---|---|---|---|']
+  for path, arg in TEXT_SETTINGS:
+    r = text_report(load_config(path, arg), OFFICIAL_GPUS, text_length)
+    lines.append(f'| `{path[len("configs/"):]}:{arg}` | {r["draws"]} | {r["sets"]} x '
+                 f'{r["classes"]} | {r["per_device"]} | {r["tflops_per_device"]:.1f} | '
+                 f'{r["official_texts_per_gpu"]}: {r["official_tflops_per_gpu"]:.1f} |')
+  return '\n'.join(lines)
+
+
 def main(argv: list[str]) -> None:
   del argv
   from absl import flags
@@ -110,8 +179,28 @@ def main(argv: list[str]) -> None:
   if f.table:
     print(paper_table())
     return
+  if f.texts_table:
+    print(texts_table(f.text_length))
+    return
   if f.config is None:
-    raise SystemExit('error: pass --config=configs/k400.py[:PRESET] or --table.')
+    raise SystemExit('error: pass --config=configs/k400.py[:PRESET], --table or --texts_table.')
+  if f.texts and f.config.optim.freeze_text:
+    print(f'{f.config.model.name}: the text tower is frozen; its texts are encoded once and '
+          'cached, with no text work in the train step.')
+    return
+  if f.texts:
+    try:
+      r = text_report(f.config, f.devices, f.text_length)
+    except ValueError as e:
+      raise SystemExit(f'error: {e}') from e
+    print(f'{r["draws"]} description sets drawn per update of {r["sets"]} sets x '
+          f'{r["classes"]} classes: {r["texts"]} texts encoded (each drawn set once), '
+          f'{r["per_device"]} per device on {f.devices} devices')
+    print(f'text tower forward + backward per device and update, at {f.text_length} tokens per '
+          f'text: {r["tflops_per_device"]:.3g} TFLOPs')
+    print(f'the official loop per GPU and update: {r["official_texts_per_gpu"]} texts at '
+          f'{OFFICIAL_CONTEXT} tokens, {r["official_tflops_per_gpu"]:.3g} TFLOPs')
+    return
   try:
     cfg = families.model_config(f.config)
   except ValueError as e:
@@ -130,4 +219,8 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'A run config, e.g. configs/k400.py:B16,16.')
   flags.DEFINE_bool('table', False, "Print the README's table of the papers' variants.")
   flags.DEFINE_integer('num_classes', K400_CLASSES, 'Class texts a view is scored against.')
+  flags.DEFINE_bool('texts', False, "The text tower's work per train step of --config.")
+  flags.DEFINE_bool('texts_table', False, "Print the README's table of the text work per step.")
+  flags.DEFINE_integer('devices', OFFICIAL_GPUS, '--texts: devices the texts are split over.')
+  flags.DEFINE_integer('text_length', 32, '--texts: tokens per text (an upper bound).')
   app.run(main)

@@ -3,13 +3,20 @@
 Groups, by parameter path; the model's family says which paths are which
 (`claver_jax.models.families`: CLAVER's new parts are temporal.*, X-CLIP's its messages, MIT and
 prompt generator):
-  image    the image tower               frozen when `freeze_image` (CLAVER's default)
-  text     the text tower                frozen when `freeze_text`; else learning rate x
-                                         `text_lr_multiplier` (1)
-  new      the family's new parts        learning rate x `new_lr_multiplier` (10 in both papers)
-  base     everything else (CLAVER's logit_scale)
-No weight decay on biases, on 0-/1-D parameters (LayerNorm, class embedding, logit scale, X-CLIP's
-alpha) and on positional and temporal embeddings.
+  image       the image tower             frozen when `freeze_image`
+  image_head  CLAVER's ViT output head and class token (ln_post, proj, class_embedding): part of
+              the image tower, but trained even when `freeze_image`, as the official `fix_image`
+  text        the text tower              frozen when `freeze_text`; else learning rate x
+                                          `text_lr_multiplier` (1)
+  new         the family's new parts      learning rate x `new_lr_multiplier` (10 in both papers)
+  base        everything else (CLAVER's logit_scale)
+Weight decay as the official CLAVER and X-CLIP code (`set_weight_decay`): every trainable
+parameter decays except 1-D ones (LayerNorm, biases, the class embedding, X-CLIP's alpha), biases
+and positional embeddings (their `no_weight_decay_keywords`). So the temporal embedding and the
+0-D logit scale decay.
+
+The schedule is the official one, timm's CosineLRScheduler as both codes configure it
+(`learning_rate_schedule`).
 
 Frozen parameters are not differentiated at all (`trainable_filter` goes to `nnx.grad` and
 `nnx.Optimizer(wrt=...)`), so a frozen image tower costs no backward pass.
@@ -20,6 +27,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -27,7 +35,7 @@ from flax import nnx
 
 from claver_jax.models.io import path_str
 
-NO_DECAY_NAMES = ('positional_embedding', 'temporal_embedding', 'class_embedding')
+NO_DECAY_KEYWORDS = ('positional_embedding',)    # The official no_weight_decay_keywords().
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,17 +47,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.new_lr_multiplier = 10.0
   c.text_lr_multiplier = 1.0
   c.warmup_epochs = 5.0
-  c.end_lr_ratio = 0.01          # Cosine decay per step to lr / 100.
-  c.freeze_image = True
+  c.end_lr_ratio = 0.01          # Cosine per step to lr / 100 (every group's floor).
+  c.freeze_image = False         # The official FIX_IMAGE default and the paper's Table 11 headline.
   c.freeze_text = False
   c.grad_clip_norm = ml_collections.config_dict.placeholder(float)
   return c
 
 
-GroupOf = Callable[[str], str]   # dotted parameter path -> 'image' | 'text' | 'new' | 'base'
+GroupOf = Callable[[str], str]   # dotted parameter path -> one of families.GROUPS
 
 
 def frozen_groups(config: ml_collections.ConfigDict) -> set[str]:
+  """'image_head' is never among them: the official fix_image keeps it trainable."""
   return ({'image'} if config.freeze_image else set()) | ({'text'} if config.freeze_text else set())
 
 
@@ -67,29 +76,48 @@ def trainable_filter(config: ml_collections.ConfigDict,
 
 def count_parameters(model: nnx.Module, config: ml_collections.ConfigDict,
                      group_of: GroupOf) -> tuple[int, int]:
-  """-> (trainable parameters, parameters of the CLIP towers: the 'image' and 'text' groups)."""
+  """-> (trainable parameters, parameters of the CLIP towers: the image and text groups)."""
   trainable = trainable_filter(config, group_of)
   counts = {'trainable': 0, 'towers': 0}
   for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     size = int(np.prod(value.shape))
     counts['trainable'] += size if trainable(path, value) else 0
-    counts['towers'] += size if group_of(path_str(path)) in ('image', 'text') else 0
+    counts['towers'] += size if group_of(path_str(path)) in ('image', 'image_head', 'text') else 0
   return counts['trainable'], counts['towers']
 
 
 def decays(path: tuple | str, ndim: int) -> bool:
+  """The official rule: no decay for 1-D parameters, biases and positional embeddings."""
   p = path if isinstance(path, str) else path_str(path)
   name = p.rsplit('.', 1)[-1]
-  return ndim >= 2 and name != 'bias' and not any(n in p for n in NO_DECAY_NAMES)
+  return ndim != 1 and name != 'bias' and not any(k in p for k in NO_DECAY_KEYWORDS)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: int,
-                           steps_per_epoch: int) -> optax.Schedule:
-  """Linear warmup from 0 over `warmup_epochs`, then cosine per step down to lr * end_lr_ratio."""
-  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.end_lr_ratio)
+                           steps_per_epoch: int, peak: float | None = None) -> optax.Schedule:
+  """The official schedule (timm's CosineLRScheduler with t_initial = total_steps, warmup_t = the
+  warm-up steps, warmup_lr_init = 0, lr_min = lr * end_lr_ratio, per step, no warm-up prefix):
+
+    t < W:   peak * t / W
+    t >= W:  lr_min + (peak - lr_min) * (1 + cos(pi * t / total_steps)) / 2
+
+  The cosine runs over all steps from step 0, so at the end of the warm-up the rate is already
+  below its peak (0.983 of it for 5 of 60 epochs, 0.855 for 5 of 20). `peak` is a group's rate
+  (lr x its multiplier, default lr); lr_min is the same for every group, as in timm (the official
+  10x group ends at lr / 100 too), and at most the group's peak. Steps count from 0 (optax's
+  update count). The official loop sets the rate after each update, so its update t runs at the
+  rate of t - 1 (the first two at 0): a one-step lag this schedule does not copy."""
+  peak = config.lr if peak is None else peak
+  floor = min(config.lr * config.end_lr_ratio, peak)
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  total = max(total_steps, 1)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    cosine = floor + 0.5 * (peak - floor) * (1 + jnp.cos(jnp.pi * jnp.minimum(t, total) / total))
+    return jnp.where(t < warmup, peak * t / max(warmup, 1), cosine)
+
+  return schedule
 
 
 def make_optimizer(config: ml_collections.ConfigDict, group_of: GroupOf, *, total_steps: int,
@@ -98,15 +126,18 @@ def make_optimizer(config: ml_collections.ConfigDict, group_of: GroupOf, *, tota
   x new_lr_multiplier and the text tower at x text_lr_multiplier. Give it to
   `nnx.Optimizer(model, tx, wrt=trainable_filter(config, group_of))`.
 
+  `total_steps` is the whole schedule the epochs define (a run may stop before its end).
   Returns the transformation and the base learning-rate schedule (for logging).
   """
-  schedule = learning_rate_schedule(config, total_steps=total_steps,
-                                    steps_per_epoch=steps_per_epoch)
+  def schedule_at(multiplier: float) -> optax.Schedule:
+    return learning_rate_schedule(config, total_steps=total_steps,
+                                  steps_per_epoch=steps_per_epoch, peak=multiplier * config.lr)
+
   def mask(tree):  # Called on the sub-tree each group's AdamW sees (others are MaskedNodes).
     return jax.tree_util.tree_map_with_path(lambda p, x: decays(p, x.ndim), tree)
 
   def adamw(multiplier: float) -> optax.GradientTransformation:
-    return optax.adamw(lambda step: multiplier * schedule(step), b1=config.b1, b2=config.b2,
+    return optax.adamw(schedule_at(multiplier), b1=config.b1, b2=config.b2,
                        eps=config.eps, weight_decay=config.weight_decay, mask=mask)
 
   def labels(tree):  # A callable, so it matches whatever tree (State or arrays) optax is given.
@@ -117,4 +148,4 @@ def make_optimizer(config: ml_collections.ConfigDict, group_of: GroupOf, *, tota
                               'text': adamw(config.text_lr_multiplier)}, labels)
   if config.get('grad_clip_norm'):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  return tx, schedule
+  return tx, schedule_at(1.0)

@@ -138,7 +138,9 @@ def key_settings(config: Mapping[str, Any], run: Mapping[str, Any] | None = None
   trained = [f'text (x{text_lr:g} lr)' if t == 'text' and text_lr != 1 else t
              for t in ('image', 'text') if t not in frozen]
   settings['towers trained'] = ', '.join(trained) or 'none'
-  settings['towers frozen'] = ', '.join(frozen) or 'none'
+  settings['towers frozen'] = ', '.join(
+      'image (but ln_post, proj, class embedding)' if t == 'image' and family == 'claver' else t
+      for t in frozen) or 'none'
   templates = _get(config, 'text.templates')
   texts = []
   if _get(config, 'text.bare_name'):

@@ -61,10 +61,17 @@
                          zero-shot when this is '' (configs/zeroshot.py)
     text.bare_name       the bare class name is a text too (the paper's set: name, templates,
                          prompts); WORKDIR/model records it for predict and zero-shot
-    text.sets_per_step   description sets sampled per train step (K = 5 in the paper)
+    text.sets_per_step   K: description sets drawn per train step (update), with replacement,
+                         as the official loop draws 5 per GPU per micro-batch; the paper presets
+                         draw what the official 8-GPU run drew per update (5 x 8 x its
+                         accumulation steps). K >= A encodes each of the A sets once, weighted
+                         by its draws (the same loss); else the K drawn sets are encoded
     optim                see claver_jax.optim.default_config (AdamW, groups, freezing, schedule)
     train.batch_size     global batch, independent of the device count
-    train.epochs, train.max_steps (0 = no cap)
+    train.epochs         the schedule: warm-up and cosine over epochs x (train clips // batch)
+                         steps
+    train.max_steps      a cap: the run stops after this step of the schedule the epochs define
+                         (0 = no cap); the schedule is not compressed into it
     train.grad_accum_steps  micro-batches per step, run by a lax.scan; each spans every device;
                          the texts are encoded once per step
     train.label_smoothing, mixup_alpha, cutmix_alpha, mixup_switch_prob
@@ -72,6 +79,10 @@
     eval.dump_scores     write each evaluation's per-video scores (video, label, scores per
                          class) as scores.npz beside its reports in WORKDIR/eval/ (see
                          claver_jax.evaluate.dump_scores; no pickles: np.load reads it)
+    eval.final_views     the test at the end of a training run, as the official code ends one:
+                         'CLIPSxCROPS' ('4x3', the paper's multi-view test) of the final weights,
+                         written to metrics.jsonl as test/* with `views` and its reports to
+                         WORKDIR/eval/test/; '' = none
     eval_every_steps     0 = at the end of each epoch
     log_every_steps, checkpoint_every_steps (checkpoints are also saved at each epoch end).
                          SIGTERM saves after the step in progress, but a spot VM powers off ~30 s
@@ -136,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=128, epochs=30, max_steps=0, grad_accum_steps=1, label_smoothing=0.1,
       mixup_alpha=0.8, cutmix_alpha=1.0, mixup_switch_prob=0.5))
   c.eval = ml_collections.ConfigDict(dict(batch_size=64, num_clips=1, num_crops=1,
-                                          dump_scores=False))
+                                          dump_scores=False, final_views='4x3'))
   c.eval_every_steps = 0
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
@@ -154,13 +165,13 @@ class ConfigError(ValueError):
 
 # What a resume compares with the checkpoint's config: the keys of these sections change what is
 # trained; RUN_ONLY_KEYS among them only change how it runs (speed, memory, where the data is,
-# evaluation).
+# evaluation, where the run stops on the schedule the epochs define).
 TRAINED_SECTIONS = ('seed', 'model', 'data', 'text', 'optim', 'train')
 RUN_ONLY_KEYS = frozenset({
     'model.remat', 'model.attention', 'data.root', 'data.allow_outside_root',
     'data.num_workers', 'data.worker_buffer_size', 'data.read_threads', 'data.read_buffer',
     'data.batch_size', 'data.eval_batch_size', 'data.val_list', 'data.num_clips',
-    'data.num_crops', 'data.eval_resize_ratio', 'train.grad_accum_steps'})
+    'data.num_crops', 'data.eval_resize_ratio', 'train.grad_accum_steps', 'train.max_steps'})
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -234,6 +245,14 @@ def check_config(c: ml_collections.ConfigDict) -> None:
                       f'{list(TEMPORAL_KINDS)}.')
   if c.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"config.model.dtype={c.model.dtype!r}; use 'float32' or 'bfloat16'.")
+  if c.eval.final_views:
+    from claver_jax.evaluate import parse_views
+    try:
+      parse_views(c.eval.final_views)
+    except ValueError as e:
+      raise ConfigError(f'config.eval.final_views: {e}') from None
+  if c.text.sets_per_step < 1:
+    raise ConfigError(f'config.text.sets_per_step={c.text.sets_per_step} must be at least 1.')
   t = c.train
   if t.mixup_alpha < 0 or t.cutmix_alpha < 0 or not 0 <= t.mixup_switch_prob <= 1:
     raise ConfigError(f'config.train.mixup_alpha={t.mixup_alpha} and cutmix_alpha='

@@ -1,12 +1,15 @@
 """The train loop: one function, read top to bottom (mesh, workdir, input, text, model +
 optimizer, shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
 
-Loss: each step samples `config.text.sets_per_step` of the A description sets; the loss is the
-soft cross-entropy over the C classes for each set, averaged. With a frozen text tower all A·C
-texts are encoded once and cached (projected, not normalised); otherwise the sampled sets are
-encoded inside the step, once per step whatever `config.train.grad_accum_steps`. Models are used
-only through their family's interface (claver_jax.models.families): train, evaluate and export
-CLAVER and X-CLIP alike.
+Loss: each step draws `config.text.sets_per_step` (K) of the A description sets, with
+replacement, as the official loop's torch.randint does; the loss is the soft cross-entropy over
+the C classes for each drawn set, averaged over the K draws. K >= A (the paper presets: as many
+draws per update as the official 8-GPU run made) encodes each of the A sets once, weighted by how
+often it was drawn: the same loss and gradient as encoding every draw. With a frozen text tower
+all A·C texts are encoded once and cached (projected, not normalised); otherwise the drawn sets
+are encoded inside the step, once per step whatever `config.train.grad_accum_steps`. Models are
+used only through their family's interface (claver_jax.models.families): train, evaluate and
+export CLAVER and X-CLIP alike.
 
 Scale: the text attention is causal and pools at the end-of-text token, so a text encoded at
 any context that holds it gives the same embedding. Texts are cut to the longest one (rounded up
@@ -228,9 +231,12 @@ def all_finite(state: Any) -> bool:
   return bool(jax.device_get(_all_finite(state)))
 
 
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """logits [..., B, C], targets [B, C] (rows sum to 1) -> mean over everything but C."""
-  return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(-1).mean()
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array,
+                       weights: jax.Array | None = None) -> jax.Array:
+  """logits [..., B, C], targets [B, C] (rows sum to 1) -> mean over everything but C; with
+  `weights` [K] (summing to 1) for logits [K, B, C], the K sets' means weighted by them."""
+  per_set = -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(-1).mean(-1)
+  return per_set.mean() if weights is None else (weights * per_set).sum()
 
 
 def encode_texts_sharded(model: nnx.Module, tokens: jax.Array,
@@ -248,17 +254,19 @@ def encode_texts_sharded(model: nnx.Module, tokens: jax.Array,
   return jax.lax.with_sharding_constraint(embeddings, sharding.replicated(mesh))[:n]
 
 
-def length_buckets(lengths: np.ndarray, sets: int, multiple: int = 8
-                   ) -> tuple[tuple[int, int], ...]:
+def length_buckets(lengths: np.ndarray, sets: int, multiple: int = 8, *,
+                   repeats: bool = False) -> tuple[tuple[int, int], ...]:
   """Static groups (count, context) to encode the texts of any `sets` rows of `lengths` int
-  [A, C] (the context each text needs) by length: sorted by length, the texts of any such choice
-  fill the groups in order, each at most as long as its group's context (a multiple of
-  `multiple`). A group's count is the fewest texts of that length or shorter that `sets` rows can
-  hold, less the groups before it."""
+  [A, C] (the context each text needs) by length (`repeats`: rows drawn with replacement):
+  sorted by length, the texts of any such choice fill the groups in order, each at most as long
+  as its group's context (a multiple of `multiple`). A group's count is the fewest texts of that
+  length or shorter that `sets` rows can hold, less the groups before it."""
   total, longest = sets * lengths.shape[1], int(lengths.max())
   buckets, placed = [], 0
   for context in range(multiple, longest + multiple, multiple):
-    fits = total if context >= longest else int(np.sort((lengths <= context).sum(1))[:sets].sum())
+    short = np.sort((lengths <= context).sum(1))
+    fewest = sets * int(short[0]) if repeats else int(short[:sets].sum())
+    fits = total if context >= longest else fewest
     if fits > placed:
       buckets.append((fits - placed, context))
       placed = fits
@@ -296,6 +304,17 @@ def micro_batches(tree: Any, count: int, mesh: jax.sharding.Mesh) -> Any:
   return jax.tree.map(split, tree)
 
 
+def step_keys(seed: int, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The train step's random keys: (mixup/cutmix, description sets)."""
+  return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), step)))
+
+
+def draw_sets(key: jax.Array, draws: int, num_sets: int) -> jax.Array:
+  """int [draws]: description sets drawn with replacement, as the official loop's
+  torch.randint(0, A, (K,))."""
+  return jax.random.randint(key, (draws,), 0, num_sets)
+
+
 def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     text_lengths: np.ndarray, text_frozen: bool, group_of: optim.GroupOf):
   """(state, batch, text, step) -> (state, {'loss', 'finite'}). `text` is [A, C, E] cached
@@ -305,8 +324,9 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
   gradient's global norm is not finite; 'substituted' (when the batch has it) counts the batch's
   substituted clips.
 
-  One step: normalise and mix the global batch; draw K of the A description sets; encode their
-  K·C texts once, by length and split over the devices (`encode_texts_by_length`); run
+  One step: normalise and mix the global batch; draw K of the A description sets (with
+  replacement); encode the drawn sets' texts once (all A·C, each set weighted by its draws, when
+  K >= A; else the K·C drawn), by length and split over the devices (`encode_texts_by_length`); run
   `grad_accum_steps` micro-batches (lax.scan, each spread over every device), accumulating the
   gradients of the parameters and of the text embeddings; take the latter back through the text
   tower once; update. The model is used through its family's `encode_text`, `video_features`
@@ -314,8 +334,10 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
   """
   tc, dc = config.train, config.data
   num_sets, num_classes = text_lengths.shape
-  sets = min(config.text.sets_per_step, num_sets)
-  buckets = length_buckets(text_lengths, sets)
+  draws = config.text.sets_per_step
+  every_set = draws >= num_sets          # Encode each set once, weighted by its draws.
+  sets = num_sets if every_set else draws
+  buckets = length_buckets(text_lengths, sets, repeats=not every_set)
   accum = tc.grad_accum_steps
   wrt = optim.trainable_filter(config.optim, group_of)
 
@@ -326,8 +348,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
     chex.assert_shape(text, (num_sets, num_classes, None))
     chex.assert_type([batch['video'], batch['label']], [jnp.uint8, jnp.int32])
     model, optimizer = nnx.merge(graphdef, state)
-    rng = jax.random.fold_in(jax.random.key(config.seed), step)
-    mix_rng, set_rng = jax.random.split(rng)
+    mix_rng, set_rng = step_keys(config.seed, step)
     video = normalize(batch['video'], tuple(dc.mean), tuple(dc.std))
     if tc.mixup_alpha > 0 or tc.cutmix_alpha > 0:
       video, targets = mixup_cutmix(mix_rng, video, batch['label'], num_classes,
@@ -336,7 +357,11 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
                                     label_smoothing=tc.label_smoothing)
     else:
       targets = smooth_one_hot(batch['label'], num_classes, tc.label_smoothing)
-    set_ids = jax.random.choice(set_rng, num_sets, (sets,), replace=False)
+    drawn = draw_sets(set_rng, draws, num_sets)
+    if every_set:
+      set_ids, weights = jnp.arange(num_sets), jnp.bincount(drawn, length=num_sets) / draws
+    else:
+      set_ids, weights = drawn, jnp.full((draws,), 1 / draws)
     chosen = jax.lax.with_sharding_constraint(text[set_ids], sharding.replicated(mesh))
     graph, params, rest = nnx.split(model, wrt, ...)
 
@@ -355,7 +380,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
     def micro_loss(params, text_emb, video, targets):
       model = nnx.merge(graph, params, rest)
       logits = model.class_logits(model.video_features(video), text_emb)   # [K, B, C]
-      return soft_cross_entropy(logits, targets)
+      return soft_cross_entropy(logits, targets, weights)
 
     grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1))
     if accum == 1:     # No loop: XLA's CPU backend runs a loop's body about 3x slower.
@@ -492,6 +517,23 @@ def check_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
         raise ConfigError(str(e)) from None
 
 
+def init_from_workdir(config: ml_collections.ConfigDict, workdir: Path
+                      ) -> ml_collections.ConfigDict:
+  """config.mode='eval' of a run's workdir needs nothing but the workdir: with no init.clip,
+  init.checkpoint or text.tokenizer given, the model is built from WORKDIR/model (the run's
+  export: architecture, tokenizer) and the latest checkpoint's weights are evaluated
+  (WORKDIR/model's own when there is none). Any other config is returned as it is."""
+  init = config.init
+  exported = workdir / 'model'
+  if (config.mode != 'eval' or init.clip or init.checkpoint or config.text.tokenizer
+      or not (exported / 'config.json').is_file()):
+    return config
+  config = config.copy_and_resolve_references()
+  config.init.checkpoint, config.init.towers_only, config.init.require = str(exported), False, ''
+  logging.info('Evaluating %s: the model is built from %s.', workdir, exported)
+  return config
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Nothing is written to the workdir before the config, config.init's directories, the
   tokenizer, the data (lists, labels, a sample of the videos) and the class texts are checked."""
+  config = init_from_workdir(config, fileio.run_path(workdir))
   check_config(config)
   if config.mode not in ('train', 'eval'):
     raise ConfigError(f"config.mode={config.mode!r}; train_and_evaluate runs 'train' or 'eval'.")
@@ -554,10 +597,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Texts: %d description sets x %d classes (%s), %d tokens each.',
                *prompts.tokens.shape[:2], ', '.join(sorted(set(prompts.kinds))), tokens.shape[-1])
   steps_per_epoch = max(data.num_train // tc.batch_size, 1)
-  total_steps = int(round(tc.epochs * steps_per_epoch))
-  if tc.max_steps:
-    total_steps = min(total_steps, tc.max_steps)
-  tx, schedule = optim.make_optimizer(config.optim, family.group_of, total_steps=total_steps,
+  schedule_steps = int(tc.epochs * steps_per_epoch)      # Truncated, as the official scheduler.
+  total_steps = min(schedule_steps, tc.max_steps) if tc.max_steps else schedule_steps
+  if total_steps < schedule_steps and config.mode == 'train':
+    logging.info('config.train.max_steps=%d: the run stops at step %d of the %d-step schedule '
+                 'that %s epochs define.', tc.max_steps, total_steps, schedule_steps, tc.epochs)
+  tx, schedule = optim.make_optimizer(config.optim, family.group_of, total_steps=schedule_steps,
                                       steps_per_epoch=steps_per_epoch)
   optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
   report_trainable(model, config.optim, family)
@@ -626,7 +671,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if lead:
       kind = 'eval' if prefix == 'eval' else 'latest'
       write_eval_reports(summary, evaluate.reports_dir(workdir, kind, step=step, views=views),
-                         step)
+                         step, data, prefix, views)
     unreadable = (f', {summary["num_substituted"]} unreadable, not scored'
                   if summary['num_substituted'] else '')
     logging.info('step %d: %s top-1 %.2f%%, top-5 %.2f%%, mean class %.2f%% over %d videos '
@@ -634,18 +679,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  summary['mean_class_acc'], summary['num_videos'], views, unreadable)
     return metrics
 
-  def write_eval_reports(summary: dict[str, Any], directory: Path, step: int) -> None:
-    """Process 0: the evaluation's reports in `directory`, its figures and the training curves so
-    far in TensorBoard, and with config.eval.dump_scores its per-video scores (scores.npz)."""
+  def write_eval_reports(summary: dict[str, Any], directory: Path, step: int, pipelines,
+                         name: str, views: str) -> None:
+    """Process 0: the reports of evaluation `name` ('val', 'eval', 'test') over `pipelines`' eval
+    split in `directory`, its figures and the training curves so far in TensorBoard, and with
+    config.eval.dump_scores its per-video scores (scores.npz)."""
     from claver_jax import plots
     figures = evaluate.write_reports(summary, class_names, directory, step=step, views=views,
-                                     title=f'{prefix}, step {step}')
-    figures = {f'{prefix}/{name}': figure for name, figure in figures.items()}
+                                     title=f'{name}, step {step}')
+    figures = {f'{name}/{key}': figure for key, figure in figures.items()}
     figures['train/curves'] = plots.curves_figure(read_metrics(workdir), title=workdir.name)
     writer.write_figures(step, figures)
     if config.eval.dump_scores and summary['index'] is not None:
       evaluate.dump_scores(directory / 'scores.npz',
-                           videos=[data.eval_name(int(i)) for i in summary['index']],
+                           videos=[pipelines.eval_name(int(i)) for i in summary['index']],
                            labels=summary['labels'], scores=summary['scores'],
                            class_names=class_names, step=step, views=views)
 
@@ -670,6 +717,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           else jax.device_put(tokens, replicated))
   stop = distributed.StopRequest(start_step)
   eval_every = config.eval_every_steps or steps_per_epoch
+  stopped = False
   bar = progress_bar(total_steps, start_step)
   losses, substituted, metrics = [], [], {}
   unchecked: list[tuple[int, jax.Array]] = []   # (step, its on-device finiteness flag)
@@ -717,6 +765,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evaluate.copy_reports(evaluate.reports_dir(workdir, 'latest'),
                               evaluate.reports_dir(workdir, 'best'))
     return evaluated
+
+  def final_test(step: int) -> dict[str, Any]:
+    """The official end of a run: the final weights tested with config.eval.final_views (the
+    paper's 4 clips x 3 crops), a metrics row of test/top1 and test/top5 with `views` beside the
+    periodic 1-view val/*. Skipped when metrics.jsonl has it already (a finished run started
+    again); {} when a SIGTERM stops it (the next start does it)."""
+    clips, crops = evaluate.parse_views(config.eval.final_views)
+    test_views = evaluate.views_name(clips, crops)
+    if (workdir / 'metrics.jsonl').is_file() and any(
+        row.get('step') == step and row.get('views') == test_views and 'test/top1' in row
+        for row in read_metrics(workdir)):
+      return {}
+    test_config = data_config.copy_and_resolve_references()
+    test_config.train_list = ''
+    test_config.num_clips, test_config.num_crops = clips, crops
+    test_data = build_pipelines(test_config, workdir=workdir)
+    logging.info('Final test of step %d: %s views (%d clips x %d crops) per video, %d batches.',
+                 step, test_views, clips, crops, test_data.eval_batches)
+    summary = run_eval(test_data, state, encode_text, scores, tokens, mesh, stop)
+    if summary is None:
+      logging.warning('SIGTERM during the final test: run again to test step %d.', step)
+      return {}
+    row = evaluate.eval_row('test', summary, test_views)
+    writer.write(step, row)
+    if lead:
+      write_eval_reports(summary, evaluate.reports_dir(workdir, 'test'), step, test_data, 'test',
+                         test_views)
+    logging.info('step %d, %s views: test top-1 %.2f%%, top-5 %.2f%%, mean class %.2f%% over %d '
+                 'videos.', step, test_views, summary['top1'], summary['top5'],
+                 summary['mean_class_acc'], summary['num_videos'])
+    return row
 
   def save(step: int, evaluated: dict[str, Any] | None, eval_pending: bool) -> None:
     checkpointer.save(step, nnx.to_pure_dict(state), train_iter, config,
@@ -770,7 +849,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         save(step, evaluated, eval_pending=evaluating and evaluated is None)
       if stopping:
         logging.warning('SIGTERM: saved step %d; exiting. Run again to resume.', step)
+        stopped = True
         break
+    if not stopped and config.eval.final_views:   # test/*; `views` stays the 1-view val's
+      metrics.update({k: v for k, v in final_test(total_steps).items() if k != 'views'})
   finally:
     stop.close()
     bar.close()

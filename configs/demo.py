@@ -91,6 +91,7 @@ def get_config(arg=None):
   c.train.mixup_alpha = 0.0
   c.train.cutmix_alpha = 0.0
   c.eval.batch_size = 48
+  c.eval.final_views = ''            # The demo's clips are whole frames, its test the val pass.
   c.log_every_steps = 10
   c.eval_every_steps = 450
   c.checkpoint_every_steps = 150

@@ -11,6 +11,10 @@ zero-shot one on the 220 new classes, see configs/zeroshot.py); the figures the 
 compares with are in claver_jax/paper.py. X-CLIP
 (`configs/k600.py:B16,8,xclip`, its recipe as in configs/k400.py) expects top-1 / top-5 (%),
 4x3 views, from its model zoo: B16 8f 85.3 / 97.1, B16 16f 85.8 / 97.3, L14 8f 88.3 / 97.7.
+
+The recipe is configs/k400.py's (both towers trained, 256 clips and 5 x 8 x accumulation
+description sets per update, as the official configs/k600/*.yaml; B/16 at 32 frames draws 160,
+its official config having 8 clips per GPU x 4 steps).
 """
 
 import importlib.util
@@ -25,4 +29,7 @@ def get_config(arg=None):
   c = _k400.get_config(arg)
   if c.text.prompts:                 # CLAVER's; X-CLIP uses the class names alone.
     c.text.prompts = 'kinetics600'
+  if (c.model.arch, c.data.num_frames) == ('B16', 32):
+    # The official configs/k600/16_32.yaml: 8 clips per GPU x 4 steps (K400's has 4 x 8).
+    c.text.sets_per_step = _k400.official_sets_per_step(4)
   return c

@@ -136,6 +136,35 @@ def test_remat_gives_the_same_gradients():
   assert checkpointed_blocks(model) == len(blocks)
 
 
+def test_temporal_blocks_start_at_pytorch_defaults():
+  """The official temporal blocks keep PyTorch's initialisation (nothing there overrides it):
+  each of our parameters has the official one's distribution (bounds of the uniforms, zeros),
+  checked against freshly built torch modules of the same width."""
+  torch.manual_seed(0)
+  official = {k: v.detach().numpy()
+              for k, v in torch_claver.TemporalBlock(128).state_dict().items()}
+  model = CLAVER(CLAVERConfig(clip=TINY, num_frames=4, temporal_layers=1), rngs=nnx.Rngs(3))
+  block = model.temporal.blocks[0]
+  ours = {'temporal_attn.in_proj_weight': block.attn.qkv.kernel, 'temporal_attn.in_proj_bias':
+          block.attn.qkv.bias, 'temporal_attn.out_proj.weight': block.attn.out.kernel,
+          'temporal_attn.out_proj.bias': block.attn.out.bias,
+          'temporal_mlp.c_fc.weight': block.mlp.c_fc.kernel, 'temporal_mlp.c_fc.bias':
+          block.mlp.c_fc.bias, 'temporal_mlp.c_proj.weight': block.mlp.c_proj.kernel,
+          'temporal_mlp.c_proj.bias': block.mlp.c_proj.bias,
+          'temporal_ln_1.weight': block.ln_1.scale, 'temporal_ln_1.bias': block.ln_1.bias}
+  for name, param in ours.items():
+    got, want = np.asarray(param[...]).ravel(), official[name].ravel()
+    assert got.size == want.size, name
+    if not want.any() or (want == 1).all():                  # Zero biases, LayerNorm's 1 and 0.
+      np.testing.assert_array_equal(got, want, err_msg=name)
+      continue
+    # Uniforms: the same bound (the largest magnitude) and spread, within sampling noise.
+    assert np.abs(got).max() == pytest.approx(np.abs(want).max(), rel=0.05), name
+    assert got.std() == pytest.approx(want.std(), rel=0.1), name
+  embedding = np.asarray(model.temporal.temporal_embedding[...])
+  assert embedding.std() == pytest.approx(0.02, rel=0.15)
+
+
 def test_default_depth_is_a_third_of_the_vit():
   assert CLAVERConfig(clip=get_preset('ViT-B/16')).temporal_depth == 4
   assert CLAVERConfig(clip=get_preset('ViT-L/14')).temporal_depth == 8

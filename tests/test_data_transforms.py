@@ -109,28 +109,42 @@ def test_unreadable_videos_raise_video_error(tmp_path, content):
 # ---------------------------------------------------------------------------------------------
 # Augmentations
 # ---------------------------------------------------------------------------------------------
-def test_multi_scale_crop_boxes_follow_tsn():
+def test_multi_scale_crop_boxes_follow_the_official_pipeline():
+  """mmaction2's MultiScaleCrop as the official pipelines configure it: scales (1, .875, .75,
+  .66) of the short side, aspect gap 1, and the box at one of 5 fixed offsets (the corners and
+  the centre), each of which occurs."""
   rng = np.random.default_rng(0)
   sizes = {int(256 * s) for s in transforms.MULTI_SCALES}   # 256, 224, 192, 168.
-  for _ in range(200):
+  offsets = set()
+  for _ in range(300):
     x0, y0, x1, y1 = transforms.multi_scale_crop_box(256, 340, 224, rng)
     assert 0 <= x0 < x1 <= 340 and 0 <= y0 < y1 <= 256
     assert x1 - x0 in sizes and y1 - y0 in sizes
     ranks = sorted(sizes, reverse=True)
     assert abs(ranks.index(x1 - x0) - ranks.index(y1 - y0)) <= 1   # Max aspect gap 1.
+    w_step, h_step = (340 - (x1 - x0)) // 4, (256 - (y1 - y0)) // 4
+    offsets.add((x0 // w_step if w_step else 'any', y0 // h_step if h_step else 'any'))
+  corners_and_centre = {(0, 0), (4, 0), (0, 4), (4, 4), (2, 2)}
+  assert {o for o in offsets if 'any' not in o} == corners_and_centre
+  assert all(o[0] in (0, 2, 4, 'any') and o[1] in (0, 2, 4, 'any') for o in offsets)
 
 
-def test_train_augment_keeps_shape_and_treats_frames_alike():
+def test_train_augment_keeps_shape_crops_clips_alike_and_jitters_frames_apart():
+  """One crop, flip and grayscale per clip; colour jitter drawn per frame, as the official
+  pipeline calls torchvision's ColorJitter on each frame."""
   frame = np.random.default_rng(1).integers(0, 256, (1, 73, 97, 3), dtype=np.uint8)
   clip = np.repeat(frame, 6, axis=0)
   changed = 0
   for seed in range(12):
-    out = transforms.augment_train_clip(clip, 64, np.random.default_rng(seed))
+    out = transforms.augment_train_clip(clip, 64, np.random.default_rng(seed), jitter_prob=0.0)
     assert out.shape == (6, 64, 64, 3) and out.dtype == np.uint8
-    assert (out == out[:1]).all(), 'frames of one clip were augmented differently'
+    assert (out == out[:1]).all(), 'the crop, flip or grayscale differed between frames'
     changed += not np.array_equal(out, transforms.augment_train_clip(
-        clip, 64, np.random.default_rng(seed + 100)))
+        clip, 64, np.random.default_rng(seed + 100), jitter_prob=0.0))
   assert changed >= 10, 'the augmentation hardly depends on its random draws'
+  jittered = transforms.augment_train_clip(clip, 64, np.random.default_rng(0), jitter_prob=1.0,
+                                           grayscale_prob=0.0)
+  assert all(not np.array_equal(jittered[0], f) for f in jittered[1:])
 
 
 def test_train_augment_resizes_once_from_any_size():
@@ -149,14 +163,16 @@ def test_train_augment_resizes_once_from_any_size():
     assert np.abs(native.astype(int) - two_step).mean() < 2.5, seed
 
 
-def test_color_jitter_same_factors_per_frame_and_identity_at_zero():
+def test_color_jitter_draws_per_frame_and_is_identity_at_zero():
   rng = np.random.default_rng(0)
   clip = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
   same = transforms.color_jitter(clip, np.random.default_rng(0), 0, 0, 0, 0)
   assert np.abs(same.astype(int) - clip).max() <= 1
-  jittered = transforms.color_jitter(clip, np.random.default_rng(3))
-  per_frame = [transforms.color_jitter(clip[i:i + 1], np.random.default_rng(3)) for i in range(4)]
-  np.testing.assert_array_equal(jittered, np.concatenate(per_frame))
+  # Brightness alone on a flat gray clip: each frame is scaled by its own factor in [0.6, 1.4].
+  flat = np.full((64, 2, 2, 3), 100, np.uint8)
+  bright = transforms.color_jitter(flat, np.random.default_rng(3), 0.4, 0, 0, 0)[:, 0, 0, 0]
+  assert 60 <= bright.min() and bright.max() <= 140
+  assert len(set(bright.tolist())) > 30 and bright.max() - bright.min() > 60
   gray = transforms.grayscale(clip)
   assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
 

@@ -115,3 +115,24 @@ def test_step_flops_add_back_the_trips_loops_hide():
   dense_counted, dense_hidden = flops.step_flops(make('dense'), mesh, x, x, x)
   assert dense_hidden == 0 and hidden > 2 * counted        # 6 query chunks x 5 key chunks
   assert 0.9 < (counted + hidden) / dense_counted < 1.6      # + recomputed scores in backward
+
+
+def test_text_work_per_update_of_the_k400_preset():
+  """configs/k400.py:B16,8,kmt draws 160 sets per update (the official 8 GPUs x 4 micro-batches x
+  5), more than its A sets: A x 400 texts per update, an eighth per device; the text tower's
+  forward + backward per text near a hand count (3x the forward's 2 FLOPs per multiply-add: per
+  token and layer 12 D^2 for the matmuls and 2 S D for attention), the official per GPU
+  K x 400 / 8 texts at 77 tokens."""
+  from claver_jax.flops import text_report
+  from claver_jax.memory import text_shape
+  config = load_k400().get_config('B16,8,kmt')
+  sets, classes = text_shape(config)
+  r = text_report(config, num_devices=8, text_length=32)
+  assert (r['draws'], r['sets'], r['classes']) == (160, sets, 400) and sets < 160
+  assert r['texts'] == sets * 400 and r['per_device'] == -(-sets * 400 // 8)
+  d, s, layers = 512, 32, 12
+  by_hand = 3 * 2 * layers * s * (12 * d * d + 2 * s * d)
+  assert r['tflops_per_device'] * 1e12 / r['per_device'] == pytest.approx(by_hand, rel=0.15)
+  assert r['official_texts_per_gpu'] == 160 * 400 // 8
+  d77 = 3 * 2 * layers * 77 * (12 * d * d + 2 * 77 * d)
+  assert r['official_tflops_per_gpu'] * 1e12 / 8000 == pytest.approx(d77, rel=0.15)

@@ -184,7 +184,8 @@ def test_the_report_of_a_paper_preset(tmp_path):
   assert 'Finished: 100 of 100 steps.' in text
   assert '`python -m claver_jax.main --config=configs/k400.py:B16,8,kmt' in text
   assert '| architecture | B16 |' in text and '| frames | 8 |' in text
-  assert '| towers frozen | image |' in text and "prompts 'kinetics400'" in text
+  assert '| towers trained | image, text |' in text and '| towers frozen | none |' in text
+  assert "prompts 'kinetics400'" in text
   assert f'| val, last | 100 | 1x1 | {summaries[100]["top1"]:.2f} |' in text
   assert f'| val, best | {best} | 1x1 | {summaries[best]["top1"]:.2f} |' in text
   test = [r for r in rows if 'test/top1' in r][0]
@@ -192,8 +193,8 @@ def test_the_report_of_a_paper_preset(tmp_path):
   assert '| paper (CLAVER paper, Table 1) |  | 4x3 | 84.3 | 96.3 |' in text
   assert 'CLAVER-B/16 (KMT), 8 frames, Kinetics-400' in text
   assert '## Most-confused pairs (val, best' in text and '## Most-confused pairs (test' in text
-  # 100 steps x 128 clips at 100 clips/s
-  assert '| wall time | 2 min 08 s (train loop, from train/clips_per_s) |' in text
+  # 100 steps x 256 clips (the preset's batch) at 100 clips/s
+  assert '| wall time | 4 min 16 s (train loop, from train/clips_per_s) |' in text
   figures = text.count('![')
   assert figures == 7 and (workdir / 'eval' / 'curves.png').is_file()
   assert (workdir / 'report.html').read_text().count('src="data:image/png;base64,') == figures
@@ -260,7 +261,7 @@ def test_tensorboard_gets_the_config_hparams_and_figures(tmp_path):
   width, height = (figure.get_size_inches() * figure.dpi).round().astype(int)
   assert step == 5 and (image.image.width, image.image.height) == (width, height)
   text = values['config/text_summary'][1].tensor.string_val[0].decode()
-  assert '"batch_size": 128' in text
+  assert '"batch_size": 256' in text
   from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
   start = HParamsPluginData.FromString(
       values['_hparams_/session_start_info'][1].metadata.plugin_data.content).session_start_info

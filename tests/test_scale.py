@@ -202,19 +202,23 @@ def test_texts_split_over_devices_and_cut_to_length_equal_the_full_encoding(chec
   assert got['flops_ratio'] < 0.25                         # 1/8 of the texts, shorter
 
 
-def test_length_buckets_hold_any_choice_of_sets():
-  from itertools import combinations
+@pytest.mark.parametrize('repeats', [False, True])
+def test_length_buckets_hold_any_choice_of_sets(repeats):
+  """Any `sets` rows (drawn with replacement when `repeats`, as the train step draws K < A)."""
+  from itertools import combinations, combinations_with_replacement
   from claver_jax.train import length_buckets
   lengths = np.random.default_rng(0).integers(2, 30, (6, 7))
   lengths[4] = 29                                           # one set of long texts only
+  choices = combinations_with_replacement if repeats else combinations
   for sets in (1, 2, 3, 6):
-    buckets = length_buckets(lengths, sets)
+    buckets = length_buckets(lengths, sets, repeats=repeats)
     assert sum(count for count, _ in buckets) == sets * 7
     assert all(context % 8 == 0 for _, context in buckets) and buckets[-1][1] == 32
     contexts = np.repeat([context for _, context in buckets], [count for count, _ in buckets])
-    for chosen in combinations(range(6), sets):
+    for chosen in choices(range(6), sets):
       assert (np.sort(lengths[list(chosen)].reshape(-1)) <= contexts).all()
-  assert length_buckets(lengths, 6)[0] == ((lengths <= 8).sum(), 8)   # all sets: exact counts
+  if not repeats:
+    assert length_buckets(lengths, 6)[0] == ((lengths <= 8).sum(), 8)   # all sets: exact counts
 
 
 @pytest.mark.parametrize('family', ['step', 'xclip_step'])

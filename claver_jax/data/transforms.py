@@ -44,11 +44,12 @@ def eval_short_side(image_size: int, num_crops: int, ratio: float = TEST_RESIZE_
 def multi_scale_crop_box(height: int, width: int, image_size: int, rng: np.random.Generator,
                          scales: Sequence[float] = MULTI_SCALES, max_distort: int = 1
                          ) -> tuple[int, int, int, int]:
-  """TSN's GroupMultiScaleCrop with fixed offsets: a random box (x0, y0, x1, y1).
+  """The official pipelines' MultiScaleCrop (mmaction2's, random_crop=False): a random box
+  (x0, y0, x1, y1).
 
   Crop sides are min(H, W) * scale (snapped to `image_size` within 3 px), height and width
-  scale indices at most `max_distort` apart; the box sits at one of TSN's 13 fixed offsets
-  (corners, centre, edge centres, quarter points).
+  scale indices at most `max_distort` apart; the box sits at one of the 5 fixed offsets
+  (num_fixed_crops=5: the four corners and the centre, on a grid of quarter steps).
   """
   base = min(height, width)
   sizes = [int(base * s) for s in scales]
@@ -57,8 +58,7 @@ def multi_scale_crop_box(height: int, width: int, image_size: int, rng: np.rando
            if abs(i - j) <= max_distort]
   crop_w, crop_h = pairs[rng.integers(len(pairs))]
   w_step, h_step = (width - crop_w) // 4, (height - crop_h) // 4
-  offsets = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
-             (1, 1), (3, 1), (1, 3), (3, 3)]
+  offsets = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2)]
   ox, oy = offsets[rng.integers(len(offsets))]
   x0, y0 = ox * w_step, oy * h_step
   return x0, y0, x0 + crop_w, y0 + crop_h
@@ -124,39 +124,47 @@ def _hue_matrix(hue: float) -> np.ndarray:
 
 def color_jitter(clip: np.ndarray, rng: np.random.Generator, brightness: float = 0.4,
                  contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1) -> np.ndarray:
-  """torchvision's ColorJitter with one set of factors for the whole clip.
+  """torchvision's ColorJitter applied to each frame, as the official pipelines do (one call per
+  frame: every frame draws its own factors and order).
 
-  Brightness, contrast and saturation factors are uniform in [1 - a, 1 + a], the hue shift in
-  [-hue, hue] turns, applied in a random order as torchvision does. Contrast blends each frame
-  towards its mean gray level; the hue shift is a rotation of the YIQ chroma plane, a linear
-  stand-in for torchvision's HSV shift. All four are affine in RGB, so their composition is one
-  3x3 matrix plus a per-frame offset, applied in a single pass and clipped once (torchvision
+  Per frame: brightness, contrast and saturation factors uniform in [max(0, 1 - a), 1 + a], the
+  hue shift in [-hue, hue] turns, applied in a random order. Contrast blends the frame towards
+  its mean gray level; the hue shift is a rotation of the YIQ chroma plane, a linear stand-in
+  for torchvision's HSV shift. All four are affine in RGB, so each frame's composition is one
+  3x3 matrix plus an offset, applied in a single pass and clipped once (torchvision rounds and
   clips after each step, which differs only where a step saturates a pixel).
   uint8 [T, H, W, 3] -> uint8 [T, H, W, 3].
   """
-  factors = [rng.uniform(1 - brightness, 1 + brightness), rng.uniform(1 - contrast, 1 + contrast),
-             rng.uniform(1 - saturation, 1 + saturation), rng.uniform(-hue, hue)]
+  frames = clip.shape[0]
+  low = lambda a: max(0.0, 1 - a)
+  factors = np.stack([rng.uniform(low(brightness), 1 + brightness, frames),
+                      rng.uniform(low(contrast), 1 + contrast, frames),
+                      rng.uniform(low(saturation), 1 + saturation, frames),
+                      rng.uniform(-hue, hue, frames)], axis=1)                  # [T, 4]
+  orders = np.stack([rng.permutation(4) for _ in range(frames)])             # [T, 4]
   eye = np.eye(3)
   gray = _GRAY.astype(np.float64)
   x = clip.astype(np.float32)
-  pixels = x.reshape(x.shape[0], -1, 3)
+  pixels = x.reshape(frames, -1, 3)
   # Per-frame mean colour [T, 3] as a matmul: numpy's strided mean over H*W is ~20x slower.
   means = (np.ones(pixels.shape[1], np.float32) @ pixels / pixels.shape[1]).astype(np.float64)
-  matrix, offset = eye, np.zeros((clip.shape[0], 3))               # x -> matrix @ x + offset
-  for op in rng.permutation(4):
-    f = factors[op]
-    if op == 0:                                                    # brightness
-      step, shift = f * eye, 0.0
-    elif op == 1:                                                  # contrast, per-frame mean
-      mean_gray = (means @ matrix.T + offset) @ gray               # [T]
-      step, shift = f * eye, ((1 - f) * mean_gray)[:, None]
-    elif op == 2:                                                  # saturation
-      step, shift = f * eye + (1 - f) * np.outer(np.ones(3), gray), 0.0
-    else:                                                          # hue
-      step, shift = _hue_matrix(f).astype(np.float64), 0.0
-    matrix, offset = step @ matrix, offset @ step.T + shift
-  x = x @ matrix.T.astype(np.float32)
-  x += offset.astype(np.float32)[:, None, None, :]
+  matrices, offsets = np.empty((frames, 3, 3)), np.empty((frames, 3))
+  for t in range(frames):
+    matrix, offset = eye, np.zeros(3)                              # x -> matrix @ x + offset
+    for op in orders[t]:
+      f = factors[t, op]
+      if op == 0:                                                  # brightness
+        step, shift = f * eye, 0.0
+      elif op == 1:                                                # contrast, the frame's mean
+        step, shift = f * eye, (1 - f) * ((matrix @ means[t] + offset) @ gray)
+      elif op == 2:                                                # saturation
+        step, shift = f * eye + (1 - f) * np.outer(np.ones(3), gray), 0.0
+      else:                                                        # hue
+        step, shift = _hue_matrix(f).astype(np.float64), 0.0
+      matrix, offset = step @ matrix, step @ offset + shift
+    matrices[t], offsets[t] = matrix, offset
+  x = (pixels @ matrices.transpose(0, 2, 1).astype(np.float32)).reshape(x.shape)
+  x += offsets.astype(np.float32)[:, None, None, :]
   np.clip(x, 0, 255, out=x)
   return (x + 0.5).astype(np.uint8)
 

@@ -137,6 +137,12 @@ def _activation(name: str):
 _normal = jax.nn.initializers.normal
 
 
+def torch_linear_default(fan_in: int):
+  """PyTorch's nn.Linear default: U(±1 / sqrt(fan_in)) for the kernel and the bias."""
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
               is_causal: bool = False) -> jax.Array:
   """softmax(q kᵀ / √Dh) v per head, heads-major: q [B, H, Sq, Dh], k, v [B, H, Sk, Dh] ->

@@ -11,6 +11,8 @@ and its config has `clip` (the CLIPConfig of its towers), `num_frames`, to_dict 
   name            module         image tower            text tower            new parts
                                                                                 (x new_lr_multiplier)
   claver          CLAVER         clip.visual.*          clip.text.*           temporal.*
+                                 (ln_post, proj and class_embedding: 'image_head', trained
+                                 under freeze_image, as the official fix_image)
   xclip           XCLIP          visual.* but messages  text.*, logit_scale   visual.blocks.*.message_*,
                                                                                 mit.*, prompts_*
   motion_prompts  MotionPrompts  clip.visual.*          clip.text.*,          down.*, up.*, motion.*,
@@ -40,7 +42,7 @@ from claver_jax.models.motion_prompts import (MotionPrompts, MotionPromptsConfig
                                               motion_prompts_from_clip)
 from claver_jax.models.xclip import XCLIP, XCLIPConfig, xclip_from_clip
 
-GROUPS = ('image', 'text', 'new', 'base')
+GROUPS = ('image', 'image_head', 'text', 'new', 'base')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Family:
   trainable_budget: float | None = None
 
   def group_of(self, path: str) -> str:
-    """'image' | 'text' | 'new' | 'base' for a dotted parameter path."""
+    """One of GROUPS for a dotted parameter path (claver_jax.optim says what each means)."""
     for pattern, group in self.param_groups:
       if re.search(pattern, path):
         return group
@@ -108,7 +110,8 @@ def _motion_prompts_config(clip: CLIPConfig,
 FAMILIES: dict[str, Family] = {
     'claver': Family(
         'claver', CLAVERConfig, CLAVER, _claver_config, claver_from_clip,
-        param_groups=((r'^clip\.visual\.', 'image'), (r'^clip\.text\.', 'text'),
+        param_groups=((r'^clip\.visual\.(ln_post\.|proj$|class_embedding$)', 'image_head'),
+                      (r'^clip\.visual\.', 'image'), (r'^clip\.text\.', 'text'),
                       (r'^temporal\.', 'new')),
         vision='clip.visual', temporal_embedding='temporal.temporal_embedding',
         run_options=('attention',), towers='clip'),

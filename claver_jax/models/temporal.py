@@ -8,7 +8,9 @@
   mean              no head: per-frame CLIP embeddings are averaged (the CLIP-Mean baseline)
 
 The blocks are clip.py's ResidualBlocks (the same parameters, `set_remat` applies); for the
-Kronecker kinds their attention goes through `kronecker_attention`.
+Kronecker kinds their attention goes through `kronecker_attention`. They start as the official
+ones do, at PyTorch's defaults (`init_like_pytorch`), the temporal embedding at a normal of std
+0.02.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from claver_jax.models.clip import ResidualBlock
+from claver_jax.models.clip import ResidualBlock, torch_linear_default
 from claver_jax.models.kronecker import ATTENTION_IMPLEMENTATIONS, kronecker_attention
 
 TEMPORAL_KINDS = ('kmt', 'kmct', 'joint', 'pipeline', 'cls_only', 'mean')
@@ -39,13 +41,16 @@ class TemporalTransformer(nnx.Module):
     self.kind = kind
     self.attention = attention
     self.num_frames = num_frames
+    # timm's trunc_normal_(std=0.02) with its default bounds (+-2, absolute): never reached.
     self.temporal_embedding = nnx.Param(
-        jax.nn.initializers.truncated_normal(0.02)(rngs.params(), (num_frames, width)))
+        jax.nn.initializers.normal(0.02)(rngs.params(), (num_frames, width)))
     self.blocks = nnx.List([
         ResidualBlock(width, heads, 4 * width, activation=activation,
                       layer_norm_eps=layer_norm_eps, depth=layers, dtype=dtype, rngs=rngs)
         for _ in range(layers)
     ])
+    for block in self.blocks:
+      init_like_pytorch(block, rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     b, t, l, d = tokens.shape
@@ -72,6 +77,23 @@ class TemporalTransformer(nnx.Module):
       else:
         x = _block_forward(block, x, attend)
     return x.reshape(b, t, l, d)[:, :, 0]
+
+
+def init_like_pytorch(block: ResidualBlock, rngs: nnx.Rngs) -> None:
+  """The official temporal blocks' start: PyTorch's defaults, which nothing there overrides
+  (CLIP's `initialize_parameters` reaches the text tower only). nn.MultiheadAttention: packed
+  q/k/v Xavier-uniform, out_proj U(±1/sqrt(D)), both biases 0; each nn.Linear of the MLP
+  U(±1/sqrt(fan_in)) for kernel and bias; LayerNorms 1 and 0 (already nnx's)."""
+  attn, mlp = block.attn, block.mlp
+  width, hidden = attn.out.kernel.shape[0], mlp.c_proj.kernel.shape[0]
+  attn.qkv.kernel[...] = jax.nn.initializers.xavier_uniform()(rngs.params(),
+                                                              attn.qkv.kernel.shape)
+  attn.qkv.bias[...] = jnp.zeros(attn.qkv.bias.shape)
+  attn.out.kernel[...] = torch_linear_default(width)(rngs.params(), attn.out.kernel.shape)
+  attn.out.bias[...] = jnp.zeros(attn.out.bias.shape)
+  for linear, fan_in in ((mlp.c_fc, width), (mlp.c_proj, hidden)):
+    linear.kernel[...] = torch_linear_default(fan_in)(rngs.params(), linear.kernel.shape)
+    linear.bias[...] = torch_linear_default(fan_in)(rngs.params(), linear.bias.shape)
 
 
 def _block_forward(block: ResidualBlock, x: jax.Array, attend: Callable) -> jax.Array:

@@ -34,7 +34,7 @@ from flax import nnx
 
 from claver_jax.models.clip import (MLP, CLIPConfig, MultiHeadAttention, ResidualBlock,
                                     TextTransformer, VisionTransformer, attention,
-                                    check_known_fields, l2_normalize)
+                                    check_known_fields, l2_normalize, torch_linear_default)
 from claver_jax.models.clip import FINAL_PRECISION, logit_scale_factor
 
 
@@ -98,12 +98,6 @@ class XCLIPConfig:
 # ---------------------------------------------------------------------------------------------
 # Initialisation of the new parts, as the official code leaves them
 # ---------------------------------------------------------------------------------------------
-def _torch_linear_default(fan_in: int):
-  """PyTorch's nn.Linear default: U(±1 / sqrt(fan_in)) for the kernel and the bias."""
-  bound = fan_in ** -0.5
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 def init_like_official(module: nnx.Module, rngs: nnx.Rngs) -> None:
   """The official `_init_weights` of the MIT and the prompt generator: every Linear kernel
   truncated normal (std .02), biases 0; the packed q/k/v of nn.MultiheadAttention, which that
@@ -133,7 +127,7 @@ class CrossFrameBlock(ResidualBlock):
                layer_norm_eps: float = 1e-5, depth: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
     super().__init__(width, heads, mlp_dim, activation=activation, layer_norm_eps=layer_norm_eps,
                      depth=depth, dtype=dtype, rngs=rngs)
-    default = _torch_linear_default(width)
+    default = torch_linear_default(width)
     self.message_fc = nnx.Linear(width, width, dtype=dtype, kernel_init=default, bias_init=default,
                                  rngs=rngs)
     self.message_ln = nnx.LayerNorm(width, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
