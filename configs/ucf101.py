@@ -79,11 +79,20 @@ _k400 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_k400)
 
 SHOTS = (2, 4, 8, 16)
-PRETRAINED_K400 = ("the paper's Kinetics-400 model of 20 epochs at 32 frames: the WORKDIR of a "
-                   '`configs/k400.py:B16,32,pretrain` run (or its WORKDIR/model). For X-CLIP\'s '
-                   'recipe from CLIP instead, use shots=K,from_clip with --config.init.clip')
-FULL_K400 = ('the fully supervised Kinetics-400 model at 32 frames: the WORKDIR of a '
-             '`configs/k400.py:B16,32` run (or its WORKDIR/model)')
+
+
+def pretrained_k400(temporal: str) -> str:
+  """What a few-shot run with this temporal head starts from, in words."""
+  preset = 'B16,32,pretrain' if temporal == 'kmt' else f'B16,32,{temporal},pretrain'
+  return ("the paper's Kinetics-400 model of 20 epochs at 32 frames: the WORKDIR of a "
+          f'`configs/k400.py:{preset}` run (or its WORKDIR/model). For X-CLIP\'s recipe from '
+          'CLIP instead, use shots=K,from_clip with --config.init.clip')
+
+
+def full_k400(temporal: str) -> str:
+  preset = 'B16,32' if temporal == 'kmt' else f'B16,32,{temporal}'
+  return ('the fully supervised Kinetics-400 model at 32 frames: the WORKDIR of a '
+          f'`configs/k400.py:{preset}` run (or its WORKDIR/model)')
 
 
 def parse_setting(arg: str | None) -> tuple[int, bool, str]:
@@ -135,7 +144,7 @@ def make_config(prompts: str, arg: str | None):
     c.init.require, c.init.require_from = 'clip', 'a converted CLIP ViT-B/16 (convert.clip_to_flax)'
   else:
     c.init.require = 'checkpoint'
-    c.init.require_from = PRETRAINED_K400 if shots else FULL_K400
+    c.init.require_from = pretrained_k400(temporal) if shots else full_k400(temporal)
   if temporal == 'xclip':          # X-CLIP's own few-shot recipe (its configs/*/16_32.yaml).
     c.model.name, c.model.temporal = 'xclip', 'kmt'
     c.text.prompts, c.text.templates = '', '{}'

@@ -110,7 +110,9 @@ def test_few_shot_and_full_configs():
   assert (few.optim.lr, few.optim.lr * few.optim.end_lr_ratio) == (2e-6, pytest.approx(2e-8))
   assert (few.train.batch_size, few.train.grad_accum_steps) == (64, 2)
   assert (few.data.num_frames, few.model.arch, few.text.prompts) == (32, 'B16', 'ucf101')
-  assert few.init.require == 'checkpoint' and 'configs/k400.py:B16,32,pretrain' in few.init.require_from
+  assert few.init.require == 'checkpoint'
+  assert '`configs/k400.py:B16,32,kmct,pretrain`' in few.init.require_from
+  assert '`configs/k400.py:B16,32,pretrain`' in load_config('hmdb51', 'shots=2').init.require_from
   xclip = load_config('hmdb51', 'shots=2,from_clip')
   assert (xclip.data.shots, xclip.train.epochs, xclip.init.require) == (2, 50, 'clip')
   full = load_config('hmdb51', 'full')
@@ -242,6 +244,34 @@ def independent_top_k(tiny_model_dir):
             100 * evaluate.topk_correct(s, labels, 5).mean())
 
   return top_k
+
+
+def test_a_temporal_head_other_than_the_checkpoints_is_one_config_error(tiny_model_dir, tmp_path):
+  """`shots=2,kmct` from a KMT checkpoint would train KMT: a one-line config error naming both,
+  before anything is written. The KMCT few-shot and zero-shot columns start from the KMCT
+  pretrain preset, the paper's 20-epoch 32-frame recipe with the KMCT head."""
+  from claver_jax import train
+  from claver_jax.run_config import ConfigError
+  kmct = load_config('k400', 'B16,32,kmct,pretrain')
+  kmt = load_config('k400', 'B16,32,pretrain')
+  assert (kmct.model.temporal, kmct.train.epochs, kmct.data.num_frames) == ('kmct', 20, 32)
+  assert kmct.to_dict() == {**kmt.to_dict(), 'model': {**kmt.model.to_dict(), 'temporal': 'kmct'}}
+  config = load_config('ucf101', 'shots=2,kmct')
+  config.init.checkpoint = str(tiny_model_dir)                   # a KMT model
+  message = (f"config.model.temporal='kmct' but config.init.checkpoint={tiny_model_dir} holds a "
+             "'kmt' model; set --config.model.temporal=kmt, or start from a kmct checkpoint "
+             '(e.g. the workdir of a configs/k400.py:B16,32,kmct,pretrain run).')
+  with pytest.raises(ConfigError) as error:
+    train.model_family(config)
+  assert str(error.value) == message
+  config.model.temporal = 'kmt'
+  train.model_family(config)                                     # the checkpoint's own head
+  workdir = tmp_path / 'never'
+  proc = run_cli('claver_jax.main', '--config=configs/ucf101.py:shots=2,kmct',
+                 f'--workdir={workdir}', f'--config.init.checkpoint={tiny_model_dir}',
+                 check=False)
+  assert proc.returncode == 2 and proc.stderr.strip() == f'error: {message}'
+  assert not workdir.exists()
 
 
 def test_broken_model_directories_give_one_clear_error(tiny_model_dir, motion_dir, tmp_path):
