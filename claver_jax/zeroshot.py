@@ -52,7 +52,7 @@ from claver_jax.models.clip import needed_context
 from claver_jax.models.io import model_dir
 from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
-from claver_jax.text.prompts import prompt_tokens, resolve_templates
+from claver_jax.text.prompts import prompt_tokens, resolve_aspects, resolve_templates
 from claver_jax.train import make_eval_fns, run_eval
 
 DATASETS = ('ucf101', 'hmdb51', 'k600')
@@ -267,6 +267,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   source = meta.get('source', {})
   templates = resolve_templates(config.text.templates or source.get('templates') or 'actions')
   bare_name = source.get('bare_name', True)
+  aspects = resolve_aspects(config.text.aspects)
 
   # ----------------------------------------------------------------------------- input
   runs, skipped = plan_runs(config, workdir)
@@ -306,7 +307,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     for run, data in zip(runs, pipelines):
       bar.set_description(f'{run.dataset} {run.name}')
       texts = prompt_tokens(data.class_names, tokenizer, run.prompts or None,
-                            templates=templates, name=bare_name,
+                            templates=templates, name=bare_name, aspects=aspects,
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)
       tokens = texts.tokens[..., :needed_context(texts.tokens, model.cfg.clip)]
@@ -325,7 +326,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
   datasets = {name: summarize_runs(r) for name, r in results.items()}
   report = {'checkpoint': str(checkpoint), 'num_frames': config.data.num_frames,
-            'templates': list(templates),
+            'templates': list(templates), 'aspects': list(aspects),
             'views': [config.eval.num_clips, config.eval.num_crops], 'datasets': datasets,
             'skipped': skipped}
   if lead:
