@@ -24,6 +24,9 @@ that model (the same one zero-shot evaluates):
         --config.data.val_list=lists/ucf101/split1/test.txt \
         --config.data.labels=lists/ucf101/split1/labels.csv
 
+With a temporal head, the run starts from that head's pretrain model: `shots=2,kmct` from a
+`configs/k400.py:B16,32,kmct,pretrain` run (the paper's Table 13 KMCT row); a checkpoint whose
+head differs from config.model.temporal is a config error naming both.
 init.checkpoint takes the model's weights only (its WORKDIR/model), never its optimizer state,
 schedule or step: the run starts at step 1 with a fresh schedule (the official code restores all
 of them). X-CLIP's few-shot recipe for CLAVER, 50 epochs from CLIP, is `shots=2,from_clip` with
