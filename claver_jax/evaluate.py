@@ -4,12 +4,20 @@ Protocol (the paper's): for each view of a video and each description set a, sof
 C classes; mean over the A sets; sum over the V views. Top-k counts a video as correct when its
 label is among its k best classes, over all videos (the official code divides by A: wrong).
 The logits come from the model family's `class_logits` (see claver_jax.models.families).
+
+Reports (`write_reports`, process 0) go to `reports_dir(WORKDIR, kind)`: WORKDIR/eval/latest/
+and WORKDIR/eval/best/ (training's periodic evaluations: the last one, and the best by val
+top-1), WORKDIR/eval/test/ (the multi-view test at the end of training) and
+WORKDIR/eval/step<S>_<views>/ (a config.mode=eval run, e.g. step1650_4x3). Each holds
+per_class.json (with its step and views), confusion.png, per_class.png, confused_pairs.png and,
+with config.eval.dump_scores, scores.npz (`dump_scores`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,7 +59,8 @@ def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 def summarize(scores: np.ndarray, labels: np.ndarray,
               class_names: Sequence[str]) -> dict[str, Any]:
-  """Top-1/top-5 in percent over all N videos, per-class top-1, and the confusion matrix."""
+  """Top-1/top-5 in percent over all N videos, the mean class accuracy (the mean of the per-class
+  top-1 over the classes that have videos), per-class top-1 and the confusion matrix."""
   num_classes = len(class_names)
   predicted = scores.argmax(axis=1)
   confusion = np.zeros((num_classes, num_classes), np.int64)
@@ -59,43 +68,104 @@ def summarize(scores: np.ndarray, labels: np.ndarray,
   support = confusion.sum(axis=1)
   per_class = {name: (100.0 * confusion[i, i] / support[i] if support[i] else None)
                for i, name in enumerate(class_names)}
+  present = [v for v in per_class.values() if v is not None]
   return {'top1': 100.0 * float(topk_correct(scores, labels, 1).mean()),
           'top5': 100.0 * float(topk_correct(scores, labels, 5).mean()),
+          'mean_class_acc': float(np.mean(present)) if present else float('nan'),
           'num_videos': int(len(labels)), 'per_class_top1': per_class, 'confusion': confusion}
 
 
+def views_name(num_clips: int, num_crops: int) -> str:
+  """'4x3': the views of an evaluation, as every eval row and report records them."""
+  return f'{num_clips}x{num_crops}'
+
+
+def eval_row(prefix: str, summary: dict[str, Any], views: str) -> dict[str, Any]:
+  """The metrics.jsonl / TensorBoard fields of one evaluation: PREFIX/top1, PREFIX/top5,
+  PREFIX/mean_class_acc, PREFIX/num_videos and its views. Prefixes: 'val' (the periodic
+  evaluations of training), 'test' (the multi-view test at its end), 'eval' (config.mode=eval)."""
+  return {f'{prefix}/top1': summary['top1'], f'{prefix}/top5': summary['top5'],
+          f'{prefix}/mean_class_acc': summary['mean_class_acc'],
+          f'{prefix}/num_videos': summary['num_videos'], 'views': views}
+
+
+REPORT_KINDS = ('latest', 'best', 'test', 'eval')
+
+
+def reports_dir(workdir: str | os.PathLike, kind: str, *, step: int | None = None,
+                views: str | None = None) -> Path:
+  """Where an evaluation's reports go (see the module docstring)."""
+  if kind not in REPORT_KINDS:
+    raise ValueError(f'Unknown report kind {kind!r}; one of {list(REPORT_KINDS)}.')
+  name = f'step{step}_{views}' if kind == 'eval' else kind
+  return Path(workdir) / 'eval' / name
+
+
 def write_reports(summary: dict[str, Any], class_names: Sequence[str],
-                  directory: str | os.PathLike) -> None:
-  """DIR/per_class.json and DIR/confusion.png (rows: true class, columns: predicted)."""
+                  directory: str | os.PathLike, *, step: int | None = None,
+                  views: str | None = None, title: str = '') -> dict[str, Any]:
+  """DIR/per_class.json (top-1, top-5, mean class accuracy, per-class top-1, the most-confused
+  pairs, the confusion matrix, with `step` and `views`), and as PNG: DIR/confusion.png (rows:
+  true class, columns: predicted), DIR/per_class.png (worst classes first) and
+  DIR/confused_pairs.png. Returns the figures by name (for TensorBoard). `title` names the
+  evaluation in the figures (e.g. 'val, step 1650')."""
+  from claver_jax import plots
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  report = {k: v for k, v in summary.items() if k != 'confusion'}
-  report['confusion'] = summary['confusion'].tolist()
-  report['class_names'] = list(class_names)
+  pairs = plots.most_confused(summary['confusion'], class_names)
+  report = {'step': step, 'views': views,
+            **{k: summary[k] for k in ('top1', 'top5', 'mean_class_acc', 'num_videos',
+                                        'per_class_top1')},
+            'most_confused': pairs, 'class_names': list(class_names),
+            'confusion': summary['confusion'].tolist()}
   atomic_write_text(directory / 'per_class.json', json.dumps(report, indent=1) + '\n')
-  confusion_png(summary['confusion'], class_names, directory / 'confusion.png')
+  heading = ', '.join(filter(None, [title, f'{views} views' if views else '']))
+  heading = f'{heading}: ' if heading else ''
+  figures = {
+      'confusion': plots.confusion_figure(
+          summary['confusion'], class_names,
+          title=f'{heading}top-1 {summary["top1"]:.2f}% over {summary["num_videos"]} videos'),
+      'per_class': plots.per_class_figure(
+          summary['per_class_top1'],
+          title=f'{heading}per-class top-1 (mean {summary["mean_class_acc"]:.2f}%)'),
+      'confused_pairs': plots.confused_pairs_figure(
+          pairs, title=f'{heading}the most-confused pairs'),
+  }
+  for name, figure in figures.items():
+    plots.save_png(figure, directory / f'{name}.png')
+  return figures
 
 
-def confusion_png(confusion: np.ndarray, class_names: Sequence[str],
-                  path: str | os.PathLike) -> None:
-  """A row-normalised confusion matrix as an image; class names drawn when there are few."""
-  from PIL import Image, ImageDraw
-  num = len(class_names)
-  rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-  cell = max(1, min(24, 960 // max(num, 1)))
-  heat = (255 * (1 - rows)).astype(np.uint8)                  # white = 0, black = the whole row
-  grid = np.kron(heat, np.ones((cell, cell), np.uint8))
-  labelled = num <= 40
-  left = 8 + 7 * max((len(n) for n in class_names), default=0) if labelled else 0
-  top = 16                                                     # one line of caption
-  image = Image.new('L', (max(left + grid.shape[1] + 2, 260), top + grid.shape[0] + 2), 255)
-  image.paste(Image.fromarray(grid), (left + 1, top + 1))
-  draw = ImageDraw.Draw(image)
-  draw.rectangle([left, top, left + grid.shape[1] + 1, top + grid.shape[0] + 1], outline=0)
-  draw.text((2, 2), 'rows: true class, columns: predicted (row-normalised)', fill=0)
-  if labelled:
-    for i, name in enumerate(class_names):
-      draw.text((2, top + 1 + i * cell + max(cell // 2 - 5, 0)), name, fill=0)
-  tmp = Path(path).with_suffix('.tmp.png')
-  image.save(tmp)
-  os.replace(tmp, path)
+def copy_reports(source: str | os.PathLike, target: str | os.PathLike) -> None:
+  """The files of the reports directory `source` as `target`, put in place in one step (a
+  complete directory at every instant)."""
+  from claver_jax.fileio import atomic_directory
+  source = Path(source)
+  with atomic_directory(target, overwrite=True) as new:
+    umask = os.umask(0)
+    os.umask(umask)
+    new.chmod(0o777 & ~umask)                  # a temporary directory's 0700 otherwise
+    for item in source.iterdir():
+      if item.is_file() and not item.name.startswith('.'):
+        shutil.copyfile(item, new / item.name)
+
+
+def dump_scores(path: str | os.PathLike, *, videos: Sequence[str], labels: np.ndarray,
+                scores: np.ndarray, class_names: Sequence[str], step: int | None,
+                views: str) -> None:
+  """A per-video score dump (config.eval.dump_scores), .npz without pickles
+  (`np.load(path)` reads it): video str [N], label int32 [N], scores float32 [N, C] (the
+  evaluation's class scores: softmax per description set, mean over sets, sum over views),
+  class_names str [C], step, views. Written beside `path`, then renamed over it."""
+  path = Path(path)
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  try:
+    with open(tmp, 'wb') as f:
+      np.savez(f, video=np.asarray(list(videos), dtype=str),
+               label=np.asarray(labels, np.int32), scores=np.asarray(scores, np.float32),
+               class_names=np.asarray(list(class_names), dtype=str),
+               step=np.int64(-1 if step is None else step), views=np.asarray(views))
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise

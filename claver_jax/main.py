@@ -67,8 +67,8 @@ def main(argv: list[str]) -> None:
   except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   if lead:
-    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}
-    print(f'Done. {shown}')
+    from claver_jax.report import format_metrics
+    print(f'Done. {format_metrics(metrics)}')
 
 
 if __name__ == '__main__':

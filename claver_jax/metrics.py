@@ -1,8 +1,14 @@
 """What a run reports: WORKDIR/metrics.jsonl, TensorBoard event files, and a progress bar.
 
 metrics.jsonl holds one JSON object per line, each with `step`. Keys: train/loss, train/lr,
-train/clips_per_s, val/top1, val/top5 (percent), data/*_substituted. Only process 0 writes, one
-whole line per write() call on an O_APPEND file (no buffer to flush). A run killed during a write
+train/clips_per_s, data/train_substituted (a running total); each evaluation's row has
+PREFIX/top1, PREFIX/top5, PREFIX/mean_class_acc (percent), PREFIX/num_videos, `views` ('4x3')
+and data/eval_substituted (that evaluation's), PREFIX being `val` (training's periodic
+evaluations), `test` (the multi-view test at the end of training) or `eval` (a config.mode=eval
+run; claver_jax.evaluate.eval_row). TensorBoard gets the numbers under the same names, the run's
+config as text and hparams (`write_config`) and the report figures as images (`write_figures`).
+Only process 0 writes, one whole line per write() call on an O_APPEND file (no buffer to
+flush). A run killed during a write
 can leave a torn last line: reading drops it with a warning; a bad line anywhere else is an error
 naming the file and line.
 """
@@ -15,7 +21,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -45,6 +51,29 @@ class MetricWriter:
     for k, v in values.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, int(step))
+    self._tb.flush()
+
+  def write_figures(self, step: int, figures: Mapping[str, Any]) -> None:
+    """matplotlib figures -> TensorBoard images, tag -> figure."""
+    if not self.enabled:
+      return
+    from claver_jax import plots
+    for tag, figure in figures.items():
+      self._tb.add_image(tag, plots.to_rgb(figure), int(step), dataformats='HWC')
+    self._tb.flush()
+
+  def write_config(self, config: Mapping[str, Any], hparams: Mapping[str, Any],
+                   metric_tags: Sequence[str]) -> None:
+    """The run's config (a nested dict) as TensorBoard text, and `hparams` (flat, str / number /
+    bool values) as this run's hparams session, compared on `metric_tags`."""
+    if not self.enabled:
+      return
+    from tensorboardX.summary import hparams as hparams_summary
+    text = json.dumps(config, indent=2, default=str)
+    self._tb.add_text('config', '\n'.join('    ' + line for line in text.splitlines()), 0)
+    experiment, session_start, _ = hparams_summary(dict(hparams), {t: None for t in metric_tags})
+    self._tb.file_writer.add_summary(experiment)
+    self._tb.file_writer.add_summary(session_start)
     self._tb.flush()
 
   def close(self) -> None:

@@ -69,6 +69,9 @@
                          the temporal embedding (one permutation, drawn from config.seed;
                          claver_jax/models/temporal.py). mode=eval only, CLAVER heads kmt, kmct,
                          joint, pipeline
+    eval.dump_scores     write each evaluation's per-video scores (video, label, scores per
+                         class) as scores.npz beside its reports in WORKDIR/eval/ (see
+                         claver_jax.evaluate.dump_scores; no pickles: np.load reads it)
     eval_every_steps     0 = at the end of each epoch
     log_every_steps, checkpoint_every_steps (checkpoints are also saved at each epoch end)
     checkpoint.keep, checkpoint.keep_best (by val/top1)
@@ -119,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=128, epochs=30, max_steps=0, grad_accum_steps=1, label_smoothing=0.1,
       mixup_alpha=0.8, cutmix_alpha=1.0, mixup_switch_prob=0.5))
   c.eval = ml_collections.ConfigDict(dict(batch_size=64, num_clips=1, num_crops=1,
-                                          token_shuffle='none'))
+                                          token_shuffle='none', dump_scores=False))
   c.eval_every_steps = 0
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000

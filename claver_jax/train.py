@@ -18,6 +18,7 @@ every device (`micro_batches`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -32,12 +33,12 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from claver_jax import distributed, evaluate, optim, sharding
+from claver_jax import distributed, evaluate, optim, report, sharding
 from claver_jax.checkpoint import Checkpointer
 from claver_jax.data import build_pipelines, make_global_batch
 from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from claver_jax.data.transforms import normalize
-from claver_jax.metrics import MetricWriter, progress_bar
+from claver_jax.metrics import MetricWriter, progress_bar, read_metrics
 from claver_jax.models import CLIPConfig, families, load
 from claver_jax.models.clip import (needed_context, pool_index, set_remat,
                                     sincos_position_embedding)
@@ -49,6 +50,11 @@ from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
                                      resolve_aspects, resolve_templates)
 from claver_jax.text.tokenizer import Tokenizer, train_tokenizer
+
+
+# The metrics TensorBoard's hparams view compares runs on.
+METRIC_TAGS = ('train/loss', 'val/top1', 'val/top5', 'val/mean_class_acc', 'test/top1',
+               'test/top5')
 
 
 class NonFiniteLossError(RuntimeError):
@@ -371,9 +377,11 @@ def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]
 
 def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
              stop: distributed.StopRequest | None = None) -> dict[str, Any] | None:
-  """One pass over the eval split -> evaluate.summarize(...) over the valid videos. Scores stay on
-  the devices and are gathered once at the end. None when `stop()` is set between batches (a
-  SIGTERM in a one-process run; a multi-process run stops after the evaluation, see StopRequest)."""
+  """One pass over the eval split -> evaluate.summarize(...) over the valid videos, plus their
+  'scores' [N, C], 'labels' [N] and 'index' [N] (eval-list positions; None for pipelines without
+  them). Scores stay on the devices and are gathered once at the end. None when `stop()` is set
+  between batches (a SIGTERM in a one-process run; a multi-process run stops after the
+  evaluation, see StopRequest)."""
   text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
                                chunk=TEXTS_PER_DEVICE * mesh.size)
   parts = []
@@ -383,12 +391,18 @@ def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
       return None
     batch = make_global_batch(host_batch, batch_sharding)
     parts.append({'scores': scores(state, batch['video'], text), 'label': batch['label'],
-                  'valid': batch['valid']})
+                  'valid': batch['valid'],
+                  **({'index': batch['index']} if 'index' in batch else {})})
   together = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
   gathered = multihost_utils.process_allgather(together, tiled=True)
   keep = np.asarray(gathered['valid'])
-  return evaluate.summarize(np.asarray(gathered['scores'])[keep],
-                            np.asarray(gathered['label'])[keep], data.class_names)
+  summary = evaluate.summarize(np.asarray(gathered['scores'])[keep],
+                               np.asarray(gathered['label'])[keep], data.class_names)
+  # For the score dump: [N, C] scores, [N] labels and eval-list positions, N valid videos.
+  summary.update(scores=np.asarray(gathered['scores'])[keep],
+                 labels=np.asarray(gathered['label'])[keep],
+                 index=np.asarray(gathered['index'])[keep] if 'index' in gathered else None)
+  return summary
 
 
 def export_model(model: nnx.Module, tokenizer: Tokenizer, out: Path, source: dict[str, Any],
@@ -515,20 +529,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('Resuming from step %d in %s.', start_step, workdir)
   writer = MetricWriter(workdir, resume_step=start_step)
 
+  # ----------------------------------------------------------------------------- record
+  lead = jax.process_index() == 0
+  if lead:   # WORKDIR/config.json (an eval run keeps a training's) and TensorBoard's config.
+    config_dict = json.loads(config.to_json_best_effort())
+    run_info = {'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch,
+                'classes': len(class_names), 'train_clips': data.num_train,
+                'eval_clips': data.num_eval, 'devices': num_devices,
+                'processes': jax.process_count(), 'platform': jax.default_backend()}
+    if config.mode == 'train' or not (workdir / report.RUN_CONFIG).is_file():
+      report.write_run_config(workdir, config_dict, run_info)
+    writer.write_config(config_dict, report.key_settings(config_dict, run_info), METRIC_TAGS)
+  views = evaluate.views_name(config.eval.num_clips, config.eval.num_crops)
+  prefix = 'eval' if config.mode == 'eval' else 'val'  # an eval run's rows: eval/*
+
   def evaluate_now(step: int, stop: distributed.StopRequest | None = None
                    ) -> dict[str, Any] | None:
-    logging.info('Evaluating step %d (%d batches).', step, data.eval_batches)
+    logging.info('Evaluating step %d (%d batches, %s views).', step, data.eval_batches, views)
+    substituted = data.eval_substitutions.count
     summary = run_eval(data, state, encode_text, scores, tokens, mesh, stop)
     if summary is None:
       logging.warning('SIGTERM during the evaluation of step %d: evaluation stopped.', step)
       return None
-    metrics = {'val/top1': summary['top1'], 'val/top5': summary['top5'], **data.metrics()}
+    metrics = {**evaluate.eval_row(prefix, summary, views), **data.metrics(),
+               'data/eval_substituted': data.eval_substitutions.count - substituted}
     writer.write(step, metrics)
-    if jax.process_index() == 0:
-      evaluate.write_reports(summary, class_names, workdir / 'eval')
-    logging.info('step %d: val top-1 %.2f%%, top-5 %.2f%% over %d videos.', step,
-                 summary['top1'], summary['top5'], summary['num_videos'])
+    if lead:
+      kind = 'eval' if prefix == 'eval' else 'latest'
+      write_eval_reports(summary, evaluate.reports_dir(workdir, kind, step=step, views=views),
+                         step)
+    logging.info('step %d: %s top-1 %.2f%%, top-5 %.2f%%, mean class %.2f%% over %d videos '
+                 '(%s views).', step, prefix, summary['top1'], summary['top5'],
+                 summary['mean_class_acc'], summary['num_videos'], views)
     return metrics
+
+  def write_eval_reports(summary: dict[str, Any], directory: Path, step: int) -> None:
+    """Process 0: the evaluation's reports in `directory`, its figures and the training curves so
+    far in TensorBoard, and with config.eval.dump_scores its per-video scores (scores.npz)."""
+    from claver_jax import plots
+    figures = evaluate.write_reports(summary, class_names, directory, step=step, views=views,
+                                     title=f'{prefix}, step {step}')
+    figures = {f'{prefix}/{name}': figure for name, figure in figures.items()}
+    figures['train/curves'] = plots.curves_figure(read_metrics(workdir), title=workdir.name)
+    writer.write_figures(step, figures)
+    if config.eval.dump_scores and summary['index'] is not None:
+      evaluate.dump_scores(directory / 'scores.npz',
+                           videos=[data.eval_name(int(i)) for i in summary['index']],
+                           labels=summary['labels'], scores=summary['scores'],
+                           class_names=class_names, step=step, views=views)
 
   if config.mode == 'eval':
     if latest is None and not config.init.checkpoint:
@@ -539,6 +587,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics = evaluate_now(start_step)
     writer.close()
     checkpointer.close()
+    if lead:
+      report.write_and_log(workdir)
     return metrics
 
   # ----------------------------------------------------------------------------- loop
@@ -590,6 +640,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     'aspects': list(aspects),
                     'eval_resize_ratio': config.data.eval_resize_ratio}, normalization)
       progress.update(best_val_top1=best, best_step=step)
+      if lead:   # WORKDIR/eval/best: the reports of the model WORKDIR/model holds.
+        evaluate.copy_reports(evaluate.reports_dir(workdir, 'latest'),
+                              evaluate.reports_dir(workdir, 'best'))
     return evaluated
 
   def save(step: int, evaluated: dict[str, Any] | None, eval_pending: bool) -> None:
@@ -646,4 +699,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     if train_iter is not None and hasattr(train_iter, 'close'):
       train_iter.close()
+
+  # ----------------------------------------------------------------------------- report
+  # WORKDIR/report.md + .html and the summary in the log; not after a SIGTERM (a preempted
+  # host has seconds): `python -m claver_jax.report WORKDIR` reports on a stopped run.
+  if lead and stop.signal is None:
+    report.write_and_log(workdir)
   return metrics

@@ -43,6 +43,7 @@ import tqdm
 from flax import nnx
 
 from claver_jax import cli, distributed, evaluate, sharding
+from claver_jax import report as run_report
 from claver_jax.data import build_pipelines
 from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
@@ -262,6 +263,9 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
                      f'{mesh.size} devices and the {jax.process_count()} processes.')
 
+  if jax.process_index() == 0:
+    run_report.write_run_config(workdir, json.loads(config.to_json_best_effort()))
+
   # The model's own texts and test view (WORKDIR/model records them), unless the config names
   # templates.
   source = meta.get('source', {})
@@ -313,8 +317,16 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       tokens = texts.tokens[..., :needed_context(texts.tokens, model.cfg.clip)]
       summary = run_eval(_Progress(data, bar), state, encode_text, scores, tokens, mesh)
       if lead:
-        evaluate.write_reports(summary, data.class_names,
-                               workdir / 'zeroshot' / run.dataset / run.name)
+        directory = workdir / 'zeroshot' / run.dataset / run.name
+        evaluate.write_reports(summary, data.class_names, directory,
+                               title=f'{run.dataset} {run.name}')
+        if config.eval.dump_scores:
+          evaluate.dump_scores(directory / 'scores.npz',
+                               videos=[data.eval_name(int(i)) for i in summary['index']],
+                               labels=summary['labels'], scores=summary['scores'],
+                               class_names=data.class_names, step=None,
+                               views=evaluate.views_name(config.eval.num_clips,
+                                                         config.eval.num_crops))
       results.setdefault(run.dataset, {})[run.name] = {
           'top1': summary['top1'], 'top5': summary['top5'],
           'num_videos': summary['num_videos'], 'num_classes': len(data.class_names),
@@ -333,6 +345,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     atomic_write_text(workdir / 'zeroshot.json', json.dumps(report, indent=1) + '\n')
     print(format_table(datasets, skipped))
     print(f'Wrote {workdir / "zeroshot.json"}.')
+    run_report.write_and_log(workdir)
   return report
 
 

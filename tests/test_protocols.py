@@ -412,3 +412,23 @@ def test_cli_on_eight_devices_skips_unset_datasets_and_matches_the_direct_call(
   for key in ('top1_mean', 'top1_std', 'top5_mean', 'top5_std'):
     assert cli['datasets']['ucf101'][key] == pytest.approx(report['datasets']['ucf101'][key])
   assert 'mean ± std' in proc.stdout and 'split3' in proc.stdout
+
+
+def test_the_zero_shot_report_gives_mean_and_std_per_dataset(zeroshot_run):
+  """run_zeroshot writes WORKDIR/report.md (+ .html): a row per dataset with the mean ± std of
+  what zeroshot.json holds, a row per split or draw, the skipped datasets and the figures."""
+  workdir, _, report, _ = zeroshot_run
+  text = (workdir / 'report.md').read_text()
+  assert text.startswith(f'# Zero-shot report: {workdir.name}')
+  for dataset, summary in report['datasets'].items():
+    mean_std = (f"top-1 {summary['top1_mean']:.2f} ± {summary['top1_std']:.2f}; "
+                f"top-5 {summary['top5_mean']:.2f} ± {summary['top5_std']:.2f}")
+    assert f'| {dataset} | mean ± std | {len(summary["runs"])} |' in text and mean_std in text
+    for run, r in summary['runs'].items():
+      assert (f'|  | {run} |  | {r["num_videos"]} | top-1 {r["top1"]:.2f}; top-5 {r["top5"]:.2f}'
+              in text)
+  assert 'hmdb51: skipped (no paths' in text
+  assert ('![ucf101 split1: per-class top-1, worst first](zeroshot/ucf101/split1/per_class.png)'
+          in text)
+  assert (workdir / 'config.json').is_file() and (workdir / 'report.html').is_file()
+  assert 'Command:' not in text                       # called from Python: no command line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,13 +101,25 @@ def test_a_run_writes_what_it_promises(uninterrupted):
   assert steps == list(range(1, 10))                              # 72 clips / batch 8
   assert all({'train/loss', 'train/lr'} <= set(r) for r in rows if 'train/loss' in r)
   val = [r for r in rows if 'val/top1' in r]
-  assert val and {'val/top5', 'data/train_substituted', 'data/eval_substituted'} <= set(val[-1])
+  assert val and {'val/top5', 'val/mean_class_acc', 'data/train_substituted',
+                  'data/eval_substituted'} <= set(val[-1])
+  assert val[-1]['step'] == 9 and val[-1]['views'] == '1x1'
   assert list(workdir.glob('events.out.tfevents.*'))             # TensorBoard
-  assert (workdir / 'eval' / 'confusion.png').is_file()
-  assert (workdir / 'eval' / 'per_class.json').is_file()
+  for kind in ('latest', 'best'):                                # the last and the best eval
+    for name in ('confusion.png', 'per_class.png', 'confused_pairs.png'):
+      assert (workdir / 'eval' / kind / name).is_file()
+    reports = json.loads((workdir / 'eval' / kind / 'per_class.json').read_text())
+    assert (reports['step'], reports['views'], reports['top1']) == (9, '1x1', val[-1]['val/top1'])
   assert (workdir / 'model' / 'config.json').is_file()           # loadable by claver_jax.models.load
   assert (workdir / 'tokenizer' / 'vocab.json').is_file()
+  run_config = json.loads((workdir / 'config.json').read_text())  # the run's config, readable
+  assert run_config['config_file'] == TINY and run_config['config']['train']['batch_size'] == 8
+  assert run_config['run']['total_steps'] == 9
+  assert (workdir / 'report.md').is_file() and (workdir / 'report.html').is_file()
   assert 'Done.' in proc.stdout
+  assert 'End of run.' in proc.stderr and f'Report: {workdir / "report.md"}' in proc.stderr
+  lr = [r['train/lr'] for r in rows if 'train/lr' in r][-1]
+  assert f'train/lr {lr:.2e}' in proc.stdout                    # not rounded to 0.0
 
 
 def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
@@ -132,6 +145,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert 'SIGTERM: saved step' in stderr
   saved = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
   assert saved and max(saved) >= 2
+  assert not (workdir / 'report.md').exists()        # no report on the way out of a SIGTERM
+  from claver_jax import report                      # but one on demand, saying where it stopped
+  report.main([str(workdir)])
+  text = (workdir / 'report.md').read_text()
+  last = max(train_losses(workdir))
+  assert f'Stopped at step {last} of 9' in text and 'No evaluation yet.' in text
+  assert '![training curves' in text and (workdir / 'eval' / 'curves.png').is_file()
 
 
 def test_sigterm_during_an_evaluation_saves_and_exits_within_30_s(tmp_path):
@@ -268,8 +288,11 @@ def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path, monkeypatch):
       enumerate(labels)))))
   table = run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}/model',
                   f'--video={video}', f'--label_file={label_file}').stdout.splitlines()
-  assert table[0].split() == ['label', 'score'] and len(table) == 6     # header + top 5
-  assert {line.rsplit(None, 1)[0].strip() for line in table[1:]} <= set(labels)
+  assert table[0].split() == ['video', 'rank', 'label', 'probability'] and len(table) == 6
+  assert table[1].startswith(str(video))                      # header + top 5, ranks 1..5
+  rows = [re.fullmatch(r'\S*\s+(\d)  (.+?)\s+(\d\.\d{4})', line).groups() for line in table[1:]]
+  assert [int(rank) for rank, _, _ in rows] == [1, 2, 3, 4, 5]
+  assert {label for _, label, _ in rows} <= set(labels)
   broken = tmp_path / 'broken.mp4'                   # Cut inside its index: PyAV sees no stream.
   data = video.read_bytes()
   broken.write_bytes(data[:data.index(b'moov') + 60])
@@ -382,6 +405,111 @@ def test_init_checkpoint_takes_the_weights_only(uninterrupted, tmp_path):
   assert all(np.isfinite(r['train/loss']) for r in rows)
   assert sorted(p.name for p in (source / 'checkpoints').iterdir()) == before
   assert not (workdir / 'tokenizer').exists()               # the checkpoint's vocabulary
+
+
+def test_an_eval_run_has_its_own_rows_reports_and_score_dump(uninterrupted, tmp_path):
+  """config.mode=eval on a finished run, 1 clip x 2 crops, with eval.dump_scores: an eval/* row
+  with its step and views beside the training's val/* row, reports in eval/step9_1x2/ (the
+  training's latest and best untouched), and per-video scores whose top-1 is the row's."""
+  import shutil
+  from claver_jax.data import synthetic
+  workdir = shutil.copytree(uninterrupted[0], tmp_path / 'copy', symlinks=True)
+  latest = (workdir / 'eval' / 'latest' / 'per_class.json').read_text()
+  run_main(workdir, '--config.mode=eval', '--config.eval.num_crops=2',
+           '--config.eval.dump_scores=True')
+  rows = read_metrics(workdir)
+  row = rows[-1]
+  assert row['step'] == 9 and row['views'] == '1x2' and not any(k.startswith('val/') for k in row)
+  assert {'eval/top1', 'eval/top5', 'eval/mean_class_acc'} <= set(row)
+  assert [r['views'] for r in rows if 'val/top1' in r] == ['1x1']   # the training's, kept
+  directory = workdir / 'eval' / 'step9_1x2'
+  reports = json.loads((directory / 'per_class.json').read_text())
+  assert (reports['step'], reports['views'], reports['top1']) == (9, '1x2', row['eval/top1'])
+  assert (workdir / 'eval' / 'latest' / 'per_class.json').read_text() == latest
+  dump = np.load(directory / 'scores.npz')                      # no pickles
+  val = synthetic.split_indices(96, 'val')
+  assert sorted(dump['video']) == sorted(f'synthetic:{i}' for i in val)
+  labels = [int(v.split(':')[1]) % synthetic.NUM_CLASSES for v in dump['video']]
+  np.testing.assert_array_equal(dump['label'], labels)
+  assert dump['scores'].shape == (len(val), 12) and list(dump['class_names']) == list(
+      synthetic.CLASS_NAMES)
+  np.testing.assert_allclose(dump['scores'].sum(axis=1), 2.0, rtol=1e-5)   # 2 views
+  assert (int(dump['step']), str(dump['views'])) == (9, '1x2')
+  top1 = 100 * np.mean(dump['scores'].argmax(axis=1) == dump['label'])
+  assert top1 == pytest.approx(row['eval/top1'])
+  text = (workdir / 'report.md').read_text()
+  assert '| eval run | 9 | 1x2 |' in text and '| val, best | 9 | 1x1 |' in text
+  assert 'Finished: 9 of 9 steps.' in text                      # the training's config.json kept
+  assert json.loads((workdir / 'config.json').read_text())['config']['mode'] == 'train'
+
+
+def test_each_evaluation_counts_its_own_substitutes(tmp_path):
+  """A val list of 24 with one unreadable video, evaluated at steps 1 and 2: each row counts 1
+  (the counter is reset per evaluation, not a running total). About 20 s."""
+  from data_helpers import synthetic_dir
+  data = synthetic_dir(tmp_path / 'data', num_videos=120, num_frames=8, size=32)
+  first = (data / 'val.txt').read_text().splitlines()[0].rsplit(' ', 1)[0]
+  (data / first).write_bytes(b'not a video')
+  workdir = tmp_path / 'run'
+  run_main(workdir, '--config.data.source=filelist', f'--config.data.root={data}',
+           f'--config.data.train_list={data / "train.txt"}',
+           f'--config.data.val_list={data / "val.txt"}',
+           f'--config.data.labels={data / "labels.csv"}',
+           '--config.train.max_steps=2', '--config.eval_every_steps=1')
+  evals = [r for r in read_metrics(workdir) if 'val/top1' in r]
+  assert [(r['step'], r['data/eval_substituted']) for r in evals] == [(1, 1), (2, 1)]
+
+
+def test_predict_over_a_folder_and_a_list_in_one_process(uninterrupted, tmp_path, monkeypatch):
+  """One model load and one compiled step for every video of a folder (batches of 2, the last
+  padded); a list file with labels; an unreadable video skipped with its reason; CSV and JSON out;
+  exit status 1 when a video could not be read."""
+  import csv
+  from claver_jax import evaluate, predict
+  from claver_jax.data import synthetic
+  from conftest import run_cli
+  folder = tmp_path / 'videos'
+  for i in range(5):
+    clip, _ = synthetic.make_clip(i, num_frames=8, size=32)
+    (folder / ('sub' if i % 2 else '')).mkdir(parents=True, exist_ok=True)
+    synthetic.write_mp4(folder / ('sub' if i % 2 else '') / f'clip{i}.mp4', clip)
+  (folder / 'broken.mp4').write_bytes(b'not a video')
+  labels = list(synthetic.CLASS_NAMES[:4])
+  loads, traces = [], []
+  real_load, real_scores = predict.load_video_model, evaluate.view_scores
+  monkeypatch.setattr(predict, 'load_video_model', lambda *a, **kw: loads.append(1) or
+                      real_load(*a, **kw))
+  monkeypatch.setattr(evaluate, 'view_scores', lambda *a: traces.append(1) or real_scores(*a))
+  videos, single = predict.video_inputs(folder)
+  assert not single and [v.name for v in videos] == ['broken.mp4', 'clip0.mp4', 'clip2.mp4',
+                                                     'clip4.mp4', 'clip1.mp4', 'clip3.mp4']
+  results = predict.predict_many(uninterrupted[0], videos, labels, top_k=2, batch_size=2)
+  assert loads == [1] and traces == [1]              # one load, one compile for 5 videos
+  assert 'not a readable video' in results[0]['error']
+  alone = predict.predict(uninterrupted[0], folder / 'clip2.mp4', labels, top_k=2)
+  [batched] = [r['predictions'] for r in results if r['video'].endswith('clip2.mp4')]
+  assert [p['label'] for p in batched] == [p['label'] for p in alone]
+  np.testing.assert_allclose([p['score'] for p in batched], [p['score'] for p in alone],
+                             rtol=1e-4)
+  listed = tmp_path / 'list.txt'                     # the training lists' format
+  listed.write_text('clip0.mp4 0\n# a comment\n\nsub/clip1.mp4 1\n')
+  assert predict.video_inputs(listed, folder) == ([folder / 'clip0.mp4', folder / 'sub/clip1.mp4'],
+                                                  False)
+  out = tmp_path / 'out.csv'
+  proc = run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}', f'--video={folder}',
+                 '--labels', *labels, '--top_k=2', f'--output={out}', check=False)
+  assert proc.returncode == 1 and '1 of 6 videos could not be read' in proc.stderr
+  table = proc.stdout.splitlines()
+  assert table[0].split() == ['video', 'rank', 'label', 'probability']
+  assert re.match(r'broken\.mp4 +error: not a readable video', table[1])
+  assert table[2].startswith('clip0.mp4 ')
+  rows = list(csv.DictReader(out.open()))
+  assert len(rows) == 1 + 5 * 2 and rows[0]['error'] and rows[1]['rank'] == '1'
+  as_json = run_cli('claver_jax.predict', f'--checkpoint={uninterrupted[0]}',
+                    f'--video={listed}', f'--root={folder}', '--labels', *labels, '--json')
+  result = json.loads(as_json.stdout)
+  assert [r['video'] for r in result] == [str(folder / 'clip0.mp4'), str(folder / 'sub/clip1.mp4')]
+  assert all(len(r['predictions']) == 4 for r in result)
 
 
 def test_eval_mode_needs_something_to_evaluate(tmp_path):

@@ -10,7 +10,9 @@
 Host batches (per JAX process, B = config.data.batch_size):
   train: {'video': uint8 [B, T, S, S, 3], 'label': int32 [B], 'substituted': bool [B]}
   eval:  {'video': uint8 [B, V, T, S, S, 3], 'label': int32 [B], 'substituted': bool [B],
-          'valid': bool [B]}, V = num_clips * num_crops views, clip-major (clip 0's crops first).
+          'valid': bool [B], 'index': int32 [B]}, V = num_clips * num_crops views, clip-major
+          (clip 0's crops first); 'index' is the sample's position in the eval list
+          (`Pipelines.eval_name(index)` names its video).
 'substituted' marks a sample whose video could not be read: in training it is replaced by the
 next readable video of the list (its label comes along), in evaluation by a black clip with the
 original label (count it wrong, or mask it out and report the count). 'valid' is False only for
@@ -117,14 +119,17 @@ def default_config() -> ml_collections.ConfigDict:
 class SubstitutionLog:
   """Counts substituted samples seen by the caller and logs the first MAX_LOGGED paths."""
 
-  def __init__(self, split: str, name_of: Callable[[int], str]):
-    self.split, self._name_of = split, name_of
+  def __init__(self, split: str, name_of: Callable[[int], str], keep_index: bool = False):
+    self.split, self._name_of, self._keep_index = split, name_of, keep_index
     self.count = 0
     self.paths: list[str] = []
 
   def record(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Takes the internal 'index' field off a host batch and logs its substitutions."""
+    """Logs a host batch's substitutions; takes its internal 'index' field off (keeps it as
+    int32 with `keep_index`)."""
     indices = batch.pop('index')
+    if self._keep_index:
+      batch['index'] = indices.astype(np.int32)
     for index in indices[batch['substituted']]:
       self.count += 1
       if len(self.paths) < MAX_LOGGED:
@@ -260,6 +265,7 @@ class Pipelines:
       complain at interpreter exit.
   class_names: class names in label-id order (from the labels CSV).
   num_train, num_eval: clips in the whole train / eval split (all processes).
+  eval_name: an eval batch's 'index' -> the name of its video (a list file's path).
   """
 
   train: grain.IterDataset | None
@@ -270,6 +276,7 @@ class Pipelines:
   eval_batches: int
   train_substitutions: SubstitutionLog
   eval_substitutions: SubstitutionLog
+  eval_name: Callable[[int], str] = str
 
   def eval_pass(self) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the eval split; closes grain's worker processes at the end."""
@@ -405,7 +412,7 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
     train = _prefetch(ds, cfg).map(train_log.record)
 
   evaluation, eval_batches = None, 0
-  eval_log = SubstitutionLog('eval', eval_source.name if eval_source else str)
+  eval_log = SubstitutionLog('eval', eval_source.name if eval_source else str, keep_index=True)
   if eval_source is not None:
     loader = SampleLoader(eval_source, num_clips=cfg.num_clips, num_crops=cfg.num_crops,
                           eval_resize_ratio=cfg.eval_resize_ratio, **loader_args)
@@ -423,7 +430,8 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
   return Pipelines(train=train, eval=evaluation, class_names=class_names,
                    num_train=len(train_source) if train_source else 0,
                    num_eval=len(eval_source) if eval_source else 0, eval_batches=eval_batches,
-                   train_substitutions=train_log, eval_substitutions=eval_log)
+                   train_substitutions=train_log, eval_substitutions=eval_log,
+                   eval_name=eval_source.name if eval_source else str)
 
 
 def make_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding

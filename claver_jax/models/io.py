@@ -119,11 +119,19 @@ def read_model_config(path: str | os.PathLike) -> tuple[str, Any, dict[str, Any]
   return kind, from_dict(meta['config']), meta
 
 
+def _is_model_dir(path: Path) -> bool:
+  """path/config.json is a model directory's (a run's workdir has its run config there)."""
+  try:
+    return json.loads((path / 'config.json').read_text()).get('format') == FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def model_dir(path: str | os.PathLike) -> Path:
   """A model directory, or a run's workdir holding one in model/; a link (WORKDIR/model) resolved
   once, so that everything is read from one version while the run exports newer ones."""
   path = Path(path)
-  if not (path / 'config.json').is_file() and (path / 'model' / 'config.json').is_file():
+  if not _is_model_dir(path) and (path / 'model' / 'config.json').is_file():
     path = path / 'model'
   return path.resolve()
 
