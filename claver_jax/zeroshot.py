@@ -269,7 +269,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   # The model's own texts and test view (WORKDIR/model records them), unless the config names
   # templates.
   source = meta.get('source', {})
-  templates = resolve_templates(config.text.templates or source.get('templates') or 'actions')
+  templates = resolve_templates(config.text.templates or source.get('templates') or 'official')
   bare_name = source.get('bare_name', True)
   aspects = resolve_aspects(config.text.aspects)
 

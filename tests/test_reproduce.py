@@ -19,13 +19,15 @@ from flax import nnx
 from ml_collections import config_flags
 
 from claver_jax import train, zeroshot
+from claver_jax.data import synthetic
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.metrics import read_metrics
 from claver_jax.models import CLAVER, CLAVERConfig, CLIP, CLIPConfig, families, write_model_dir
 from claver_jax.models.io import path_str
 from claver_jax.run_config import check_config
+from claver_jax.text.prompts import TEMPLATES, build_prompt_texts, load_prompt_set
+from claver_jax.text.tokenizer import train_tokenizer
 from conftest import REPO
-from prompt_helpers import tiny_clip_vocab
 
 # ml_collections' config_flags loads config files with a deprecated importlib call.
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
@@ -252,11 +254,12 @@ def test_the_rows_are_the_papers_settings(doc):
 
 
 # ------------------------------------------------------------------------- a few steps, tiny
-TINY_CLIP = CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=64,
-                       vision_layers=3, vision_heads=1, vision_mlp_dim=128, context_length=77,
-                       vocab_size=len(tiny_clip_vocab()[0]), text_width=32, text_layers=1,
-                       text_heads=1, text_mlp_dim=64,
-                       eos_token_id=tiny_clip_vocab()[0]['<|endoftext|>'])
+def tiny_clip_config(vocab: dict[str, int]) -> CLIPConfig:
+  """Tiny towers: 16 px frames of 2 x 2 patches, a 3-layer ViT (a third: 1 temporal layer)."""
+  return CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=64, vision_layers=3,
+                    vision_heads=1, vision_mlp_dim=128, context_length=77,
+                    vocab_size=len(vocab), text_width=32, text_layers=1, text_heads=1,
+                    text_mlp_dim=64, eos_token_id=vocab['<|endoftext|>'])
 
 
 def random_params(module) -> dict:
@@ -282,10 +285,11 @@ def tiny(config, paths: dict[str, Path]):
   for key in ('clip', 'checkpoint'):
     if config.init[key]:
       config.init[key] = str(paths[config.init[key]])
-  config.data.update(dict(source='synthetic', image_size=16, synthetic_size=32,
-                          synthetic_frames=8, synthetic_videos=60, num_workers=0))
+  config.data.update(dict(source='synthetic', image_size=16, synthetic_size=16,
+                          synthetic_frames=8, synthetic_videos=48, num_workers=0))
   if config.text.prompts:
     config.text.prompts = 'synthetic_motion'
+  config.model.dtype = 'float32'            # bf16 compiles and runs slower on a CPU
   config.train.update(dict(batch_size=8, max_steps=2))
   config.eval.batch_size = 8
   config.log_every_steps = 1
@@ -297,11 +301,16 @@ def test_pretrain_few_shot_and_shuffled_test_commands_run_on_tiny_towers(doc, tm
   """Table 1's B32,8,kmt trains and Table 9's pre_te test evaluates it; Table 13's KMCT few-shot
   command trains from a KMCT 32-frame model (its pretrain preset's shape)."""
   _, commands, _ = doc
-  vocab, merges = tiny_clip_vocab()
-  clip_dir = write_model_dir(tmp_path / 'clip', kind='clip', config=TINY_CLIP,
-                             params=random_params(lambda: CLIP(TINY_CLIP, rngs=nnx.Rngs(0))),
+  # A vocabulary learnt on the synthetic set's texts keeps them short (few length groups).
+  texts, _ = build_prompt_texts(list(synthetic.CLASS_NAMES), load_prompt_set('synthetic_motion'),
+                                templates=TEMPLATES)
+  tokenizer = train_tokenizer([t for row in texts for t in row], tmp_path / 'bpe', num_merges=400)
+  vocab, merges = tokenizer.vocab, tokenizer.merges
+  clip_cfg = tiny_clip_config(vocab)
+  clip_dir = write_model_dir(tmp_path / 'clip', kind='clip', config=clip_cfg,
+                             params=random_params(lambda: CLIP(clip_cfg, rngs=nnx.Rngs(0))),
                              tokenizer=(vocab, merges), normalization=(IMAGENET_MEAN, IMAGENET_STD))
-  kmct_cfg = CLAVERConfig(clip=TINY_CLIP, num_frames=32, temporal='kmct')
+  kmct_cfg = CLAVERConfig(clip=clip_cfg, num_frames=32, temporal='kmct')
   kmct_dir = write_model_dir(
       tmp_path / 'kmct', kind='claver', config=kmct_cfg,
       params=random_params(lambda: CLAVER(kmct_cfg, rngs=nnx.Rngs(0))), tokenizer=(vocab, merges),
