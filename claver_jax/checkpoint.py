@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from claver_jax import distributed
 
 BEST_METRIC = 'val/top1'
 
@@ -46,6 +50,49 @@ def on_gcsfuse(path: Path, mounts: str = '/proc/mounts') -> bool:
   return False
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be written or read; the message says which and what to do."""
+
+
+def first_line(error: BaseException) -> str:
+  """'Type: the first line of the message', without TensorStore's spec dumps, at most ~300
+  characters (its start and its end, where the OS error is)."""
+  text = str(error).strip().split('\n', 1)[0].split(' See full TensorStore details', 1)[0]
+  text = re.sub(r"\s*\[[a-z_]+='.*?'\]", '', text)
+  if len(text) > 300:
+    text = f'{text[:140]} ... {text[-140:]}'
+  return f'{type(error).__name__}: {text}'
+
+
+def batches_read(state: dict[str, Any]) -> int:
+  """How many batches the train iterator with grain state `state` has given: the state of the
+  in-process iterator (num_workers 0) counts them, a multi-worker one per worker."""
+  if 'next_index' in state:
+    return int(state['next_index'])
+  if 'iterators_in_use_states' in state:
+    return sum(int(worker['next_index']) for worker in state['iterators_in_use_states'])
+  raise CheckpointError(f'Unknown data iterator state {json.dumps(state)[:200]}.')
+
+
+def iterator_state(template: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+  """`saved` in the form of this run's iterator state `template` (its fresh get_state()): as it
+  is when both come from the same num_workers, else the same count of batches in this run's
+  form, so that a resume with another config.data.num_workers continues at the same batch (the
+  batches do not depend on the worker count, data/pipeline.py)."""
+  if set(saved) == set(template) and len(saved.get('iterators_in_use_states', ())) == len(
+      template.get('iterators_in_use_states', ())):
+    return saved
+  batches = batches_read(saved)
+  if 'next_index' in template:
+    return {**template, 'next_index': batches}
+  workers = len(template['iterators_in_use_states'])
+  # Worker w gives batches w, w + workers, ...; the next batch comes from worker batches % workers.
+  return {**template, 'next_index_in_cycle': batches % workers,
+          'iterators_in_use_states': [
+              {**state, 'next_index': (batches - w + workers - 1) // workers}
+              for w, state in enumerate(template['iterators_in_use_states'])]}
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, keep_best: int = 1):
@@ -61,6 +108,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(preservation_policy=policy,
                                            enable_async_checkpointing=True,
                                            atomicity_options=atomicity)
+    self._pending: int | None = None             # The step of a save that may still run.
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -81,7 +129,9 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         progress=ocp.args.JsonSave(progress or {}))
+    self.check_background_save()
     self.manager.save(step, args=args, metrics=metrics, force=True)
+    self._pending = step
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None
               ) -> tuple[Any, dict[str, Any]]:
@@ -97,26 +147,97 @@ class Checkpointer:
     data_dir = self.directory / str(step) / 'data'
     own_file = data_dir / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None and own_file.is_file():
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     if (self.directory / str(step) / 'progress').is_dir():
       items['progress'] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    if data_iterator is not None and not own_file.is_file():
-      first = sorted(data_dir.glob('process_0-of-*.json'))
-      if not first:
+    if data_iterator is not None:
+      saved_file = own_file if own_file.is_file() else next(
+          iter(sorted(data_dir.glob('process_0-of-*.json'))), None)
+      if saved_file is None:
         raise FileNotFoundError(f'{data_dir} has no data iterator state (process_0-of-N.json); '
-                                'the checkpoint is incomplete. Delete it to resume from the one '
-                                'before, or start a fresh workdir.')
-      data_iterator.set_state(json.loads(first[0].read_text()))
-      logging.info('Step %d was saved by %s processes and is restored by %d: the data '
-                   'continues from the same global batch.', step,
-                   first[0].stem.rsplit('-of-', 1)[1], jax.process_count())
+                                'the checkpoint is incomplete.')
+      data_iterator.set_state(iterator_state(data_iterator.get_state(),
+                                             json.loads(saved_file.read_text())))
+      if saved_file != own_file:
+        logging.info('Step %d was saved by %s processes and is restored by %d: the data '
+                     'continues from the same global batch.', step,
+                     saved_file.stem.rsplit('-of-', 1)[1], jax.process_count())
     logging.info('Restored step %d from %s.', step, self.directory)
     return restored['state'], dict(restored.get('progress') or {})
 
+  def restore_latest(self, abstract_state: Any, data_iterator: Any | None = None
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, progress) of the newest checkpoint that restores; None without any.
+
+    A newer checkpoint that does not restore (a truncated file, a disk error) is named in a
+    warning, and once an older one has restored it is moved to WORKDIR/corrupt_checkpoints/
+    (the run will save that step again). When none restores, nothing is moved: the error names
+    every step and the first reason.
+    """
+    failed: list[tuple[int, str]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, progress = self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # Whatever a damaged checkpoint raises (tensorstore, JSON, OS).
+        reason = first_line(e)
+        logging.warning('Checkpoint step %d in %s cannot be read (%s); trying the one before.',
+                        step, self.directory, reason)
+        failed.append((step, reason))
+        continue
+      if failed:
+        self._set_aside([s for s, _ in failed])
+        logging.warning('Resuming from step %d: the newer checkpoint(s) %s could not be read and '
+                        'were moved to %s.', step, [s for s, _ in failed], self.corrupt_directory)
+      return step, state, progress
+    if failed:
+      raise CheckpointError(f'No checkpoint in {self.directory} can be read (steps '
+                            f'{[s for s, _ in failed]}; step {failed[0][0]}: {failed[0][1]}). '
+                            'Start a fresh --workdir, or restore the directory from a backup.')
+    return None
+
+  @property
+  def corrupt_directory(self) -> Path:
+    return self.directory.parent / 'corrupt_checkpoints'
+
+  def _set_aside(self, steps: list[int]) -> None:
+    distributed.barrier('checkpoint_set_aside_start')
+    if jax.process_index() == 0:
+      self.corrupt_directory.mkdir(exist_ok=True)
+      for step in steps:
+        target = self.corrupt_directory / str(step)
+        if target.exists():
+          target = target.with_name(f'{step}.{int(time.time())}')
+        os.replace(self.directory / str(step), target)
+    distributed.barrier('checkpoint_set_aside_done')
+    self.manager.reload()
+
+  def check_background_save(self) -> None:
+    """Raises CheckpointError at once when the last asynchronous save has failed (orbax would
+    say so only at the next save). Cheap: a flag, no waiting while a save runs."""
+    if self._pending is None or self.manager.is_saving_in_progress():
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()        # Finished: returns at once, or raises its error.
+    except Exception as e:
+      raise CheckpointError(f'The checkpoint of step {step} could not be written to '
+                            f'{self.directory} ({first_line(e)}). Check the disk and resume: the '
+                            'run continues from the last checkpoint written.') from e
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the running save; CheckpointError if it failed (an error that
+    check_background_save has raised is not raised again)."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      if step is not None:
+        raise CheckpointError(f'The checkpoint of step {step} could not be written to '
+                              f'{self.directory} ({first_line(e)}).') from e
 
   def close(self) -> None:
-    self.manager.close()
+    self.wait()
+    try:
+      self.manager.close()
+    except Exception:             # The failed save that wait() or the loop reported.
+      logging.debug('Closing the checkpoint manager after a failed save.', exc_info=True)

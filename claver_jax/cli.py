@@ -28,10 +28,14 @@ def fail(message: str) -> NoReturn:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parser with one-line errors (see the module docstring)."""
+  missing = [a for a in argv if a.startswith('--config=')
+             and not Path(a.split('=', 1)[1].partition(':')[0]).is_file()]
+  if missing:                   # ml_collections would only fail later, at first use.
+    fail(f'{missing[-1]}: no such config file.')
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(str(e))
+    fail(config_file_error(argv) or str(e))
   except (AttributeError, KeyError) as e:      # ml_collections: an override of no such key.
     fail(unknown_key(argv) or str(e).strip("'\""))
 
@@ -43,6 +47,21 @@ def _load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def config_file_error(argv: list[str], flag: str = 'config') -> str | None:
+  """Why `--config=FILE.py[:ARG]` of argv cannot be loaded, in one line (ml_collections' own
+  message puts the cause on the last line of a traceback); None when it loads."""
+  specs = [a.split('=', 1)[1] for a in argv if a.startswith(f'--{flag}=')]
+  if not specs:
+    return None
+  try:
+    _load_config(specs[-1])
+  except Exception as e:  # noqa: BLE001 (a config file may raise anything)
+    cause = (str(e).strip().splitlines() or [''])[0]
+    kind = '' if isinstance(e, ValueError) and cause else f'{type(e).__name__}: '
+    return f'--{flag}={specs[-1]}: {kind}{cause}'
+  return None
 
 
 def unknown_key(argv: list[str], flag: str = 'config') -> str | None:

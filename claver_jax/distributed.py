@@ -32,10 +32,20 @@ _SLURM_STEP = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PRO
                'SLURM_LOCALID')
 
 
+def running_in_cloud_tpu_vm() -> bool:
+  """What `import jax` found when libtpu saw TPU chips. JAX keeps it in a private module: if a
+  JAX release moves it, this is False and a TPU VM run is started as on any machine (pass
+  --coordinator_address, --num_processes and --process_id, or the CLAVER_* variables)."""
+  try:
+    from jax._src import cloud_tpu_init
+  except ImportError:
+    return False
+  return bool(getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False))
+
+
 def detected_cluster() -> str | None:
   """The multi-process environment jax.distributed can configure itself from, or None."""
-  from jax._src import cloud_tpu_init  # Set at `import jax` when libtpu finds TPU chips.
-  if getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False):
+  if running_in_cloud_tpu_vm():
     return 'Cloud TPU'
   if all(v in os.environ for v in _SLURM_STEP) and int(os.environ['SLURM_NTASKS']) > 1:
     return 'Slurm'

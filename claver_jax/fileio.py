@@ -8,6 +8,13 @@ Two ways to put a directory in place:
     complete versions in `.<out>.versions/`. A new version is written and fsynced there, then
     the link is replaced by a rename: at every instant `out` is a complete directory. The
     version before stays until the next one, so a reader who resolved the link keeps reading.
+`atomic_write_text(path, text)` does the same for one file.
+
+Temporaries are named `.<name>.tmp-<host>-<pid>-<random>` beside the output; one left by a killed
+process (on this host, its pid no longer running) is removed when the same output is written
+again, or by `sweep_stale` (train sweeps its workdir at start). Outputs get the permissions of
+any file the user creates (0666/0777 less the umask), not tempfile's private 0600/0700: on a
+shared workdir, `umask 002` shares them with the group, `umask 077` keeps them private.
 """
 
 from __future__ import annotations
@@ -19,9 +26,64 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+_TEMP = re.compile(r'^\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{8}$')
+
+
+def umask() -> int:
+  """The process's umask, read without changing it where Linux allows (/proc)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def temp_prefix(out: Path) -> str:
+  """The name prefix of `out`'s temporaries: `.<name>.tmp-<host>-<pid>-`."""
+  return f'.{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-'
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:          # Another user's process.
+    return True
+  return True
+
+
+def sweep_stale(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+  """Removes the temporaries in `directory` (of the output `name`, or of any) that a killed
+  process left: written on this host by a pid that no longer runs. Another host's are kept (its
+  processes cannot be checked from here). Returns what was removed."""
+  directory = Path(directory)
+  try:
+    entries = list(directory.iterdir())
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  removed, host = [], socket.gethostname()
+  for entry in entries:
+    match = _TEMP.match(entry.name)
+    if (match and (name is None or match['name'] == name) and match['host'] == host
+        and int(match['pid']) != os.getpid() and not _running(int(match['pid']))):
+      with contextlib.suppress(FileNotFoundError):
+        _remove(entry)
+      removed.append(entry)
+  if removed:
+    logging.info('Removed %d temporaries left by killed processes in %s: %s', len(removed),
+                 directory, [p.name for p in removed[:5]])
+  return removed
 
 
 @contextlib.contextmanager
@@ -41,7 +103,9 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
     new = versions_dir(out) / version_name(next_version(out))
     new.mkdir(parents=True)
   else:
-    new = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+    sweep_stale(out.parent, out.name)
+    new = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
+    os.chmod(new, 0o777 & ~umask())               # mkdtemp's 0700 would make `out` private.
   try:
     yield new
     fsync_tree(new)
@@ -168,8 +232,10 @@ def publish_version(version: Path, out: Path) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   """Writes `text` to a temporary file beside `path`, fsyncs it, then renames it over `path`."""
   path = Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
+  sweep_stale(path.parent, path.name)
+  fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
   try:
+    os.fchmod(fd, 0o666 & ~umask())               # mkstemp's 0600 would make `path` private.
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       f.write(text)
       f.flush()

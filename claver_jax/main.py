@@ -3,8 +3,9 @@ r"""Train or evaluate CLAVER: the command users run.
     python -m claver_jax.main --config=configs/NAME.py[:PRESET] --workdir=DIR [--config.KEY=VALUE]
 
 `config.mode` selects 'train' (train + periodic eval) or 'eval' (evaluate the workdir's latest
-checkpoint, or config.init.checkpoint). A second run with the same workdir resumes. SIGTERM
-saves a checkpoint and exits 0. A config error (an unknown key, a bad value, keys that cannot
+checkpoint, or config.init.checkpoint). A second run with the same workdir resumes (under the
+config it was trained with; see claver_jax/workdir.py); one started while another holds the
+workdir stops at once. SIGTERM saves a checkpoint and exits 0. A config error (an unknown key, a bad value, keys that cannot
 work together) is one line on stderr and exit status 2, before anything is written.
 
 Several processes (one per host) run the same command: on Cloud TPU VMs, in Slurm job steps and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -54,18 +56,30 @@ def main(argv: list[str]) -> None:
   if jax.process_count() > 1:
     logging.info('Process 0 of %d (%s), %d of %d devices local.', jax.process_count(), setup,
                  jax.local_device_count(), jax.device_count())
+  from claver_jax.checkpoint import CheckpointError
   from claver_jax.run_config import ConfigError
   from claver_jax.train import NonFiniteLossError, train_and_evaluate
+  from claver_jax.workdir import LOCK_NAME, WorkdirError
+  workdir = Path(flags.FLAGS.workdir)
+  created = not workdir.exists()
   try:
-    if _CONFIG.value.mode == 'zeroshot':      # configs/zeroshot.py: prints its table.
-      from claver_jax.zeroshot import run_zeroshot
-      run_zeroshot(_CONFIG.value, flags.FLAGS.workdir)
-      return
-    metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
-  except ConfigError as e:
-    cli.fail(str(e))
-  except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+    try:
+      if _CONFIG.value.mode == 'zeroshot':      # configs/zeroshot.py: prints its table.
+        from claver_jax.zeroshot import run_zeroshot
+        run_zeroshot(_CONFIG.value, flags.FLAGS.workdir)
+        return
+      metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+    except ConfigError as e:
+      cli.fail(str(e))
+    except (NonFiniteLossError, WorkdirError, CheckpointError, ValueError, FileNotFoundError) as e:
+      sys.exit(f'error: {e}')
+  except BaseException:
+    # A run that failed before writing anything but its lock leaves no workdir behind.
+    if created and lead and workdir.is_dir() and all(p.name == LOCK_NAME
+                                                     for p in workdir.iterdir()):
+      (workdir / LOCK_NAME).unlink(missing_ok=True)
+      workdir.rmdir()
+    raise
   if lead:
     from claver_jax.report import format_metrics
     print(f'Done. {format_metrics(metrics)}')

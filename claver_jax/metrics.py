@@ -1,14 +1,17 @@
 """What a run reports: WORKDIR/metrics.jsonl, TensorBoard event files, and a progress bar.
 
-metrics.jsonl holds one JSON object per line, each with `step`. Keys: train/loss, train/lr,
-train/clips_per_s, data/train_substituted (a running total); each evaluation's row has
-PREFIX/top1, PREFIX/top5, PREFIX/mean_class_acc (percent), PREFIX/num_videos, `views` ('4x3')
-and data/eval_substituted (that evaluation's), PREFIX being `val` (training's periodic
-evaluations), `test` (the multi-view test at the end of training) or `eval` (a config.mode=eval
-run; claver_jax.evaluate.eval_row). TensorBoard gets the numbers under the same names, the run's
-config as text and hparams (`write_config`) and the report figures as images (`write_figures`).
-Only process 0 writes, one whole line per write() call on an O_APPEND file (no buffer to
-flush). A run killed during a write
+metrics.jsonl holds one JSON object per line, each with `step`, `time` (the wall clock when it was
+written, Unix seconds) and, in a run that trains, `epoch` (step / steps per epoch). Keys:
+train/loss, train/lr, train/clips_per_s, train/step_s (wall time per step) and data/wait_s (the
+time per step the loop waited for the input pipeline; near train/step_s means input-bound), each
+averaged over the steps since the row before; data/train_substituted (a running total); each
+evaluation's row has PREFIX/top1, PREFIX/top5, PREFIX/mean_class_acc (percent),
+PREFIX/num_videos, `views` ('4x3') and data/eval_substituted (that evaluation's), PREFIX being
+`val` (training's periodic evaluations), `test` (the multi-view test at the end of training) or
+`eval` (a config.mode=eval run; claver_jax.evaluate.eval_row). TensorBoard gets the numbers under
+the same names, the run's config as text and hparams (`write_config`) and the report figures as
+images (`write_figures`). Only process 0 writes, one whole line per write() call on an O_APPEND
+file (no buffer to flush). A run killed during a write
 can leave a torn last line: reading drops it with a warning; a bad line anywhere else is an error
 naming the file and line.
 """
@@ -20,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,8 +35,10 @@ from claver_jax.fileio import atomic_write_text
 class MetricWriter:
   """Appends to WORKDIR/metrics.jsonl and writes TensorBoard scalars into WORKDIR."""
 
-  def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0):
+  def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0,
+               steps_per_epoch: int | None = None):
     self.enabled = jax.process_index() == 0
+    self.steps_per_epoch = steps_per_epoch
     self.path = Path(workdir) / 'metrics.jsonl'
     if not self.enabled:
       return
@@ -47,7 +53,10 @@ class MetricWriter:
     if not self.enabled:
       return
     values = {k: _plain(v) for k, v in metrics.items()}
-    os.write(self._fd, (json.dumps({'step': int(step), **values}) + '\n').encode('utf-8'))
+    row = {'step': int(step), 'time': round(time.time(), 3)}
+    if self.steps_per_epoch:
+      row['epoch'] = round(step / self.steps_per_epoch, 4)
+    os.write(self._fd, (json.dumps({**row, **values}) + '\n').encode('utf-8'))
     for k, v in values.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, int(step))

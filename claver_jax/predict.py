@@ -154,9 +154,15 @@ class Predictor:
     return [{'label': self.labels[i], 'score': float(probabilities[i])} for i in order]
 
 
+def check_top_k(top_k: int) -> None:
+  if top_k < 1:
+    raise ValueError(f'--top_k={top_k}: show at least one label (top_k >= 1).')
+
+
 def predict(checkpoint: str | Path, video_path: str | Path, labels: Sequence[str], *,
             top_k: int = 5, prompts: str | None = None) -> list[dict[str, float]]:
   """-> [{'label', 'score'}] for the top_k labels, best first."""
+  check_top_k(top_k)
   predictor = Predictor(checkpoint, labels, prompts=prompts)
   return predictor.top(predictor.probabilities(predictor.frames(video_path)[None])[0], top_k)
 
@@ -170,6 +176,7 @@ def predict_many(checkpoint: str | Path, videos: Sequence[str | Path], labels: S
   import concurrent.futures
   import os
   import tqdm
+  check_top_k(top_k)
   predictor = Predictor(checkpoint, labels, prompts=prompts,
                         batch_size=max(1, min(batch_size, len(videos))))
 

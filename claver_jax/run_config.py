@@ -2,6 +2,8 @@
 
     mode                 'train' (train + periodic eval), 'eval' (evaluate a checkpoint) or
                          'zeroshot' (configs/zeroshot.py: claver_jax.zeroshot.run_zeroshot)
+    seed                 the fresh parameters' initialisation and each train step's draws (mixup,
+                         description sets); the data order and augmentation follow data.seed
     model.name           the model family: 'claver' (default), 'xclip' (X-CLIP) or
                          'motion_prompts' (after SiF, on frozen CLIP towers; see
                          claver_jax.models.families)
@@ -45,7 +47,14 @@
     data.shots_seed      the seed of that draw: the same K-shot list in every process and run
     text.tokenizer       BPE file / vocab dir / model dir; '' = the init checkpoint's; 'train' =
                          learn one on the class texts (models from scratch)
-    text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only
+    text.num_merges      text.tokenizer='train': at most this many BPE merges are learnt (fewer
+                         when no pair of tokens occurs twice); the vocabulary is the 512 byte
+                         tokens, the merges, start and end of text
+    text.prompts         a prompt set ('kinetics400', a JSON path) or '' for templates only;
+                         class names are matched exactly, else by their readable form
+                         ('ride_bike' finds 'ride bike', 'ApplyEyeMakeup' 'apply eye makeup')
+    text.allow_missing   False: a class without interpretive prompts in the set is an error
+                         naming it; True: its prompt slots take its template texts (a warning)
     text.templates       'official' (the official CLAVER code's 15, the default; with the bare
                          name, its 16 texts per class), 'objects' (short, for the synthetic
                          set), or templates with one "{}" each, joined by '|'. WORKDIR/model
@@ -73,8 +82,19 @@
                          class) as scores.npz beside its reports in WORKDIR/eval/ (see
                          claver_jax.evaluate.dump_scores; no pickles: np.load reads it)
     eval_every_steps     0 = at the end of each epoch
-    log_every_steps, checkpoint_every_steps (checkpoints are also saved at each epoch end)
+    log_every_steps, checkpoint_every_steps (checkpoints are also saved at each epoch end).
+                         SIGTERM saves after the step in progress, but a spot VM powers off ~30 s
+                         after it: in time only if the whole state gets written (1.45 GB for
+                         k400.py:B16,8,kmt, 3.91 GB for L14,8,kmt: fp32 weights and AdamW's two
+                         moments of the trained parts, from the models' shapes), i.e. at 50-130
+                         MB/s to the workdir. Otherwise the run resumes from the last periodic
+                         checkpoint, so the default, 500 steps (about half a Kinetics-400 epoch at
+                         batch 256), bounds the work lost; saves are asynchronous
     checkpoint.keep, checkpoint.keep_best (by val/top1)
+    resume_anyway        resume a workdir whose newest checkpoint was trained with other values of
+                         the keys that change what is trained (`resume_differences`: seed,
+                         model, data, text, optim, train, less RUN_ONLY_KEYS; in eval mode model
+                         only); without it such a resume stops, naming the keys
     mesh.data, mesh.fsdp  device mesh axes; -1 fills
     init.clip            a converted CLIP directory (towers; the family's new parts fresh)
     init.checkpoint      a model directory of the family model.name (converted, or a run's
@@ -91,6 +111,9 @@
     zeroshot             configs/zeroshot.py only: datasets and their paths, see
                          claver_jax.zeroshot.default_config
 """
+
+import json
+from typing import Any
 
 import ml_collections
 
@@ -125,8 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
                                           token_shuffle='none', dump_scores=False))
   c.eval_every_steps = 0
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
+  c.checkpoint_every_steps = 500
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, keep_best=1))
+  c.resume_anyway = False
   c.mesh = sharding.default_config()
   c.init = ml_collections.ConfigDict(dict(clip='', checkpoint='', towers_only=False, require='',
                                           require_from=''))
@@ -137,12 +161,64 @@ class ConfigError(ValueError):
   """A config that cannot work: the message names the keys and the fix."""
 
 
+# What a resume compares with the checkpoint's config: the keys of these sections change what is
+# trained; RUN_ONLY_KEYS among them only change how it runs (speed, memory, where the data is,
+# evaluation).
+TRAINED_SECTIONS = ('seed', 'model', 'data', 'text', 'optim', 'train')
+RUN_ONLY_KEYS = frozenset({
+    'model.remat', 'model.attention', 'data.root', 'data.allow_outside_root',
+    'data.num_workers', 'data.worker_buffer_size', 'data.read_threads', 'data.read_buffer',
+    'data.batch_size', 'data.eval_batch_size', 'data.val_list', 'data.num_clips',
+    'data.num_crops', 'data.eval_resize_ratio', 'train.grad_accum_steps'})
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  return {k: v for key, value in tree.items() for k, v in _flatten(value, f'{prefix}{key}.').items()}
+
+
+def resume_differences(saved: dict[str, Any], c: ml_collections.ConfigDict) -> list[str]:
+  """'key: saved -> now' for each key that changes what is trained and differs between the
+  checkpoint's config `saved` (JSON) and `c` (in eval mode, the model's keys only). Keys that
+  one of them lacks (another version of the code) are not compared."""
+  sections = TRAINED_SECTIONS if c.mode == 'train' else ('model',)
+  before, now = _flatten(saved), _flatten(json.loads(c.to_json_best_effort()))
+  return [f'{key}: {before[key]!r} -> {value!r}' for key, value in now.items()
+          if key.split('.')[0] in sections and key not in RUN_ONLY_KEYS and key in before
+          and before[key] != value]
+
+
+# Values that cannot work: key -> (lowest value, why).
+_AT_LEAST = {
+    'log_every_steps': (1, '1 logs every step'),
+    'checkpoint_every_steps': (1, 'checkpoints are also saved at every epoch end; a large '
+                               'value saves only those'),
+    'eval_every_steps': (0, '0 evaluates at every epoch end'),
+    'checkpoint.keep': (1, 'the latest checkpoint is what a resume and a SIGTERM need'),
+    'checkpoint.keep_best': (0, '0 keeps no extra best checkpoint'),
+    'train.batch_size': (1, ''), 'train.grad_accum_steps': (1, '1 is no accumulation'),
+    'train.max_steps': (0, '0 is no cap'), 'eval.batch_size': (1, ''),
+    'eval.num_clips': (1, ''), 'eval.num_crops': (1, ''),
+    'data.num_frames': (1, ''), 'data.image_size': (1, ''),
+    'data.num_workers': (0, '0 decodes in the main process'),
+    'data.worker_buffer_size': (1, ''), 'data.read_threads': (1, ''),
+    'data.read_buffer': (1, ''), 'data.shots': (0, '0 trains on every clip'),
+    'text.sets_per_step': (1, ''), 'text.num_merges': (0, ''),
+}
+_PROBABILITIES = ('data.jitter_prob', 'data.grayscale_prob', 'train.mixup_switch_prob')
+
+
 def check_config(c: ml_collections.ConfigDict) -> None:
   """Rejects a config that cannot work, before anything is written to the workdir."""
+  from claver_jax.models.families import FAMILIES
   from claver_jax.models.temporal import SHUFFLABLE_KINDS, TEMPORAL_KINDS, TOKEN_SHUFFLES
   from claver_jax.text.prompts import resolve_aspects
   if c.mode not in MODES:
     raise ConfigError(f'config.mode={c.mode!r}; use one of {list(MODES)}.')
+  if c.model.name not in FAMILIES:
+    raise ConfigError(f'config.model.name={c.model.name!r} is not a model family; use one of '
+                      f'{list(FAMILIES)}.')
   init = c.init
   if init.clip and init.checkpoint:
     raise ConfigError(f'config.init.clip={init.clip!r} and config.init.checkpoint='
@@ -189,3 +265,42 @@ def check_config(c: ml_collections.ConfigDict) -> None:
                       f'{t.mixup_switch_prob} in [0, 1].')
   if not 0 <= t.label_smoothing < 1:
     raise ConfigError(f'config.train.label_smoothing={t.label_smoothing} must be in [0, 1).')
+  check_values(c)
+
+
+def _value(c: ml_collections.ConfigDict, key: str) -> Any:
+  for part in key.split('.'):
+    c = c[part]
+  return c
+
+
+def check_values(c: ml_collections.ConfigDict) -> None:
+  """Rejects numbers no run can use: a zero step interval (the loop divides by it), keeping no
+  checkpoint, empty batches, probabilities outside [0, 1], a learning rate or epoch count that is
+  not positive, ..."""
+  for key, (lowest, why) in _AT_LEAST.items():
+    value = _value(c, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+      raise ConfigError(f'config.{key}={value!r} must be an integer >= {lowest}'
+                        + (f' ({why}).' if why else '.'))
+  for key in _PROBABILITIES + (('data.flip_prob',) if c.data.flip_prob is not None else ()):
+    if not 0 <= _value(c, key) <= 1:
+      raise ConfigError(f'config.{key}={_value(c, key)!r} must be a probability in [0, 1].')
+  o = c.optim
+  if not (c.train.epochs > 0 and o.lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0
+          and 0 <= o.end_lr_ratio <= 1):
+    raise ConfigError(f'config.train.epochs={c.train.epochs} must be > 0, config.optim.lr={o.lr}, '
+                      f'optim.warmup_epochs={o.warmup_epochs} and weight_decay={o.weight_decay} '
+                      f'>= 0, optim.end_lr_ratio={o.end_lr_ratio} in [0, 1].')
+  if o.grad_clip_norm is not None and not o.grad_clip_norm > 0:
+    raise ConfigError(f'config.optim.grad_clip_norm={o.grad_clip_norm} must be > 0, or None for '
+                      'no clipping.')
+  if not c.data.scales or not all(0 < s <= 1 for s in c.data.scales):
+    raise ConfigError(f'config.data.scales={tuple(c.data.scales)} must be crop scales in (0, 1].')
+  if c.data.eval_resize_ratio < 1:
+    raise ConfigError(f'config.data.eval_resize_ratio={c.data.eval_resize_ratio} must be >= 1 '
+                      '(the centre crop is taken from a short side of ratio x image_size).')
+  for axis in ('data', 'fsdp'):
+    if c.mesh[axis] != -1 and c.mesh[axis] < 1:
+      raise ConfigError(f'config.mesh.{axis}={c.mesh[axis]}: use a device count >= 1, or -1 for '
+                        'the devices left over.')

@@ -1,5 +1,5 @@
-"""The train loop: one function, read top to bottom (mesh, input, text, model + optimizer,
-shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
+"""The train loop: one function, read top to bottom (mesh, workdir, input, text, model +
+optimizer, shard, steps, checkpoint, loop), plus the train and eval steps it compiles.
 
 Loss: each step samples `config.text.sets_per_step` of the A description sets; the loss is the
 soft cross-entropy over the C classes for each set, averaged. With a frozen text tower all A·C
@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from claver_jax import distributed, evaluate, optim, report, sharding
 from claver_jax.checkpoint import Checkpointer
 from claver_jax.data import build_pipelines, make_global_batch
+from claver_jax.data.labels import DataError
 from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar, read_metrics
@@ -50,6 +51,7 @@ from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
                                      resolve_aspects, resolve_templates)
 from claver_jax.text.tokenizer import Tokenizer, train_tokenizer
+from claver_jax.workdir import claim_workdir
 
 
 # The metrics TensorBoard's hparams view compares runs on.
@@ -72,8 +74,10 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
   source = config.text.tokenizer
   if source == 'train':
     out = workdir / 'tokenizer'
-    # Resuming: the vocabulary must not move. Process 0 writes it; the others read it.
-    if jax.process_index() == 0 and not (out / 'vocab.json').is_file():
+    # Resuming: the vocabulary must not move. Process 0 writes it (both files in one rename;
+    # an older run's half-written pair is written again); the others read it.
+    complete = (out / 'vocab.json').is_file() and (out / 'merges.txt').is_file()
+    if jax.process_index() == 0 and not complete:
       prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
       texts, _ = build_prompt_texts(class_names, prompt_set,
                                     templates=resolve_templates(config.text.templates),
@@ -107,11 +111,15 @@ def model_family(config: ml_collections.ConfigDict) -> families.Family:
     if init.towers_only:
       families.check_has_towers(kind, init.checkpoint)
     elif kind != family.name:
+      has_towers = kind == 'clip' or families.get(kind).towers is not None
       raise ConfigError(f'config.init.checkpoint={init.checkpoint} holds a {kind!r} model '
                         f'but config.model.name={family.name!r}; set --config.model.name={kind}'
                         + (' (or pass a CLIP as config.init.clip)' if kind == 'clip' else '')
-                        + ' to continue it, or --config.init.towers_only=True to start a fresh '
-                        f'{family.name} from its CLIP towers.')
+                        + ' to continue it, or '
+                        + (f'--config.init.towers_only=True to start a fresh {family.name} from '
+                           'its CLIP towers.' if has_towers else
+                           f'start a fresh {family.name} from a CLIP (--config.init.clip=DIR): a '
+                           f'{kind} model has no plain CLIP towers to give.'))
     elif kind == 'claver' and model_cfg.temporal != config.model.temporal:
       # The weights come with their head; a run must not train or test another than it names.
       raise ConfigError(f'config.model.temporal={config.model.temporal!r} but config.init.'
@@ -131,6 +139,31 @@ def model_family(config: ml_collections.ConfigDict) -> families.Family:
       raise ConfigError(f'config.model.name={family.name!r} trains on frozen CLIP towers: set '
                         '--config.optim.freeze_image=True --config.optim.freeze_text=True.')
   return family
+
+
+def check_init(config: ml_collections.ConfigDict) -> None:
+  """config.init's directories exist, hold what they should (a CLIP in init.clip) and take frames
+  of config.data.image_size: one ConfigError each, before anything is written or loaded."""
+  for key in ('clip', 'checkpoint'):
+    path = config.init[key]
+    if not path:
+      continue
+    if not Path(path).is_dir():
+      raise ConfigError(f'config.init.{key}={path}: no such directory.')
+    try:
+      kind, model_cfg, _ = read_model_config(model_dir(path))
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(f'config.init.{key}: {e}') from e
+    if key == 'clip' and kind != 'clip':
+      raise ConfigError(f'config.init.clip={path} holds a {kind!r} model, not a CLIP; pass it as '
+                        '--config.init.checkpoint (with --config.init.towers_only=True for its '
+                        'towers alone).')
+    image_size = (model_cfg if kind == 'clip' else model_cfg.clip).image_size
+    if image_size != config.data.image_size:
+      raise ConfigError(f'config.data.image_size={config.data.image_size}, but the model in '
+                        f'config.init.{key}={path} takes {image_size} px frames; set '
+                        f'--config.data.image_size={image_size}, or convert the CLIP at '
+                        f'{config.data.image_size} px (convert.clip_to_flax --image_size).')
 
 
 def make_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
@@ -278,7 +311,8 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
   embeddings (projected, not normalised) when the text tower is frozen, else [A, C, S] tokens;
   `text_lengths` int [A, C] is the context each text needs (its pooling position + 1).
   `group_of` is the model family's parameter groups. 'finite' is False when the loss or the
-  gradient's global norm is not finite.
+  gradient's global norm is not finite; 'substituted' (when the batch has it) counts the batch's
+  substituted clips.
 
   One step: normalise and mix the global batch; draw K of the A description sets; encode their
   K·C texts once, by length and split over the devices (`encode_texts_by_length`); run
@@ -350,7 +384,10 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
     # Checked on device; the loop reads it where it reads the loss (no extra host sync).
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {'loss': loss, 'finite': finite}
+    out = {'loss': loss, 'finite': finite}
+    if 'substituted' in batch:
+      out['substituted'] = batch['substituted'].sum()
+    return nnx.state((model, optimizer)), out
 
   return train_step
 
@@ -377,11 +414,12 @@ def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]
 
 def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
              stop: distributed.StopRequest | None = None) -> dict[str, Any] | None:
-  """One pass over the eval split -> evaluate.summarize(...) over the valid videos, plus their
-  'scores' [N, C], 'labels' [N] and 'index' [N] (eval-list positions; None for pipelines without
-  them). Scores stay on the devices and are gathered once at the end. None when `stop()` is set
-  between batches (a SIGTERM in a one-process run; a multi-process run stops after the
-  evaluation, see StopRequest)."""
+  """One pass over the eval split -> evaluate.summarize(...) over the videos that could be read,
+  with 'num_substituted' (the unreadable ones, left out), plus their 'scores' [N, C], 'labels'
+  [N] and 'index' [N] (eval-list positions; None for pipelines without them); a DataError when
+  the unreadable ones are more than data.max_substituted of the split. Scores stay on the devices
+  and are gathered once at the end. None when `stop()` is set between batches (a SIGTERM in a
+  one-process run; a multi-process run stops after the evaluation, see StopRequest)."""
   text = evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
                                chunk=TEXTS_PER_DEVICE * mesh.size)
   parts = []
@@ -391,17 +429,23 @@ def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
       return None
     batch = make_global_batch(host_batch, batch_sharding)
     parts.append({'scores': scores(state, batch['video'], text), 'label': batch['label'],
-                  'valid': batch['valid'],
+                  'valid': batch['valid'], 'substituted': batch['substituted'],
                   **({'index': batch['index']} if 'index' in batch else {})})
   together = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
   gathered = multihost_utils.process_allgather(together, tiled=True)
-  keep = np.asarray(gathered['valid'])
+  valid = np.asarray(gathered['valid'])
+  unreadable = valid & np.asarray(gathered['substituted'])
+  data.check_substituted('eval', int(unreadable.sum()), int(valid.sum()))
+  keep = valid & ~unreadable
+  if not keep.any():
+    raise DataError('No video of the eval split could be read: nothing to score.')
   summary = evaluate.summarize(np.asarray(gathered['scores'])[keep],
                                np.asarray(gathered['label'])[keep], data.class_names)
-  # For the score dump: [N, C] scores, [N] labels and eval-list positions, N valid videos.
+  # For the score dump: [N, C] scores, [N] labels and eval-list positions, N scored videos.
   summary.update(scores=np.asarray(gathered['scores'])[keep],
                  labels=np.asarray(gathered['label'])[keep],
-                 index=np.asarray(gathered['index'])[keep] if 'index' in gathered else None)
+                 index=np.asarray(gathered['index'])[keep] if 'index' in gathered else None,
+                 num_substituted=int(unreadable.sum()))
   return summary
 
 
@@ -437,12 +481,16 @@ def checkpoint_normalization(config: ml_collections.ConfigDict) -> tuple[Any, An
 # The loop
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (config.mode='train') or evaluates (config.mode='eval'); returns the last metrics."""
-  check_config(config)                     # Nothing is written before the config is known good.
+  """Trains (config.mode='train') or evaluates (config.mode='eval'); returns the last metrics.
+
+  Nothing is written to the workdir before the config, config.init's directories, the
+  tokenizer, the data (lists, labels, a sample of the videos) and the class texts are checked."""
+  check_config(config)
   if config.mode not in ('train', 'eval'):
     raise ConfigError(f"config.mode={config.mode!r}; train_and_evaluate runs 'train' or 'eval'.")
   workdir = Path(workdir).absolute()
-  model_family(config)                # A family error, before anything is written.
+  model_family(config)
+  check_init(config)
 
   # ----------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -456,7 +504,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
                       'devices.')
   sharding.check_process_rows(mesh, tc.batch_size)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # A tokenizer to load is checked now; one to learn is made once the workdir exists.
+  tokenizer = make_tokenizer(config, workdir, []) if config.text.tokenizer != 'train' else None
 
   # ----------------------------------------------------------------------------- input
   data_config = config.data.copy_and_resolve_references()
@@ -467,9 +516,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_config.train_list = ''
   data = build_pipelines(data_config, workdir=workdir)
   class_names = data.class_names
+  templates = resolve_templates(config.text.templates)
+  aspects = resolve_aspects(config.text.aspects)
+  build_prompt_texts(class_names, load_prompt_set(config.text.prompts) if config.text.prompts
+                     else None, templates=templates, aspects=aspects,
+                     allow_missing=config.text.allow_missing,
+                     name=config.text.bare_name)      # Every class has its texts.
+
+  # ----------------------------------------------------------------------------- workdir
+  # Room to write, the lock (one run per workdir, held until the end), stale temporaries swept,
+  # a resume under the config it was trained with: all before anything is built.
+  workdir_lock = claim_workdir(workdir, config)
 
   # ----------------------------------------------------------------------------- text
-  tokenizer = make_tokenizer(config, workdir, class_names)
+  tokenizer = tokenizer or make_tokenizer(config, workdir, class_names)
 
   # ----------------------------------------------------------------------------- model + optimizer
   model = make_model(config, tokenizer, nnx.Rngs(config.seed))
@@ -479,8 +539,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   normalization = (tuple(config.data.mean), tuple(config.data.std))
   recorded_normalization = checkpoint_normalization(config)
   set_remat(model, config.model.remat)
-  templates = resolve_templates(config.text.templates)
-  aspects = resolve_aspects(config.text.aspects)
   prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None, templates=templates,
                           aspects=aspects, allow_missing=config.text.allow_missing,
                           name=config.text.bare_name, context_length=model.cfg.clip.context_length)
@@ -520,14 +578,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = 0
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_sharding)
-  latest = checkpointer.latest_step()
   progress: dict[str, Any] = {}
-  if latest is not None:
-    restored, progress = checkpointer.restore(latest, nnx.to_pure_dict(abstract), train_iter)
+  # The newest checkpoint that reads; a damaged newer one is named and set aside.
+  resumed = checkpointer.restore_latest(nnx.to_pure_dict(abstract), train_iter)
+  latest = None if resumed is None else resumed[0]
+  if resumed is not None:
+    start_step, restored, progress = resumed
     nnx.replace_by_pure_dict(state, restored)
-    start_step = latest
     logging.info('Resuming from step %d in %s.', start_step, workdir)
-  writer = MetricWriter(workdir, resume_step=start_step)
+  writer = MetricWriter(workdir, resume_step=start_step,
+                        steps_per_epoch=steps_per_epoch if data.num_train else None)
 
   # ----------------------------------------------------------------------------- record
   lead = jax.process_index() == 0
@@ -558,9 +618,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       kind = 'eval' if prefix == 'eval' else 'latest'
       write_eval_reports(summary, evaluate.reports_dir(workdir, kind, step=step, views=views),
                          step)
+    unreadable = (f', {summary["num_substituted"]} unreadable, not scored'
+                  if summary['num_substituted'] else '')
     logging.info('step %d: %s top-1 %.2f%%, top-5 %.2f%%, mean class %.2f%% over %d videos '
-                 '(%s views).', step, prefix, summary['top1'], summary['top5'],
-                 summary['mean_class_acc'], summary['num_videos'], views)
+                 '(%s views%s).', step, prefix, summary['top1'], summary['top5'],
+                 summary['mean_class_acc'], summary['num_videos'], views, unreadable)
     return metrics
 
   def write_eval_reports(summary: dict[str, Any], directory: Path, step: int) -> None:
@@ -589,6 +651,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     if lead:
       report.write_and_log(workdir)
+    if workdir_lock is not None:
+      workdir_lock.release()
     return metrics
 
   # ----------------------------------------------------------------------------- loop
@@ -598,10 +662,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stop = distributed.StopRequest(start_step)
   eval_every = config.eval_every_steps or steps_per_epoch
   bar = progress_bar(total_steps, start_step)
-  losses, metrics = [], {}
+  losses, substituted, metrics = [], [], {}
   unchecked: list[tuple[int, jax.Array]] = []   # (step, its on-device finiteness flag)
   best = progress.get('best_val_top1')          # Of WORKDIR/model; None before the first export.
-  tick, clips = time.time(), 0
+  tick, clips, waited = time.time(), 0, 0.0     # Since the last log: time, clips, input wait.
+  read, unreadable = 0, 0                       # Clips read and substituted in this run.
 
   def last_good() -> str:
     saved = checkpointer.latest_step()
@@ -658,24 +723,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return metrics
       metrics.update(evaluated)
     for step in range(start_step + 1, total_steps + 1):
-      batch = make_global_batch(next(train_iter), batch_sharding)
+      waiting = time.perf_counter()
+      host_batch = next(train_iter)
+      waited += time.perf_counter() - waiting
+      batch = make_global_batch(host_batch, batch_sharding)
       state, out = train_step(state, batch, text, jnp.asarray(step, jnp.int32))
       losses.append(out['loss'])
+      substituted.append(out['substituted'])
       unchecked.append((step, out['finite']))
       clips += tc.batch_size
       bar.update(1)
+      checkpointer.check_background_save()   # A failed asynchronous save stops the run now.
       last = step == total_steps
       if step % config.log_every_steps == 0 or last:
-        values, flags = jax.device_get((losses, [f for _, f in unchecked]))
+        values, flags, counts = jax.device_get((losses, [f for _, f in unchecked], substituted))
         check_finite(flags)
-        loss = float(np.mean(values))
-        rate = clips / (time.time() - tick)
+        read, unreadable = read + clips, unreadable + int(np.sum(counts))
+        data.check_substituted('train', unreadable, read)
+        loss, elapsed = float(np.mean(values)), time.time() - tick
         metrics = {'train/loss': loss, 'train/lr': float(schedule(step - 1)),
-                   'train/clips_per_s': rate}
+                   'train/clips_per_s': clips / elapsed,
+                   'train/step_s': elapsed / len(values), 'data/wait_s': waited / len(values)}
         writer.write(step, metrics)
         bar.set_postfix(loss=f'{loss:.4f}', lr=f'{metrics["train/lr"]:.2e}',
-                        clips_s=f'{rate:.1f}')
-        losses, tick, clips = [], time.time(), 0
+                        clips_s=f'{metrics["train/clips_per_s"]:.1f}')
+        losses, substituted, tick, clips, waited = [], [], time.time(), 0, 0.0
       evaluating = step % eval_every == 0 or last
       evaluated = None
       if evaluating:
@@ -699,6 +771,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     if train_iter is not None and hasattr(train_iter, 'close'):
       train_iter.close()
+    if workdir_lock is not None:
+      workdir_lock.release()
 
   # ----------------------------------------------------------------------------- report
   # WORKDIR/report.md + .html and the summary in the log; not after a SIGTERM (a preempted

@@ -19,7 +19,8 @@ Scores are train.run_eval's over evaluate.class_scores (softmax over classes per
 set, mean over sets, sum over views); top-k counts over all videos. std is numpy's (ddof=0; the
 paper does not say which).
 
-WORKDIR/zeroshot.json holds every number; WORKDIR/zeroshot/<dataset>/<run>/ the per-class
+WORKDIR/zeroshot.json holds every number, rewritten as each run ends ("finished": false until
+the last, so that a failure later loses nothing); WORKDIR/zeroshot/<dataset>/<run>/ the per-class
 accuracy and confusion matrix of each run, and for Kinetics-600 the split's list as read
 (val.txt, with config.zeroshot.k600.path_format applied) and classes (labels.csv). A table is
 printed at the end.
@@ -203,9 +204,8 @@ class _Progress:
   data: Pipelines
   bar: Any
 
-  @property
-  def class_names(self) -> list[str]:
-    return self.data.class_names
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.data, name)
 
   def eval_pass(self) -> Iterator[dict[str, np.ndarray]]:
     for batch in self.data.eval_pass():
@@ -247,7 +247,6 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     raise ConfigError('The config has no zeroshot section; start from configs/zeroshot.py.')
   check_config(config)
   workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   if not config.init.checkpoint:
     raise ConfigError('config.init.checkpoint is empty: set it to the K400-trained model directory '
                       '(or the workdir of its run) to evaluate.')
@@ -274,6 +273,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   aspects = resolve_aspects(config.text.aspects)
 
   # ----------------------------------------------------------------------------- input
+  workdir.mkdir(parents=True, exist_ok=True)
   runs, skipped = plan_runs(config, workdir)
   for dataset, why in skipped.items():
     logging.warning('Zero-shot: skipping %s: %s.', dataset, why)
@@ -305,6 +305,18 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   # ----------------------------------------------------------------------------- evaluate
   lead = jax.process_index() == 0
   results: dict[str, dict[str, Any]] = {}
+
+  def report(finished: bool) -> dict[str, Any]:
+    """What zeroshot.json holds: every run finished so far; written as each one ends."""
+    written = {'checkpoint': str(checkpoint), 'num_frames': config.data.num_frames,
+               'templates': list(templates), 'aspects': list(aspects),
+               'views': [config.eval.num_clips, config.eval.num_crops],
+               'datasets': {name: summarize_runs(r) for name, r in results.items()},
+               'skipped': skipped, 'finished': finished}
+    if lead:
+      atomic_write_text(workdir / 'zeroshot.json', json.dumps(written, indent=1) + '\n')
+    return written
+
   bar = tqdm.tqdm(total=sum(d.eval_batches for d in pipelines), unit='batch', dynamic_ncols=True,
                   disable=not lead)
   try:
@@ -333,20 +345,16 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
           'substituted': data.eval_substitutions.count, **run.info}
       logging.info('Zero-shot %s %s: top-1 %.2f%%, top-5 %.2f%% over %d videos.', run.dataset,
                    run.name, summary['top1'], summary['top5'], summary['num_videos'])
+      report(finished=False)
   finally:
     bar.close()
 
-  datasets = {name: summarize_runs(r) for name, r in results.items()}
-  report = {'checkpoint': str(checkpoint), 'num_frames': config.data.num_frames,
-            'templates': list(templates), 'aspects': list(aspects),
-            'views': [config.eval.num_clips, config.eval.num_crops], 'datasets': datasets,
-            'skipped': skipped}
+  written = report(finished=True)
   if lead:
-    atomic_write_text(workdir / 'zeroshot.json', json.dumps(report, indent=1) + '\n')
-    print(format_table(datasets, skipped))
+    print(format_table(written['datasets'], skipped))
     print(f'Wrote {workdir / "zeroshot.json"}.')
     run_report.write_and_log(workdir)
-  return report
+  return written
 
 
 def main(argv: list[str]) -> None:

@@ -4,10 +4,14 @@ r"""Converts PyTorch CLIP weights into a claver_jax model directory.
         [--image_size=336] [--overwrite]
 
 PATH is one of
-  * an HF CLIP directory: config.json with model.safetensors (or its shards) or pytorch_model.bin;
+  * an HF CLIP directory: config.json with model.safetensors or pytorch_model.bin (or their
+    shards, *.index.json: every shard a file of the directory);
   * an OpenAI CLIP checkpoint: the TorchScript archive OpenAI distributes (ViT-B-32.pt, ...), a
     plain state dict in OpenAI key layout saved by torch.save, or the same state dict as
-    .safetensors (read without torch).
+    .safetensors.
+Nothing in a checkpoint runs: safetensors and the zip archives of torch.save and torch.jit.save
+are read without torch (convert.torch_pickle: tensors only, never torch.jit.load); only the
+legacy pre-1.6 torch.save format needs torch, >= 2.6, through torch.load(weights_only=True).
 
 The architecture is inferred from the tensors' shapes. Head counts cannot be seen in shapes: HF
 sources give them in config.json; for OpenAI sources they follow OpenAI's width // 64 unless
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import sys
 import zipfile
@@ -29,13 +34,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from claver_jax.compat import require_torch
 from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD
 from claver_jax.models.clip import CLIPConfig
 from claver_jax.text.tokenizer import read_openai_bpe, read_vocab_merges
+from convert import torch_pickle
 
 ACCEPTED_FORMATS = (
-    'an HF CLIP directory (config.json + model.safetensors, sharded safetensors, or '
-    'pytorch_model.bin); an OpenAI CLIP TorchScript archive (e.g. ViT-B-32.pt); an OpenAI-layout '
+    'an HF CLIP directory (config.json + model.safetensors or pytorch_model.bin, or their '
+    'shards); an OpenAI CLIP TorchScript archive (e.g. ViT-B-32.pt); an OpenAI-layout '
     'state dict saved with torch.save (.pt/.pth/.bin) or as .safetensors')
 
 # Keys that some checkpoints carry besides the weights.
@@ -78,18 +85,9 @@ def _to_numpy(x: Any) -> np.ndarray:
   return a.astype(np.float32) if a.dtype.kind == 'f' or a.dtype.name == 'bfloat16' else a
 
 
-def _torch():
-  try:
-    import torch
-  except ImportError as e:
-    raise ConversionError(
-        'Reading PyTorch .pt/.pth/.bin files needs torch: `pip install torch==2.13.0` (the CPU '
-        'build is enough), or save the weights as .safetensors, which needs no torch.') from e
-  return torch
-
-
 def _torch_tensors(state: Any, path: Path) -> dict[str, np.ndarray]:
-  torch = _torch()
+  """A torch checkpoint's object (a state dict, or one under 'state_dict' / 'model') -> its
+  arrays by name, DataParallel's 'module.' prefix removed."""
   if isinstance(state, dict):
     for wrapper in ('state_dict', 'model'):
       if isinstance(state.get(wrapper), dict):
@@ -100,39 +98,45 @@ def _torch_tensors(state: Any, path: Path) -> dict[str, np.ndarray]:
                           f'Accepted: {ACCEPTED_FORMATS}.')
   tensors = {}
   for k, v in state.items():
-    if isinstance(v, torch.Tensor):
+    if hasattr(v, 'detach'):                     # A torch.Tensor, from the legacy reader.
       v = v.detach().cpu()
-      tensors[k] = (v.to(torch.float32) if v.is_floating_point() else v).numpy()
+      v = v.float().numpy() if v.is_floating_point() else v.numpy()
+    if isinstance(v, np.ndarray):
+      tensors[k] = _to_numpy(v)
   if tensors and all(k.startswith('module.') for k in tensors):
     tensors = {k[len('module.'):]: v for k, v in tensors.items()}
   return tensors
 
 
 def _read_torch_file(path: Path) -> tuple[dict[str, np.ndarray], str]:
-  is_zip = zipfile.is_zipfile(path)
-  if is_zip:
-    names = zipfile.ZipFile(path).namelist()
-    if any(n.endswith('constants.pkl') or '/code/' in n for n in names):
-      torch = _torch()
-      try:
-        module = torch.jit.load(str(path), map_location='cpu')
-      except Exception as e:
-        raise ConversionError(f'{path} looks like a TorchScript archive but cannot be loaded: '
-                              f'{e}') from e
-      return _torch_tensors(module.state_dict(), path), 'torchscript'
-  else:
-    with open(path, 'rb') as f:
-      magic = f.read(2)
-    if magic == b'PK':
-      raise ConversionError(f'{path} starts like a zip (torch.save) archive but is not a complete '
-                            'one: the file is truncated or corrupt. Download or copy it again.')
-    if magic[:1] != b'\x80':  # Not a pickle: the legacy torch.save format starts with one.
-      raise ConversionError(f'Unrecognised checkpoint format: {path}. Accepted: {ACCEPTED_FORMATS}.')
-  torch = _torch()
+  """A torch.save or TorchScript file -> (arrays by name, container). Zip archives are read by
+  convert.torch_pickle, which runs nothing they contain (never torch.jit.load); only the legacy
+  pre-1.6 format needs torch, through torch.load(weights_only=True) on torch >= 2.6."""
+  if zipfile.is_zipfile(path):
+    try:
+      data, torchscript, declared = torch_pickle.read_archive(path)
+    except torch_pickle.UnsafeCheckpointError as e:
+      raise ConversionError(f'{path} cannot be read as a checkpoint of tensors: {e}. Accepted: '
+                            f'{ACCEPTED_FORMATS}.') from e
+    if torchscript:
+      if not isinstance(data, torch_pickle.Opaque):
+        raise ConversionError(f'{path} is a TorchScript archive without a module in data.pkl.')
+      return torch_pickle.module_state_dict(data, declared), 'torchscript'
+    return _torch_tensors(data, path), 'torch'
+  with open(path, 'rb') as f:
+    magic = f.read(2)
+  if magic == b'PK':
+    raise ConversionError(f'{path} starts like a zip (torch.save) archive but is not a complete '
+                          'one: the file is truncated or corrupt. Download or copy it again.')
+  if magic[:1] != b'\x80':  # Not a pickle: the legacy torch.save format starts with one.
+    raise ConversionError(f'Unrecognised checkpoint format: {path}. Accepted: {ACCEPTED_FORMATS}.')
+  torch = require_torch(f'{path} is in the legacy (pre-1.6) torch.save format; reading it',
+                        ConversionError)
   try:
     state = torch.load(str(path), map_location='cpu', weights_only=True)
   except Exception as e:
-    raise ConversionError(f'{path} cannot be read by torch.load ({type(e).__name__}: {e}). '
+    raise ConversionError(f'{path} cannot be read by torch.load(weights_only=True) '
+                          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). '
                           f'Accepted: {ACCEPTED_FORMATS}.') from e
   return _torch_tensors(state, path), 'torch'
 
@@ -158,6 +162,30 @@ def _read_hf_normalization(directory: Path) -> tuple[tuple[float, ...], tuple[fl
   return tuple(config['image_mean']), tuple(config['image_std'])
 
 
+def _index_shards(directory: Path, index_name: str) -> list[Path]:
+  """The shard files an HF index (*.index.json) names, each a path inside `directory`: a name
+  that leads elsewhere (absolute, or out through '..') is an error, not a file read. Links in
+  the directory are followed (an HF cache snapshot links its files to blobs/)."""
+  index = directory / index_name
+  try:
+    names = sorted(set(json.loads(index.read_text(encoding='utf-8'))['weight_map'].values()))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ConversionError(f'{index} is not an HF shard index (a JSON object with a weight_map of '
+                          f'tensor name -> shard file): {e}') from e
+  shards = []
+  for name in names:
+    relative = os.path.normpath(str(name))
+    if (not isinstance(name, str) or os.path.isabs(relative) or relative == '..'
+        or relative.startswith('..' + os.sep)):
+      raise ConversionError(f'{index} names the shard {name!r}, which is outside {directory}: '
+                            'shard entries must be file names in the model directory.')
+    shard = directory / relative
+    if not shard.is_file():
+      raise ConversionError(f'{index} names the shard {name}, which is missing from {directory}.')
+    shards.append(shard)
+  return shards
+
+
 def _read_hf_dir(path: Path) -> Source:
   config = json.loads((path / 'config.json').read_text())
   if config.get('format') == 'claver_jax.model':
@@ -171,17 +199,20 @@ def _read_hf_dir(path: Path) -> Source:
   if (path / 'model.safetensors').is_file():
     tensors, container = _read_safetensors(path / 'model.safetensors'), 'safetensors'
   elif (path / 'model.safetensors.index.json').is_file():
-    shards = sorted(set(json.loads((path / 'model.safetensors.index.json').read_text())
-                        ['weight_map'].values()))
-    for shard in shards:
-      tensors.update(_read_safetensors(path / shard))
+    for shard in _index_shards(path, 'model.safetensors.index.json'):
+      tensors.update(_read_safetensors(shard))
     container = 'safetensors'
   elif (path / 'pytorch_model.bin').is_file():
     tensors, container = _read_torch_file(path / 'pytorch_model.bin')
+  elif (path / 'pytorch_model.bin.index.json').is_file():
+    for shard in _index_shards(path, 'pytorch_model.bin.index.json'):
+      shard_tensors, container = _read_torch_file(shard)
+      tensors.update(shard_tensors)
   else:
     raise ConversionError(
         f'{path} has config.json but no weights: expected model.safetensors, '
-        'model.safetensors.index.json with its shards, or pytorch_model.bin.')
+        'model.safetensors.index.json with its shards, pytorch_model.bin, or '
+        'pytorch_model.bin.index.json with its shards.')
   return Source(tensors, 'hf', container, config, _read_hf_tokenizer(path),
                 _read_hf_normalization(path))
 
@@ -201,6 +232,8 @@ def read_source(path: str | Path) -> Source:
   else:
     tensors, container = _read_torch_file(path)
   keys = set(tensors)
+  if not keys:
+    raise ConversionError(f'{path} holds no tensors. Accepted: {ACCEPTED_FORMATS}.')
   if 'visual.conv1.weight' in keys:
     return Source(tensors, 'openai', container)
   if 'vision_model.embeddings.patch_embedding.weight' in keys:

@@ -8,6 +8,10 @@ quote() {  # One shell word, readable: --flag='value with spaces', 'it'\''s'.
     printf '%s' "$word"
     return
   fi
+  if [[ $word =~ ^(--[A-Za-z0-9_-]+=)\$([A-Z_]+)$ ]]; then  # For the job to expand.
+    printf '%s"$%s"' "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"
+    return
+  fi
   if [[ $word =~ ^(--[A-Za-z0-9_-]+=)(.*)$ ]]; then
     flag=${BASH_REMATCH[1]}
     word=${BASH_REMATCH[2]}

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
+import zipfile
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ import torch_clip
 from claver_jax.fileio import atomic_directory
 from claver_jax.models import load
 from conftest import run_cli
+from convert import claver_to_flax, xclip_to_flax
 from convert.clip_to_flax import ConversionError, convert, resize_positional_embedding
 
 
@@ -229,3 +234,167 @@ def test_directories_record_the_input_normalisation(tiny_clip, converted_hf, tmp
   convert(src, tmp_path / 'out')
   meta = json.loads((tmp_path / 'out' / 'config.json').read_text())
   assert meta['normalization'] == {'mean': [0.5] * 3, 'std': [0.25] * 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted checkpoints: nothing in them runs
+# ---------------------------------------------------------------------------------------------
+class HostileModule(torch.nn.Module):
+  """A TorchScript module whose __setstate__, run by torch.jit.load, writes `target` (a .pth in a
+  site directory would run at the next Python start)."""
+
+  def __init__(self, target: str):
+    super().__init__()
+    self.weight = torch.nn.Parameter(torch.zeros(2))
+    self.target = target
+    self.sink = torch.zeros(0, dtype=torch.uint8)
+
+  def forward(self, x):
+    return x + self.weight
+
+  @torch.jit.export
+  def __getstate__(self) -> Tuple[torch.Tensor, str, bool]:
+    return (self.weight, self.target, self.training)
+
+  @torch.jit.export
+  def __setstate__(self, state: Tuple[torch.Tensor, str, bool]) -> None:
+    self.weight, self.target, self.training = state[0], state[1], state[2]
+    written = torch.from_file(state[1], shared=True, size=9, dtype=torch.uint8)
+    written.copy_(torch.tensor([105, 109, 112, 111, 114, 116, 32, 111, 115],  # 'import os'
+                               dtype=torch.uint8))
+    self.sink = written
+
+
+class MakesDirectory:
+  """An object that a plain unpickler turns into os.makedirs(target)."""
+
+  def __init__(self, target):
+    self.target = str(target)
+
+  def __reduce__(self):
+    return os.makedirs, (self.target,)
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')   # torch.jit.script
+def test_a_hostile_torchscript_archive_runs_nothing(tmp_path):
+  target = tmp_path / 'site' / 'evil.pth'
+  target.parent.mkdir()
+  archive = tmp_path / 'ViT-B-32.pt'
+  torch.jit.save(torch.jit.script(HostileModule(str(target))), str(archive))
+  torch.jit.load(str(archive))                 # The attack is real: torch.jit.load writes it.
+  assert target.read_bytes() == b'import os'
+  target.unlink()
+  out = tmp_path / 'out'
+  proc = run_cli('convert.clip_to_flax', f'--src={archive}', f'--out={out}', check=False)
+  lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith('Reading ')]
+  assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+  assert 'holds no tensors' in lines[0]
+  hf_dir = tmp_path / 'hf'                     # The same archive as an HF directory's weights.
+  hf_dir.mkdir()
+  (hf_dir / 'config.json').write_text(json.dumps({'vision_config': {}, 'text_config': {}}))
+  shutil.copy(archive, hf_dir / 'pytorch_model.bin')
+  for converter, src in [(convert, hf_dir), (claver_to_flax.convert, archive),
+                         (xclip_to_flax.convert, archive)]:
+    with pytest.raises(ConversionError):
+      converter(src, out)
+  assert not target.exists() and not list(target.parent.iterdir())
+  assert_nothing_written(out)
+
+
+def test_a_pickle_that_calls_a_function_converts_without_calling_it(openai_state, tmp_path):
+  """A state dict with an extra entry whose unpickling would call os.makedirs: the weights are
+  read, the call never happens (torch.load without weights_only would make the directory)."""
+  target = tmp_path / 'made_by_the_checkpoint'
+  src = tmp_path / 'clip.pth'
+  torch.save({'model': dict(openai_state), 'evil': MakesDirectory(target)}, src)
+  torch.load(src, weights_only=False)
+  assert target.is_dir()
+  target.rmdir()
+  convert(src, tmp_path / 'out')
+  assert not target.exists()
+  reference = tmp_path / 'reference.safetensors'
+  save_file(openai_state, reference)
+  convert(reference, tmp_path / 'reference')
+  images = np.zeros((1, 32, 32, 3), np.float32)
+  np.testing.assert_array_equal(load(tmp_path / 'out').encode_image(images),
+                                load(tmp_path / 'reference').encode_image(images))
+
+
+def _crafted_tensor_archive(path, offset: int, size: tuple, stride: tuple, numel: int,
+                            stored: int) -> None:
+  """A torch.save-style zip whose one tensor is a view of (offset, size, stride) into a float
+  storage that claims `numel` elements and holds `stored`."""
+  def text(s):
+    return b'X' + struct.pack('<I', len(s)) + s.encode()
+
+  def ints(xs):
+    return b'(' + b''.join(b'J' + struct.pack('<i', x) for x in xs) + b't'
+
+  pickled = (b'\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(' +
+             b'(' + text('storage') + b'ctorch\nFloatStorage\n' + text('0') + text('cpu') +
+             b'J' + struct.pack('<i', numel) + b'tQ' + b'J' + struct.pack('<i', offset) +
+             ints(size) + ints(stride) + b'\x89ccollections\nOrderedDict\n)RtR.')
+  with zipfile.ZipFile(path, 'w') as archive:
+    archive.writestr('clip/data.pkl', pickled)
+    archive.writestr('clip/data/0', np.zeros(stored, np.float32).tobytes())
+
+
+@pytest.mark.parametrize('view,message', [
+    ((0, (2, 3), (3, 1), 6, 6), None),                       # A well-formed tensor.
+    ((4, (2, 3), (3, 1), 6, 6), 'reaches past its storage'),
+    ((0, (2, 3), (300, 1), 6, 6), 'reaches past its storage'),
+    ((0, (2, 3), (3, 1), 6, 2), 'fewer than its 6 elements'),
+])
+def test_tensor_views_are_checked_against_their_storage(view, message, tmp_path):
+  from convert.torch_pickle import UnsafeCheckpointError, read_archive
+  src = tmp_path / 'crafted.pt'
+  _crafted_tensor_archive(src, *view)
+  if message is None:
+    data, torchscript, _ = read_archive(src)
+    assert not torchscript and data.shape == (2, 3) and data.dtype == np.float32
+    return
+  with pytest.raises(UnsafeCheckpointError, match=message):
+    read_archive(src)
+  with pytest.raises(ConversionError, match=message):
+    convert(src, tmp_path / 'out')
+
+
+def test_legacy_torch_save_format_needs_torch_2_6(openai_state, tmp_path, monkeypatch):
+  src = tmp_path / 'legacy.pt'
+  torch.save(dict(openai_state), src, _use_new_zipfile_serialization=False)
+  assert not zipfile.is_zipfile(src)
+  convert(src, tmp_path / 'out')                          # torch.load(weights_only=True)
+  monkeypatch.setattr(torch, '__version__', '2.5.1')
+  with pytest.raises(ConversionError, match=r'needs torch >= 2\.6, found 2\.5\.1'):
+    convert(src, tmp_path / 'out2')
+
+
+@pytest.mark.parametrize('index', ['model.safetensors.index.json',
+                                   'pytorch_model.bin.index.json'])
+def test_hf_shard_index_entries_stay_in_the_model_directory(index, tiny_clip, tmp_path):
+  outside = tmp_path / 'outside.safetensors'
+  shutil.copy(tiny_clip['hf_dir'] / 'model.safetensors', outside)
+  src = tmp_path / 'hf'
+  src.mkdir()
+  shutil.copy(tiny_clip['hf_dir'] / 'config.json', src)
+  for shard in (str(outside), '../outside.safetensors', 'sub/../../outside.safetensors'):
+    (src / index).write_text(json.dumps({'weight_map': {'logit_scale': shard}}))
+    with pytest.raises(ConversionError, match='outside .*shard entries must be file names'):
+      convert(src, tmp_path / 'out')
+  # Shards inside the directory are read, links included (HF's cache links them to blobs/).
+  state = {k: v.contiguous() for k, v in tiny_clip['model'].state_dict().items()}
+  names = sorted(state)
+  halves = {'part-1': names[:len(names) // 2], 'part-2': names[len(names) // 2:]}
+  weight_map = {}
+  for part, keys in halves.items():
+    if index.startswith('model.safetensors'):
+      save_file({k: state[k] for k in keys}, tmp_path / f'{part}.blob')
+      os.symlink(tmp_path / f'{part}.blob', src / f'{part}.safetensors')
+      weight_map.update({k: f'{part}.safetensors' for k in keys})
+    else:
+      torch.save({k: state[k] for k in keys}, src / f'{part}.bin')
+      weight_map.update({k: f'{part}.bin' for k in keys})
+  (src / index).write_text(json.dumps({'weight_map': weight_map}))
+  convert(src, tmp_path / 'out')
+  np.testing.assert_allclose(load(tmp_path / 'out').encode_image(tiny_clip['images']),
+                             tiny_clip['expected']['image'], atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 
 from claver_jax.data import synthetic
 from claver_jax.data.pipeline import build_pipelines, default_config
-from claver_jax.data.sources import DataError, read_labels, read_list
+from claver_jax.data.sources import DataError, FileListSource, read_labels, read_list
 from conftest import run_cli
 from data_helpers import synthetic_dir, with_bad_videos
 
@@ -129,24 +129,66 @@ def test_workers_give_the_same_batches_and_state(motion_dir):
     resumed.close()
 
 
-def test_bad_videos_are_substituted_counted_and_logged(motion_dir, tmp_path, caplog):
+def test_bad_videos_are_substituted_counted_and_logged_once_with_their_reason(motion_dir,
+                                                                              tmp_path, caplog):
   bad = with_bad_videos(motion_dir, tmp_path / 'bad')
   data = build_pipelines(filelist_config(bad, batch_size=5, val_list=str(bad / 'train.txt'),
-                                         eval_batch_size=5))
+                                         eval_batch_size=5, max_substituted=1.0))
   with caplog.at_level(logging.WARNING):
-    batches = take(iter(data.train), 4)                     # One epoch: 20 clips.
+    batches = take(iter(data.train), 8)                     # Two epochs of 20 clips.
     eval_batches = list(data.eval_pass())
   substituted = np.concatenate([b['substituted'] for b in batches])
-  assert substituted.sum() == 2
+  assert substituted.sum() == 4
   assert all(b['video'].shape == (5, 4, 32, 32, 3) for b in batches)
+  assert all('reason' not in b and 'index' not in b for b in batches + eval_batches)
   assert np.concatenate([b['substituted'] for b in eval_batches]).sum() == 2
   bad_rows = [b['video'][b['substituted']] for b in eval_batches]
   assert all((v == 0).all() for v in bad_rows)              # Eval substitutes are black.
-  assert data.metrics() == {'data/train_substituted': 2, 'data/eval_substituted': 2}
-  first, second = (line.split()[0] for line in (bad / 'train.txt').read_text().splitlines()[:2])
-  logged = '\n'.join(r.getMessage() for r in caplog.records)
-  assert first in logged and second in logged
-  assert set(data.train_substitutions.paths) == {first, second}
+  assert data.metrics() == {'data/train_substituted': 4, 'data/eval_substituted': 2}
+  corrupt, missing = (line.split()[0] for line in (bad / 'train.txt').read_text().splitlines()[:2])
+  assert sorted(data.train_substitutions.paths) == sorted([corrupt, missing])
+  logged = sorted(r.getMessage().split(': ', 1)[1] for r in caplog.records
+                  if r.getMessage().startswith('Unreadable train video'))
+  assert len(logged) == 2                                   # Once each, though read twice.
+  assert logged[0].startswith(f'{bad / corrupt}: ') and 'not a readable video' in logged[0]
+  assert logged[1] == f'{bad / missing}: no such file'
+
+
+def test_a_wrong_root_stops_at_start_naming_the_paths_tried(motion_dir, tmp_path, caplog):
+  """The root one level too high: every path is missing. A root that loses a few videos only
+  warns; a run then stops once more than data.max_substituted of its samples were substitutes."""
+  with pytest.raises(DataError) as error:
+    wrong_root = filelist_config(motion_dir)
+    wrong_root.root = str(motion_dir.parent)
+    build_pipelines(wrong_root)
+  message = str(error.value)
+  assert '\n' not in message
+  first = (motion_dir / 'train.txt').read_text().split()[0]
+  assert message.startswith(f'16 of 16 videos sampled from {motion_dir / "train.txt"} cannot be '
+                            f"opened under config.data.root='{motion_dir.parent}': "
+                            f'{motion_dir.parent / first}: no such file;')
+  bad = with_bad_videos(motion_dir, tmp_path / 'bad')
+  with caplog.at_level(logging.WARNING):
+    data = build_pipelines(filelist_config(bad, val_list=''))
+  assert 'of 16 videos sampled from' in caplog.text
+  data.check_substituted('train', 9, 10)                    # Too few to judge yet.
+  data.check_substituted('train', 10, 200)                  # 5%: the default share.
+  data.check_substituted('eval', 1, 20)
+  for split, count, total in (('train', 11, 200), ('eval', 2, 20)):
+    with pytest.raises(DataError, match=rf'^{count} of {total} {split} samples were unreadable '
+                       r'videos replaced by substitutes, more than config.data.max_substituted'
+                       r'=0.05 of them; stopping'):
+      data.check_substituted(split, count, total)
+
+
+def test_worker_count_is_capped_at_the_cpus(caplog):
+  import os
+  from claver_jax.data.pipeline import usable_workers
+  cpus = len(os.sched_getaffinity(0))
+  with caplog.at_level(logging.WARNING):
+    assert usable_workers(cpus) == cpus and not caplog.records
+    assert usable_workers(cpus + 14) == cpus
+  assert f'config.data.num_workers={cpus + 14}, but this host has {cpus} CPUs' in caplog.text
 
 
 def test_synthetic_source_matches_the_written_files(motion_dir):
@@ -314,6 +356,43 @@ def test_single_view_is_the_centre_crop_of_a_short_side_of_256_over_224(tmp_path
 def test_list_paths_may_contain_spaces(tmp_path):
   (tmp_path / 'list.txt').write_text('air drumming/x y.mp4 3\n')
   assert read_list(tmp_path / 'list.txt') == [('air drumming/x y.mp4', 3)]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_path(motion_dir, tmp_path):
+  """Editors on Windows save lists with a UTF-8 BOM; read as part of the first path, that clip
+  would be a silent substitution every epoch."""
+  text = (motion_dir / 'train.txt').read_text()
+  (tmp_path / 'train.txt').write_text('\ufeff' + text, encoding='utf-8')
+  assert read_list(tmp_path / 'train.txt') == read_list(motion_dir / 'train.txt')
+  data = build_pipelines(filelist_config(motion_dir, train_list=str(tmp_path / 'train.txt'),
+                                         val_list=''))
+  next(iter(data.train))
+  assert FileListSource(motion_dir, tmp_path / 'train.txt').open(0).num_frames > 0
+
+
+def test_list_paths_stay_inside_the_data_root(motion_dir, tmp_path):
+  import shutil
+  first = read_list(motion_dir / 'train.txt')[0][0]
+  root = tmp_path / 'root'
+  (root / 'sub').mkdir(parents=True)
+  shutil.copy(motion_dir / first, tmp_path / 'outside.mp4')
+  shutil.copy(motion_dir / first, root / 'inside.mp4')
+  for path in (str(tmp_path / 'outside.mp4'), '../outside.mp4', 'sub/../../outside.mp4'):
+    (tmp_path / 'list.txt').write_text(f'inside.mp4 0\n{path} 1\n')
+    with pytest.raises(DataError, match=f"list.txt:2: '{path}' is not a path inside the data "
+                                        'root .*config.data.allow_outside_root=True'):
+      FileListSource(root, tmp_path / 'list.txt')
+    assert FileListSource(root, tmp_path / 'list.txt', allow_outside_root=True).open(1)
+  (tmp_path / 'list.txt').write_text('sub/../inside.mp4 0\n')       # '..' that stays inside
+  assert FileListSource(root, tmp_path / 'list.txt').open(0)
+  (tmp_path / 'list.txt').write_text('../outside.mp4 0\n')
+  labels = str(motion_dir / 'labels.csv')
+  with pytest.raises(DataError, match='allow_outside_root'):
+    build_pipelines(filelist_config(root, train_list=str(tmp_path / 'list.txt'), val_list='',
+                                    labels=labels))
+  data = build_pipelines(filelist_config(root, train_list=str(tmp_path / 'list.txt'),
+                                         val_list='', labels=labels, allow_outside_root=True))
+  assert not next(iter(data.train))['substituted'].any()
 
 
 def test_ucf101_through_tfds_asks_for_tensorflow(motion_dir):

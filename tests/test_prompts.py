@@ -12,8 +12,8 @@ from claver_jax.data.labels import read_labels
 from claver_jax.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from claver_jax.text import Tokenizer, load_tokenizer, prompts
 from claver_jax.text.prompts import (ASPECTS, TEMPLATES, Collision, MissingPromptsError,
-                                     build_prompt_texts, find_collisions, load_prompt_set,
-                                     prompt_tokens, readable_name)
+                                     build_prompt_texts, check_report, find_collisions,
+                                     load_prompt_set, prompt_tokens, readable_name)
 from conftest import CLIP_BPE, SHARED_REFERENCE, requires_clip_bpe, run_cli
 from prompt_helpers import tiny_clip_vocab, write_tiny_clip_vocab
 
@@ -228,16 +228,35 @@ def test_truncation_keeps_end_of_text_and_warns(tok, caplog):
 
 def test_missing_class_is_an_error_naming_it_with_close_matches(tok):
   with pytest.raises(MissingPromptsError) as e:
-    prompt_tokens(['Jumping', 'apply lipstick', 'ApplyLipstick', 'sleeping'], tok, SET)
+    prompt_tokens(['Jumpin', 'apply lip stick', 'ApplyLipstick', 'sleeping'], tok, SET)
   message = str(e.value)
   assert "3 of 4 classes" in message
-  assert "'Jumping': not in the prompt set (close: ['jumping'])" in message
-  assert "'apply lipstick': not in the prompt set (close: ['ApplyLipstick'])" in message
+  assert "'Jumpin': not in the prompt set (close: ['jumping'])" in message
+  assert "'apply lip stick': not in the prompt set (close: ['ApplyLipstick'])" in message
   assert "'sleeping': not in the prompt set\n" in message + '\n'
-  assert 'allow the template fallback' in message
+  assert ('let them fall back to their template texts with --config.text.allow_missing=True; '
+          "--config.text.prompts='' uses templates only") in message
   empty_aspect = {'jumping': dict(SET['jumping'], body_parts=[])}
   with pytest.raises(MissingPromptsError, match=r"'jumping': no texts for \['body_parts'\]"):
     prompt_tokens(['jumping'], tok, empty_aspect)
+
+
+def test_folder_style_names_find_the_prompt_sets_spelling(tok):
+  """HMDB-51's folders are 'ride_bike', its prompt set says 'ride bike'; UCF-101's set keeps
+  the folder names. A readable form shared by two entries is no match."""
+  hmdb51 = load_prompt_set('hmdb51')
+  texts, kinds = build_prompt_texts(['ride_bike', 'shoot_ball', 'brush hair'], hmdb51)
+  first = kinds.index('decomposition')
+  assert [row[0] for row in texts][first:first + 3] == hmdb51['ride bike']['decomposition'][:3]
+  assert [row[1] for row in texts][first:first + 3] == hmdb51['shoot ball']['decomposition'][:3]
+  ucf101 = load_prompt_set('ucf101')
+  texts, kinds = build_prompt_texts(['apply_eye_makeup'], ucf101)
+  assert texts[kinds.index('synonyms')][0] == ucf101['ApplyEyeMakeup']['synonyms'][0]
+  twice = {'ride bike': SET['jumping'], 'Ride_Bike': SET['jumping']}
+  with pytest.raises(MissingPromptsError, match="'ride_bike': not in the prompt set"):
+    build_prompt_texts(['ride_bike'], twice)
+  report, ok = check_report(hmdb51, ['ride_bike', 'brush_hair'])
+  assert ok and report.startswith('coverage: 2/2 classes of the labels have texts')
 
 
 def test_missing_class_falls_back_to_templates_when_allowed(tok, caplog):

@@ -382,6 +382,24 @@ def test_k600_splits_and_their_mean_and_std(zeroshot_run, independent_top_k, mot
     assert k600[f'{metric}_std'] == pytest.approx(np.std(values))
 
 
+def test_a_failing_dataset_keeps_the_results_of_those_before_it(tiny_model_dir, motion_dir,
+                                                                 tmp_path):
+  """HMDB-51 fails after UCF-101 finished (a class of its labels has no prompts): zeroshot.json
+  holds UCF-101's results, marked unfinished."""
+  from claver_jax.text.prompts import MissingPromptsError
+  config = zeroshot_config(tiny_model_dir, motion_dir, 'ucf101,hmdb51')
+  config.zeroshot.ucf101.splits = (1,)
+  renamed = tmp_path / 'labels.csv'
+  renamed.write_text((motion_dir / 'labels.csv').read_text().replace('moving left', 'juggling'))
+  config.zeroshot.hmdb51.update(dict(root=str(motion_dir), test_list=str(motion_dir / 'test1.txt'),
+                                     labels=str(renamed), prompts='synthetic_motion', splits=(1,)))
+  with pytest.raises(MissingPromptsError, match="'juggling': not in the prompt set"):
+    zeroshot.run_zeroshot(config, str(tmp_path))
+  report = json.loads((tmp_path / 'zeroshot.json').read_text())
+  assert report['finished'] is False and list(report['datasets']) == ['ucf101']
+  assert report['datasets']['ucf101']['runs']['split1']['num_videos'] == len(SPLITS[1])
+
+
 def test_nothing_configured_is_a_clear_error(tiny_model_dir, tmp_path):
   config = load_config('zeroshot')
   config.init.checkpoint = str(tiny_model_dir)

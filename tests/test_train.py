@@ -100,6 +100,12 @@ def test_a_run_writes_what_it_promises(uninterrupted):
   steps = sorted(train_losses(workdir))
   assert steps == list(range(1, 10))                              # 72 clips / batch 8
   assert all({'train/loss', 'train/lr'} <= set(r) for r in rows if 'train/loss' in r)
+  # Every row: the wall clock and the epoch (72 clips: 9 steps an epoch); train rows: the time a
+  # step took and how long of it the loop waited for its input.
+  assert [r['epoch'] for r in rows if 'train/loss' in r] == [round(s / 9, 4) for s in steps]
+  assert all(r['time'] > 1.6e9 for r in rows) and [r['time'] for r in rows] == sorted(
+      r['time'] for r in rows)
+  assert all(0 <= r['data/wait_s'] <= r['train/step_s'] for r in rows if 'train/loss' in r)
   val = [r for r in rows if 'val/top1' in r]
   assert val and {'val/top5', 'val/mean_class_acc', 'data/train_substituted',
                   'data/eval_substituted'} <= set(val[-1])
@@ -123,9 +129,19 @@ def test_a_run_writes_what_it_promises(uninterrupted):
 
 
 def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
+  """While the run holds its workdir (paused), a second run on it stops at once naming its host
+  and pid; once it is SIGKILLed, its lock does not block the resume."""
+  import socket
   expected = train_losses(uninterrupted[0])
   workdir = tmp_path / 'killed'
   proc = start_and_wait_for_step(workdir, 5)
+  proc.send_signal(signal.SIGSTOP)
+  second = run_main(workdir, check=False)
+  lines = second.stderr.strip().splitlines()
+  assert second.returncode == 1 and lines[-1].startswith(
+      f'error: {workdir} is in use by another run (host {socket.gethostname()}, pid {proc.pid}'
+  ), second.stderr[-3000:]
+  assert 'Trainable parameters' not in second.stderr          # It stopped before building.
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert max(train_losses(workdir)) >= 5, 'the run did not get far enough to be killed mid-way'
@@ -133,6 +149,32 @@ def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
   got = train_losses(workdir)
   assert sorted(got) == sorted(expected)
   np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)],
+                             rtol=1e-5)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_and_a_resume_keeps_its_config(uninterrupted,
+                                                                               tmp_path):
+  """A copy of the 9-step run with step 9's arrays truncated. Resumed under another lr: stopped
+  before anything is built, naming the key. Resumed with 2 data workers instead of 0 (how it
+  runs, not what it trains): step 9 is named, set aside, step 6 restores, and steps 7-9 give the
+  uninterrupted run's losses."""
+  import shutil
+  workdir = shutil.copytree(uninterrupted[0], tmp_path / 'corrupt')
+  for blob in (workdir / 'checkpoints' / '9' / 'state').rglob('d/*'):
+    blob.write_bytes(blob.read_bytes()[:len(blob.read_bytes()) // 2])
+  proc = run_main(workdir, '--config.optim.lr=0.5', check=False)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and lines[-1] == (
+      f'error: {workdir} holds a run trained with another config (step 9): optim.lr: 0.001 -> '
+      '0.5. Resuming would mix two trainings: use another --workdir, or pass '
+      '--config.resume_anyway=True to continue anyway.'), proc.stderr[-3000:]
+  proc = run_main(workdir, '--config.data.num_workers=2')
+  assert 'Checkpoint step 9 in' in proc.stderr and 'cannot be read' in proc.stderr
+  assert (workdir / 'corrupt_checkpoints' / '9').is_dir()
+  assert 'Resuming from step 6' in proc.stderr
+  expected, got = train_losses(uninterrupted[0]), train_losses(workdir)
+  assert sorted(got) == sorted(expected)
+  np.testing.assert_allclose([got[s] for s in (7, 8, 9)], [expected[s] for s in (7, 8, 9)],
                              rtol=1e-5)
 
 
@@ -202,7 +244,7 @@ def test_non_finite_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(
     workdir = shutil.copytree(uninterrupted[0], tmp_path / f'log{log_every}')
     proc = run_main(workdir, *blow_up, f'--config.log_every_steps={log_every}',
                     '--config.checkpoint_every_steps=1000', '--config.eval_every_steps=1000',
-                    check=False)
+                    '--config.resume_anyway=True', check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and 'not finite at step' in last, proc.stderr[-3000:]
     found[log_every] = int(re.search(r'not finite at step (\d+)', last).group(1))
@@ -228,7 +270,8 @@ def test_a_resume_drops_a_torn_metrics_line_redoes_a_stopped_evaluation_and_keep
   metrics.write_text(whole + '{"step": 10, "train/lo')
   progress = workdir / 'checkpoints' / '9' / 'progress' / 'metadata'
   progress.write_text(json.dumps({**json.loads(progress.read_text()), 'eval_pending': True}))
-  proc = run_main(workdir, '--config.train.epochs=2', '--config.optim.lr=0')
+  proc = run_main(workdir, '--config.train.epochs=2', '--config.optim.lr=0',
+                  '--config.resume_anyway=True')
   assert f'{metrics}:{whole.count(chr(10)) + 1}: dropped a torn last line' in proc.stderr
   rows = read_metrics(workdir)
   assert rows[:whole.count('\n')] == [json.loads(line) for line in whole.splitlines()]
@@ -383,6 +426,9 @@ def test_config_errors_are_one_line_and_write_nothing(tmp_path):
           'error: This recipe starts from config.init.checkpoint: the paper\'s Kinetics-400 model '
           'of 20 epochs at 32 frames: the WORKDIR of a `configs/k400.py:B16,32,pretrain` run',
   }
+  cases[('--config.checkpoint.keep=0',)] = (
+      'error: config.checkpoint.keep=0 must be an integer >= 1 (the latest checkpoint is what a '
+      'resume and a SIGTERM need).')
   for overrides, message in cases.items():
     proc = run_main(workdir, *overrides, check=False)
     lines = proc.stderr.strip().splitlines()

@@ -15,11 +15,15 @@ Host batches (per JAX process, B = config.data.batch_size):
           (`Pipelines.eval_name(index)` names its video).
 'substituted' marks a sample whose video could not be read: in training it is replaced by the
 next readable video of the list (its label comes along), in evaluation by a black clip with the
-original label (count it wrong, or mask it out and report the count). 'valid' is False only for
+original label, which evaluation leaves out and counts (train.run_eval). 'valid' is False only for
 the padding of each process's last batch, so that one pass covers every eval sample exactly once
 and every process runs the same number of batches. Substitutions are counted by
-`Pipelines.train_substitutions` / `.eval_substitutions` (the first 20 paths are logged, then a
-count); `Pipelines.metrics()` gives the totals for the run's metrics.
+`Pipelines.train_substitutions` / `.eval_substitutions`: each unreadable path is logged once, with
+what is wrong with it, the first 20 of them, then they are only counted; `Pipelines.metrics()`
+gives the totals for the run's metrics. A run stops when the substituted share passes
+config.data.max_substituted (`Pipelines.check_substituted`), and `build_pipelines` opens a sample
+of each list's videos first: when none or most of them cannot be opened (a wrong
+config.data.root) it stops before anything trains.
 
 Train order: one global stream, the same whatever the number of processes: the train list
 shuffled with config.data.seed, reshuffled every epoch, repeated forever, and cut into global
@@ -28,8 +32,9 @@ batch (B = batch_size), the rows its devices hold. Each clip's augmentation is d
 default_rng((seed, epoch, clip index in the train list)), so batches do not depend on the process
 count or on config.data.num_workers. The iterator state counts global batches, so a restored
 state replays exactly the batches that followed it, in a run with any number of processes (the
-same global batch size). A state is tied to its num_workers: grain's in-process and
-multi-worker states differ.
+same global batch size). grain's in-process and multi-worker states differ in form: a state saved
+with another num_workers is converted on restore (checkpoint.iterator_state). num_workers is
+capped at the CPUs this process may use, with a warning.
 Worker processes (num_workers > 0) need the caller's entry point under
 `if __name__ == '__main__':`.
 """
@@ -63,6 +68,8 @@ __all__ = ['Pipelines', 'SubstitutionLog', 'build_pipelines', 'default_config',
            'make_global_batch', 'normalize']
 
 MAX_LOGGED = 20
+SAMPLE_CHECKED = 16      # Videos of each list opened at start-up (`check_readable`).
+MIN_JUDGED = 10          # Train substitutions counted before their share can stop a run.
 SOURCES = ('filelist', 'tfds', 'synthetic')
 
 
@@ -75,6 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
                  by `python -m claver_jax.data.prepare` (tfds_name='ucf101': tfds's data_dir).
   train_list, val_list: filelist: list files ("relative/path.mp4 LABEL" lines); tfds: split
                  names. '' skips that pipeline. Unused for synthetic.
+  allow_outside_root: filelist: accept list paths that leave root (absolute, or up through
+                 '..'); False rejects them, naming the line.
   labels:        labels CSV (id,name). tfds: defaults to root/labels.csv. Unused for synthetic.
   num_frames:    T, frames per clip.          image_size: S, the square crop side.
   batch_size:    host batch per JAX process (train); eval_batch_size likewise for eval.
@@ -83,6 +92,11 @@ def default_config() -> ml_collections.ConfigDict:
   read_threads, read_buffer: threads that prepare batches in each process (the caller's when
                  num_workers is 0, else each worker's), and how many batches they run ahead.
   seed:          shuffling and augmentation seed.
+  max_substituted: the share of unreadable (substituted) samples a run accepts: training stops
+                 once more than this share of the clips it has read were substitutes (judged from
+                 10 substitutions on), an evaluation when more than this share of its videos
+                 were. At start-up, a list none or most of whose sampled videos cannot be opened
+                 stops the run (a wrong config.data.root), whatever this says.
   shots, shots_seed: few-shot training: keep `shots` clips of every class of the train list (0 =
                  all), drawn by `few_shot_indices` with shots_seed: the same list in every
                  process and every run. filelist and synthetic sources only. The kept list is
@@ -102,10 +116,11 @@ def default_config() -> ml_collections.ConfigDict:
   tfds_name:     '' for a prepared dataset; 'ucf101' for tfds's own builder (needs TensorFlow).
   """
   return ml_collections.ConfigDict(dict(
-      source='filelist', root='', train_list='', val_list='', labels='', num_frames=8,
+      source='filelist', root='', train_list='', val_list='', labels='',
+      allow_outside_root=False, num_frames=8,
       image_size=224, batch_size=8, eval_batch_size=8, num_workers=0, worker_buffer_size=2,
       read_threads=2, read_buffer=2,
-      seed=0, shots=0, shots_seed=0, num_clips=1, num_crops=1,
+      seed=0, max_substituted=0.05, shots=0, shots_seed=0, num_clips=1, num_crops=1,
       eval_resize_ratio=TEST_RESIZE_RATIO, mean=CLIP_MEAN, std=CLIP_STD,
       scales=MULTI_SCALES,
       flip_prob=None, jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2,
@@ -117,25 +132,36 @@ def default_config() -> ml_collections.ConfigDict:
 # Counting substitutions
 # ---------------------------------------------------------------------------------------------
 class SubstitutionLog:
-  """Counts substituted samples seen by the caller and logs the first MAX_LOGGED paths."""
+  """Counts substituted samples seen by the caller; logs each unreadable path once, with its
+  reason, the first MAX_LOGGED of them.
+
+  count: substituted samples; paths: the distinct unreadable paths logged; reasons: what was
+  wrong with each of them (the VideoError's message).
+  """
 
   def __init__(self, split: str, name_of: Callable[[int], str], keep_index: bool = False):
     self.split, self._name_of, self._keep_index = split, name_of, keep_index
     self.count = 0
     self.paths: list[str] = []
+    self.reasons: list[str] = []
+    self._seen: set[str] = set()
 
   def record(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Logs a host batch's substitutions; takes its internal 'index' field off (keeps it as
-    int32 with `keep_index`)."""
-    indices = batch.pop('index')
+    """Takes the internal 'index' and 'reason' fields off a host batch (keeps 'index' as int32
+    with `keep_index`) and logs its new unreadable paths."""
+    indices, reasons = batch.pop('index'), batch.pop('reason')
     if self._keep_index:
       batch['index'] = indices.astype(np.int32)
-    for index in indices[batch['substituted']]:
+    for index, reason in zip(indices[batch['substituted']], reasons[batch['substituted']]):
       self.count += 1
+      path = self._name_of(int(index))
+      if path in self._seen:
+        continue
+      self._seen.add(path)
       if len(self.paths) < MAX_LOGGED:
-        self.paths.append(self._name_of(int(index)))
-        logging.warning('Unreadable video replaced by a substitute (%s): %s', self.split,
-                        self.paths[-1])
+        self.paths.append(path)
+        self.reasons.append(str(reason))
+        logging.warning('Unreadable %s video, replaced by a substitute: %s', self.split, reason)
         if len(self.paths) == MAX_LOGGED:
           logging.warning('Further unreadable %s videos are counted, not logged.', self.split)
     return batch
@@ -176,21 +202,25 @@ class SampleLoader:
                               jitter=self.jitter, grayscale_prob=self.grayscale_prob)
 
   def train_sample(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
-    """(epoch, clip index) of the train stream -> the augmented sample (see TrainOrder)."""
+    """(epoch, clip index) of the train stream -> the augmented sample (see TrainOrder); 'reason'
+    says why the clip itself could not be read ('' when it could)."""
     epoch, source_index = item
     size = len(self.source)
+    reason = ''
     for attempt in range(self.max_substitution_tries + 1):
       candidate = (source_index + attempt) % size
       rng = np.random.default_rng((self.seed, epoch, source_index, attempt))
       try:
         video = self._train_clip(candidate, rng)
-      except VideoError:
+      except VideoError as e:
+        reason = reason or str(e)
         continue
       return dict(video=video, label=np.int32(self.source.label(candidate)),
-                  substituted=np.bool_(attempt > 0), index=np.int64(source_index))
+                  substituted=np.bool_(attempt > 0), index=np.int64(source_index),
+                  reason=np.str_(reason))
     return dict(video=np.zeros((self.num_frames, self.image_size, self.image_size, 3), np.uint8),
                 label=np.int32(self.source.label(source_index)), substituted=np.bool_(True),
-                index=np.int64(source_index))
+                index=np.int64(source_index), reason=np.str_(reason))
 
   def eval_views(self, source_index: int) -> np.ndarray:
     """uint8 [V, T, S, S, 3]: num_clips deterministic clips x num_crops crops (one: the centre
@@ -210,17 +240,17 @@ class SampleLoader:
     source_index, valid = item
     num_views = self.num_clips * self.num_crops
     blank = np.zeros((num_views, self.num_frames, self.image_size, self.image_size, 3), np.uint8)
-    substituted = False
+    reason = ''
     if valid:
       try:
         views = self.eval_views(source_index)
-      except VideoError:
-        views, substituted = blank, True
+      except VideoError as e:
+        views, reason = blank, str(e)
     else:
       views = blank
     return dict(video=views, label=np.int32(self.source.label(source_index) if valid else 0),
-                substituted=np.bool_(substituted), valid=np.bool_(valid),
-                index=np.int64(source_index))
+                substituted=np.bool_(bool(reason)), valid=np.bool_(valid),
+                index=np.int64(source_index), reason=np.str_(reason))
 
 
 @dataclasses.dataclass
@@ -266,6 +296,7 @@ class Pipelines:
   class_names: class names in label-id order (from the labels CSV).
   num_train, num_eval: clips in the whole train / eval split (all processes).
   eval_name: an eval batch's 'index' -> the name of its video (a list file's path).
+  max_substituted: config.data.max_substituted (see `check_substituted`).
   """
 
   train: grain.IterDataset | None
@@ -277,6 +308,7 @@ class Pipelines:
   train_substitutions: SubstitutionLog
   eval_substitutions: SubstitutionLog
   eval_name: Callable[[int], str] = str
+  max_substituted: float = 1.0
 
   def eval_pass(self) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the eval split; closes grain's worker processes at the end."""
@@ -289,6 +321,20 @@ class Pipelines:
   def metrics(self) -> dict[str, int]:
     """Totals of substituted (unreadable) videos so far, for the run's metrics."""
     return {**self.train_substitutions.summary(), **self.eval_substitutions.summary()}
+
+  def check_substituted(self, split: str, substituted: int, total: int) -> None:
+    """A DataError when `substituted` of `total` samples of `split` ('train': the clips read so
+    far, judged from MIN_JUDGED substitutions on; 'eval': one whole pass) is more than
+    max_substituted of them, naming the first unreadable paths and why."""
+    if substituted <= self.max_substituted * total or (split == 'train' and
+                                                       substituted < MIN_JUDGED):
+      return
+    log = self.train_substitutions if split == 'train' else self.eval_substitutions
+    examples = '; '.join(log.reasons[:3]) or 'see the warnings above'
+    raise DataError(f'{substituted} of {total} {split} samples were unreadable videos replaced by '
+                    f'substitutes, more than config.data.max_substituted={self.max_substituted:g} '
+                    f'of them; stopping. First: {examples}. Fix config.data.root or the list '
+                    'files, or raise --config.data.max_substituted to go on without them.')
 
 
 def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -306,7 +352,7 @@ def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
 def _make_source(cfg: ml_collections.ConfigDict, split: str, list_or_split: str,
                  num_classes: int):
   if cfg.source == 'filelist':
-    return FileListSource(cfg.root, list_or_split, num_classes)
+    return FileListSource(cfg.root, list_or_split, num_classes, cfg.allow_outside_root)
   if cfg.source == 'synthetic':
     return SyntheticSource(split, cfg.synthetic_videos, cfg.synthetic_frames, cfg.synthetic_size,
                            cfg.synthetic_seed)
@@ -354,6 +400,40 @@ def _flip_prob(cfg: ml_collections.ConfigDict, class_names: list[str]) -> float:
   return float(cfg.flip_prob)
 
 
+def check_readable(source, where: str, root: str, sample: int = SAMPLE_CHECKED) -> None:
+  """Opens `sample` videos spread over `source`: a DataError naming the first of them when none
+  or most of them cannot be opened, which is a wrong config.data.root far more often than a
+  damaged dataset; a warning when some cannot."""
+  picked = sorted({int(i) for i in np.linspace(0, len(source) - 1, min(sample, len(source)))})
+  failures = []
+  for index in picked:
+    try:
+      with source.open(index):
+        pass
+    except VideoError as e:
+      failures.append(str(e))
+  if len(failures) * 2 > len(picked):
+    raise DataError(f'{len(failures)} of {len(picked)} videos sampled from {where} cannot be '
+                    f'opened under config.data.root={root!r}: {"; ".join(failures[:3])}. Set '
+                    'config.data.root to the folder (or tar) the paths of the list are relative '
+                    'to.')
+  if failures:
+    logging.warning('%d of %d videos sampled from %s cannot be opened (%s); unreadable videos are '
+                    'replaced by substitutes, up to config.data.max_substituted.', len(failures),
+                    len(picked), where, failures[0])
+
+
+def usable_workers(requested: int) -> int:
+  """`requested` grain workers, capped at the CPUs this process may run on (with a warning):
+  more decoding processes than CPUs only share them, and starve the process that feeds the
+  accelerators."""
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+  if requested > cpus:
+    logging.warning('config.data.num_workers=%d, but this host has %d CPUs for this process: '
+                    'using %d workers.', requested, cpus, cpus)
+  return min(requested, cpus)
+
+
 def _read_options(cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
   # grain's defaults (16 threads, 500 elements ahead) would hold 500 batches in memory.
   return grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer)
@@ -382,6 +462,12 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
   """
   if cfg.source not in SOURCES:
     raise DataError(f'config.data.source={cfg.source!r}; use one of {SOURCES}.')
+  if not 0 <= cfg.max_substituted <= 1:
+    raise DataError(f'config.data.max_substituted={cfg.max_substituted} is a share: use a value '
+                    'in [0, 1].')
+  if cfg.num_workers > 0:
+    cfg = cfg.copy_and_resolve_references()
+    cfg.num_workers = usable_workers(cfg.num_workers)
   if shard_index is None or shard_count is None:
     sharding = grain.sharding.ShardByJaxProcess()
     shard_index, shard_count = sharding.shard_index, sharding.shard_count
@@ -392,6 +478,10 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
   eval_source = _make_source(cfg, 'val', val_list, len(class_names)) if val_list else None
   if not class_names:
     class_names = (train_source or eval_source).class_names
+  if cfg.source in ('filelist', 'tfds') and not cfg.tfds_name:
+    for source, where in ((train_source, train_list), (eval_source, val_list)):
+      if source is not None:
+        check_readable(source, where, cfg.root)
   if train_source is not None and cfg.shots:
     train_source = _few_shot(cfg, train_source, class_names, shard_index == 0, workdir)
   loader_args = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, seed=cfg.seed)
@@ -431,7 +521,8 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
                    num_train=len(train_source) if train_source else 0,
                    num_eval=len(eval_source) if eval_source else 0, eval_batches=eval_batches,
                    train_substitutions=train_log, eval_substitutions=eval_log,
-                   eval_name=eval_source.name if eval_source else str)
+                   eval_name=eval_source.name if eval_source else str,
+                   max_substituted=cfg.max_substituted)
 
 
 def make_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding

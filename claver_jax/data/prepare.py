@@ -127,7 +127,7 @@ def _builder_class():
 def prepare(lists: Sequence[str | os.PathLike], root: str | os.PathLike,
             labels: str | os.PathLike, out: str | os.PathLike, *, short_side: int = 256,
             quality: int = 90, num_workers: int = 0, overwrite: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, allow_outside_root: bool = False) -> Path:
   """Builds the prepared dataset at `out`; see the module docstring. Returns `out`."""
   from tqdm import tqdm
   from claver_jax.fileio import atomic_directory
@@ -140,7 +140,7 @@ def prepare(lists: Sequence[str | os.PathLike], root: str | os.PathLike,
     name = split_name(list_path)
     if name in splits:
       raise DataError(f'Two lists give the split name {name!r}; rename one of the files.')
-    splits[name] = FileListSource(root, list_path, len(class_names))
+    splits[name] = FileListSource(root, list_path, len(class_names), allow_outside_root)
   cache_root = out.with_name(out.name + '.cache')
   jobs, skipped = [], []
   for name, source in splits.items():
@@ -191,7 +191,8 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   try:
     out = prepare(f.list, f.root, f.labels, f.out, short_side=f.short_side, quality=f.quality,
-                  num_workers=f.num_workers, overwrite=f.overwrite)
+                  num_workers=f.num_workers, overwrite=f.overwrite,
+                  allow_outside_root=f.allow_outside_root)
   except (DataError, FileExistsError) as e:
     sys.exit(f'error: {e}')
   skipped = (out / 'skipped.txt').read_text().splitlines()
@@ -211,6 +212,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('quality', 90, 'JPEG quality.')
   flags.DEFINE_integer('num_workers', os.cpu_count() or 1, 'Encoding processes; 0 in-process.')
   flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists (once complete).')
+  flags.DEFINE_bool('allow_outside_root', False, 'Accept list paths outside --root (absolute, '
+                    "or up through '..').")
 
 
 if __name__ == '__main__':

@@ -6,7 +6,10 @@ Every source has `len(source)`, `source.label(i)` (int), `source.name(i)` (a pat
 picklable and open their files lazily, so grain worker processes can use them.
 
 List files have one clip per line, `relative/path.mp4 LABEL_ID` (the path may contain spaces; the
-label is the last field); blank lines are skipped. Labels files are read by
+label is the last field); blank lines are skipped, a UTF-8 byte-order mark is not part of the
+first path. Paths stay inside the data root: an absolute path, or one that climbs out through
+'..', is an error unless `allow_outside_root` (config.data.allow_outside_root; links inside the
+root are followed). Labels files are read by
 `claver_jax.data.labels.read_labels` (`id,name` CSVs, or one name a line), re-exported here.
 `few_shot_indices` draws a K-shot subset of a list and `SubsetSource` serves it.
 """
@@ -29,14 +32,21 @@ from claver_jax.data.video import ArrayVideo, InMemory, Video, VideoError, open_
 # ---------------------------------------------------------------------------------------------
 # Metadata files
 # ---------------------------------------------------------------------------------------------
-def read_list(path: str | os.PathLike, num_classes: int | None = None
-              ) -> list[tuple[str, int]]:
+def leaves_root(relative: str) -> bool:
+  """True for a list path that does not name a file under the root: absolute, or climbing out
+  through '..'."""
+  normal = os.path.normpath(relative)
+  return os.path.isabs(normal) or normal == '..' or normal.startswith('..' + os.sep)
+
+
+def read_list(path: str | os.PathLike, num_classes: int | None = None,
+              allow_outside_root: bool = False) -> list[tuple[str, int]]:
   """A list file -> [(relative path, label)]; errors name the file and line."""
   path = Path(path)
   if not path.is_file():
     raise DataError(f'List file {path} does not exist.')
   items = []
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding='utf-8-sig') as f:
     for line_number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -46,6 +56,11 @@ def read_list(path: str | os.PathLike, num_classes: int | None = None
         raise DataError(f'{where}: expected "relative/path.mp4 LABEL_ID" with an integer label, '
                         f'got {line.strip()!r}.')
       label = int(fields[1])
+      if not allow_outside_root and leaves_root(fields[0]):
+        raise DataError(f'{where}: {fields[0]!r} is not a path inside the data root (it is '
+                        "absolute or climbs out through '..'). Make it relative to the root, or "
+                        'set config.data.allow_outside_root=True (prepare: '
+                        '--allow_outside_root) if the list is meant to reach elsewhere.')
       if num_classes is not None and label >= num_classes:
         raise DataError(f'{where}: label {label} is not in the labels CSV, which has ids '
                         f'0..{num_classes - 1}; the list and the labels CSV disagree.')
@@ -89,9 +104,9 @@ class FileListSource:
   """Clips of a list file, in a folder or an uncompressed tar (members read in place)."""
 
   def __init__(self, root: str | os.PathLike, list_path: str | os.PathLike,
-               num_classes: int | None = None):
+               num_classes: int | None = None, allow_outside_root: bool = False):
     self.root = Path(root)
-    self.items = read_list(list_path, num_classes)
+    self.items = read_list(list_path, num_classes, allow_outside_root)
     self.is_tar = self.root.is_file()
     if not self.is_tar and not self.root.is_dir():
       raise DataError(f'Video root {self.root} is neither a folder nor a tar archive; set '

@@ -150,7 +150,8 @@ def input_normalization(meta: dict[str, Any], where: Any) -> tuple[tuple[float, 
 
 def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int | None = None,
          resample_frames: bool = True, attention: str | None = None) -> nnx.Module:
-  """Loads a converted or trained model directory (CLIP or a video family: CLAVER, X-CLIP).
+  """Loads a converted or trained model directory (CLIP or a video family: CLAVER, X-CLIP), or
+  the model of a run's workdir (its WORKDIR/model).
 
   dtype: the compute dtype; parameters stay fp32.
   num_frames: video families only; run with this many frames. A temporal embedding (CLAVER's,
@@ -158,7 +159,7 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int |
     warning, unless `resample_frames=False` makes it an error.
   attention: CLAVER only; 'dense' | 'chunked' | 'auto' instead of the directory's (kronecker.py).
   """
-  path = Path(path).resolve()       # Once: a WORKDIR/model link swapped meanwhile is not followed.
+  path = model_dir(path)            # Resolved once: a WORKDIR/model swapped later is not followed.
   kind, config, _ = read_model_config(path)
   if num_frames is not None and kind not in families.FAMILIES:
     raise ValueError(f'num_frames applies to video models ({", ".join(families.FAMILIES)}); '
@@ -230,6 +231,7 @@ def load_video_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
                      num_frames: int | None = None, resample_frames: bool = True) -> nnx.Module:
   """`load`, for a video model: a plain CLIP becomes CLIP-Mean (CLAVER with temporal='mean', the
   mean of normalised per-frame embeddings) over `num_frames` (8 when None)."""
+  path = model_dir(path)
   kind, _, _ = read_model_config(path)
   if kind in families.FAMILIES:
     return load(path, dtype=dtype, num_frames=num_frames, resample_frames=resample_frames)

@@ -27,24 +27,34 @@ examples below are ours; the official script's are other, longer ones.
 
 Backends: `hf` runs a local causal LM directory through transformers (needs PyTorch); `openai`
 talks to any OpenAI-compatible server (vLLM, Ollama, llama.cpp) through /v1/completions, or
-/v1/chat/completions with --chat, with retries and exponential backoff. Set OPENAI_API_KEY if
-the server wants a key.
+/v1/chat/completions with --chat, with retries and exponential backoff (Retry-After honoured),
+a deadline per request (--timeout, the whole answer included) and a cap on the answer's size.
+Set OPENAI_API_KEY if the server wants a key: it is never sent to another origin (a redirect
+there is refused), and a warning says when it would go over plain http to another machine.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import datetime
+import email.utils
+import http.client
+import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 import sys
+import threading
 import time
 import unicodedata
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from claver_jax.data.labels import read_labels
 from claver_jax.fileio import atomic_write_text
@@ -155,8 +165,134 @@ def dedup_key(text: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Backends
 # ------------------------------------------------------------------------------------------------
+def _parsed(url: str, body: bytes, parse: Callable[[bytes], Any]) -> Any:
+  """parse(body), with an undecodable or too deeply nested answer a BadReplyError."""
+  try:
+    return parse(body)
+  except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included.
+    raise BadReplyError(f'{url} answered with something that is not JSON ({type(e).__name__}): '
+                        f'{body[:200]!r}') from None
+
+
+class BadReplyError(ServerAnswerError):
+  """An answer that is not a completion reply (not JSON, too large, no text); retried."""
+
+
+class RedirectRefusedError(GenerationError):
+  """The server redirected to another origin while an API key was to be sent."""
+
+
+MAX_REPLY_BYTES = 16 << 20     # A completion reply is kilobytes.
+MAX_RETRY_AFTER = 300.0        # Seconds: a server asking for a longer wait is an error.
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+  parts = urllib.parse.urlsplit(url)
+  default = {'http': 80, 'https': 443}.get(parts.scheme)
+  return parts.scheme, (parts.hostname or '').lower(), parts.port or default
+
+
+def is_loopback(host: str) -> bool:
+  """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+  if host.lower().rstrip('.') == 'localhost':
+    return True
+  try:
+    return ipaddress.ip_address(host.strip('[]')).is_loopback
+  except ValueError:
+    return False
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+  """An HTTP Retry-After header (seconds or an HTTP date) -> seconds to wait, or None."""
+  if not value:
+    return None
+  value = value.strip()
+  if value.isdigit():
+    return float(value)
+  try:
+    when = email.utils.parsedate_to_datetime(value)
+  except (TypeError, ValueError):
+    return None
+  if when.tzinfo is None:
+    when = when.replace(tzinfo=datetime.timezone.utc)
+  return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+class _Deadline:
+  """A whole request's time limit: when it passes, the request's sockets are shut down, so that
+  a read blocked on a server sending a byte now and then returns (urllib's timeout is per read)."""
+
+  def __init__(self, seconds: float):
+    self.end = time.monotonic() + seconds
+    self.expired = False
+    self._timers: list[threading.Timer] = []
+
+  def watch(self, sock: socket.socket) -> None:
+    timer = threading.Timer(max(0.0, self.end - time.monotonic()), self._expire, (sock,))
+    timer.daemon = True
+    timer.start()
+    self._timers.append(timer)
+
+  def _expire(self, sock: socket.socket) -> None:
+    self.expired = True
+    with contextlib.suppress(OSError):
+      sock.shutdown(socket.SHUT_RDWR)
+
+  def cancel(self) -> None:
+    for timer in self._timers:
+      timer.cancel()
+
+
+def _watched(connection_class: type, deadline: _Deadline) -> type:
+  """`connection_class` whose sockets `deadline` shuts down when it passes."""
+  class Watched(connection_class):
+    def connect(self):
+      super().connect()
+      deadline.watch(self.sock)
+  return Watched
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+  def __init__(self, deadline: _Deadline):
+    super().__init__()
+    self.deadline = deadline
+
+  def http_open(self, req):
+    return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+  def __init__(self, deadline: _Deadline):
+    super().__init__()
+    self.deadline = deadline
+
+  def https_open(self, req):
+    return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req,
+                        context=self._context)
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+  """Follows redirects within the origin; refuses one to another origin (scheme, host, port)
+  while an Authorization header is sent: urllib would carry the API key there."""
+
+  def redirect_request(self, req, fp, code, msg, headers, newurl):
+    if req.has_header('Authorization') and _origin(newurl) != _origin(req.full_url):
+      raise RedirectRefusedError(
+          f'{req.full_url} redirected (HTTP {code}) to {newurl}, another origin: not followed, '
+          'as the API key would go there. Set --base_url to the server that answers.')
+    return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class OpenAIBackend:
-  """An OpenAI-compatible server: one request per prompt, `concurrency` in flight."""
+  """An OpenAI-compatible server: one request per prompt, `concurrency` in flight.
+
+  Each request has `timeout` seconds in all (connecting, sending, the whole answer) and an
+  answer of at most `max_reply_bytes`. HTTP 408/409/425/429/5xx, timeouts, lost connections and
+  bad replies (not JSON, too large, no text) are retried up to `max_attempts` times with
+  exponential backoff, waiting at least what a Retry-After header asks (more than
+  MAX_RETRY_AFTER s is an error); then they are one error line. The API key is never sent to
+  another origin: a redirect there is refused.
+  """
 
   RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
 
@@ -164,17 +300,53 @@ class OpenAIBackend:
                max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE,
                top_p: float = TOP_P, concurrency: int = 8,
                timeout: float = 120.0, max_attempts: int = 5, backoff: float = 1.0,
-               api_key: str | None = None):
+               api_key: str | None = None, max_reply_bytes: int = MAX_REPLY_BYTES):
     base_url = base_url.rstrip('/')
     self.base_url = base_url if base_url.endswith('/v1') else base_url + '/v1'
     self.model, self.chat, self.max_new_tokens = model, chat, max_new_tokens
     self.temperature, self.top_p, self.timeout = temperature, top_p, timeout
     self.max_attempts, self.backoff = max(1, max_attempts), backoff
     self.concurrency = max(1, concurrency)
-    self.api_key = api_key
+    self.api_key, self.max_reply_bytes = api_key, max_reply_bytes
+    scheme, host, _ = _origin(self.base_url)
+    if api_key and scheme == 'http' and not is_loopback(host):
+      logging.warning('The API key goes to %s over plain http, readable on the way; use https '
+                      'for a server on another machine.', self.base_url)
 
-  def _request(self, path: str, payload: dict | None = None) -> dict:
-    """GET (payload None) or POST JSON to base_url + path, with retries; the decoded reply."""
+  def _fetch(self, url: str, data: bytes | None, headers: dict[str, str]) -> bytes:
+    """One request: the answer's body, within the deadline and the size cap."""
+    deadline = _Deadline(self.timeout)
+    opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline),
+                                         _SameOriginRedirects())
+    chunks, size = [], 0
+    try:
+      with opener.open(urllib.request.Request(url, data=data, headers=headers),
+                       timeout=self.timeout) as response:
+        while chunk := response.read1(1 << 16):
+          size += len(chunk)
+          if size > self.max_reply_bytes:
+            raise BadReplyError(f'{url} answered with more than {self.max_reply_bytes} bytes, '
+                                'which is no completion reply')
+          chunks.append(chunk)
+    except urllib.error.HTTPError as e:
+      e.detail = ''                # The start of the error body, read within the deadline.
+      with contextlib.suppress(OSError, http.client.HTTPException):
+        e.detail = ' '.join(e.read(500).decode('utf-8', 'replace').split())
+      raise
+    except (OSError, http.client.HTTPException) as e:
+      if deadline.expired:
+        raise TimeoutError(f'no complete answer within {self.timeout:g} s') from e
+      raise
+    finally:
+      deadline.cancel()
+    if deadline.expired:
+      raise TimeoutError(f'no complete answer within {self.timeout:g} s')
+    return b''.join(chunks)
+
+  def _request(self, path: str, payload: dict | None = None,
+               parse: Callable[[bytes], Any] | None = json.loads) -> Any:
+    """GET (payload None) or POST JSON to base_url + path, with retries; `parse(body)` of the
+    answer (the body itself when parse is None), which raises BadReplyError on a bad reply."""
     url = self.base_url + path
     headers = {'Content-Type': 'application/json'}
     if self.api_key:
@@ -183,39 +355,47 @@ class OpenAIBackend:
     attempt = 0
     while True:
       attempt += 1
+      last = attempt == self.max_attempts
+      delay = self.backoff * 2 ** (attempt - 1)
       try:
-        request = urllib.request.Request(url, data=data, headers=headers)
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-          body = response.read()
-        break
+        body = self._fetch(url, data, headers)
+        return body if parse is None else _parsed(url, body, parse)
       except urllib.error.HTTPError as e:
-        detail = e.read()[:500].decode('utf-8', 'replace')
-        if e.code not in self.RETRY_STATUS or attempt == self.max_attempts:
+        if e.code not in self.RETRY_STATUS or last:
           raise ServerAnswerError(f'{url} answered HTTP {e.code} {e.reason} (attempt {attempt}'
-                                  f' of {self.max_attempts}): {detail}') from e
+                                  f' of {self.max_attempts}): {e.detail}') from e
         reason = f'HTTP {e.code}'
-      except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        reason = getattr(e, 'reason', e)
-        if attempt == self.max_attempts:
+        wait = retry_after_seconds(e.headers.get('Retry-After'))
+        if wait is not None and wait > MAX_RETRY_AFTER:
+          raise ServerAnswerError(f'{url} answered HTTP {e.code} and asks to retry after '
+                                  f'{wait:.0f} s, more than {MAX_RETRY_AFTER:.0f} s: try again '
+                                  'later.') from e
+        delay = max(delay, wait or 0.0)
+      except BadReplyError as e:
+        if last:
+          raise BadReplyError(f'{e} (attempt {attempt} of {self.max_attempts})') from e
+        reason = str(e)
+      except TimeoutError as e:
+        reason = str(e)
+        if last:
+          raise GenerationError(f'{url}: {reason}, {self.max_attempts} attempts: the server is '
+                                'too slow or stalled; raise --timeout or check it.') from e
+      except (OSError, http.client.HTTPException) as e:   # URLError included.
+        reason = getattr(e, 'reason', None) or f'{type(e).__name__}: {e}'
+        if last:
           raise GenerationError(
               f'Cannot reach the OpenAI-compatible server at {self.base_url} ({reason}) after '
               f'{self.max_attempts} attempts. Start one (e.g. `vllm serve MODEL`, '
               '`ollama serve` with --base_url=http://127.0.0.1:11434/v1, or llama.cpp\'s '
               '`llama-server`) or fix --base_url.') from e
-      delay = self.backoff * 2 ** (attempt - 1)
       logging.warning('%s: %s; retrying in %.2f s (attempt %d of %d).', url, reason, delay,
                       attempt + 1, self.max_attempts)
       time.sleep(delay)
-    try:
-      return json.loads(body)
-    except json.JSONDecodeError as e:
-      raise ServerAnswerError(f'{url} answered with something that is not JSON: '
-                              f'{body[:300]!r}') from e
 
   def check(self) -> None:
     """Fails early with a clear error when no server answers at base_url."""
     try:
-      self._request('/models')
+      self._request('/models', parse=None)
     except ServerAnswerError:  # Any answer means a server is there; /models is optional.
       pass
 
@@ -230,16 +410,24 @@ class OpenAIBackend:
       messages = [{'role': 'system', 'content': 'Continue the list: answer with one line for '
                                                 'the last action and nothing else.'},
                   {'role': 'user', 'content': prompt}]
-      reply = self._request('/chat/completions', dict(common, messages=messages))
-    else:
-      reply = self._request('/completions', dict(common, prompt=prompt, stop=['\n']))
+      return self._request('/chat/completions', dict(common, messages=messages),
+                           parse=self._texts)
+    return self._request('/completions', dict(common, prompt=prompt, stop=['\n']),
+                         parse=self._texts)
+
+  def _texts(self, body: bytes) -> list[str]:
+    """A completion reply -> its texts; BadReplyError when it has none."""
+    reply = json.loads(body)
+    field = 'message.content' if self.chat else 'text'
     try:
-      choices = reply['choices']
-      return [c['message']['content'] if self.chat else c['text'] for c in choices]
+      texts = [c['message']['content'] if self.chat else c['text'] for c in reply['choices']]
     except (KeyError, TypeError) as e:
-      raise GenerationError(f'{self.base_url}: unexpected reply (no choices[].'
-                            f'{"message.content" if self.chat else "text"}): '
-                            f'{json.dumps(reply)[:300]}') from e
+      raise BadReplyError(f'{self.base_url}: unexpected reply (no choices[].{field}): '
+                          f'{json.dumps(reply)[:300]}') from e
+    if not all(isinstance(t, str) for t in texts):
+      raise BadReplyError(f'{self.base_url}: a choices[].{field} that is not text: '
+                          f'{json.dumps(reply)[:300]}')
+    return texts
 
   def complete(self, prompts: Sequence[str], n: Sequence[int], seed: int) -> list[list[str]]:
     with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
@@ -254,11 +442,9 @@ class HFBackend:
   def __init__(self, model_dir: str | os.PathLike, *, max_new_tokens: int = MAX_NEW_TOKENS,
                temperature: float = TEMPERATURE, top_p: float = TOP_P, batch_size: int = 8,
                device: str = 'auto'):
-    try:
-      import torch
-    except ImportError as e:
-      raise GenerationError('The hf backend needs PyTorch, which is not installed: pip install '
-                            'torch (or use --backend=openai with a server).') from e
+    from claver_jax.compat import require_torch
+    torch = require_torch('The hf backend (or use --backend=openai with a server)',
+                          GenerationError)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_dir = Path(model_dir)
     if not (model_dir / 'config.json').is_file():
@@ -440,7 +626,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('batch_size', 8, 'hf: sequences per generate call; openai: requests in '
                        'flight.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  flags.DEFINE_float('timeout', 120.0, 'openai: seconds per request.')
+  flags.DEFINE_float('timeout', 120.0, 'openai: seconds per request, the whole answer included.')
   flags.DEFINE_integer('max_attempts', 5, 'openai: attempts per request (exponential backoff).')
   flags.DEFINE_float('backoff', 1.0, 'openai: first retry delay in seconds; doubles each time.')
   flags.DEFINE_string('device', 'auto', 'hf: torch device (auto: cuda when available).')

@@ -255,6 +255,20 @@ def load_prompt_set(name_or_path: str | os.PathLike) -> PromptSet:
   return read_prompt_set(shipped_set_path(str(name_or_path)))
 
 
+def match_names(class_names: Sequence[str], prompt_set: PromptSet) -> list[str | None]:
+  """The key of each class in `prompt_set`: its exact name, else the one key with the same
+  readable form ('ride_bike' finds 'ride bike', 'ApplyEyeMakeup' 'apply eye makeup'); None when
+  there is neither."""
+  by_form: dict[str, list[str]] = {}
+  for key in prompt_set:
+    by_form.setdefault(readable_name(key), []).append(key)
+  keys = []
+  for c in class_names:
+    found = by_form.get(readable_name(c), [])
+    keys.append(c if c in prompt_set else found[0] if len(found) == 1 else None)
+  return keys
+
+
 def close_matches(name: str, candidates: Sequence[str], n: int = 3) -> list[str]:
   """Names in `candidates` that look like `name`, ignoring case, spaces and punctuation."""
   def key(s):
@@ -269,10 +283,11 @@ def close_matches(name: str, candidates: Sequence[str], n: int = 3) -> list[str]
 # ------------------------------------------------------------------------------------------------
 # Texts and tokens
 # ------------------------------------------------------------------------------------------------
-def _missing_message(missing: Mapping[str, list[str]], prompt_set: PromptSet) -> str:
+def _missing_message(missing: Mapping[str, list[str]], found: Mapping[str, str | None],
+                     prompt_set: PromptSet) -> str:
   lines = []
   for name, aspects in itertools.islice(missing.items(), 20):
-    if name in prompt_set:
+    if found[name] is not None:
       lines.append(f'  {name!r}: no texts for {aspects}')
     else:
       suggestions = close_matches(name, list(prompt_set))
@@ -289,8 +304,9 @@ def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None 
   """Texts [A][C] and kinds [A] for `class_names` (see the module docstring). `name`: the bare
   (readable) class name is variant 0, unless a template is "{}" already.
 
-  Class names are looked up exactly. A class without texts in an aspect is an error naming it,
-  unless `allow_missing`: then its slots of that aspect take its template texts, with a warning.
+  Class names are looked up exactly, else by their readable form (`match_names`). A class
+  without texts in an aspect is an error naming it, unless `allow_missing`: then its slots of that
+  aspect take its template texts, with a warning.
   """
   if not class_names:
     raise ValueError('No class names given.')
@@ -310,7 +326,8 @@ def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None 
   if prompt_set is None:
     return texts, tuple(kinds)
 
-  own = [prompt_set.get(c, {}) for c in class_names]
+  keys = match_names(class_names, prompt_set)
+  own = [prompt_set[k] if k is not None else {} for k in keys]
   missing: dict[str, list[str]] = {}
   for c, entry in zip(class_names, own):
     empty = [a for a in aspects if not entry.get(a)]
@@ -318,10 +335,13 @@ def build_prompt_texts(class_names: Sequence[str], prompt_set: PromptSet | None 
       missing[c] = empty
   if missing:
     message = (f'{len(missing)} of {len(class_names)} classes have no interpretive prompts:\n'
-               + _missing_message(missing, prompt_set))
+               + _missing_message(missing, dict(zip(class_names, keys)), prompt_set))
     if not allow_missing:
-      raise MissingPromptsError(message + '\nFix the names (they must match the prompt set '
-                                'exactly), add texts for them, or allow the template fallback.')
+      raise MissingPromptsError(
+          message + '\nFix the names (as the prompt set spells them, or their readable form), '
+          'add texts for them, or let them fall back to their template texts with '
+          "--config.text.allow_missing=True; --config.text.prompts='' uses templates only (in "
+          "zero-shot: --config.zeroshot.DATASET.prompts='').")
     if not texts:
       raise ValueError(message + '\nThe fallback needs names or templates, and there are none.')
     logging.warning('%s\nThey fall back to their template texts.', message)
@@ -412,9 +432,11 @@ def check_report(prompt_set: PromptSet, class_names: Sequence[str] | None = None
   """
   lines, ok = [], True
   names = list(class_names) if class_names is not None else list(prompt_set)
+  keys = match_names(names, prompt_set)
+  entries = {c: prompt_set[k] for c, k in zip(names, keys) if k is not None}
   if class_names is not None:
-    missing = [c for c in names if c not in prompt_set]
-    extra = [c for c in prompt_set if c not in set(names)]
+    missing = [c for c in names if c not in entries]
+    extra = [c for c in prompt_set if c not in set(keys)]
     lines.append(f'coverage: {len(names) - len(missing)}/{len(names)} classes of the labels '
                  f'have texts; {len(extra)} classes of the set are not in the labels')
     for c in missing:
@@ -425,25 +447,24 @@ def check_report(prompt_set: PromptSet, class_names: Sequence[str] | None = None
     ok &= not missing
   lines.append('texts per class:')
   for aspect in ASPECTS:
-    counts = [len(prompt_set[c][aspect]) for c in names if c in prompt_set]
+    counts = [len(entry[aspect]) for entry in entries.values()]
     if counts:
       lines.append(f'  {aspect:<14} min {min(counts)}, max {max(counts)}, total {sum(counts)}')
-  empty = [(c, a) for c in names if c in prompt_set for a in ASPECTS if not prompt_set[c][a]]
+  empty = [(c, a) for c, entry in entries.items() for a in ASPECTS if not entry[a]]
   for c, a in empty:
     lines.append(f'  empty: {c!r} has no {a} texts')
   ok &= not empty
   if tokenizer is None:
     lines.append('over-length: not checked (pass --tokenizer=bpe_simple_vocab_16e6.txt.gz)')
   else:
-    entries = [(c, a, t) for c in names if c in prompt_set for a in ASPECTS
-               for t in prompt_set[c][a]]
-    lengths = [len(ids) + 2 for ids in tokenizer.encode([t for _, _, t in entries])]
-    over = [(e, n) for e, n in zip(entries, lengths) if n > context_length]
-    lines.append(f'over-length: {len(over)} of {len(entries)} texts exceed {context_length} '
+    texts = [(c, a, t) for c, entry in entries.items() for a in ASPECTS for t in entry[a]]
+    lengths = [len(ids) + 2 for ids in tokenizer.encode([t for _, _, t in texts])]
+    over = [(e, n) for e, n in zip(texts, lengths) if n > context_length]
+    lines.append(f'over-length: {len(over)} of {len(texts)} texts exceed {context_length} '
                  f'tokens (longest {max(lengths, default=0)})')
     lines.extend(f'  {n} tokens: {c!r} {a}: {t}' for (c, a, t), n in over)
     ok &= not over
-  collisions = find_collisions({c: prompt_set[c] for c in names if c in prompt_set}, names)
+  collisions = find_collisions(entries, names)
   lines.append(f'collisions: {len(collisions)} texts name another class')
   lines.extend(f'  {c!r} {a} names {o!r}: {t}' for c, a, t, o in collisions)
   return '\n'.join(lines), ok

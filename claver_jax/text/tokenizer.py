@@ -115,7 +115,8 @@ class Tokenizer:
 
 def train_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike,
                     num_merges: int = 1000, min_frequency: int = 2) -> Tokenizer:
-  """Learns a small BPE vocabulary on `texts` and writes it to OUT_DIR in CLIP's format.
+  """Learns a small BPE vocabulary on `texts` and writes it to OUT_DIR in CLIP's format
+  (vocab.json + merges.txt, put in place together: OUT_DIR is replaced as a whole).
 
   Words are split by CLIP's tokenizer itself (transformers' `CLIPTokenizer` normaliser and
   pre-tokeniser); merges are learnt by pair frequency with ties broken by the pair's text, so the
@@ -166,11 +167,11 @@ def train_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike,
       tokens.append(merged_token)
       known.add(merged_token)
   vocab = {t: i for i, t in enumerate(tokens + [SOT, EOT])}
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  from claver_jax.fileio import atomic_write_text
-  atomic_write_text(out_dir / 'vocab.json', json.dumps(vocab, ensure_ascii=False))
-  atomic_write_text(out_dir / 'merges.txt', '#version: 0.2\n' + '\n'.join(merges) + '\n')
+  from claver_jax.fileio import atomic_directory
+  with atomic_directory(out_dir, overwrite=True) as tmp:   # Both files, or neither.
+    (tmp / 'vocab.json').write_text(json.dumps(vocab, ensure_ascii=False), encoding='utf-8')
+    (tmp / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n',
+                                    encoding='utf-8')
   return Tokenizer(vocab, merges)
 
 
