@@ -1,6 +1,7 @@
 """docs/reproduce.md cannot rot: every command in it parses and resolves as the CLI resolves it,
-uses only what earlier commands make, tests what its training command trained, and the few-shot,
-pretrain and token-shuffling commands run a few steps on tiny towers (same presets)."""
+uses only what earlier commands make, tests what its training command trained; a training and its
+token-shuffled test run a few steps on tiny towers (same presets), and the KMCT few-shot command
+builds the KMCT model of its checkpoint."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from claver_jax import train, zeroshot
 from claver_jax.data import synthetic
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.metrics import read_metrics
-from claver_jax.models import CLAVER, CLAVERConfig, CLIP, CLIPConfig, families, write_model_dir
+from claver_jax.models import (CLAVER, CLAVERConfig, CLIP, CLIPConfig, families, load,
+                               write_model_dir)
 from claver_jax.models.io import path_str
 from claver_jax.run_config import check_config
 from claver_jax.text.prompts import TEMPLATES, build_prompt_texts, load_prompt_set
@@ -296,51 +298,64 @@ def tiny(config, paths: dict[str, Path]):
   return config
 
 
-@pytest.mark.slow   # Two short trainings and a test on tiny towers, compiled afresh.
-def test_pretrain_few_shot_and_shuffled_test_commands_run_on_tiny_towers(doc, tmp_path):
-  """Table 1's B32,8,kmt trains and Table 9's pre_te test evaluates it; Table 13's KMCT few-shot
-  command trains from a KMCT 32-frame model (its pretrain preset's shape)."""
-  _, commands, _ = doc
-  # A vocabulary learnt on the synthetic set's texts keeps them short (few length groups).
+@pytest.fixture(scope='module')
+def tiny_inputs(tmp_path_factory):
+  """What the doc's runs start from, on tiny towers: a CLIP (for ckpt/clip_b32) and a KMCT
+  model of 32 frames (for runs/k400_pretrain_kmct), random, with a vocabulary learnt on the
+  synthetic set's texts (short texts: few length groups to compile)."""
+  root = tmp_path_factory.mktemp('inputs')
   texts, _ = build_prompt_texts(list(synthetic.CLASS_NAMES), load_prompt_set('synthetic_motion'),
                                 templates=TEMPLATES)
-  tokenizer = train_tokenizer([t for row in texts for t in row], tmp_path / 'bpe', num_merges=400)
+  tokenizer = train_tokenizer([t for row in texts for t in row], root / 'bpe', num_merges=400)
   vocab, merges = tokenizer.vocab, tokenizer.merges
   clip_cfg = tiny_clip_config(vocab)
-  clip_dir = write_model_dir(tmp_path / 'clip', kind='clip', config=clip_cfg,
+  clip_dir = write_model_dir(root / 'clip', kind='clip', config=clip_cfg,
                              params=random_params(lambda: CLIP(clip_cfg, rngs=nnx.Rngs(0))),
                              tokenizer=(vocab, merges), normalization=(IMAGENET_MEAN, IMAGENET_STD))
   kmct_cfg = CLAVERConfig(clip=clip_cfg, num_frames=32, temporal='kmct')
   kmct_dir = write_model_dir(
-      tmp_path / 'kmct', kind='claver', config=kmct_cfg,
+      root / 'kmct', kind='claver', config=kmct_cfg,
       params=random_params(lambda: CLAVER(kmct_cfg, rngs=nnx.Rngs(0))), tokenizer=(vocab, merges),
       normalization=(IMAGENET_MEAN, IMAGENET_STD), source={'templates': ['{}']})
-  paths = {'ckpt/clip_b32': clip_dir, 'runs/k400_pretrain_kmct': kmct_dir}
+  return {'ckpt/clip_b32': clip_dir, 'runs/k400_pretrain_kmct': kmct_dir}
 
-  def find(section: str, **row) -> Command:
-    found = [c for c in commands if c.section.startswith(section) and c.row
-             and all(c.row.get(k) == v for k, v in row.items())]
-    return found[0]
 
-  pretrain = find('Table 1', PRESET='B32,8,kmt')
-  config, workdir = parse_config(pretrain)
+def find(commands: list[Command], section: str, **row) -> Command:
+  """The command of `section` for the table row with these cells."""
+  return next(c for c in commands if c.section.startswith(section) and c.row
+              and all(c.row.get(k) == v for k, v in row.items()))
+
+
+def test_the_kmct_few_shot_command_builds_the_kmct_model_of_its_checkpoint(doc, tiny_inputs):
+  """Table 13's `hmdb51.py:shots=2,kmct` from the KMCT pretrain model trains that model, head
+  and weights (before, the checkpoint's head was silently replaced by config.model.temporal's
+  default; now a mismatch is a config error): the model a run builds, on tiny towers."""
+  from claver_jax.text import load_tokenizer
+  config, _ = parse_config(find(doc[1], 'Tables 3 and 13', CONFIG='hmdb51.py:shots=2,kmct'))
+  config = tiny(config, tiny_inputs)
+  assert (config.model.temporal, config.data.shots, config.data.num_frames) == ('kmct', 2, 32)
+  checkpoint = config.init.checkpoint
+  model = train.make_model(config, load_tokenizer(checkpoint), nnx.Rngs(0))
+  assert isinstance(model, CLAVER) and model.temporal.kind == 'kmct'
+  source = nnx.to_pure_dict(nnx.state(load(checkpoint), nnx.Param))
+  built = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for a, b in zip(jax.tree.leaves(source), jax.tree.leaves(built)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow   # A short training and a test on tiny towers, compiled afresh (~30 s).
+def test_a_training_and_its_shuffled_test_run_on_tiny_towers(doc, tiny_inputs, tmp_path):
+  """Table 1's B32,8,kmt trains two steps; Table 9's pre_te test evaluates that run."""
+  _, commands, _ = doc
+  config, workdir = parse_config(find(commands, 'Table 1', PRESET='B32,8,kmt'))
   run = tmp_path / workdir
-  metrics = train.train_and_evaluate(tiny(config, paths), str(run))
+  metrics = train.train_and_evaluate(tiny(config, tiny_inputs), str(run))
   assert np.isfinite(metrics['val/top1'])
   assert [r['step'] for r in read_metrics(run) if 'train/loss' in r] == [1, 2]
-
-  shuffled = find('Table 9', PRESET='B32,8,kmt', FLAGS='--config.eval.token_shuffle=pre_te')
-  config, workdir = parse_config(shuffled)
+  config, workdir = parse_config(find(commands, 'Table 9', PRESET='B32,8,kmt',
+                                      FLAGS='--config.eval.token_shuffle=pre_te'))
   assert tmp_path / workdir == run
-  config = tiny(config, paths)
+  config = tiny(config, tiny_inputs)
   assert (config.mode, config.eval.token_shuffle) == ('eval', 'pre_te')
   tested = train.train_and_evaluate(config, str(run))
-  assert 0 <= tested['val/top1'] <= 100 and read_metrics(run)[-1]['step'] == 2
-
-  few_shot = find('Tables 3 and 13', CONFIG='hmdb51.py:shots=2,kmct')
-  config, workdir = parse_config(few_shot)
-  config = tiny(config, paths)
-  assert (config.model.temporal, config.data.shots, config.data.num_frames) == ('kmct', 2, 32)
-  metrics = train.train_and_evaluate(config, str(tmp_path / workdir))
-  assert np.isfinite(metrics['val/top1'])
-  assert (tmp_path / workdir / 'train_2shot_seed0.txt').is_file()
+  assert 0 <= tested['eval/top1'] <= 100 and read_metrics(run)[-1]['step'] == 2
