@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from claver_jax import distributed
+from claver_jax.fileio import is_remote, run_path
 
 BEST_METRIC = 'val/top1'
 
@@ -101,9 +102,9 @@ class Checkpointer:
         pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=keep_best,
                  keep_checkpoints_without_metrics=False),
     ])
-    self.directory = Path(workdir).absolute() / 'checkpoints'
-    atomicity = None
-    if on_gcsfuse(self.directory):  # A rename there copies every file: write in place instead.
+    self.directory = run_path(workdir) / 'checkpoints'    # Local, or gs:// (epath).
+    atomicity = None    # gs://: orbax writes in place and marks a step complete with a file.
+    if not is_remote(self.directory) and on_gcsfuse(self.directory):  # A rename there copies every file: write in place instead.
       atomicity = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
     options = ocp.CheckpointManagerOptions(preservation_policy=policy,
                                            enable_async_checkpointing=True,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 from pathlib import Path
 from typing import Any, Iterator
@@ -126,7 +125,8 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
     with fileio.atomic_directory(out, overwrite=overwrite, versioned=versioned) as new:
       yield new
     return
-  out = Path(out).absolute()
+  out = fileio.run_path(out)
+  versioned = versioned or fileio.is_remote(out)     # Object stores: see fileio.
   if out.exists() and not overwrite:     # The same answer on every process: no one waits.
     raise FileExistsError(f'{out} already exists; choose another output path or pass --overwrite.')
   lead = jax.process_index() == 0
@@ -138,7 +138,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
   else:
     new = out.parent / f'.{out.name}.tmp-multiprocess'
   if lead:
-    shutil.rmtree(new, ignore_errors=True)         # Left by a run that died while writing.
+    fileio.remove_tree(new)                       # Left by a run that died while writing.
     new.mkdir(parents=True)
   barrier(f'atomic_directory_start:{out}')
   yield new

@@ -15,9 +15,9 @@ with config.eval.dump_scores, scores.npz (`dump_scores`).
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from claver_jax.fileio import atomic_write_text
+from claver_jax.fileio import atomic_write_bytes, atomic_write_text, run_path
 
 
 def encode_texts(encode_text, tokens: np.ndarray, chunk: int = 512) -> jax.Array:
@@ -98,7 +98,7 @@ def reports_dir(workdir: str | os.PathLike, kind: str, *, step: int | None = Non
   if kind not in REPORT_KINDS:
     raise ValueError(f'Unknown report kind {kind!r}; one of {list(REPORT_KINDS)}.')
   name = f'step{step}_{views}' if kind == 'eval' else kind
-  return Path(workdir) / 'eval' / name
+  return run_path(workdir) / 'eval' / name
 
 
 def write_reports(summary: dict[str, Any], class_names: Sequence[str],
@@ -108,9 +108,9 @@ def write_reports(summary: dict[str, Any], class_names: Sequence[str],
   pairs, the confusion matrix, with `step` and `views`), and as PNG: DIR/confusion.png (rows:
   true class, columns: predicted), DIR/per_class.png (worst classes first) and
   DIR/confused_pairs.png. Returns the figures by name (for TensorBoard). `title` names the
-  evaluation in the figures (e.g. 'val, step 1650')."""
+  evaluation in the figures (e.g. 'val, step 1650'). DIR is local or gs://."""
   from claver_jax import plots
-  directory = Path(directory)
+  directory = run_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   pairs = plots.most_confused(summary['confusion'], class_names)
   report = {'step': step, 'views': views,
@@ -137,17 +137,19 @@ def write_reports(summary: dict[str, Any], class_names: Sequence[str],
 
 
 def copy_reports(source: str | os.PathLike, target: str | os.PathLike) -> None:
-  """The files of the reports directory `source` as `target`, put in place in one step (a
-  complete directory at every instant)."""
-  from claver_jax.fileio import atomic_directory
-  source = Path(source)
+  """The files of the reports directory `source` as `target`: locally put in place in one step (a
+  complete directory at every instant); on gs://, which has no rename, file by file, each file
+  one whole object."""
+  from claver_jax.fileio import atomic_directory, is_remote
+  files = [item for item in run_path(source).iterdir()
+           if item.is_file() and not item.name.startswith('.')]
+  if is_remote(target):
+    for item in files:
+      atomic_write_bytes(run_path(target) / item.name, item.read_bytes())
+    return
   with atomic_directory(target, overwrite=True) as new:
-    umask = os.umask(0)
-    os.umask(umask)
-    new.chmod(0o777 & ~umask)                  # a temporary directory's 0700 otherwise
-    for item in source.iterdir():
-      if item.is_file() and not item.name.startswith('.'):
-        shutil.copyfile(item, new / item.name)
+    for item in files:
+      (new / item.name).write_bytes(item.read_bytes())
 
 
 def dump_scores(path: str | os.PathLike, *, videos: Sequence[str], labels: np.ndarray,
@@ -157,15 +159,9 @@ def dump_scores(path: str | os.PathLike, *, videos: Sequence[str], labels: np.nd
   (`np.load(path)` reads it): video str [N], label int32 [N], scores float32 [N, C] (the
   evaluation's class scores: softmax per description set, mean over sets, sum over views),
   class_names str [C], step, views. Written beside `path`, then renamed over it."""
-  path = Path(path)
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  try:
-    with open(tmp, 'wb') as f:
-      np.savez(f, video=np.asarray(list(videos), dtype=str),
-               label=np.asarray(labels, np.int32), scores=np.asarray(scores, np.float32),
-               class_names=np.asarray(list(class_names), dtype=str),
-               step=np.int64(-1 if step is None else step), views=np.asarray(views))
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+  buffer = io.BytesIO()
+  np.savez(buffer, video=np.asarray(list(videos), dtype=str),
+           label=np.asarray(labels, np.int32), scores=np.asarray(scores, np.float32),
+           class_names=np.asarray(list(class_names), dtype=str),
+           step=np.int64(-1 if step is None else step), views=np.asarray(views))
+  atomic_write_bytes(path, buffer.getvalue())

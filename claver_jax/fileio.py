@@ -15,6 +15,16 @@ process (on this host, its pid no longer running) is removed when the same outpu
 again, or by `sweep_stale` (train sweeps its workdir at start). Outputs get the permissions of
 any file the user creates (0666/0777 less the umask), not tempfile's private 0600/0700: on a
 shared workdir, `umask 002` shares them with the group, `umask 077` keeps them private.
+
+Run paths (`run_path`) are local paths or gs://BUCKET/PATH (etils.epath; the `tpu` extra
+installs gcsfs). Cloud Storage has whole objects and no rename, links or directories, so there:
+  * a file is written as one object upload, which appears complete or not at all
+    (`atomic_write_text`);
+  * every atomic directory is versioned: the new version is written under `.<out>.versions/vN/`,
+    then published by one object write, `<out>/LINK`, whose text names it (as a symlink would);
+    readers follow it (`resolve_link`: model directories, prepared datasets). A version cut
+    short is never linked and is deleted by the next publish;
+  * orbax writes checkpoints in place and marks them complete with a commit file.
 """
 
 from __future__ import annotations
@@ -29,7 +39,49 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from etils import epath
+
+REMOTE_SCHEMES = ('gs',)     # Written by epath (gcsfs), orbax (TensorStore) and array_record.
+LINK = 'LINK'                # On object stores: <out>/LINK names the current version of <out>.
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for a URL (gs://...), False for a local path."""
+  return re.match(r'^[A-Za-z][A-Za-z0-9+.-]*://', os.fspath(path)) is not None
+
+
+def run_path(path: str | os.PathLike) -> Any:
+  """A run path: a local path made absolute (a pathlib.Path: links, fsync and renames need the
+  OS), or gs://BUCKET/PATH as an epath.Path. Any other URL scheme is a ValueError in one line."""
+  if isinstance(path, epath.Path) and is_remote(path):
+    return path
+  text = os.fspath(path)
+  if text.startswith('file://'):
+    text = text[len('file://'):]
+  if not is_remote(text):
+    return Path(text).absolute()
+  scheme = text.split('://', 1)[0].lower()
+  if scheme not in REMOTE_SCHEMES:
+    raise ValueError(f'{text}: {scheme}:// paths cannot be written here (orbax checkpoints and '
+                     'array_record datasets write to local paths and gs:// only); use '
+                     'gs://BUCKET/PATH, a local path, or the bucket mounted as a folder.')
+  try:
+    import gcsfs  # noqa: F401  (epath's gs:// backend without TensorFlow.)
+  except ImportError as e:
+    raise ValueError(f'{text}: gs:// paths need gcsfs: pip install "claver_jax[tpu]" (or '
+                     'gcsfs).') from e
+  return epath.Path(text)
+
+
+def resolve_link(path: Any) -> Any:
+  """The version a remote `<path>/LINK` names (see the module docstring); `path` otherwise (a
+  local link is followed by the OS)."""
+  if not is_remote(path):
+    return path
+  link = path / LINK
+  return path.parent / link.read_text().strip() if link.is_file() else path
 
 _TEMP = re.compile(r'^\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{8}$')
 
@@ -88,14 +140,15 @@ def sweep_stale(directory: str | os.PathLike, name: str | None = None) -> list[P
 
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
-                     versioned: bool = False) -> Iterator[Path]:
+                     versioned: bool = False) -> Iterator[Any]:
   """Yields a fresh directory to write; on success it is fsynced and becomes `out`.
 
   On any exception the new directory is removed and `out` is untouched. An existing `out` is an
   error unless `overwrite`, in which case it is replaced only once the new one is complete.
-  `versioned`: see the module docstring.
+  `versioned`: see the module docstring (a remote `out` is always versioned).
   """
-  out = Path(out).absolute()
+  out = run_path(out)
+  versioned = versioned or is_remote(out)
   if out.exists() and not overwrite:
     raise FileExistsError(f'{out} already exists; choose another output path or pass --overwrite.')
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,13 +167,54 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
     else:
       replace_directory(new, out)
   except BaseException:
-    shutil.rmtree(new, ignore_errors=True)
+    remove_tree(new)
     raise
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike, *, overwrite: bool = False,
+                     stage: str | os.PathLike) -> Iterator[Path]:
+  """`atomic_directory(out)` for writers that need a local folder (array_record): for a remote
+  `out`, a folder under the local `stage` whose files are uploaded into the new version once
+  complete, and which is removed after."""
+  if not is_remote(out):
+    with atomic_directory(out, overwrite=overwrite) as new:
+      yield new
+    return
+  Path(stage).mkdir(parents=True, exist_ok=True)
+  local = Path(tempfile.mkdtemp(prefix='upload-', dir=stage))
+  try:
+    with atomic_directory(out, overwrite=overwrite) as new:
+      yield local
+      upload_tree(local, new)
+  finally:
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def upload_tree(local: Path, remote: Any) -> None:
+  """Copies every file under the local folder `local` to the same names under `remote`."""
+  for root, _, files in os.walk(local):
+    for name in files:
+      source = Path(root) / name
+      with open(source, 'rb') as f, (remote / source.relative_to(local).as_posix()).open('wb') as g:
+        shutil.copyfileobj(f, g, 16 << 20)
+
+
+def remove_tree(path: Any) -> None:
+  """Deletes a local folder or every object under a remote prefix; nothing if absent."""
+  if is_remote(path):
+    with contextlib.suppress(FileNotFoundError):
+      path.rmtree()
+  else:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def fsync_tree(directory: Path) -> None:
   """fsyncs every file and directory under `directory` (and it): their data is on disk before a
-  rename makes them visible as the finished result."""
+  rename makes them visible as the finished result. Nothing to do on an object store, where an
+  object is durable once its upload returns."""
+  if is_remote(directory):
+    return
   for root, _, files in os.walk(directory):
     for name in files:
       fd = os.open(os.path.join(root, name), os.O_RDONLY)
@@ -204,7 +298,11 @@ def publish_version(version: Path, out: Path) -> None:
   """Points the symlink `out` at the complete directory `version` (a directory of
   versions_dir(out)) with one rename, then deletes every version but this one and the one `out`
   showed before. An `out` that is a real directory (an older layout, or a copied workdir) is
-  swapped for the link in one step where `exchange` can, else renamed aside first."""
+  swapped for the link in one step where `exchange` can, else renamed aside first. On an object
+  store, `out/LINK` is written instead (one object upload)."""
+  if is_remote(out):
+    _publish_link(version, out)
+    return
   previous = out.resolve() if out.is_symlink() else None
   link = out.parent / f'.{out.name}.link-{os.getpid()}'
   with contextlib.suppress(FileNotFoundError):
@@ -229,15 +327,41 @@ def publish_version(version: Path, out: Path) -> None:
       shutil.rmtree(other, ignore_errors=True)
 
 
+def _publish_link(version: Any, out: Any) -> None:
+  """The object-store publish_version: one upload of out/LINK naming `version`, then every other
+  version but the previous one deleted. A remote `out` that is a real folder (a copy) is deleted
+  first (not in one step: once)."""
+  link = out / LINK
+  previous = resolve_link(out) if link.is_file() else None
+  if previous is None and out.exists():
+    logging.warning('%s: a folder, not a link; replacing it in two steps (once: from now on it '
+                    'is a link).', out)
+    out.rmtree()
+  link.write_text(f'{versions_dir(out).name}/{version.name}')
+  keep = {str(version), str(previous)}
+  for other in versions_dir(out).iterdir():
+    if str(other) not in keep:
+      remove_tree(other)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, fsyncs it, then renames it over `path`."""
+  """Writes `text` (UTF-8) as `atomic_write_bytes` does."""
+  atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to a temporary file beside `path`, fsyncs it, then renames it over `path` (on
+  an object store: one upload, which appears whole or not at all)."""
+  if is_remote(path):
+    run_path(path).write_bytes(data)
+    return
   path = Path(path)
   sweep_stale(path.parent, path.name)
   fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
   try:
     os.fchmod(fd, 0o666 & ~umask())               # mkstemp's 0600 would make `path` private.
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -14,13 +14,13 @@ generator) is counted apart, as it grows with C.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from claver_jax.models import families
+from claver_jax.models import families, kronecker
 from claver_jax.models.clip import CLIP, get_preset
 from claver_jax.models.claver import CLAVERConfig
 from claver_jax.models.xclip import XCLIPConfig
@@ -63,6 +63,32 @@ def report(cfg: Any, num_classes: int = K400_CLASSES) -> dict[str, float]:
   vit = _flops(lambda s, x: nnx.merge(clip_graphdef, s).encode_image(x), clip_state, images)
   return {'total': total / 1e9, 'vit': vit / 1e9, 'temporal': (total - vit) / 1e9,
           'classes': classes / 1e9}
+
+
+def _cost(stage) -> float:
+  cost = stage.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+def step_flops(make_jitted: Callable[[], Any], mesh: jax.sharding.Mesh, *args: Any,
+               compiled: Any = None) -> tuple[float, float]:
+  """(counted, hidden): per-device FLOPs of a jitted step (make_jitted() -> jax.jit(...)) for
+  abstract `args` under `mesh`. `counted` is XLA's cost analysis of the compiled, partitioned
+  program, which counts the body of a loop once; `hidden` is what the other trips of the loops
+  add: the portable attention kernel's (models/kronecker.py) and the accumulation scan's
+  (train.py), from the lowered program traced with those loops unrolled
+  (`kronecker.unrolled_loops`) less the same with loops, over the mesh's devices (that work is
+  split over the batch). Per-device step FLOPs are their sum. `compiled`: the step already
+  compiled for `args`, if there is one (saves compiling it again)."""
+  with jax.set_mesh(mesh):
+    counted = _cost(compiled if compiled is not None else make_jitted().lower(*args).compile())
+    jax.clear_caches()               # jit keeps traces by function: trace each form afresh
+    looped = _cost(make_jitted().lower(*args))
+    jax.clear_caches()
+    with kronecker.unrolled_loops():
+      unrolled = _cost(make_jitted().lower(*args))
+    jax.clear_caches()
+  return counted, (unrolled - looped) / mesh.size
 
 
 def paper_table() -> str:

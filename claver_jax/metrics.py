@@ -14,6 +14,10 @@ images (`write_figures`). Only process 0 writes, one whole line per write() call
 file (no buffer to flush). A run killed during a write
 can leave a torn last line: reading drops it with a warning; a bad line anywhere else is an error
 naming the file and line.
+
+On a gs:// workdir, where an object cannot be appended to, metrics.jsonl is rewritten whole (one
+upload, which appears complete or not at all) and the TensorBoard event files, written to a local
+folder, are uploaded beside it: at most every SYNC_SECONDS, after every evaluation, and at close.
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
 
-from claver_jax.fileio import atomic_write_text
+from claver_jax.fileio import atomic_write_text, is_remote, run_path, upload_tree
+
+SYNC_SECONDS = 10.0
 
 
 class MetricWriter:
@@ -39,15 +47,23 @@ class MetricWriter:
                steps_per_epoch: int | None = None):
     self.enabled = jax.process_index() == 0
     self.steps_per_epoch = steps_per_epoch
-    self.path = Path(workdir) / 'metrics.jsonl'
+    self.path = run_path(workdir) / 'metrics.jsonl'
     if not self.enabled:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._remote = is_remote(self.path)
+    kept = []
     if self.path.exists():  # A resumed run repeats the steps after its checkpoint: drop them.
       kept = [row for row in read_rows(self.path) if row.get('step', 0) <= resume_step]
       atomic_write_text(self.path, ''.join(json.dumps(row) + '\n' for row in kept))
-    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    self._tb = _summary_writer()(str(Path(workdir)), purge_step=resume_step + 1 if resume_step else None)
+    if self._remote:
+      self._text = ''.join(json.dumps(row) + '\n' for row in kept)
+      self._events, self._synced = Path(tempfile.mkdtemp(prefix='claver_events-')), 0.0
+    else:
+      self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+      self._events = self.path.parent
+    self._tb = _summary_writer()(str(self._events),
+                                 purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -56,11 +72,23 @@ class MetricWriter:
     row = {'step': int(step), 'time': round(time.time(), 3)}
     if self.steps_per_epoch:
       row['epoch'] = round(step / self.steps_per_epoch, 4)
-    os.write(self._fd, (json.dumps({**row, **values}) + '\n').encode('utf-8'))
+    line = json.dumps({**row, **values}) + '\n'
     for k, v in values.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, int(step))
     self._tb.flush()
+    if self._remote:
+      self._text += line
+      self._sync(force='views' in values)    # after each evaluation
+    else:
+      os.write(self._fd, line.encode('utf-8'))
+
+  def _sync(self, force: bool = False) -> None:
+    """Uploads metrics.jsonl whole and the event files (remote workdirs)."""
+    if force or time.monotonic() - self._synced >= SYNC_SECONDS:
+      self.path.write_text(self._text)
+      upload_tree(self._events, self.path.parent)
+      self._synced = time.monotonic()
 
   def write_figures(self, step: int, figures: Mapping[str, Any]) -> None:
     """matplotlib figures -> TensorBoard images, tag -> figure."""
@@ -87,8 +115,12 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
-      os.close(self._fd)
       self._tb.close()
+      if self._remote:
+        self._sync(force=True)
+        shutil.rmtree(self._events, ignore_errors=True)
+      else:
+        os.close(self._fd)
 
 
 def _summary_writer():
@@ -122,8 +154,8 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
   """The JSON objects of a JSONL file, one per line; blank lines skipped. A last line without its
   newline that does not parse (a write cut short) is dropped with a warning; any other bad line
   raises MetricsFileError naming the file and line."""
-  path = Path(path)
-  text = path.read_text(encoding='utf-8')
+  path = run_path(path)
+  text = path.read_bytes().decode('utf-8')
   lines = text.split('\n')
   rows = []
   for number, line in enumerate(lines, 1):
@@ -146,7 +178,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   """The rows of WORKDIR/metrics.jsonl (see read_rows)."""
-  return read_rows(Path(workdir) / 'metrics.jsonl')
+  return read_rows(run_path(workdir) / 'metrics.jsonl')
 
 
 def progress_bar(total: int, initial: int, *, disable: bool = False):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -38,15 +37,9 @@ def png_bytes(figure: Figure) -> bytes:
 
 
 def save_png(figure: Figure, path: str | os.PathLike) -> None:
-  """Writes the figure as PNG beside `path`, then renames it over `path`."""
-  path = Path(path)
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  try:
-    tmp.write_bytes(png_bytes(figure))
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+  """Writes the figure as PNG to `path` (local: a temporary renamed over it; gs://: one upload)."""
+  from claver_jax.fileio import atomic_write_bytes
+  atomic_write_bytes(path, png_bytes(figure))
 
 
 def to_rgb(figure: Figure) -> np.ndarray:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from claver_jax import paper
-from claver_jax.fileio import atomic_write_text
+from claver_jax.fileio import atomic_write_text, run_path
 
 RUN_CONFIG = 'config.json'
 # Keys a metrics row may carry its wall-clock time under (Unix seconds or ISO 8601).
@@ -64,7 +64,7 @@ def write_run_config(workdir: str | os.PathLike, config: Mapping[str, Any],
             'config_file': config_file, 'preset': preset,
             'started': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
             'run': dict(run or {}), 'config': dict(config)}
-  path = Path(workdir) / RUN_CONFIG
+  path = run_path(workdir) / RUN_CONFIG
   atomic_write_text(path, json.dumps(record, indent=1, default=str) + '\n')
   return path
 
@@ -79,7 +79,7 @@ def _module_of(program: str) -> str | None:
 def read_run_config(workdir: str | os.PathLike) -> dict[str, Any]:
   """WORKDIR/config.json, or for a run that predates it the config of its latest checkpoint
   ({'config': ...} only); {} when neither is there."""
-  workdir = Path(workdir)
+  workdir = run_path(workdir)
   path = workdir / RUN_CONFIG
   if path.is_file():
     record = json.loads(path.read_text())
@@ -566,7 +566,7 @@ class ReportError(ValueError):
 def build(workdir: str | os.PathLike) -> Report:
   """The report of WORKDIR (see the module docstring); writes WORKDIR/eval/curves.png."""
   from claver_jax.metrics import read_metrics
-  workdir = Path(workdir).absolute()
+  workdir = run_path(workdir)
   if not workdir.is_dir():
     raise ReportError(f'{workdir} is not a directory; pass a run\'s workdir.')
   record = read_run_config(workdir)
@@ -582,7 +582,7 @@ def build(workdir: str | os.PathLike) -> Report:
 
 def write(workdir: str | os.PathLike) -> Report:
   """Writes WORKDIR/report.md and WORKDIR/report.html (each atomically); returns the report."""
-  workdir = Path(workdir).absolute()
+  workdir = run_path(workdir)
   report = build(workdir)
   atomic_write_text(workdir / 'report.md', report.markdown(workdir))
   atomic_write_text(workdir / 'report.html', report.html())
@@ -591,7 +591,7 @@ def write(workdir: str | os.PathLike) -> Report:
 
 def summary_text(report: Report, workdir: str | os.PathLike) -> str:
   """The end-of-run summary: the report's summary lines and where the report is."""
-  workdir = Path(workdir).absolute()
+  workdir = run_path(workdir)
   return '\n'.join([*report.summary,
                     f'Report: {workdir / "report.md"} (with figures: {workdir / "report.html"})'])
 

@@ -89,14 +89,21 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_process_rows(mesh: jax.sharding.Mesh, global_batch: int) -> None:
-  """The data pipeline gives process i rows [i B, (i + 1) B) of each global batch of
-  `global_batch` clips (B = global_batch / processes); raises if its devices hold other rows."""
-  per_process = global_batch // jax.process_count()
-  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
-  held = sorted({row for index in index_map.values() for row in range(global_batch)[index[0]]})
-  start = jax.process_index() * per_process
-  if held != list(range(start, start + per_process)):
-    raise ValueError(f'The mesh gives process {jax.process_index()} rows {held[:4]}... of each '
-                     f'batch, not the rows {start}..{start + per_process - 1} its data pipeline '
-                     'reads: list each process\'s devices consecutively in the mesh.')
+def process_rows(mesh: jax.sharding.Mesh, global_batch: int,
+                 process_index: int | None = None) -> tuple[int, ...]:
+  """The rows of a global batch of `global_batch` examples (split over every mesh axis) that
+  the devices of process `process_index` (default: this one) hold, ascending: what its input
+  pipeline must read. On TPU slices `jax.make_mesh` orders devices by the physical topology,
+  so these interleave with other processes' rows (v5e 4x4: hosts 0,0,1,1,1,1,0,2,... own the
+  16 blocks of rows). Raises ValueError unless every process holds the same number of rows."""
+  process_index = jax.process_index() if process_index is None else process_index
+  index_map = batch_sharding(mesh).devices_indices_map((global_batch,))
+  owners = np.full(global_batch, -1)
+  for device, index in index_map.items():
+    owners[index[0]] = device.process_index
+  counts = np.bincount(owners, minlength=process_index + 1)
+  if len(set(counts[counts > 0])) != 1:
+    raise ValueError(f'The mesh gives the processes unequal shares of a batch of {global_batch} '
+                     f'rows ({counts.tolist()}); use a batch size that divides by the '
+                     f'{mesh.size} devices.')
+  return tuple(int(row) for row in np.flatnonzero(owners == process_index))

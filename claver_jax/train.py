@@ -33,15 +33,15 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from claver_jax import distributed, evaluate, optim, report, sharding
+from claver_jax import aot, distributed, evaluate, fileio, optim, report, sharding
 from claver_jax.checkpoint import Checkpointer
 from claver_jax.data import build_pipelines, make_global_batch
 from claver_jax.data.labels import DataError
 from claver_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from claver_jax.data.transforms import normalize
 from claver_jax.metrics import MetricWriter, progress_bar, read_metrics
-from claver_jax.models import CLIPConfig, families, load
-from claver_jax.models.clip import (needed_context, pool_index, set_remat,
+from claver_jax.models import CLIPConfig, families, kronecker, load
+from claver_jax.models.clip import (clamp_logit_scale, needed_context, pool_index, set_remat,
                                     sincos_position_embedding)
 from claver_jax.models.io import (input_normalization, load_towers, model_dir,
                                   read_model_config, write_model_dir)
@@ -377,13 +377,15 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mesh: jax.shard
 
       zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(text_emb))
       (loss, grads, text_grad), _ = jax.lax.scan(micro_step, zeros,
-                                                 micro_batches((video, targets), accum, mesh))
+                                                 micro_batches((video, targets), accum, mesh),
+                                                 unroll=kronecker.loops_unrolled())
     if text_backward is not None:
       grads = jax.tree.map(jnp.add, grads, text_backward(text_grad)[0])
     loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
     # Checked on device; the loop reads it where it reads the loss (no extra host sync).
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     optimizer.update(model, grads)
+    clamp_logit_scale(model)                 # As CLIP: the logits stay within 100 x cosine.
     out = {'loss': loss, 'finite': finite}
     if 'substituted' in batch:
       out['substituted'] = batch['substituted'].sum()
@@ -408,8 +410,9 @@ def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]
     return evaluate.view_scores(model, normalize(video, mean, std), text)
 
   return (jax.jit(encode_text, in_shardings=(state_sharding, replicated), out_shardings=replicated),
-          jax.jit(scores, in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
-                  out_shardings=replicated))
+          aot.on_first_call(lambda: jax.jit(
+              scores, in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
+              out_shardings=replicated), mesh, 'evaluation step'))
 
 
 def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
@@ -477,6 +480,27 @@ def checkpoint_normalization(config: ml_collections.ConfigDict) -> tuple[Any, An
   return recorded
 
 
+def check_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """The start-up checks of the batches on `mesh` (`claver_jax.memory --topology` runs them too):
+  the global batch splits over the devices and accumulation steps, the batches over the
+  processes, and every process's devices hold an equal share of each batch."""
+  num_devices, tc = mesh.size, config.train
+  processes = sorted({d.process_index for d in mesh.devices.flat})
+  if tc.batch_size % (num_devices * tc.grad_accum_steps):
+    raise ConfigError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
+                      f'devices x grad_accum_steps={tc.grad_accum_steps}.')
+  if tc.batch_size % len(processes) or config.eval.batch_size % num_devices:
+    raise ConfigError(f'Batch sizes must divide by the process count ({len(processes)}); '
+                      f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
+                      'devices.')
+  for process in processes:
+    for batch in (tc.batch_size, config.eval.batch_size):
+      try:
+        sharding.process_rows(mesh, batch, process)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -488,22 +512,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_config(config)
   if config.mode not in ('train', 'eval'):
     raise ConfigError(f"config.mode={config.mode!r}; train_and_evaluate runs 'train' or 'eval'.")
-  workdir = Path(workdir).absolute()
-  model_family(config)
+  workdir = fileio.run_path(workdir)       # Local, or gs:// (etils.epath); else one-line error.
+  model_family(config)                     # A family error, before anything is written.
   check_init(config)
 
   # ----------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   num_devices = mesh.size
   tc = config.train
-  if tc.batch_size % (num_devices * tc.grad_accum_steps):
-    raise ConfigError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
-                      f'devices x grad_accum_steps={tc.grad_accum_steps}.')
-  if tc.batch_size % jax.process_count() or config.eval.batch_size % num_devices:
-    raise ConfigError(f'Batch sizes must divide by the process count ({jax.process_count()}); '
-                      f'config.eval.batch_size={config.eval.batch_size} by the {num_devices} '
-                      'devices.')
-  sharding.check_process_rows(mesh, tc.batch_size)
+  check_batches(config, mesh)
+  # The rows of each global batch this process's devices hold (interleaved with other
+  # processes' on TPU slices): its pipeline reads those of the one global train order.
+  train_rows = sharding.process_rows(mesh, tc.batch_size)
   # A tokenizer to load is checked now; one to learn is made once the workdir exists.
   tokenizer = make_tokenizer(config, workdir, []) if config.text.tokenizer != 'train' else None
 
@@ -514,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_config.num_clips, data_config.num_crops = config.eval.num_clips, config.eval.num_crops
   if config.mode == 'eval':
     data_config.train_list = ''
-  data = build_pipelines(data_config, workdir=workdir)
+  data = build_pipelines(data_config, train_rows=train_rows, workdir=workdir)
   class_names = data.class_names
   templates = resolve_templates(config.text.templates)
   aspects = resolve_aspects(config.text.aspects)
@@ -564,11 +584,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----------------------------------------------------------------------------- steps
   text_frozen = config.optim.freeze_text
-  train_step = jax.jit(
+  # Compiled at the first step under the mesh (the fused attention kernels need it), with a
+  # portable fallback should a fused kernel not compile; the log says which kernel runs.
+  train_step = aot.on_first_call(lambda: jax.jit(
       make_train_step(graphdef, config, mesh, pool_index(tokens, model.cfg.clip) + 1,
                       text_frozen, family.group_of),
       in_shardings=(state_sharding, batch_sharding, replicated, replicated),
-      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+      out_shardings=(state_sharding, replicated), donate_argnums=(0,)), mesh, 'train step')
   encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh, normalization)
 
   # ----------------------------------------------------------------------------- checkpoint
@@ -658,7 +680,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- loop
   text = (evaluate.encode_texts(lambda t: encode_text(state, t), tokens,
                                 chunk=TEXTS_PER_DEVICE * num_devices) if text_frozen
-          else jnp.asarray(tokens))
+          else jax.device_put(tokens, replicated))
   stop = distributed.StopRequest(start_step)
   eval_every = config.eval_every_steps or steps_per_epoch
   bar = progress_bar(total_steps, start_step)
@@ -727,7 +749,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       host_batch = next(train_iter)
       waited += time.perf_counter() - waiting
       batch = make_global_batch(host_batch, batch_sharding)
-      state, out = train_step(state, batch, text, jnp.asarray(step, jnp.int32))
+      state, out = train_step(state, batch, text, jax.device_put(np.int32(step), replicated))
       losses.append(out['loss'])
       substituted.append(out['substituted'])
       unchecked.append((step, out['finite']))

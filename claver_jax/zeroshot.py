@@ -48,7 +48,7 @@ from claver_jax import report as run_report
 from claver_jax.data import build_pipelines
 from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
-from claver_jax.fileio import atomic_write_text
+from claver_jax.fileio import atomic_write_text, run_path
 from claver_jax.models import input_normalization, load_video_model, read_model_config
 from claver_jax.models.clip import needed_context
 from claver_jax.models.io import model_dir
@@ -246,7 +246,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if 'zeroshot' not in config:
     raise ConfigError('The config has no zeroshot section; start from configs/zeroshot.py.')
   check_config(config)
-  workdir = Path(workdir).absolute()
+  workdir = run_path(workdir)              # Local, or gs:// (etils.epath).
   if not config.init.checkpoint:
     raise ConfigError('config.init.checkpoint is empty: set it to the K400-trained model directory '
                       '(or the workdir of its run) to evaluate.')
@@ -261,9 +261,6 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if config.eval.batch_size % mesh.size or config.eval.batch_size % jax.process_count():
     raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
                      f'{mesh.size} devices and the {jax.process_count()} processes.')
-
-  if jax.process_index() == 0:
-    run_report.write_run_config(workdir, json.loads(config.to_json_best_effort()))
 
   # The model's own texts and test view (WORKDIR/model records them), unless the config names
   # templates.
@@ -280,6 +277,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if not runs:
     raise ValueError('Zero-shot: nothing to evaluate; set the paths of at least one dataset in '
                      'config.zeroshot (see claver_jax/zeroshot.py).')
+  if jax.process_index() == 0:
+    run_report.write_run_config(workdir, json.loads(config.to_json_best_effort()))
   pipelines = []
   for run in runs:
     data_config = config.data.copy_and_resolve_references()

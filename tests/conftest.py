@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,9 +16,19 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_REFERENCE = REPO.parent / 'shared' / 'reference'
 CLIP_BPE = SHARED_REFERENCE / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz'
 
+# libtpu (the `tpu` extra, which CI installs) describes TPU slices for compiling without one.
+requires_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec('libtpu') is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU topology to compile for")
+
 requires_clip_bpe = pytest.mark.skipif(
     not CLIP_BPE.is_file(),
     reason=f'OpenAI\'s CLIP BPE vocabulary is not at {CLIP_BPE} (../shared/reference is absent)')
+
+
+# With libtpu installed, a process that starts JAX's backends without JAX_PLATFORMS probes for
+# TPU chips and prints libtpu's warnings; every test, and every process it starts, runs on the CPU.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
 def pytest_configure(config):

@@ -10,7 +10,7 @@ import pytest
 from claver_jax.data import synthetic
 from claver_jax.data.pipeline import build_pipelines, default_config
 from claver_jax.data.sources import DataError, FileListSource, read_labels, read_list
-from conftest import run_cli
+from conftest import requires_libtpu, run_cli
 from data_helpers import synthetic_dir, with_bad_videos
 
 
@@ -140,7 +140,9 @@ def test_bad_videos_are_substituted_counted_and_logged_once_with_their_reason(mo
   substituted = np.concatenate([b['substituted'] for b in batches])
   assert substituted.sum() == 4
   assert all(b['video'].shape == (5, 4, 32, 32, 3) for b in batches)
-  assert all('reason' not in b and 'index' not in b for b in batches + eval_batches)
+  assert all('reason' not in b and 'index' not in b for b in batches)
+  # Eval batches keep their list positions (the score dump names videos by them).
+  assert all('reason' not in b and b['index'].dtype == np.int32 for b in eval_batches)
   assert np.concatenate([b['substituted'] for b in eval_batches]).sum() == 2
   bad_rows = [b['video'][b['substituted']] for b in eval_batches]
   assert all((v == 0).all() for v in bad_rows)              # Eval substitutes are black.
@@ -443,3 +445,36 @@ def test_make_global_batch_shards_the_batch_axis():
   out = make_global_batch(batch, NamedSharding(mesh, PartitionSpec('data')))
   assert out['video'].shape == (2 * jax.process_count(), 3, 4, 4, 3)
   np.testing.assert_array_equal(out['label'], [1, 2])
+
+
+@requires_libtpu
+@pytest.mark.parametrize('topology', ['v4:2x2x4', 'v5e:4x4', 'v5e:8x8', 'v6e:4x4'])
+def test_each_host_of_a_tpu_slice_reads_the_rows_its_chips_hold(topology):
+  """On libtpu's own slice descriptions the mesh interleaves the hosts' rows of a batch; each
+  host's share of the one global train order, put at its rows, is the global batch."""
+  import ml_collections
+  from claver_jax import sharding, topologies
+  from claver_jax.data.pipeline import TrainOrder
+  devices = topologies.tpu_devices(topology)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=devices)
+  hosts = sorted({d.process_index for d in devices})
+  global_batch, clips, seed = 2 * len(devices), 100, 3
+  rows = {host: sharding.process_rows(mesh, global_batch, host) for host in hosts}
+  assert sorted(r for host in hosts for r in rows[host]) == list(range(global_batch))
+  contiguous = lambda r: list(r) == list(range(r[0], r[0] + len(r)))
+  if topology != 'v5e:2x4':
+    assert not all(contiguous(rows[host]) for host in hosts)    # interleaved: the point
+  for host in hosts:                  # a host's devices hold exactly these rows
+    held = {row for device, index in sharding.batch_sharding(mesh).devices_indices_map(
+        (global_batch,)).items() if device.process_index == host
+        for row in range(global_batch)[index[0]]}
+    assert held == set(rows[host])
+  one = TrainOrder(clips, global_batch, tuple(range(global_batch)), seed)
+  parts = {host: TrainOrder(clips, global_batch, rows[host], seed) for host in hosts}
+  per_host = global_batch // len(hosts)
+  for batch in range(3):               # past an epoch end (100 clips, batches of 32 or 128)
+    assembled = [None] * global_batch
+    for host in hosts:
+      for i, row in enumerate(rows[host]):
+        assembled[row] = parts[host][batch * per_host + i]
+    assert assembled == [one[batch * global_batch + r] for r in range(global_batch)]

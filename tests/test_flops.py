@@ -95,3 +95,23 @@ def test_xclip_flops_count_the_messages_mit_and_prompts():
   assert report(cfg, num_classes=20)['classes'] == pytest.approx(2 * r['classes'], rel=0.1)
   proc = run_cli('claver_jax.flops', '--config=configs/k400.py:B32,8,xclip')
   assert 'xclip B32, 8 frames at 224 px, 1 MIT and 2 prompt layers' in proc.stdout
+
+
+def test_step_flops_add_back_the_trips_loops_hide():
+  """The chunked kernel's loops run each body once in XLA's count: with the other trips added
+  back, its forward + backward counts about what the dense attention's does (same products)."""
+  from claver_jax import flops, sharding
+  from claver_jax.models.kronecker import kronecker_attention
+  from claver_jax.run_config import base_config
+  mesh = sharding.make_mesh(base_config().mesh)
+  x = jax.ShapeDtypeStruct((2, 6 * 10, 2, 16), jnp.float32)
+
+  def make(implementation):
+    loss = lambda q, k, v: kronecker_attention(q, k, v, kind='kmt', num_frames=6,
+                                               implementation=implementation).sum()
+    return lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+  counted, hidden = flops.step_flops(make('chunked'), mesh, x, x, x)
+  dense_counted, dense_hidden = flops.step_flops(make('dense'), mesh, x, x, x)
+  assert dense_hidden == 0 and hidden > 2 * counted        # 6 query chunks x 5 key chunks
+  assert 0.9 < (counted + hidden) / dense_counted < 1.6      # + recomputed scores in backward

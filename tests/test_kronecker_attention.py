@@ -21,6 +21,7 @@ from claver_jax.models.kronecker import (AUTO_CHUNKED_MIN_TOKENS, MASK_KINDS, kr
                                          resolve_implementation)
 from claver_jax.models.temporal import TemporalTransformer
 from claver_jax.run_config import base_config
+from conftest import requires_libtpu
 
 TOLERANCE = 1e-5   # max abs difference, fp32, outputs and gradients
 
@@ -55,27 +56,141 @@ def test_chunked_attention_equals_dense(kind, t, l, chunk):
   assert max_diff(chunked_grads, dense_grads) <= TOLERANCE
 
 
-def test_splash_kernel_in_interpret_mode_equals_dense():
-  """The TPU kernel's Kronecker mask and padding, run by Pallas' interpreter on the CPU."""
-  t, l = 3, 7
+@pytest.mark.parametrize('kind,t,l', [('kmct', 3, 7), ('kmt', 2, 70)])
+def test_splash_kernel_in_interpret_mode_equals_dense(kind, t, l):
+  """The TPU kernel's Kronecker mask and padding (21 tokens in one 128 block; 140 in two, the
+  second mostly padding), run by Pallas' interpreter on the CPU: outputs and gradients."""
   q, k, v = qkv(1, t * l, 2, 8)
+  weights = jax.random.normal(jax.random.key(1), q.shape)
 
   def value_and_grads(**kw):
-    loss = lambda q, k, v: kronecker_attention(q, k, v, kind='kmct', num_frames=t, **kw).sum()
+    loss = lambda q, k, v: (kronecker_attention(q, k, v, kind=kind, num_frames=t, **kw)
+                            * weights).sum()
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
   dense = value_and_grads(implementation='dense')
   splash = value_and_grads(implementation='chunked', kernel='splash')
-  assert abs(float(splash[0] - dense[0])) <= 1e-4        # a sum of 336 outputs
+  assert abs(float(splash[0] - dense[0])) <= 1e-4
   assert max_diff(splash[1], dense[1]) <= TOLERANCE
 
 
-def test_a_fused_kernel_that_rejects_its_inputs_falls_back(caplog):
-  q, k, v = qkv(1, 12, 2, 8)
+@requires_libtpu
+@pytest.mark.parametrize('kind', ['kmt', 'kmct'])
+def test_splash_kernel_compiles_for_tpu_v5e_at_8_and_32_frames(kind):
+  """Forward and backward at ViT-B/16's 197 tokens per frame (1576 and 6304 tokens, padded to
+  1664 and 6400), batch split over a v5e 2x2 slice under its mesh: the Pallas kernels are in
+  the program (3 custom calls: forward, dq, dk/dv) and nothing fell back."""
+  from claver_jax import aot, sharding, topologies
+  mesh = sharding.make_mesh(base_config().mesh, devices=topologies.tpu_devices('v5e:2x2'))
+  for t in (8, 32):
+    x = jax.ShapeDtypeStruct((4, t * 197, 12, 64), jnp.bfloat16)
+
+    def make():
+      loss = lambda q, k, v: kronecker_attention(q, k, v, kind=kind, num_frames=t).astype(
+          jnp.float32).sum()
+      return jax.jit(jax.grad(loss, argnums=(0, 1, 2)),
+                     in_shardings=(sharding.batch_sharding(mesh),) * 3)
+
+    step = aot.compile_step(make, mesh, x, x, x, name='attention')
+    assert step.fallback is None
+    assert step.kernels == [f'{kind} attention over {t} frames x 197 tokens (12 heads of 64, '
+                            'bfloat16): splash']
+    assert step.compiled.as_text().count('tpu_custom_call') == 3
+
+
+def test_kernel_follows_the_platform_the_program_is_for():
+  from claver_jax.models import kronecker
+  assert kronecker.chunked_kernel(jnp.bfloat16, 'gpu') == 'cudnn'
+  assert kronecker.chunked_kernel(jnp.float32, 'gpu') == 'portable'     # cuDNN: bf16/fp16 only
+  assert kronecker.chunked_kernel(jnp.float32, 'tpu') == 'splash'
+  assert kronecker.chunked_kernel(jnp.bfloat16, 'cpu') == 'portable'
+  assert kronecker.chunked_kernel(jnp.bfloat16) == 'portable'           # this CPU, no mesh
+  with kronecker.portable_kernels_only():
+    assert kronecker.chunked_kernel(jnp.bfloat16, 'tpu') == 'portable'
+
+
+@requires_libtpu
+def test_a_tpu_mesh_makes_the_program_a_tpu_program():
+  """Compiling for a TPU slice from this CPU host: under its mesh the kernel is splash."""
+  from claver_jax import sharding, topologies
+  from claver_jax.models import kronecker
+  mesh = sharding.make_mesh(base_config().mesh, devices=topologies.tpu_devices('v5e:2x2'))
+  seen = []
+  with jax.set_mesh(mesh):
+    jax.jit(lambda x: seen.append(kronecker.chunked_kernel(x.dtype)) or x).lower(
+        jax.ShapeDtypeStruct((4,), jnp.bfloat16))
+  assert seen == ['splash']
+
+
+def test_a_fused_kernel_that_fails_to_compile_falls_back_at_compile_time(monkeypatch, caplog):
+  """A kernel the compiler rejects (simulated: a custom call nothing implements, which traces
+  and lowers but does not compile): the step is compiled again with the portable kernel, says
+  why once, and computes the attention."""
+  from claver_jax import aot, sharding
+  from claver_jax.models import kronecker
+
+  def uncompilable(q, k, v, kind, num_frames):
+    return jax.ffi.ffi_call('claver_missing_kernel', jax.ShapeDtypeStruct(q.shape, q.dtype))(q)
+
+  monkeypatch.setattr(kronecker, '_cudnn_attention', uncompilable)
+  monkeypatch.setattr(kronecker, 'chunked_kernel', lambda dtype, platform=None: (
+      'portable' if kronecker._portable_only[0] else 'cudnn'))
+  mesh = sharding.make_mesh(base_config().mesh)
+  q, k, v = qkv(2, 12, 2, 8)
+  attend = lambda q, k, v: kronecker_attention(q, k, v, kind='kmt', num_frames=3,
+                                               implementation='chunked')
   with caplog.at_level(logging.WARNING):
-    out = kronecker_attention(q, k, v, kind='kmt', num_frames=3, implementation='chunked',
-                              kernel='cudnn')                   # fp32 on a CPU: no cuDNN
-  assert 'portable' in caplog.text
+    step = aot.compile_step(lambda: jax.jit(attend), mesh, q, k, v, name='attention')
+  assert step.fallback.startswith('cudnn: JaxRuntimeError') and 'claver_missing_kernel' in (
+      step.fallback)
+  assert 'failed to compile with the fused attention kernel' in caplog.text
+  assert step.kernels == ['kmt attention over 3 frames x 4 tokens (2 heads of 8, float32): '
+                          'portable chunked kernel']
+  assert 'did not compile' in step.summary()[1]
+  dense = kronecker_attention(q, k, v, kind='kmt', num_frames=3, implementation='dense')
+  assert max_diff(step.compiled(q, k, v), dense) <= TOLERANCE
+
+
+def test_cudnn_form_is_never_differentiated(monkeypatch):
+  """With a mask, the cuDNN form's gradient is the portable kernel's (no bias gradient): under
+  differentiation cuDNN is never traced, outside it it is."""
+  from claver_jax.models import kronecker
+  calls, xla_attention = [], jax.nn.dot_product_attention
+
+  def fake_cudnn(q, k, v, mask=None, implementation=None):   # stands in for cuDNN on this CPU
+    calls.append(implementation)
+    return xla_attention(q, k, v, mask=mask)
+
+  monkeypatch.setattr(kronecker.jax.nn, 'dot_product_attention', fake_cudnn)
+  q, k, v = qkv(2, 12, 2, 8)
+  weights = jax.random.normal(jax.random.key(1), q.shape)
+  for kind in ('kmt', 'kmct'):
+    calls.clear()
+    loss = lambda q, k, v: (kronecker._cudnn_attention(q, k, v, kind, 3) * weights).sum()
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    assert calls == []
+    dense_loss = lambda q, k, v: (kronecker_attention(q, k, v, kind=kind, num_frames=3,
+                                                      implementation='dense') * weights).sum()
+    assert max_diff(grads, jax.grad(dense_loss, argnums=(0, 1, 2))(q, k, v)) <= TOLERANCE
+    out = kronecker._cudnn_attention(q, k, v, kind, 3)
+    assert calls == ['cudnn']
+    assert max_diff(out, kronecker_attention(q, k, v, kind=kind, num_frames=3,
+                                             implementation='dense')) <= TOLERANCE
+
+
+def test_a_fused_kernel_that_rejects_its_inputs_falls_back_loudly_once(caplog):
+  from claver_jax.models import kronecker
+  q, k, v = qkv(1, 12, 2, 8)
+  kronecker.clear_kernel_report()
+  with caplog.at_level(logging.WARNING):
+    for _ in range(2):
+      out = kronecker_attention(q, k, v, kind='kmt', num_frames=3, implementation='chunked',
+                                kernel='cudnn')                 # fp32 on a CPU: no cuDNN
+  assert caplog.text.count('The cudnn attention kernel rejected these inputs') == 1
+  assert 'using the portable chunked kernel' in caplog.text
+  [line] = kronecker.kernel_report()
+  assert line.startswith('kmt attention over 3 frames x 4 tokens (2 heads of 8, float32): '
+                         'portable chunked kernel (cudnn rejected it: ')
   dense = kronecker_attention(q, k, v, kind='kmt', num_frames=3, implementation='dense')
   assert max_diff(out, dense) <= TOLERANCE
 

@@ -174,6 +174,39 @@ SLURM_STEP = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'gpu[01-04]', 'SLURM_
               'SLURM_PROCID': '2', 'SLURM_LOCALID': '0'}
 
 
+def test_processes_read_the_rows_an_interleaved_mesh_gives_them(run_env, tmp_path):
+  """2 real processes x 2 devices on a mesh that interleaves them (process 0 holds rows 0-1 and
+  4-5 of 8, as TPU slices interleave hosts): the global batches they assemble are those of one
+  process reading the whole batch."""
+  from claver_jax.data import build_pipelines
+  from data_helpers import synthetic_train_config
+  port = distributed_port()
+  env = {**run_env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+         'PYTHONPATH': str(REPO / 'tests'), 'CLAVER_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
+         'CLAVER_NUM_PROCESSES': '2'}
+  out = tmp_path / 'batches.npz'
+  procs = [subprocess.Popen([sys.executable, str(REPO / 'tests' / 'interleaved_rows_worker.py'),
+                             str(out)], cwd=REPO, env={**env, 'CLAVER_PROCESS_ID': str(i)},
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for proc in procs:
+    finish(proc)
+  got = np.load(out)
+  assert got['rows'].tolist() == [0, 1, 4, 5]
+  iterator = iter(build_pipelines(synthetic_train_config(batch_size=8)).train)
+  for i in range(2):
+    expected = next(iterator)
+    for key in ('video', 'label'):
+      np.testing.assert_array_equal(got[f'{key}{i}'], expected[key])
+  iterator.close()
+
+
+def distributed_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
 def test_multi_process_environments_are_detected(monkeypatch):
   from jax._src import cloud_tpu_init
   monkeypatch.setattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False)  # even on a TPU VM

@@ -12,7 +12,7 @@ from packaging.version import Version
 
 from conftest import REPO
 
-TEST_COMMAND = "pip install -e '.[test]' -c constraints.txt && pytest -q"
+TEST_COMMAND = "pip install -e '.[test,tpu]' -c constraints.txt && pytest -q"
 DEMO_COMMAND = ('pip install -e . -c constraints.txt && python -m claver_jax.main '
                 '--config=configs/demo.py --workdir=/tmp/claver_demo')
 
@@ -69,7 +69,7 @@ def test_every_dependency_is_bounded_and_pinned_as_tested():
   assert set(install) >= {canonicalize_name(n) for n in (
       'jax', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'tensorflow-datasets',
       'ml_collections', 'absl-py', 'chex', 'transformers', 'safetensors', 'av', 'numpy',
-      'Pillow', 'tensorboardX', 'tqdm', 'matplotlib')}
+      'Pillow', 'tensorboardX', 'tqdm', 'matplotlib', 'etils')}
   assert not any('torch' in name for name in install), 'torch is a test-only dependency'
   assert str(test.pop('torch').specifier) == '==2.13.0'
   pins = constraints()
@@ -85,6 +85,8 @@ def test_every_dependency_is_bounded_and_pinned_as_tested():
     assert installed in req.specifier and installed.release == low.release, (name, installed)
   assert Version(importlib.metadata.version('transformers')).major >= 5   # CLIPTokenizer(vocab=)
   assert pins['torch'] == Version('2.13.0')
+  assert 'epath-gcs' in test['etils'].extras                  # the gs:// tests run in CI
+  assert 'epath-gcs' in requirements('options.extras_require', 'tpu')['etils'].extras
   assert importlib.metadata.version('torch').startswith('2.13.0')
 
 

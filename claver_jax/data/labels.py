@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
 
 
 class DataError(ValueError):
@@ -28,12 +27,13 @@ def _is_int(text: str) -> bool:
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
-  """A labels file (see the module docstring) -> class names in id order."""
-  path = Path(path)
+  """A labels file (see the module docstring), local or gs:// -> class names in id order."""
+  from etils import epath
+  path = epath.Path(path)
   if not path.is_file():
     raise DataError(f'Labels file {path} does not exist; pass a labels CSV (id,name rows) or a '
                     'file of one class name per line.')
-  text = path.read_text(encoding='utf-8-sig')
+  text = path.read_bytes().decode('utf-8-sig')
   numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
   if not numbered:
     raise DataError(f'Labels file {path} has no classes.')

@@ -27,8 +27,9 @@ config.data.root) it stops before anything trains.
 
 Train order: one global stream, the same whatever the number of processes: the train list
 shuffled with config.data.seed, reshuffled every epoch, repeated forever, and cut into global
-batches of batch_size x shard_count clips. Process i reads rows [i B, (i + 1) B) of each global
-batch (B = batch_size), the rows its devices hold. Each clip's augmentation is drawn from
+batches of batch_size x shard_count clips. Each process reads the rows of each global batch that
+its devices hold (`train_rows`: on TPU slices they interleave with other processes' rows; by
+default process i reads rows [i B, (i + 1) B), B = batch_size). Each clip's augmentation is drawn from
 default_rng((seed, epoch, clip index in the train list)), so batches do not depend on the process
 count or on config.data.num_workers. The iterator state counts global batches, so a restored
 state replays exactly the batches that followed it, in a run with any number of processes (the
@@ -46,8 +47,7 @@ import hashlib
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -62,6 +62,7 @@ from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, MULTI_SCALES, TEST_
                                         augment_train_clip, eval_short_side, normalize,
                                         spatial_crops, train_short_side)
 from claver_jax.data.video import VideoError, eval_indices, train_indices
+from claver_jax import fileio
 from claver_jax.fileio import atomic_write_text
 
 __all__ = ['Pipelines', 'SubstitutionLog', 'build_pipelines', 'default_config',
@@ -259,13 +260,12 @@ class TrainOrder:
 
   The global stream is the clips 0..num_clips-1 shuffled with `seed`, reshuffled every epoch,
   repeated forever; global batch k is its positions [k G, (k + 1) G), G = global_batch, and this
-  process reads rows [row_start, row_stop) of each. Picklable for grain workers.
+  process reads `rows` (ascending) of each. Picklable for grain workers.
   """
 
   num_clips: int
   global_batch: int
-  row_start: int
-  row_stop: int
+  rows: tuple[int, ...]
   seed: int
 
   def __post_init__(self):
@@ -275,8 +275,8 @@ class TrainOrder:
     return sys.maxsize
 
   def __getitem__(self, index: int) -> tuple[int, int]:
-    rows = self.row_stop - self.row_start
-    position = (index // rows) * self.global_batch + self.row_start + index % rows
+    batch, row = divmod(index, len(self.rows))
+    position = batch * self.global_batch + self.rows[row]
     return position // self.num_clips, int(self._order[position])
 
 
@@ -343,7 +343,8 @@ def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
   if cfg.source == 'tfds' and not cfg.labels:
     if cfg.tfds_name:
       return []
-    return read_labels(Path(cfg.root) / 'labels.csv')
+    from claver_jax.data.prepare import find_dataset_dir
+    return read_labels(find_dataset_dir(cfg.root) / 'labels.csv')
   if not cfg.labels:
     raise DataError('config.data.labels is empty; set it to the labels CSV (id,name).')
   return read_labels(cfg.labels)
@@ -379,7 +380,7 @@ def _few_shot(cfg: ml_collections.ConfigDict, source, class_names: list[str], wr
   digest = hashlib.sha256(lines.encode('utf-8')).hexdigest()[:12]
   written = ''
   if write and workdir is not None:
-    path = Path(workdir) / f'train_{cfg.shots}shot_seed{cfg.shots_seed}.txt'
+    path = fileio.run_path(workdir) / f'train_{cfg.shots}shot_seed{cfg.shots_seed}.txt'
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, lines)
     written = f'; written to {path}'
@@ -450,14 +451,15 @@ def _prefetch(ds: grain.IterDataset, cfg: ml_collections.ConfigDict) -> grain.It
 
 
 def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None = None,
-                    shard_count: int | None = None,
+                    shard_count: int | None = None, train_rows: Sequence[int] | None = None,
                     workdir: str | os.PathLike | None = None) -> Pipelines:
   """Builds the train and eval pipelines of `config.data` (see `default_config`).
 
   Lists and labels are read and checked here, so malformed input fails before training.
-  `shard_index` / `shard_count` default to this JAX process and the process count: shard i
-  reads rows [i B, (i + 1) B) of every global train batch of B x shard_count clips
-  (B = cfg.batch_size) and every shard_count-th eval clip from the i-th. With cfg.shots,
+  `shard_index` / `shard_count` default to this JAX process and the process count. Shard i reads
+  `train_rows` of every global train batch of B x shard_count clips (B = cfg.batch_size rows,
+  ascending: `sharding.process_rows`, the rows its devices hold; default [i B, (i + 1) B)) and
+  every shard_count-th eval clip from the i-th. With cfg.shots,
   shard 0 writes the K-shot train list into `workdir` when one is given.
   """
   if cfg.source not in SOURCES:
@@ -493,8 +495,12 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
                           flip_prob=_flip_prob(cfg, class_names), jitter_prob=cfg.jitter_prob,
                           jitter=tuple(cfg.jitter), grayscale_prob=cfg.grayscale_prob,
                           **loader_args)
-    order = TrainOrder(len(train_source), cfg.batch_size * shard_count,
-                       shard_index * cfg.batch_size, (shard_index + 1) * cfg.batch_size, cfg.seed)
+    rows = tuple(range(shard_index * cfg.batch_size, (shard_index + 1) * cfg.batch_size)
+                 if train_rows is None else train_rows)
+    if len(rows) != cfg.batch_size or list(rows) != sorted(set(rows)):
+      raise ValueError(f'train_rows must be {cfg.batch_size} ascending rows of a global batch; '
+                       f'got {list(rows)[:8]}...')
+    order = TrainOrder(len(train_source), cfg.batch_size * shard_count, rows, cfg.seed)
     ds = (grain.MapDataset.source(order)
           .map(loader.train_sample)
           .batch(cfg.batch_size, drop_remainder=True)
@@ -529,7 +535,11 @@ def make_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Shard
                       ) -> dict[str, jax.Array]:
   """Host batches of all processes -> global jax.Arrays, split over devices along the batch axis.
 
-  `sharding` is e.g. NamedSharding(mesh, PartitionSpec('data')); the global batch is the
-  concatenation of every process's host batch.
+  `sharding` is e.g. NamedSharding(mesh, PartitionSpec('data')). Each process's host batch holds
+  the rows its devices hold, ascending (`sharding.process_rows`; they need not be contiguous):
+  jax places them there.
   """
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  processes = jax.process_count()
+  return {k: jax.make_array_from_process_local_data(sharding, v,
+                                                    (v.shape[0] * processes, *v.shape[1:]))
+          for k, v in batch.items()}

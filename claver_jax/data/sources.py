@@ -206,26 +206,32 @@ class SubsetSource:
     return self.source.open(self.indices[index])
 
 
-class JpegVideo(InMemory):
-  """A prepared record's JPEG frames behind the `Video` interface; decodes only what is asked."""
+class PreparedVideo(InMemory):
+  """A video of a prepared split behind the `Video` interface: `frames` reads and decodes the
+  records of the frames asked for, and no others."""
 
-  def __init__(self, jpeg: np.ndarray, offsets: np.ndarray, name: str):
-    self._jpeg, self._offsets, self.name = jpeg, offsets, name
-    self.num_frames = len(offsets) - 1
-    if self.num_frames < 1:
-      raise VideoError(f'{name}: the record holds no frames')
+  def __init__(self, records, first: int, num_frames: int, video: int, name: str):
+    self._records, self._first, self._video = records, first, video
+    self.num_frames, self.name = num_frames, name
 
   def frames(self, indices, short_side: int | None = None, enlarge: bool = True) -> np.ndarray:
     from PIL import Image
+    from claver_jax.data.video import resized_shape
+    wanted = list(dict.fromkeys(int(i) for i in indices))
+    if any(not 0 <= i < self.num_frames for i in wanted):
+      raise IndexError(f'{self.name}: frames {wanted} asked of {self.num_frames}')
+    records = self._records.__getitems__([self._first + i for i in wanted])
     decoded = {}
-    for i in dict.fromkeys(int(i) for i in indices):
-      data = self._jpeg[self._offsets[i]:self._offsets[i + 1]].tobytes()
+    for i, record in zip(wanted, records):
+      if (int(record['video']), int(record['frame'])) != (self._video, i):
+        raise DataError(f'{self.name}: record {self._first + i} holds frame {record["frame"]} of '
+                        f'video {record["video"]}, not frame {i} of video {self._video}: the '
+                        'dataset is inconsistent; prepare it again.')
       try:
-        decoded[i] = Image.open(io.BytesIO(data)).convert('RGB')
+        decoded[i] = Image.open(io.BytesIO(record['jpeg'])).convert('RGB')
       except OSError as e:
         raise VideoError(f'{self.name}: frame {i} is not a readable JPEG ({e})') from e
-    from claver_jax.data.video import resized_shape
-    first = next(iter(decoded.values()))
+    first = decoded[wanted[0]]
     h, w = resized_shape(first.height, first.width, short_side, enlarge)
     arrays = {i: np.asarray(im if im.size == (w, h) else im.resize((w, h), Image.BILINEAR))
               for i, im in decoded.items()}
@@ -233,51 +239,48 @@ class JpegVideo(InMemory):
 
 
 class PreparedSource:
-  """A split of a dataset written by `python -m claver_jax.data.prepare`, read through
-  `tfds.data_source` (array_record, no TensorFlow)."""
+  """A split of a dataset written by `python -m claver_jax.data.prepare` (local or gs://): its
+  videos from `<split>.videos.npz`, their frames one record each through `tfds.data_source`
+  (array_record, no TensorFlow), read only when a clip samples them."""
 
   def __init__(self, directory: str | os.PathLike, split: str):
     from claver_jax.data.prepare import find_dataset_dir
     self.directory = find_dataset_dir(directory)
     self.split = split
     self._source = None
-    self._cached: tuple[int, dict] | None = None
-    self._length = len(self._data())
+    index_file = self.directory / f'{split}.videos.npz'
+    if not index_file.is_file():
+      splits = sorted(p.name[:-len('.videos.npz')] for p in self.directory.glob('*.videos.npz'))
+      raise DataError(f'{self.directory} has no split {split!r}; it has {splits}.')
+    with index_file.open('rb') as f, np.load(f) as index:
+      self._labels, self._ids = index['label'], index['video_id']
+      self._num_frames, self._first = index['num_frames'], index['first']
 
   def __getstate__(self) -> dict:
-    return {**self.__dict__, '_source': None, '_cached': None}
+    return {**self.__dict__, '_source': None}
 
   def _data(self):
     if self._source is None:
       import tensorflow_datasets as tfds
       builder = tfds.builder_from_directory(str(self.directory))
-      if self.split not in builder.info.splits:
-        raise DataError(f'{self.directory} has no split {self.split!r}; it has '
-                        f'{sorted(builder.info.splits)}.')
       self._source = builder.as_data_source(split=self.split)
     return self._source
 
   def __len__(self) -> int:
-    return self._length
-
-  def _record(self, index: int) -> dict:
-    if self._cached is None or self._cached[0] != index:   # label() then open() read once.
-      self._cached = (index, self._data()[index])
-    return self._cached[1]
+    return len(self._labels)
 
   def label(self, index: int) -> int:
-    return int(self._record(index)['label'])
+    return int(self._labels[index])
 
   def name(self, index: int) -> str:
-    return _text(self._record(index)['video_id'])
+    return str(self._ids[index])
+
+  def num_frames(self, index: int) -> int:
+    return int(self._num_frames[index])
 
   def open(self, index: int) -> Video:
-    record = self._record(index)
-    return JpegVideo(record['jpeg'], record['offsets'], _text(record['video_id']))
-
-
-def _text(value) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+    return PreparedVideo(self._data(), int(self._first[index]), int(self._num_frames[index]),
+                         index, self.name(index))
 
 
 class Ucf101TfdsSource:

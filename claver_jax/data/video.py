@@ -7,20 +7,56 @@
 Only the sampled frames are decoded where the container allows it: the packets are demuxed
 (cheap, no decoding), and decoding starts at the last keyframe before each sampled frame instead
 of at the start of the file. Containers without packet timestamps are decoded front to back.
+
+`stream_frames` decodes a whole video one frame at a time (what `data.prepare` encodes), within
+`DecodeLimits`: frames, frames x pixels and seconds per video. Every failure to read a video,
+whatever PyAV raised (FFmpegError, BlockingIOError and other OSErrors, MemoryError), is a
+VideoError that names the file.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import io
 import os
-from typing import Protocol, Sequence
+import time
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
 
 class VideoError(ValueError):
-  """A video that cannot be read: missing, empty, corrupt, or without a video stream."""
+  """A video that cannot be read: missing, empty, corrupt, without a video stream, or past a
+  decoding limit (DecodeLimits)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+  """What decoding one video may cost before it is refused as a VideoError naming the file and
+  the limit: frames, frames x pixels (at the stored size, before any resize) and wall-clock
+  seconds. The defaults pass any clip of the paper's datasets (Kinetics' 10 s, HMDB's and UCF's
+  longest at 1080p) with a wide margin and stop a small file that declares a flood of frames
+  (a "video bomb": 81 KB of 2000 black 720p frames, 3.9 MB of 300k frames)."""
+
+  max_frames: int = 30_000                  # 16 min 40 s at 30 fps.
+  max_pixels: int = 20_000 * 1920 * 1080    # 20,000 frames of 1080p, 11 min at 30 fps.
+  max_seconds: float = 300.0
+
+  def check(self, name: str, frames: int, pixels: int, started: float) -> None:
+    """Raises VideoError when `frames` frames of `pixels` pixels in all, decoded since the
+    monotonic time `started`, pass a limit."""
+    if frames > self.max_frames:
+      raise VideoError(f'{name}: more than {self.max_frames} frames (the max_frames limit); '
+                       'raise it (data.prepare --max_frames) to read this video')
+    if pixels > self.max_pixels:
+      raise VideoError(f'{name}: more than {self.max_pixels} pixels in its first {frames} frames '
+                       '(the max_pixels limit on frames x height x width); raise it (data.prepare '
+                       '--max_pixels) to read this video')
+    if time.monotonic() - started > self.max_seconds:
+      raise VideoError(f'{name}: decoding took more than {self.max_seconds:g} s (the '
+                       f'max_seconds limit, after {frames} frames); raise it (data.prepare '
+                       '--max_decode_seconds) to read this video')
 
 
 class Video(Protocol):
@@ -172,16 +208,12 @@ class PyAVVideo:
   """A video file decoded with PyAV; see the module docstring for how frames are found. Close it
   (or use it as a context manager): the container holds a file and decoder buffers."""
 
-  def __init__(self, source: str | os.PathLike | io.IOBase, name: str):
-    import av
+  def __init__(self, source: str | os.PathLike | io.IOBase, name: str,
+               limits: DecodeLimits = DecodeLimits()):
     self.name = name
     self._source = source
-    try:
-      self._container = av.open(source if isinstance(source, io.IOBase) else os.fspath(source))
-    except FileNotFoundError as e:
-      raise VideoError(f'{name}: no such file') from e
-    except (av.FFmpegError, OSError, ValueError) as e:
-      raise self._error(f'not a readable video ({type(e).__name__}: {e})') from e
+    self._limits = limits
+    self._container = _open_container(source, name, self._error)
     try:
       self._index()
     except BaseException:
@@ -195,13 +227,19 @@ class PyAVVideo:
 
   def _index(self) -> None:
     """Finds the video stream and the frames' timestamps and keyframes."""
-    import av
     if not self._container.streams.video:
       raise self._error('the container has no video stream')
     self._stream = self._container.streams.video[0]
+    started, self._packets = time.monotonic(), []
     try:
-      self._packets = [p for p in self._container.demux(self._stream) if p.size]
-    except (av.FFmpegError, OSError) as e:
+      for packet in self._container.demux(self._stream):
+        if packet.size:
+          self._packets.append(packet)
+          if len(self._packets) > self._limits.max_frames or not len(self._packets) % 1000:
+            self._limits.check(self.name, len(self._packets), 0, started)
+    except VideoError:
+      raise
+    except Exception as e:  # noqa: BLE001 (PyAV raises OSErrors, MemoryError, ...)
       raise self._error(f'cannot demux ({type(e).__name__}: {e})') from e
     self._seekable = bool(self._packets) and all(p.pts is not None for p in self._packets)
     if self._seekable:
@@ -227,16 +265,14 @@ class PyAVVideo:
     self.close()
 
   def _decode_all(self) -> list:
-    import av
     try:
       self._container.seek(0)
       return list(self._container.decode(self._stream))
-    except (av.FFmpegError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 (PyAV raises OSErrors, MemoryError, ...)
       raise self._error(f'cannot decode ({type(e).__name__}: {e})') from e
 
   def _decode_at(self, wanted: set[int]) -> dict[int, object]:
     """Decodes the frames with pts in `wanted`, jumping to keyframes over gaps: pts -> frame."""
-    import av
     context = self._stream.codec_context
     found: dict[int, object] = {}
     position, flushed = 0, False
@@ -256,7 +292,9 @@ class PyAVVideo:
           else:
             raise self._error(f'the frame at pts {target} never decoded')
           found.update((f.pts, f) for f in frames if f.pts in wanted)
-    except (av.FFmpegError, OSError) as e:
+    except VideoError:
+      raise
+    except Exception as e:  # noqa: BLE001 (PyAV raises OSErrors, MemoryError, ...)
       raise self._error(f'cannot decode ({type(e).__name__}: {e})') from e
     return found
 
@@ -272,14 +310,70 @@ class PyAVVideo:
       selected = [self._all_frames[i] for i in indices]
     h, w = resized_shape(selected[0].height, selected[0].width, short_side, enlarge)
     converted = {}
-    for frame in selected:
-      if id(frame) not in converted:
-        converted[id(frame)] = frame.to_ndarray(format='rgb24', width=w, height=h)
+    try:
+      for frame in selected:
+        if id(frame) not in converted:
+          converted[id(frame)] = frame.to_ndarray(format='rgb24', width=w, height=h)
+    except Exception as e:  # noqa: BLE001 (PyAV raises OSErrors, MemoryError, ...)
+      raise self._error(f'cannot convert a frame ({type(e).__name__}: {e})') from e
     return np.stack([converted[id(f)] for f in selected])
 
 
-def open_video(source: str | os.PathLike | io.IOBase, name: str | None = None) -> PyAVVideo:
+def _open_container(source: str | os.PathLike | io.IOBase, name: str, error):
+  """av.open(source), its failures as VideoErrors (`error(what)` makes them)."""
+  import av
+  try:
+    return av.open(source if isinstance(source, io.IOBase) else os.fspath(source))
+  except FileNotFoundError as e:
+    raise VideoError(f'{name}: no such file') from e
+  except Exception as e:  # noqa: BLE001 (PyAV raises OSErrors, MemoryError, ...)
+    raise error(f'not a readable video ({type(e).__name__}: {e})') from e
+
+
+def open_video(source: str | os.PathLike | io.IOBase, name: str | None = None,
+               limits: DecodeLimits = DecodeLimits()) -> PyAVVideo:
   """Opens a video file or file-like object; raises VideoError if it cannot be read."""
-  return PyAVVideo(source, name or (os.fspath(source) if not isinstance(source, io.IOBase)
-                                    else '<stream>'))
+  return PyAVVideo(source, name or _name_of(source), limits)
+
+
+def _name_of(source: str | os.PathLike | io.IOBase) -> str:
+  return os.fspath(source) if not isinstance(source, io.IOBase) else '<stream>'
+
+
+def stream_frames(source: str | os.PathLike | io.IOBase, name: str | None = None, *,
+                  short_side: int | None = None,
+                  limits: DecodeLimits = DecodeLimits()) -> Iterator[np.ndarray]:
+  """Every frame of a video in order, one at a time: uint8 [H, W, 3], the short side resized to
+  `short_side` while converting (swscale). Holds one decoded frame at a time; stops with a
+  VideoError naming the file at the first limit passed (the stream's declared frame count and
+  size are checked before anything is decoded)."""
+  name = name or _name_of(source)
+
+  def error(what: str) -> VideoError:
+    damage = mp4_damage(source)
+    return VideoError(f'{name}: {damage}; {what}' if damage else f'{name}: {what}')
+
+  container = _open_container(source, name, error)
+  frames = pixels = 0
+  try:
+    if not container.streams.video:
+      raise error('the container has no video stream')
+    stream = container.streams.video[0]
+    declared = stream.frames or 0
+    limits.check(name, declared, declared * stream.codec_context.width *
+                 stream.codec_context.height, time.monotonic())
+    started = time.monotonic()
+    for frame in container.decode(stream):
+      frames, pixels = frames + 1, pixels + frame.width * frame.height
+      limits.check(name, frames, pixels, started)
+      h, w = resized_shape(frame.height, frame.width, short_side)
+      yield frame.to_ndarray(format='rgb24', width=w, height=h)
+  except VideoError:
+    raise
+  except Exception as e:  # noqa: BLE001 (PyAV raises OSErrors, MemoryError, ...)
+    raise error(f'cannot decode frame {frames} ({type(e).__name__}: {e})') from e
+  finally:
+    container.close()
+  if frames == 0:
+    raise error('the video stream has no frames')
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from claver_jax.models.clip import CLIP, CLIPConfig, check_known_fields, l2_normalize
+from claver_jax.models.clip import (CLIP, FINAL_PRECISION, CLIPConfig, check_known_fields,
+                                    l2_normalize, logit_scale_factor)
 from claver_jax.models.kronecker import ATTENTION_IMPLEMENTATIONS
 from claver_jax.models.temporal import TEMPORAL_KINDS, TemporalTransformer
 
@@ -126,8 +127,8 @@ class CLAVER(nnx.Module):
   def class_logits(self, features: jax.Array, text: jax.Array) -> jax.Array:
     """Video embeddings [B, E], text [A, C, E] (A description sets of C classes, not
     normalised) -> [A, B, C]: exp(logit_scale) * <video, normalised text>."""
-    return jnp.exp(self.clip.logit_scale[...]) * jnp.einsum('be,ace->abc', features,
-                                                            l2_normalize(text))
+    return logit_scale_factor(self.clip.logit_scale[...]) * jnp.einsum(
+        'be,ace->abc', features, l2_normalize(text), precision=FINAL_PRECISION)
 
   def logits(self, video: jax.Array, tokens: jax.Array) -> jax.Array:
     """-> [B, N]: exp(logit_scale) * <video embedding, normalised text embedding>."""

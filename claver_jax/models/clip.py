@@ -344,7 +344,8 @@ class VisionTransformer(nnx.Module):
 
   def pool(self, tokens: jax.Array) -> jax.Array:
     """Class tokens [..., width] -> `ln_post` -> `proj` -> [..., embed_dim], in float32."""
-    return self.ln_post(tokens.astype(jnp.float32)) @ self.proj[...]
+    return jnp.matmul(self.ln_post(tokens.astype(jnp.float32)), self.proj[...],
+                      precision=FINAL_PRECISION)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     return self.pool(self.encode_tokens(images)[:, 0])
@@ -409,7 +410,7 @@ class TextTransformer(nnx.Module):
   def pool(self, states: jax.Array, tokens: jax.Array) -> jax.Array:
     """[N, S, width] states, [N, S] tokens -> [N, embed_dim] in float32."""
     eot = jnp.take_along_axis(states, self.eot_index(tokens)[:, None, None], axis=1)[:, 0]
-    return eot @ self.text_projection[...]
+    return jnp.matmul(eot, self.text_projection[...], precision=FINAL_PRECISION)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """[N, S] int -> [N, embed_dim] float32, equal to `pool(encode_tokens(tokens), tokens)`.
@@ -423,7 +424,7 @@ class TextTransformer(nnx.Module):
     eot = self.eot_index(tokens)[:, None]                         # [N, 1]
     causal = jnp.arange(tokens.shape[1]) <= eot                   # [N, S]: keys up to eot
     x = last.at_positions(x, eot, mask=causal[:, None, None])[:, 0]   # [N, width]
-    return self.ln_final(x) @ self.text_projection[...]
+    return jnp.matmul(self.ln_final(x), self.text_projection[...], precision=FINAL_PRECISION)
 
 
 def sincos_position_embedding(grid: int, width: int) -> jax.Array:
@@ -438,6 +439,26 @@ def sincos_position_embedding(grid: int, width: int) -> jax.Array:
   patches = jnp.concatenate([jnp.sin(angles_y), jnp.cos(angles_y), jnp.sin(angles_x),
                              jnp.cos(angles_x)], axis=1)
   return jnp.concatenate([jnp.zeros((1, width), jnp.float32), patches])
+
+
+# The final projections and the logits are fp32 products computed in full fp32 (TPUs otherwise
+# take one bf16 pass for an fp32 matmul, GPUs TF32): the cosines that rank classes.
+FINAL_PRECISION = jax.lax.Precision.HIGHEST
+# CLIP clips its learnt temperature so that the logits are at most 100 x cosine.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def logit_scale_factor(logit_scale: jax.Array) -> jax.Array:
+  """exp(min(logit_scale, ln 100)): the factor the cosines are multiplied by."""
+  return jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
+
+
+def clamp_logit_scale(model: nnx.Module) -> None:
+  """Clips every `logit_scale` parameter of `model` to [0, ln 100] in place, as CLIP's training
+  does after each update."""
+  for path, value in nnx.iter_graph(model):
+    if path and path[-1] == 'logit_scale' and isinstance(value, nnx.Param):
+      value[...] = jnp.clip(value[...], 0.0, MAX_LOGIT_SCALE)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -470,4 +491,5 @@ class CLIP(nnx.Module):
     """-> [N_images, N_texts]: exp(logit_scale) times the cosine similarity."""
     image = l2_normalize(self.encode_image(images))
     text = l2_normalize(self.encode_text(tokens))
-    return jnp.exp(self.logit_scale[...]) * image @ text.T
+    return logit_scale_factor(self.logit_scale[...]) * jnp.matmul(image, text.T,
+                                                                 precision=FINAL_PRECISION)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from claver_jax import distributed
+from claver_jax import distributed, fileio
 from claver_jax.models import families
 from claver_jax.models.claver import CLAVERConfig, claver_from_clip
 from claver_jax.models.clip import CLIP, CLIPConfig
@@ -85,20 +85,29 @@ def write_model_dir(out: str | os.PathLike, *, kind: str, config: Any, params: A
       if tokenizer is not None:
         vocab, merges = tokenizer
         (tmp / 'tokenizer').mkdir()
-        (tmp / 'tokenizer' / 'vocab.json').write_text(json.dumps(vocab, ensure_ascii=False))
-        (tmp / 'tokenizer' / 'merges.txt').write_text(
-            '#version: 0.2\n' + '\n'.join(merges) + '\n', encoding='utf-8')
+        (tmp / 'tokenizer' / 'vocab.json').write_bytes(
+            json.dumps(vocab, ensure_ascii=False).encode('utf-8'))
+        (tmp / 'tokenizer' / 'merges.txt').write_bytes(
+            ('#version: 0.2\n' + '\n'.join(merges) + '\n').encode('utf-8'))
       mean, std = normalization
       meta = {'format': FORMAT, 'version': VERSION, 'kind': kind, 'config': config.to_dict(),
               'normalization': {'mean': [float(v) for v in mean], 'std': [float(v) for v in std]},
               'source': source or {}}
       (tmp / 'config.json').write_text(json.dumps(meta, indent=2) + '\n')
-  return Path(out)
+  return fileio.run_path(out)
+
+
+def resolved(path: str | os.PathLike) -> Any:
+  """`path` with its links followed once: a local symlink, or an object store's LINK object
+  (see claver_jax.fileio); a gs:// path stays one."""
+  if fileio.is_remote(path):
+    return fileio.resolve_link(fileio.run_path(path))
+  return Path(path).resolve()
 
 
 def read_model_config(path: str | os.PathLike) -> tuple[str, Any, dict[str, Any]]:
   """-> (kind, config, the whole config.json) of a model directory, with clear errors."""
-  path = Path(path)
+  path = resolved(path)
   meta_file = path / 'config.json'
   if not meta_file.is_file():
     raise FileNotFoundError(
@@ -130,10 +139,10 @@ def _is_model_dir(path: Path) -> bool:
 def model_dir(path: str | os.PathLike) -> Path:
   """A model directory, or a run's workdir holding one in model/; a link (WORKDIR/model) resolved
   once, so that everything is read from one version while the run exports newer ones."""
-  path = Path(path)
-  if not _is_model_dir(path) and (path / 'model' / 'config.json').is_file():
+  path = resolved(path)
+  if not _is_model_dir(path) and (resolved(path / 'model') / 'config.json').is_file():
     path = path / 'model'
-  return path.resolve()
+  return resolved(path)
 
 
 def input_normalization(meta: dict[str, Any], where: Any) -> tuple[tuple[float, ...],

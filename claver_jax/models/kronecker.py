@@ -25,21 +25,30 @@ Who may attend to whom, for query token i and key token j (frames i // L and j /
             attention), so a layer keeps only q, k, v, its output and [B, H, T·L] log-sum-exps.
   auto      chunked from AUTO_CHUNKED_MIN_TOKENS tokens per clip on, dense below.
 
-The chunked implementation's kernel follows the backend (`chunked_kernel`):
+The chunked implementation's kernel follows the platform the program is for (`chunked_kernel`:
+the mesh set with `jax.set_mesh`, so a TPU slice's when compiling for one from a CPU host, else
+JAX's default backend):
   portable  the XLA loops above: CPU, and GPU/TPU where no fused kernel applies. What CI tests.
   cudnn     GPU, bf16/fp16: `jax.nn.dot_product_attention(implementation='cudnn')`, a fused flash
-            kernel; the mask (from iota) becomes a [T·L, T·L] bf16 bias shared by the batch and
-            heads; kmct blocks after the query are computed and masked, not skipped.
+            kernel. With a mask (every kind but joint) it is used only where the attention is not
+            differentiated (evaluation): JAX 0.10.2 turns the mask into a bias and computes that
+            bias's whole [B, H, T·L, T·L] gradient, so under differentiation (training) the same
+            op runs the portable kernel's forward and backward (a custom VJP).
   splash    TPU: Pallas splash attention with the Kronecker rule as a computed mask (in the
             kernel, from the token ids; fully masked blocks are skipped, so kmct skips the key
-            frames after the query). T·L is padded to a multiple of 128.
-The cudnn and splash kernels were written without the hardware: they are untested on GPU/TPU
-(the splash mask is tested here in Pallas' interpret mode). A kernel that rejects its inputs when
-the program is traced falls back to the portable one, with a warning.
+            frames after the query). T·L is padded to a multiple of 128. Under a mesh each device
+            runs it on its part of the batch (`jax.shard_map`).
+A fused kernel that rejects its inputs when the program is traced falls back to the portable one
+with a warning that names why (once per reason), and the choice is recorded for the run's
+start-up summary (`kernel_report`); claver_jax.aot catches failures when the whole program
+is compiled and compiles it again with `portable_kernels_only()`. The cudnn and splash kernels
+were written without the hardware: the splash kernel is compiled for TPU slice descriptions
+(libtpu) and run in Pallas' interpret mode on the CPU; cuDNN's is not exercised here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -102,14 +111,91 @@ def resolve_implementation(implementation: str, num_frames: int, tokens_per_fram
   return implementation
 
 
-def chunked_kernel(dtype) -> str:
-  """The chunked implementation's kernel on the default backend for activations of `dtype`."""
-  backend = jax.default_backend()
-  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+GPU_PLATFORMS = ('gpu', 'cuda')
+_portable_only = [False]             # Set by `portable_kernels_only`.
+_kernel_report: dict[tuple, tuple[str, str]] = {}   # -> (kernel, summary line)
+_warned: set[tuple[str, str]] = set()
+_unrolled = [False]                  # Set by `unrolled_loops`.
+
+
+def target_platform() -> str:
+  """The platform of the program being traced: the mesh's set with `jax.set_mesh` (a TPU slice's
+  when compiling for one from a CPU host), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def chunked_kernel(dtype, platform: str | None = None) -> str:
+  """The chunked implementation's kernel for activations of `dtype` on `platform` (default:
+  `target_platform()`); 'portable' inside `portable_kernels_only()`."""
+  platform = platform or target_platform()
+  if _portable_only[0]:
+    return 'portable'
+  if platform in GPU_PLATFORMS and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return 'cudnn'
-  if backend == 'tpu':
+  if platform == 'tpu':
     return 'splash'
   return 'portable'
+
+
+@contextlib.contextmanager
+def portable_kernels_only():
+  """Programs traced inside use the portable chunked kernel only (after a fused kernel failed to
+  compile)."""
+  _portable_only[0] = True
+  try:
+    yield
+  finally:
+    _portable_only[0] = False
+
+
+def loops_unrolled() -> bool:
+  """True inside `unrolled_loops()` (train.py's accumulation scan unrolls there too)."""
+  return _unrolled[0]
+
+
+@contextlib.contextmanager
+def unrolled_loops():
+  """The portable kernel's loops are traced as straight-line code inside, so that XLA's cost
+  analysis, which counts a loop's body once, counts every block (`claver_jax.flops`)."""
+  _unrolled[0] = True
+  try:
+    yield
+  finally:
+    _unrolled[0] = False
+
+
+def kernel_report() -> list[str]:
+  """One line per temporal attention traced since `clear_kernel_report()`: its mask, tokens and
+  the kernel that computes it (with the reason for any fallback)."""
+  return [line for _, line in _kernel_report.values()]
+
+
+def fused_kernels_traced() -> set[str]:
+  """The fused kernels ('cudnn', 'splash') in programs traced since `clear_kernel_report()`."""
+  return {kernel for kernel, _ in _kernel_report.values()} & {'cudnn', 'splash'}
+
+
+def clear_kernel_report() -> None:
+  _kernel_report.clear()
+
+
+def _record(kind: str, q, num_frames: int, kernel: str, line: str) -> None:
+  b, s, h, d = q.shape
+  key = (kind, s, num_frames, h, d, str(q.dtype))
+  _kernel_report[key] = (kernel, f'{kind} attention over {num_frames} frames x {s // num_frames} '
+                                 f'tokens ({h} heads of {d}, {q.dtype}): {line}')
+
+
+def _fall_back(kernel: str, error: Exception) -> str:
+  """Warns once per (kernel, reason) that `kernel` rejected its inputs; -> the reason."""
+  reason = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+  if (kernel, reason) not in _warned:
+    _warned.add((kernel, reason))
+    logging.warning('The %s attention kernel rejected these inputs (%s); using the portable '
+                    'chunked kernel, which is exact but slower.', kernel, reason)
+  return reason
 
 
 def kronecker_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str, num_frames: int,
@@ -129,21 +215,30 @@ def kronecker_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str, 
   l = s // num_frames
   heads_first = lambda x: x.transpose(0, 2, 1, 3)                 # [B, H, T·L, Dh] and back
   if resolve_implementation(implementation, num_frames, l) == 'dense':
+    _record(kind, q, num_frames, 'dense', 'dense (the whole score matrix)')
     ids = lax.iota(jnp.int32, s)
     mask = None if kind == 'joint' else allowed(kind, ids[:, None], ids[None, :], l)[None, None]
     return heads_first(attention(heads_first(q), heads_first(k), heads_first(v), mask=mask))
   kernel = kernel or chunked_kernel(q.dtype)
   if kernel not in CHUNKED_KERNELS:
     raise ValueError(f'kernel={kernel!r}; choose one of {CHUNKED_KERNELS}.')
+  portable = 'portable chunked kernel'
   if kernel != 'portable':
     try:
-      fused = _cudnn_attention if kernel == 'cudnn' else _splash_attention
-      return fused(q, k, v, kind, num_frames)
-    except (ValueError, NotImplementedError, RuntimeError) as e:
-      logging.warning('The %s attention kernel rejected these inputs (%s: %s); using the portable '
-                      'chunked kernel.', kernel, type(e).__name__, e)
+      if kernel == 'cudnn':
+        out = _cudnn_attention(q, k, v, kind, num_frames)
+        _record(kind, q, num_frames, 'cudnn', 'cudnn' if kind == 'joint' else
+                f'cudnn where not differentiated (evaluation), the {portable} under '
+                'differentiation (no gradient of the mask as a bias)')
+      else:
+        out = _splash_attention(q, k, v, kind, num_frames)
+        _record(kind, q, num_frames, 'splash', 'splash')
+      return out
+    except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+      portable = f'{portable} ({kernel} rejected it: {_fall_back(kernel, e)})'
   if num_frames % chunk_frames:
     raise ValueError(f'chunk_frames={chunk_frames} must divide the {num_frames} frames.')
+  _record(kind, q, num_frames, 'portable', portable)
   out = _chunked(heads_first(q), heads_first(k), heads_first(v), kind, num_frames, chunk_frames)
   return heads_first(out)
 
@@ -176,6 +271,15 @@ def _scores(q, k, mask, scale):
 
 def _weighted_values(p, v):
   return jnp.einsum('bhqk,bhkd->bhqd', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def _loop(count, body, carry):
+  """lax.fori_loop(0, count, body, carry); straight-line code inside `unrolled_loops()`."""
+  if not _unrolled[0]:
+    return lax.fori_loop(0, count, body, carry)
+  for i in range(count):
+    carry = body(i, carry)
+  return carry
 
 
 def _slice(x, start, size):
@@ -218,7 +322,7 @@ def _forward(q, k, v, kind, num_frames, chunk_frames):
         return (m_new, decay * total + p.sum(-1),
                 decay[..., None] * acc + _weighted_values(p, _slice(v, j, rows)))
 
-      m, total, acc = lax.fori_loop(0, _num_other_chunks(kind, i, n), key_chunk, (m, total, acc))
+      m, total, acc = _loop(_num_other_chunks(kind, i, n), key_chunk, (m, total, acc))
     else:
       mask = _block_mask(kind, start, rows, 0, s, l)
       scores = _scores(q_i, k, mask, scale)
@@ -231,7 +335,7 @@ def _forward(q, k, v, kind, num_frames, chunk_frames):
     return out, lse
 
   init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b, h, s), jnp.float32))
-  return lax.fori_loop(0, n, query_chunk, init)
+  return _loop(n, query_chunk, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -287,7 +391,7 @@ def _chunked_bwd(kind, num_frames, chunk_frames, residuals, d_out):
                                         _slice(v, j, rows), None)
         return dq_i + dq_ij, _add_to_slice(dk, dk_j, j), _add_to_slice(dv, dv_j, j)
 
-      dq_i, dk, dv = lax.fori_loop(0, _num_other_chunks(kind, i, n), key_chunk, (dq_i, dk, dv))
+      dq_i, dk, dv = _loop(_num_other_chunks(kind, i, n), key_chunk, (dq_i, dk, dv))
     else:
       mask = _block_mask(kind, start, rows, 0, s, l)
       dq_i, dk_all, dv_all = block_grads(q_i, d_out_i, lse_i, delta_i, k, v, mask)
@@ -295,7 +399,7 @@ def _chunked_bwd(kind, num_frames, chunk_frames, residuals, d_out):
     return lax.dynamic_update_slice_in_dim(dq, dq_i, start, axis=2), dk, dv
 
   zeros = jnp.zeros(q.shape, jnp.float32)
-  dq, dk, dv = lax.fori_loop(0, n, query_chunk, (zeros, zeros, zeros))
+  dq, dk, dv = _loop(n, query_chunk, (zeros, zeros, zeros))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -306,21 +410,48 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 # Fused kernels (untested on their hardware; see the module docstring)
 # ---------------------------------------------------------------------------------------------
 def _cudnn_attention(q, k, v, kind, num_frames):
-  """GPU: cuDNN's fused flash attention in bf16/fp16; the mask, from iota, becomes its bias."""
+  """GPU: cuDNN's fused flash attention in bf16/fp16, q, k, v [B, S, H, Dh]. Without a mask
+  (joint), forward and backward; with one, see `_cudnn_evaluation`."""
+  if kind == 'joint':
+    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+  return _cudnn_evaluation(q, k, v, kind, num_frames)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _cudnn_evaluation(q, k, v, kind, num_frames):
+  """cuDNN with the mask (from iota) as its bias where this is not differentiated; under
+  differentiation the portable kernel's forward and backward (`_portable_fwd`, `_portable_bwd`):
+  JAX 0.10.2's cuDNN backward computes the bias's whole [B, H, S, S] gradient."""
   s = q.shape[1]
   ids = lax.iota(jnp.int32, s)
-  mask = None if kind == 'joint' else allowed(kind, ids[:, None], ids[None, :], s // num_frames)
-  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[None, None],
-                                      implementation='cudnn')
+  mask = allowed(kind, ids[:, None], ids[None, :], s // num_frames)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation='cudnn')
+
+
+def _portable_fwd(q, k, v, kind, num_frames):
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  q, k, v = heads_first(q), heads_first(k), heads_first(v)
+  out, lse = _forward(q, k, v, kind, num_frames, 1)
+  return heads_first(out), (q, k, v, out, lse)
+
+
+def _portable_bwd(kind, num_frames, residuals, d_out):
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  grads = _chunked_bwd(kind, num_frames, 1, residuals, heads_first(d_out))
+  return tuple(heads_first(g) for g in grads)
+
+
+_cudnn_evaluation.defvjp(_portable_fwd, _portable_bwd)
 
 
 def _splash_attention(q, k, v, kind, num_frames):
   """TPU: Pallas splash attention, the Kronecker rule computed in the kernel. Under a mesh
   (`jax.set_mesh`), each device runs it on its part of the batch (shard_map over every mesh
-  axis, the batch's sharding in this project); on several devices without one, it declines."""
+  axis, the batch's sharding in this project); on several devices without one, it declines.
+  Off a TPU (tests) it runs in Pallas' interpreter."""
   b, s, h, d = q.shape
   padded = -(-s // SPLASH_BLOCK) * SPLASH_BLOCK
-  kernel = _splash_kernel(kind, s // num_frames, s, padded, h, jax.default_backend() == 'cpu')
+  kernel = _splash_kernel(kind, s // num_frames, s, padded, h, target_platform() != 'tpu')
 
   def attend(q, k, v):   # [B', S, H, Dh] -> [B', S, H, Dh]
     pad = lambda x: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded - s), (0, 0)))
@@ -334,8 +465,12 @@ def _splash_attention(q, k, v, kind, num_frames):
                      'with jax.set_mesh around the jitted step')
   if mesh.empty or mesh.size == 1:
     return attend(q, k, v)
+  if b % mesh.size:
+    raise ValueError(f'a batch of {b} clips does not split over the {mesh.size} devices')
   spec = jax.sharding.PartitionSpec(mesh.axis_names)
-  return jax.shard_map(attend, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+  # The Pallas call has no varying-manual-axes rule: check_vma=True rejects it.
+  return jax.shard_map(attend, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
 
 
 @functools.lru_cache(maxsize=None)

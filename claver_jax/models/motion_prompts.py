@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from claver_jax.models.clip import (CLIP, MLP, CLIPConfig, ResidualBlock, check_known_fields,
-                                    l2_normalize)
+from claver_jax.models.clip import (CLIP, FINAL_PRECISION, MLP, CLIPConfig, ResidualBlock,
+                                    check_known_fields, l2_normalize, logit_scale_factor)
 from claver_jax.models.xclip import CrossAttention, PromptGenerator, init_like_official
 
 LONG_TERM = ('mean', 'stride')
@@ -296,7 +296,8 @@ class MotionPrompts(nnx.Module):
                          prompts).reshape(b * a, c, e)
     video, texts = self.communication(jnp.repeat(video, a, axis=0), texts, self.down)
     video, texts = l2_normalize(video).reshape(b, a, e), l2_normalize(texts).reshape(b, a, c, e)
-    return jnp.exp(self.clip.logit_scale[...]) * jnp.einsum('bae,bace->abc', video, texts)
+    return logit_scale_factor(self.clip.logit_scale[...]) * jnp.einsum(
+        'bae,bace->abc', video, texts, precision=FINAL_PRECISION)
 
   def logits(self, video: jax.Array, tokens: jax.Array) -> jax.Array:
     """-> [B, N]: every video against every text, the texts made for that video."""

@@ -35,6 +35,7 @@ from flax import nnx
 from claver_jax.models.clip import (ACTIVATIONS, MLP, CLIPConfig, MultiHeadAttention,
                                     ResidualBlock, TextTransformer, VisionTransformer, attention,
                                     check_known_fields, l2_normalize)
+from claver_jax.models.clip import FINAL_PRECISION, logit_scale_factor
 
 
 def official_heads(width: int) -> int:
@@ -331,8 +332,8 @@ class XCLIP(nnx.Module):
     (a, c, e), b = text.shape, video.shape[0]
     queries = jnp.broadcast_to(text.reshape(1, a * c, e), (b, a * c, e))
     per_video = l2_normalize(queries + self.prompts_generator(queries, visual)).reshape(b, a, c, e)
-    return jnp.exp(self.logit_scale[...]) * jnp.einsum('be,bace->abc', l2_normalize(video),
-                                                       per_video)
+    return logit_scale_factor(self.logit_scale[...]) * jnp.einsum(
+        'be,bace->abc', l2_normalize(video), per_video, precision=FINAL_PRECISION)
 
   def logits(self, video: jax.Array, tokens: jax.Array) -> jax.Array:
     """-> [B, N]: every video against every text, conditioned on that video."""

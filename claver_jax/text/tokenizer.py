@@ -63,9 +63,10 @@ def read_openai_bpe(path: str | os.PathLike,
 
 def read_vocab_merges(directory: str | os.PathLike) -> tuple[dict[str, int], list[str]]:
   """A directory with HF's vocab.json + merges.txt -> (vocab, merges)."""
-  directory = Path(directory)
-  vocab = json.loads((directory / 'vocab.json').read_text(encoding='utf-8'))
-  lines = (directory / 'merges.txt').read_text(encoding='utf-8').split('\n')
+  from etils import epath
+  directory = epath.Path(directory)                     # Local or gs://.
+  vocab = json.loads((directory / 'vocab.json').read_bytes().decode('utf-8'))
+  lines = (directory / 'merges.txt').read_bytes().decode('utf-8').split('\n')
   merges = [m for m in lines if m and not m.startswith('#version')]
   return vocab, merges
 
@@ -167,18 +168,24 @@ def train_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike,
       tokens.append(merged_token)
       known.add(merged_token)
   vocab = {t: i for i, t in enumerate(tokens + [SOT, EOT])}
-  from claver_jax.fileio import atomic_directory
-  with atomic_directory(out_dir, overwrite=True) as tmp:   # Both files, or neither.
+  from claver_jax.fileio import atomic_directory, run_path
+  with atomic_directory(run_path(out_dir), overwrite=True) as tmp:   # Both files, or neither.
     (tmp / 'vocab.json').write_text(json.dumps(vocab, ensure_ascii=False), encoding='utf-8')
     (tmp / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n',
                                     encoding='utf-8')
   return Tokenizer(vocab, merges)
 
 
+def is_url(path: str | os.PathLike) -> bool:
+  from claver_jax.fileio import is_remote
+  return is_remote(path)
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """PATH: OpenAI's BPE file (.txt.gz), a directory with vocab.json + merges.txt, or a model
-  directory whose tokenizer/ holds them."""
-  path = Path(path)
+  directory whose tokenizer/ holds them (local or gs://)."""
+  from claver_jax.fileio import resolve_link, run_path
+  path = resolve_link(run_path(path)) if is_url(path) else Path(path)
   if path.is_file():
     return Tokenizer(*read_openai_bpe(path))
   for directory in (path, path / 'tokenizer'):
