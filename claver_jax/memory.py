@@ -55,7 +55,8 @@ from flax import nnx
 from claver_jax import aot, optim, sharding, topologies
 from claver_jax.models import families
 from claver_jax.models.clip import set_remat
-from claver_jax.text.prompts import build_prompt_texts, load_prompt_set, resolve_templates
+from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, resolve_aspects,
+                                     resolve_templates)
 
 GiB = aot.GiB
 CPU_BUDGET_FRACTION = 0.75
@@ -82,6 +83,7 @@ def text_shape(config: ml_collections.ConfigDict,
                      '--num_classes (e.g. 400 for Kinetics-400).')
   texts, _ = build_prompt_texts(classes, prompt_set,
                                 templates=resolve_templates(config.text.templates),
+                                aspects=resolve_aspects(config.text.aspects),
                                 allow_missing=True, name=config.text.bare_name)
   return len(texts), len(texts[0])
 

@@ -14,8 +14,9 @@ Tables 4 and 5 zero-shot on HMDB-51/UCF-101 and on Kinetics-600 (the text calls 
 and in appendix C the KMT/KMCT comparison, Tables 12 (zero-shot) and 13 (few-shot). X-CLIP's
 fully supervised figures are from its model zoo (microsoft/VideoX, X-CLIP/README.md); its
 few-shot and zero-shot ones from CLAVER's Tables 3-5, which quote X-CLIP's paper. Top-1 / top-5
-in percent; zero-shot figures are the mean ± std over the splits (UCF-101, HMDB-51) or the class
-draws (Kinetics-600). Views are the table's (Tables 1 and 2 say 4x3; the others state none).
+in percent; zero-shot figures are the mean ± std over the three splits (UCF-101, HMDB-51, and
+Kinetics-600's splits of 160 new classes). Views are the table's (Tables 1 and 2 say 4x3; the
+others state none).
 """
 
 from __future__ import annotations

@@ -494,7 +494,7 @@ def summary_lines(workdir: Path, state: str, found: Mapping[str, Any],
 
 def zeroshot_report(workdir: Path, record: Mapping[str, Any], results: Mapping[str, Any]
                     ) -> Report:
-  """The report of a zero-shot workdir: mean ± std per dataset over its splits or draws, each run,
+  """The report of a zero-shot workdir: mean ± std per dataset over its splits, each run,
   the paper's figures for the model evaluated."""
   report = Report(f'Zero-shot report: {workdir.name}')
   checkpoint = results.get('checkpoint')

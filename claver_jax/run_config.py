@@ -55,10 +55,14 @@
                          ('ride_bike' finds 'ride bike', 'ApplyEyeMakeup' 'apply eye makeup')
     text.allow_missing   False: a class without interpretive prompts in the set is an error
                          naming it; True: its prompt slots take its template texts (a warning)
-    text.templates       'actions' (people: "a video of a person {}.", the default), 'objects'
-                         (short, for the synthetic set), or templates with one "{}" each,
-                         joined by '|'. WORKDIR/model records them; predict uses them, and
-                         zero-shot when this is '' (configs/zeroshot.py)
+    text.templates       'official' (the official CLAVER code's 15, the default; with the bare
+                         name, its 16 texts per class), 'objects' (short, for the synthetic
+                         set), or templates with one "{}" each, joined by '|'. WORKDIR/model
+                         records them; predict uses them, and zero-shot when this is ''
+                         (configs/zeroshot.py)
+    text.aspects         the interpretive-prompt aspects used, any subset of decomposition,
+                         synonyms, body_parts, comma-separated ('' for none): the paper's Table 10
+                         rows. All three by default; WORKDIR/model records them
     text.bare_name       the bare class name is a text too (the paper's set: name, templates,
                          prompts); WORKDIR/model records it for predict and zero-shot
     text.sets_per_step   K: description sets drawn per train step (update), with replacement,
@@ -76,6 +80,11 @@
                          the texts are encoded once per step
     train.label_smoothing, mixup_alpha, cutmix_alpha, mixup_switch_prob
     eval.batch_size, eval.num_clips, eval.num_crops (views per video)
+    eval.token_shuffle   'none', or the paper's token shuffling at test time (its Table 9):
+                         'pre_te' / 'post_te' permute the T·L tokens of each clip before / after
+                         the temporal embedding (one permutation, drawn from config.seed;
+                         claver_jax/models/temporal.py). mode=eval only, CLAVER heads kmt, kmct,
+                         joint, pipeline
     eval.dump_scores     write each evaluation's per-video scores (video, label, scores per
                          class) as scores.npz beside its reports in WORKDIR/eval/ (see
                          claver_jax.evaluate.dump_scores; no pickles: np.load reads it)
@@ -140,14 +149,15 @@ def base_config() -> ml_collections.ConfigDict:
       motion_prompt_gate=0.1))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
-      tokenizer='', num_merges=1000, prompts='', templates='actions', bare_name=True,
-      allow_missing=False, sets_per_step=5))
+      tokenizer='', num_merges=1000, prompts='', templates='official', bare_name=True,
+      aspects='decomposition,synonyms,body_parts', allow_missing=False, sets_per_step=5))
   c.optim = optim.default_config()
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128, epochs=30, max_steps=0, grad_accum_steps=1, label_smoothing=0.1,
       mixup_alpha=0.8, cutmix_alpha=1.0, mixup_switch_prob=0.5))
   c.eval = ml_collections.ConfigDict(dict(batch_size=64, num_clips=1, num_crops=1,
-                                          dump_scores=False, final_views='4x3'))
+                                          token_shuffle='none', dump_scores=False,
+                                          final_views='4x3'))
   c.eval_every_steps = 0
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
@@ -214,7 +224,8 @@ _PROBABILITIES = ('data.jitter_prob', 'data.grayscale_prob', 'train.mixup_switch
 def check_config(c: ml_collections.ConfigDict) -> None:
   """Rejects a config that cannot work, before anything is written to the workdir."""
   from claver_jax.models.families import FAMILIES
-  from claver_jax.models.temporal import TEMPORAL_KINDS
+  from claver_jax.models.temporal import SHUFFLABLE_KINDS, TEMPORAL_KINDS, TOKEN_SHUFFLES
+  from claver_jax.text.prompts import resolve_aspects
   if c.mode not in MODES:
     raise ConfigError(f'config.mode={c.mode!r}; use one of {list(MODES)}.')
   if c.model.name not in FAMILIES:
@@ -236,7 +247,21 @@ def check_config(c: ml_collections.ConfigDict) -> None:
                       f"--config.text.tokenizer='' to use that one.")
   if not c.text.templates and c.mode != 'zeroshot':
     raise ConfigError("config.text.templates is empty; '' means the model directory's own in "
-                      "zero-shot only. Use 'actions', 'objects' or templates joined by '|'.")
+                      "zero-shot only. Use 'official', 'objects' or templates joined by '|'.")
+  try:
+    resolve_aspects(c.text.aspects)
+  except ValueError as e:
+    raise ConfigError(f'config.text.aspects={c.text.aspects!r}: {e}') from e
+  shuffle = c.eval.token_shuffle
+  if shuffle not in TOKEN_SHUFFLES:
+    raise ConfigError(f'config.eval.token_shuffle={shuffle!r}; use one of {list(TOKEN_SHUFFLES)}.')
+  if shuffle != 'none' and (c.mode != 'eval' or c.model.name != 'claver'
+                            or c.model.temporal not in SHUFFLABLE_KINDS):
+    raise ConfigError(f'config.eval.token_shuffle={shuffle!r} is a test-time probe of CLAVER\'s '
+                      f'temporal transformer over all T·L tokens: it needs config.mode=eval, '
+                      f"config.model.name='claver' and config.model.temporal in "
+                      f'{list(SHUFFLABLE_KINDS)} (got {c.mode!r}, {c.model.name!r}, '
+                      f'{c.model.temporal!r}).')
   if c.model.pos_init not in ('random', 'sincos'):
     raise ConfigError(f"config.model.pos_init={c.model.pos_init!r}; use 'random' (CLIP's) or "
                       "'sincos'.")

@@ -48,10 +48,11 @@ from claver_jax.models.clip import (clamp_logit_scale, needed_context, pool_inde
                                     sincos_position_embedding)
 from claver_jax.models.io import (input_normalization, load_towers, model_dir,
                                   read_model_config, write_model_dir)
+from claver_jax.models.temporal import set_token_shuffle
 from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
-                                     resolve_templates)
+                                     resolve_aspects, resolve_templates)
 from claver_jax.text.tokenizer import Tokenizer, train_tokenizer
 from claver_jax.workdir import claim_workdir
 
@@ -83,6 +84,7 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: Path,
       prompt_set = load_prompt_set(config.text.prompts) if config.text.prompts else None
       texts, _ = build_prompt_texts(class_names, prompt_set,
                                     templates=resolve_templates(config.text.templates),
+                                    aspects=resolve_aspects(config.text.aspects),
                                     allow_missing=config.text.allow_missing,
                                     name=config.text.bare_name)
       train_tokenizer([t for row in texts for t in row], out, num_merges=config.text.num_merges)
@@ -108,7 +110,7 @@ def model_family(config: ml_collections.ConfigDict) -> families.Family:
   family = families.get(config.model.name)
   init = config.init
   if init.checkpoint:
-    kind, _, _ = read_model_config(model_dir(init.checkpoint))
+    kind, model_cfg, _ = read_model_config(model_dir(init.checkpoint))
     if init.towers_only:
       families.check_has_towers(kind, init.checkpoint)
     elif kind != family.name:
@@ -121,6 +123,13 @@ def model_family(config: ml_collections.ConfigDict) -> families.Family:
                            'its CLIP towers.' if has_towers else
                            f'start a fresh {family.name} from a CLIP (--config.init.clip=DIR): a '
                            f'{kind} model has no plain CLIP towers to give.'))
+    elif kind == 'claver' and model_cfg.temporal != config.model.temporal:
+      # The weights come with their head; a run must not train or test another than it names.
+      raise ConfigError(f'config.model.temporal={config.model.temporal!r} but config.init.'
+                        f'checkpoint={init.checkpoint} holds a {model_cfg.temporal!r} model; '
+                        f'set --config.model.temporal={model_cfg.temporal}, or start from a '
+                        f'{config.model.temporal} checkpoint (e.g. the workdir of a '
+                        f'configs/k400.py:B16,32,{config.model.temporal},pretrain run).')
   elif init.towers_only:
     raise ConfigError('config.init.towers_only=True takes the towers of config.init.checkpoint, '
                       'which is empty; pass --config.init.checkpoint=DIR.')
@@ -571,8 +580,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data = build_pipelines(data_config, train_rows=train_rows, workdir=workdir)
   class_names = data.class_names
   templates = resolve_templates(config.text.templates)
+  aspects = resolve_aspects(config.text.aspects)
   build_prompt_texts(class_names, load_prompt_set(config.text.prompts) if config.text.prompts
-                     else None, templates=templates, allow_missing=config.text.allow_missing,
+                     else None, templates=templates, aspects=aspects,
+                     allow_missing=config.text.allow_missing,
                      name=config.text.bare_name)      # Every class has its texts.
 
   # ----------------------------------------------------------------------------- workdir
@@ -586,12 +597,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----------------------------------------------------------------------------- model + optimizer
   model = make_model(config, tokenizer, nnx.Rngs(config.seed))
   family = families.of(model)
+  if config.eval.token_shuffle != 'none':     # The paper's Table 9; mode=eval (check_config).
+    set_token_shuffle(model, config.eval.token_shuffle, config.seed)
   normalization = (tuple(config.data.mean), tuple(config.data.std))
   recorded_normalization = checkpoint_normalization(config)
   set_remat(model, config.model.remat)
   prompts = prompt_tokens(class_names, tokenizer, config.text.prompts or None, templates=templates,
-                          allow_missing=config.text.allow_missing, name=config.text.bare_name,
-                          context_length=model.cfg.clip.context_length)
+                          aspects=aspects, allow_missing=config.text.allow_missing,
+                          name=config.text.bare_name, context_length=model.cfg.clip.context_length)
   # The text attention is causal: the context is cut to the longest text, the same embeddings.
   tokens = prompts.tokens[..., :needed_context(prompts.tokens, model.cfg.clip)]
   logging.info('Texts: %d description sets x %d classes (%s), %d tokens each.',
@@ -759,6 +772,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       export_model(nnx.merge(graphdef, state)[0], tokenizer, workdir / 'model',
                    {'workdir': str(workdir), 'step': step, 'val/top1': best,
                     'templates': list(templates), 'bare_name': config.text.bare_name,
+                    'aspects': list(aspects),
                     'eval_resize_ratio': config.data.eval_resize_ratio}, normalization)
       progress.update(best_val_top1=best, best_step=step)
       if lead:   # WORKDIR/eval/best: the reports of the model WORKDIR/model holds.

@@ -4,34 +4,32 @@ r"""Zero-shot evaluation of a Kinetics-400-trained model on UCF-101, HMDB-51 and
         --config.init.checkpoint=runs/k400_b16_32 [--config.zeroshot.ucf101.root=... ...]
     python -m claver_jax.zeroshot --config=configs/zeroshot.py --workdir=DIR [the same flags]
 
-The protocol is X-CLIP's, which CLAVER follows. The model never sees these classes in training;
-each class is described by its bare name, the templates the model directory records (those it
-was trained with; else the 16 'actions' ones; config.text.templates overrides) and its
-interpretive prompts:
+The protocol is X-CLIP's (after ER-ZSAR), which CLAVER follows (its Appendix D). The model
+never sees these classes in training; each class is described by its bare name, the templates
+the model directory records (those it was trained with; else the official ones;
+config.text.templates overrides) and its interpretive prompts (config.text.aspects):
   * UCF-101 and HMDB-51: all classes, on each of the 3 official test splits; the mean ± std of
     top-1 and top-5 over the splits, and each split.
-  * Kinetics-600: its classes that are not in Kinetics-400 (by name, ignoring case and spacing,
-    or a given list); 3 draws of 160 of them by fixed seeds; the clips of the drawn classes in
-    the K600 list, relabelled 0..159 in K600 id order; mean ± std over the draws.
+  * Kinetics-600: the 3 splits of 160 classes that X-CLIP and the papers after it use, each 160
+    of the 220 K600 classes outside K400 (217 distinct over the three; none a K400 class, nor one
+    renamed in K600), with their evaluation videos: shipped in claver_jax/data/k600_zeroshot/
+    (labels, video lists, provenance). Only the videos' folder is needed. Mean ± std of top-1 and
+    top-5 over the splits, and each split.
 Scores are train.run_eval's over evaluate.class_scores (softmax over classes per description
-set, mean over sets, sum over views); top-k counts over all videos. std is numpy's (ddof=0).
+set, mean over sets, sum over views); top-k counts over all videos. std is numpy's (ddof=0; the
+paper does not say which).
 
 WORKDIR/zeroshot.json holds every number, rewritten as each run ends ("finished": false until
 the last, so that a failure later loses nothing); WORKDIR/zeroshot/<dataset>/<run>/ the per-class
-accuracy and confusion matrix of each run, and for Kinetics-600 the draw's list (val.txt) and
-classes (labels.csv). A table is printed at the end.
-
-Kinetics-600's new classes: the literature's 220 (ER-ZSAR's list, cleaned by names and video
-ids) cannot be rebuilt from the class lists alone: by name, the Kinetics-400 and -600 labels CSVs
-give 231 K600 classes not in K400 (232 without ignoring case). For the paper's 220, pass
-ER-ZSAR's list as zeroshot.k600.new_classes.
+accuracy and confusion matrix of each run, and for Kinetics-600 the split's list as read
+(val.txt, with config.zeroshot.k600.path_format applied) and classes (labels.csv). A table is
+printed at the end.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
+import importlib.resources
 import json
 import logging
 import sys
@@ -56,7 +54,7 @@ from claver_jax.models.clip import needed_context
 from claver_jax.models.io import model_dir
 from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
-from claver_jax.text.prompts import prompt_tokens, resolve_templates
+from claver_jax.text.prompts import prompt_tokens, resolve_aspects, resolve_templates
 from claver_jax.train import make_eval_fns, run_eval
 
 DATASETS = ('ucf101', 'hmdb51', 'k600')
@@ -75,57 +73,22 @@ def default_config() -> ml_collections.ConfigDict:
     prompts      the prompt set of the classes (a shipped set's name or a JSON path).
     splits       the test splits to evaluate.
   k600:
-    root, labels (K600's labels CSV), prompts: as above.
-    val_list     list file of the K600 clips to evaluate (K600 label ids).
-    k400_labels  K400's labels CSV: the new classes are K600's classes not in it.
-    new_classes  instead: a file of the new classes' names (one a line, or an id,name CSV).
-    num_classes  classes per draw (160).       seeds: one draw per seed.
+    root         the folder of the Kinetics-600 videos (the release layout: train/, val/,
+                 test/ of <youtube_id>_<start>_<end>.mp4); the only path needed.
+    path_format  where a listed video is under root: '{path}' (as listed, the default), or a
+                 format of {subset} (train, val, test), {file} (its file name), {label} (its
+                 class name), e.g. '{label}/{file}' for claver_jax.data.annotations' layout.
+    splits       which of the 3 splits to evaluate.        prompts: as above.
+    split_dir    '' (the shipped splits, claver_jax/data/k600_zeroshot/) or a folder of
+                 split{N}_labels.csv and split{N}_videos.txt in their format.
   """
   split_set = dict(root='', test_list='', labels='', splits=(1, 2, 3))
   return ml_collections.ConfigDict(dict(
       datasets=','.join(DATASETS),
       ucf101={**split_set, 'prompts': 'ucf101'},
       hmdb51={**split_set, 'prompts': 'hmdb51'},
-      k600=dict(root='', val_list='', labels='', k400_labels='', new_classes='',
-                prompts='kinetics600', num_classes=160, seeds=(0, 1, 2))))
-
-
-# ---------------------------------------------------------------------------------------------
-# Kinetics-600's new classes
-# ---------------------------------------------------------------------------------------------
-def _name_key(name: str) -> str:
-  return ' '.join(name.lower().split())
-
-
-def new_classes(k600_names: Sequence[str], k400_names: Sequence[str]) -> list[str]:
-  """K600's classes whose names (ignoring case and spacing) are not K400's, in K600 order."""
-  known = {_name_key(n) for n in k400_names}
-  return [n for n in k600_names if _name_key(n) not in known]
-
-
-def class_draws(num_candidates: int, size: int, seeds: Sequence[int]) -> list[list[int]]:
-  """For each seed, `size` distinct indices of range(num_candidates), sorted:
-  default_rng(seed).choice without replacement."""
-  if size > num_candidates:
-    raise ValueError(f'Cannot draw {size} classes from {num_candidates} new classes; lower '
-                     'config.zeroshot.k600.num_classes.')
-  return [sorted(int(i) for i in np.random.default_rng(seed).choice(
-      num_candidates, size, replace=False)) for seed in seeds]
-
-
-def restrict_to_classes(items: Sequence[tuple[str, int]], class_ids: Sequence[int]
-                        ) -> list[tuple[str, int]]:
-  """The clips of `class_ids`, relabelled by position: class_ids[j] -> j; others dropped."""
-  new_id = {c: j for j, c in enumerate(class_ids)}
-  return [(path, new_id[label]) for path, label in items if label in new_id]
-
-
-def _labels_csv(names: Sequence[str]) -> str:
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator='\n')
-  writer.writerow(['id', 'name'])
-  writer.writerows(enumerate(names))
-  return out.getvalue()
+      k600=dict(root='', path_format='{path}', splits=(1, 2, 3), split_dir='',
+                prompts='kinetics600')))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,38 +127,48 @@ def _split_runs(cfg: ml_collections.ConfigDict, dataset: str) -> list[Run]:
               cfg.labels.format(split=s), cfg.prompts, {'split': int(s)}) for s in cfg.splits]
 
 
+def k600_split_files(split_dir: str, split: int) -> tuple[Path, Path]:
+  """(labels CSV, video list) of a K600 zero-shot split: the shipped ones when split_dir is ''."""
+  directory = (Path(split_dir) if split_dir
+               else Path(str(importlib.resources.files('claver_jax.data') / 'k600_zeroshot')))
+  files = directory / f'split{split}_labels.csv', directory / f'split{split}_videos.txt'
+  missing = [str(f) for f in files if not f.is_file()]
+  if missing:
+    raise DataError(f'config.zeroshot.k600: no {", ".join(missing)}; split_dir needs '
+                    'split{N}_labels.csv and split{N}_videos.txt for every split asked for.')
+  return files
+
+
+def k600_video_path(path_format: str, path: str, class_name: str) -> str:
+  """A listed video's path under root: path_format with {path}, {subset}, {file}, {label}."""
+  subset, _, file = path.rpartition('/')
+  try:
+    return path_format.format(path=path, subset=subset, file=file, label=class_name)
+  except (KeyError, IndexError) as e:
+    raise ValueError(f'config.zeroshot.k600.path_format={path_format!r} names {e}; its fields '
+                     'are {path}, {subset}, {file} and {label}.') from e
+
+
 def _k600_runs(cfg: ml_collections.ConfigDict, out: Path, write: bool) -> list[Run]:
-  """Draws the classes, and (when `write`) writes each draw's list and labels under `out`."""
-  if not cfg.k400_labels and not cfg.new_classes:
-    raise ValueError('config.zeroshot.k600: set k400_labels (the new classes are K600\'s not in '
-                     'it) or new_classes (a file of their names).')
-  k600_names = read_labels(cfg.labels)
-  if cfg.new_classes:
-    candidates = read_labels(cfg.new_classes)
-    unknown = [n for n in candidates if n not in k600_names]
-    if unknown:
-      raise DataError(f'{cfg.new_classes}: {len(unknown)} classes are not in {cfg.labels}: '
-                      f'{unknown[:10]}.')
-  else:
-    candidates = new_classes(k600_names, read_labels(cfg.k400_labels))
-  logging.info('Kinetics-600: %d new classes (%s); %d draws of %d.', len(candidates),
-               cfg.new_classes or f'not in {cfg.k400_labels}', len(cfg.seeds), cfg.num_classes)
-  items = read_list(cfg.val_list, len(k600_names))
-  k600_id = {n: i for i, n in enumerate(k600_names)}
+  """One run per split; (when `write`) each split's list, under path_format, and labels under
+  `out`."""
   runs = []
-  for number, (seed, draw) in enumerate(zip(cfg.seeds, class_draws(
-      len(candidates), cfg.num_classes, cfg.seeds)), 1):
-    class_ids = sorted(k600_id[candidates[i]] for i in draw)
-    names = [k600_names[c] for c in class_ids]
-    clips = restrict_to_classes(items, class_ids)
-    directory = out / f'draw{number}_seed{seed}'
+  for split in cfg.splits:
+    labels, videos = k600_split_files(cfg.split_dir, split)
+    names = read_labels(labels)
+    items = read_list(videos, len(names))
+    directory = out / f'split{split}'
     if write:
       directory.mkdir(parents=True, exist_ok=True)
-      atomic_write_text(directory / 'val.txt', ''.join(f'{p} {l}\n' for p, l in clips))
-      atomic_write_text(directory / 'labels.csv', _labels_csv(names))
+      atomic_write_text(directory / 'val.txt', ''.join(
+          f'{k600_video_path(cfg.path_format, path, names[label])} {label}\n'
+          for path, label in items))
+      atomic_write_text(directory / 'labels.csv', labels.read_text(encoding='utf-8'))
     runs.append(Run('k600', directory.name, cfg.root, str(directory / 'val.txt'),
                     str(directory / 'labels.csv'), cfg.prompts,
-                    {'seed': int(seed), 'classes': names, 'num_new_classes': len(candidates)}))
+                    {'split': int(split), 'split_files': [str(labels), str(videos)]}))
+  logging.info('Kinetics-600: splits %s of %s.', tuple(cfg.splits),
+               cfg.split_dir or 'the shipped zero-shot splits')
   return runs
 
 
@@ -209,7 +182,7 @@ def plan_runs(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list[Ru
   runs, skipped = [], {}
   for dataset in wanted:
     cfg = zc[dataset]
-    keys = ('root', 'val_list', 'labels') if dataset == 'k600' else ('root', 'test_list', 'labels')
+    keys = ('root',) if dataset == 'k600' else ('root', 'test_list', 'labels')
     if not _paths_set(cfg, dataset, keys):
       skipped[dataset] = (f'no paths: set --config.zeroshot.{dataset}.' +
                           f', .'.join(keys) + ' to evaluate it')
@@ -292,8 +265,9 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   # The model's own texts and test view (WORKDIR/model records them), unless the config names
   # templates.
   source = meta.get('source', {})
-  templates = resolve_templates(config.text.templates or source.get('templates') or 'actions')
+  templates = resolve_templates(config.text.templates or source.get('templates') or 'official')
   bare_name = source.get('bare_name', True)
+  aspects = resolve_aspects(config.text.aspects)
 
   # ----------------------------------------------------------------------------- input
   workdir.mkdir(parents=True, exist_ok=True)
@@ -334,7 +308,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   def report(finished: bool) -> dict[str, Any]:
     """What zeroshot.json holds: every run finished so far; written as each one ends."""
     written = {'checkpoint': str(checkpoint), 'num_frames': config.data.num_frames,
-               'templates': list(templates),
+               'templates': list(templates), 'aspects': list(aspects),
                'views': [config.eval.num_clips, config.eval.num_crops],
                'datasets': {name: summarize_runs(r) for name, r in results.items()},
                'skipped': skipped, 'finished': finished}
@@ -348,7 +322,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     for run, data in zip(runs, pipelines):
       bar.set_description(f'{run.dataset} {run.name}')
       texts = prompt_tokens(data.class_names, tokenizer, run.prompts or None,
-                            templates=templates, name=bare_name,
+                            templates=templates, name=bare_name, aspects=aspects,
                             allow_missing=config.text.allow_missing,
                             context_length=model.cfg.clip.context_length)
       tokens = texts.tokens[..., :needed_context(texts.tokens, model.cfg.clip)]

@@ -18,6 +18,7 @@ Few-shot, the paper's recipe: from the Kinetics-400 model of 20 epochs at 32 fra
         --config.data.labels=lists/hmdb51/split1/labels.csv
 
 X-CLIP's recipe (50 epochs from CLIP): `shots=2,from_clip` with --config.init.clip=ckpt/clip_b16.
+KMCT (`shots=2,kmct`) starts from a `configs/k400.py:B16,32,kmct,pretrain` run.
 Fully supervised, from the 32-frame K400 model: the same flags with
 
     --config=configs/hmdb51.py:full --workdir=runs/hmdb51_full \

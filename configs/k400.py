@@ -5,7 +5,9 @@ Presets, in any order: an architecture (B32, B16, L14, L14_336), a frame count (
 temporal head (kmt, kmct, joint, pipeline, cls_only, mean) or the model family `xclip` or
 `motion_prompts`. Defaults: B16,8,kmt (CLAVER). `pretrain` (CLAVER) trains 20 epochs instead of
 the full schedule: `B16,32,pretrain` is the paper's starting point for few-shot
-(configs/ucf101.py, hmdb51.py: shots=K) and the model zero-shot evaluates (configs/zeroshot.py).
+(configs/ucf101.py, hmdb51.py: shots=K) and the model zero-shot evaluates (configs/zeroshot.py);
+`B16,32,kmct,pretrain` is the same with the KMCT head, for the KMCT columns of the paper's
+Tables 12 and 13 (`shots=K,kmct`). Every table's commands: docs/reproduce.md.
 
     python -m convert.clip_to_flax --src=ViT-B-16.pt --out=ckpt/clip_b16 \
         --bpe=bpe_simple_vocab_16e6.txt.gz
@@ -34,46 +36,55 @@ parameters, biases and positional embeddings; on the temporal embedding and the 
 lr 12e-6 (x10 for the temporal parts), timm's cosine over all steps to lr/100 with a linear
 warm-up of 5 epochs from 0 (the cosine starts at step 0, so the warm-up ends at 0.983 of the
 peak); 60 epochs for ViT-B, 40 for ViT-L; label smoothing .1, mixup .8, cutmix 1; class texts:
-the templates and the interpretive prompts. The run ends with the 4x3 test.
+the official code's (the bare name and its 15 templates) and the interpretive prompts. The run
+ends with the 4x3 test.
 
-Which towers train. Both, with the temporal transformer: the setting of the paper's Table 11
-headline (B/32 8f KMT 81.5 / 95.5 with both towers fine-tuned) and the official default
-(FIX_IMAGE=False). Appendix D says the image tower was frozen; that variant is
---config.optim.freeze_image=True, with the official fix_image's meaning: the ViT frozen except
-ln_post, proj and the class embedding (whose gradient still runs back through the ViT). Table 11's
-other rows: both towers frozen (add --config.optim.freeze_text=True) 78.7 / 94.4; one of them
-fine-tuned 81.0 / 95.1 and 80.8 / 95.2 (the paper's text does not say which row is which tower).
+Where the paper contradicts itself, and the side taken:
+  * Temporal depth: §4.1 says the KMT/KMCT transformer has a third of the ViT's layers (4 for
+    ViT-B, 8 for ViT-L), Appendix D lists 2 for ViT-B and 4 for ViT-L (a sixth). Table 6 measures
+    both (without the prompts: 80.9 at a third, 79.6 at a sixth) and its headline 81.5 is at a
+    third: a third is the default (--config.model.temporal_layers=2 for Appendix D's ViT-B).
+  * Which towers train: Appendix D says the image tower was frozen; Table 11 reports the
+    headline (B/32 8f KMT 81.5 / 95.5) with both towers fine-tuned, and the official config's
+    default is FIX_IMAGE=False. The presets train both towers with the temporal transformer, the
+    headline setting. Appendix D's variant is --config.optim.freeze_image=True, with the
+    official fix_image's meaning: the ViT frozen except ln_post, proj and the class embedding
+    (whose gradient still runs back through the ViT). Table 11's other rows: both towers frozen
+    (add --config.optim.freeze_text=True) 78.7 / 94.4; one of them fine-tuned 81.0 / 95.1 and
+    80.8 / 95.2 (the paper's text does not say which row is which tower).
+  * Batch: the paper's Table 14 says 128 (ViT-B) and 32 (ViT-L); the official configs
+    (configs/k400/*.yaml) on the official README's 8 GPUs use 256 clips per update for every
+    model (per GPU 8 clips x 4 accumulation steps for B/32 and B/16 at 8 frames, 4 x 8 for B/16
+    at 16 and 32 frames and L/14, 1 x 32 for L/14 at 336 px). We take the official configs
+    everywhere because they fix what Table 14 leaves open (the micro-batches, and so the
+    description sets drawn per update), and Table 14's one batch row for every column cannot be
+    the few-shot batch (HMDB-51 2-shot has 102 clips).
 
-Batch and description sets: the official configs (configs/k400/*.yaml) on the official README's
-8 GPUs: 256 clips per update for every model (per GPU 8 clips x 4 accumulation steps for B/32 and
-B/16 at 8 frames, 4 x 8 for B/16 at 16 and 32 frames and L/14, 1 x 32 for L/14 at 336 px). The
-paper's Table 14 says 128 (ViT-B) and 32 (ViT-L); we take the official configs everywhere
-because they fix what Table 14 leaves open (the micro-batches, and so the description sets drawn
-per update), and Table 14's one batch row for every column cannot be the few-shot batch (HMDB-51
-2-shot has 102 clips). The official loop draws 5 description sets per GPU per micro-batch:
+Description sets: the official loop draws 5 description sets per GPU per micro-batch:
 text.sets_per_step = 5 x 8 x the accumulation steps (160, 320 or 1280 per update). That is more
 than the A sets there are, so each step encodes every set once, split over the devices, weighted
 by its draws (claver_jax/train.py): per device A x 400 / devices texts, where an official GPU
 encoded 5 x 400 per micro-batch (`python -m claver_jax.flops --config=... --texts`).
 
 Input: clips are decoded and augmented by data.num_workers = 16 grain worker processes per host
-(hosts of accelerators have tens of cores). One core delivers about 20 clips/s of 8 frames from
-320x240 3-second mp4s (`python -m benchmarks.input_pipeline`, in-process, on an idle 2-core
-machine); Kinetics' 10-second clips decode more frames per clip. Each host must deliver its share
-of train.batch_size clips per step: if the accelerators wait on input, raise num_workers up to
-the host's cores (--config.data.num_workers=N); on a small host, lower it. Measured with
-`python -m benchmarks.input_pipeline --workers=0,1,2,4 --batches=8` on an idle 2-core machine:
-bare PyAV decoding 23.7 clips/s; the pipeline with 0 workers (in-process) 19.6, 1: 18.7,
-2: 23.9, 4: 23.4 (the machine's 2 cores are the limit).
+(hosts of accelerators have tens of cores), capped at the host's CPUs. Each host must deliver its
+share of train.batch_size clips per step, and decoding Kinetics' 10-second mp4s cannot keep up
+with accelerators: one shared 2-core run of `python -m benchmarks.input_pipeline --seconds=10`
+gave 4.4 clips/s per core from mp4 and 60.4 from a prepared dataset (`python -m
+claver_jax.data.prepare`, 13.8x), where 8 H100s at 40% MFU consume about 2,625 (README: Video
+data). Prepare the dataset for accelerator runs; raise or lower num_workers with
+--config.data.num_workers=N.
 
-Memory per device (`python -m claver_jax.memory --config=configs/k400.py:B16,32 --text_length=32`:
-XLA's memory analysis of the compiled train step on 8 simulated devices, CPU backend, nothing
-run; see the README's table): B16 at 32 frames, bf16, chunked attention, 1 clip per device peaks
-at 7.7 GiB, 4.7 of it the text tower (the 5 x 400 sampled texts split over the devices, at 32
-tokens at most, fwd + bwd), plus 2.0 GiB per further clip. As shipped (batch 128: 16 clips per
-device on 8 devices) it needs 38.0 GiB: it fits an 80 GB GPU (up to 27 clips per device); a
-32 GiB TPU chip takes 8 clips (`--config.train.grad_accum_steps=2` on 8 chips), a 16 GiB one 2
-(`=8`). Per-device clips are batch_size / (devices x train.grad_accum_steps).
+Memory and accumulation: on the official 8 devices the presets run the official micro-batches
+(train.grad_accum_steps = the official accumulation, 4 or 8; per-device clips are batch_size /
+(devices x grad_accum_steps)), and at more than 8 frames recompute activations in the backward
+pass (model.remat=True). Compiled for TPU v5e 2x4 (`python -m claver_jax.memory
+--config=configs/k400.py:B16,8 --topology=v5e:2x4 --text_length=32`; README: Memory), a chip's
+peak is 10.75 GiB at 1 clip + 0.70 per further clip at B16 8 frames (8 clips per device: 15.7
+GiB, which fits 32 GiB chips and 80 GB GPUs; on 16 GiB v5e chips add
+--config.train.grad_accum_steps=8), and 5.24 + 0.29 per clip at B16 32 frames with remat (4
+clips per device: 6.1 GiB). Other presets (16 frames, L14, X-CLIP) are not compiled yet: the
+command above prints theirs.
 
 X-CLIP (`xclip`). Expected top-1 / top-5 (%), 4x3 views, from the official X-CLIP model zoo
 (microsoft/VideoX, X-CLIP/README.md):
@@ -150,8 +161,10 @@ def get_config(arg=None):
   c.data.image_size = 336 if preset['arch'] == 'L14_336' else 224
   c.data.mean, c.data.std = IMAGENET_MEAN, IMAGENET_STD
   c.text.prompts = 'kinetics400'
-  c.text.sets_per_step = official_sets_per_step(
-      official_accumulation(preset['arch'], preset['num_frames']))
+  accumulation = official_accumulation(preset['arch'], preset['num_frames'])
+  c.text.sets_per_step = official_sets_per_step(accumulation)
+  c.train.grad_accum_steps = accumulation  # The official micro-batches on 8 devices (docstring).
+  c.model.remat = preset['num_frames'] > 8
   c.train.epochs = PRETRAIN_EPOCHS if pretrain else 40 if large else 60
   c.train.batch_size = OFFICIAL_BATCH
   c.eval.batch_size = 32
@@ -163,6 +176,7 @@ def get_config(arg=None):
     c.train.epochs = 30
   if preset['name'] == 'motion_prompts':
     motion_prompts_recipe(c)
+    c.train.grad_accum_steps, c.model.remat = 1, False   # Frozen towers: no backward through them.
     c.init.require, c.init.require_from = 'clip', 'a converted CLIP (convert.clip_to_flax)'
     c.train.epochs = 30
   return c

@@ -24,6 +24,9 @@ that model (the same one zero-shot evaluates):
         --config.data.val_list=lists/ucf101/split1/test.txt \
         --config.data.labels=lists/ucf101/split1/labels.csv
 
+With a temporal head, the run starts from that head's pretrain model: `shots=2,kmct` from a
+`configs/k400.py:B16,32,kmct,pretrain` run (the paper's Table 13 KMCT row); a checkpoint whose
+head differs from config.model.temporal is a config error naming both.
 init.checkpoint takes the model's weights only (its WORKDIR/model), never its optimizer state,
 schedule or step: the run starts at step 1 with a fresh schedule (the official code restores all
 of them). X-CLIP's few-shot recipe for CLAVER, 50 epochs from CLIP, is `shots=2,from_clip` with
@@ -63,13 +66,11 @@ Where the numbers come from:
     mixup .8, cutmix 1, validation with 1 clip x 1 crop and, at the end, the 4 x 3 test
     (eval.final_views; the paper's few-shot figures are of split 1's test list, views unstated).
 
-Memory per device (`python -m claver_jax.memory --config=configs/ucf101.py:full
---text_length=32`: XLA's memory analysis of the compiled train step on 8 simulated devices, CPU
-backend, nothing run; see the README's table): 4.6 GiB at 1 clip per device, 1.6 of it the text
-tower (5 x 101 texts split over the devices, at 32 tokens at most), plus 2.0 GiB per further
-clip. As shipped (64 clips in 2 accumulation steps: 4 clips per device on 8 devices) 11.4 GiB:
-it fits an 80 GB GPU (up to 28 clips per device; `--config.train.grad_accum_steps=1` fits too),
-a 32 GiB TPU chip (up to 10) and a 16 GiB one (up to 4). HMDB-51 (configs/hmdb51.py) likewise.
+Memory: B/16 at 32 frames with remat (model.remat=True, as configs/k400.py's 32-frame presets),
+4 clips per device on 8 devices. Compiled for TPU v5e 2x4, k400.py:B16,32 peaks at 5.24 GiB + 0.29
+per further clip (README: Memory), with 400 classes' texts where these have 101 or 51; this preset
+is not compiled yet (`python -m claver_jax.memory --config=configs/ucf101.py:full
+--topology=v5e:2x4 --text_length=32` prints its figure).
 """
 
 import importlib.util
@@ -84,11 +85,20 @@ _k400 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_k400)
 
 SHOTS = (2, 4, 8, 16)
-PRETRAINED_K400 = ("the paper's Kinetics-400 model of 20 epochs at 32 frames: the WORKDIR of a "
-                   '`configs/k400.py:B16,32,pretrain` run (or its WORKDIR/model). For X-CLIP\'s '
-                   'recipe from CLIP instead, use shots=K,from_clip with --config.init.clip')
-FULL_K400 = ('the fully supervised Kinetics-400 model at 32 frames: the WORKDIR of a '
-             '`configs/k400.py:B16,32` run (or its WORKDIR/model)')
+
+
+def pretrained_k400(temporal: str) -> str:
+  """What a few-shot run with this temporal head starts from, in words."""
+  preset = 'B16,32,pretrain' if temporal == 'kmt' else f'B16,32,{temporal},pretrain'
+  return ("the paper's Kinetics-400 model of 20 epochs at 32 frames: the WORKDIR of a "
+          f'`configs/k400.py:{preset}` run (or its WORKDIR/model). For X-CLIP\'s recipe from '
+          'CLIP instead, use shots=K,from_clip with --config.init.clip')
+
+
+def full_k400(temporal: str) -> str:
+  preset = 'B16,32' if temporal == 'kmt' else f'B16,32,{temporal}'
+  return ('the fully supervised Kinetics-400 model at 32 frames: the WORKDIR of a '
+          f'`configs/k400.py:{preset}` run (or its WORKDIR/model)')
 
 
 def parse_setting(arg: str | None) -> tuple[int, bool, str]:
@@ -135,13 +145,14 @@ def make_config(prompts: str, arg: str | None):
   c.train.epochs = 50 if from_clip else 80
   c.train.batch_size = 64
   c.train.grad_accum_steps = 2
+  c.model.remat = True               # 32 frames; see the docstring.
   c.text.sets_per_step = _k400.official_sets_per_step(2)   # 5 x 8 GPUs x 2 micro-batches.
   c.eval.batch_size = 16
   if from_clip:
     c.init.require, c.init.require_from = 'clip', 'a converted CLIP ViT-B/16 (convert.clip_to_flax)'
   else:
     c.init.require = 'checkpoint'
-    c.init.require_from = PRETRAINED_K400 if shots else FULL_K400
+    c.init.require_from = pretrained_k400(temporal) if shots else full_k400(temporal)
   if temporal == 'xclip':          # X-CLIP's own few-shot recipe (its configs/*/16_32.yaml).
     c.model.name, c.model.temporal = 'xclip', 'kmt'
     c.text.prompts, c.text.templates = '', '{}'

@@ -374,13 +374,12 @@ def infer_hf_config(tensors: dict[str, np.ndarray], hf: dict[str, Any]) -> CLIPC
               if key in hf[sec] and hf[sec][key] != shapes[field]]
   if disagree:
     raise ConversionError('config.json disagrees with the weights:\n' + '\n'.join(disagree))
-  acts = {vc.get('hidden_act', 'quick_gelu'), tc.get('hidden_act', 'quick_gelu')}
-  if len(acts) != 1 or next(iter(acts)) not in HF_ACTIVATIONS:
-    raise ConversionError(f'Unsupported hidden_act {sorted(acts)}: both towers must use one of '
+  acts = [vc.get('hidden_act', 'quick_gelu'), tc.get('hidden_act', 'quick_gelu')]
+  unsupported = sorted({a for a in acts if a not in HF_ACTIVATIONS})
+  if unsupported:
+    raise ConversionError(f'Unsupported hidden_act {unsupported}: the towers must use one of '
                           f'{list(HF_ACTIVATIONS)}.')
-  eps = {vc.get('layer_norm_eps', 1e-5), tc.get('layer_norm_eps', 1e-5)}
-  if len(eps) != 1:
-    raise ConversionError(f'Different layer_norm_eps per tower ({sorted(eps)}) are not supported.')
+  eps = [float(vc.get('layer_norm_eps', 1e-5)), float(tc.get('layer_norm_eps', 1e-5))]
   eos = tc.get('eos_token_id', 49407)
   if not isinstance(eos, int):
     raise ConversionError(f'text_config.eos_token_id={eos!r}: a single token id is needed.')
@@ -392,8 +391,9 @@ def infer_hf_config(tensors: dict[str, np.ndarray], hf: dict[str, Any]) -> CLIPC
       # the argmax id; otherwise at the first eos_token_id.
       text_pooling='argmax' if eos == 2 else 'first_eos',
       eos_token_id=eos,
-      activation=HF_ACTIVATIONS[next(iter(acts))],
-      layer_norm_eps=float(next(iter(eps))))
+      activation=HF_ACTIVATIONS[acts[0]], layer_norm_eps=eps[0],
+      text_activation=HF_ACTIVATIONS[acts[1]] if acts[1] != acts[0] else None,
+      text_layer_norm_eps=eps[1] if eps[1] != eps[0] else None)
 
 
 # ---------------------------------------------------------------------------------------------

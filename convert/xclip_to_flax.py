@@ -96,7 +96,7 @@ def xclip_entries(cfg: XCLIPConfig, layout: str) -> list[Entry]:
   entries.append(Entry('mit.positional_embedding', (mit_embedding,), ((1, cfg.num_frames, e),),
                        lambda x: x[0]))
   for i in range(cfg.mit_layers):
-    entries += mit_block_entries(mit_block.format(i), f'mit.blocks.{i}', e, 4 * e)
+    entries += mit_block_entries(mit_block.format(i), f'mit.blocks.{i}', e, cfg.mit_hidden_dim)
   return entries + prompt_entries(cfg, norm=norm, visual_ln=visual_ln, visual_proj=visual_proj)
 
 
@@ -122,41 +122,53 @@ def infer_official_config(tensors: dict[str, np.ndarray], *, vision_heads: int |
   require_keys(tensors, ['mit.positional_embedding', 'prompts_generator.alpha',
                          'visual.transformer.resblocks.0.message_fc.weight'], 'X-CLIP')
   clip = infer_openai_config(tensors, vision_heads=vision_heads, text_heads=text_heads)
+  require_keys(tensors, ['mit.resblocks.0.mlp.c_fc.weight'], 'X-CLIP')
   return _xclip_config(
       clip=clip, num_frames=_frames(tensors, 'mit.positional_embedding', clip.embed_dim),
       mit_layers=count_layers(tensors, 'mit.resblocks.'),
+      mit_mlp_dim=tensors['mit.resblocks.0.mlp.c_fc.weight'].shape[0],
       prompt_layers=count_layers(tensors, 'prompts_generator.decoder.'))
 
 
 def infer_hf_xclip_config(tensors: dict[str, np.ndarray], hf: dict) -> XCLIPConfig:
   """The towers as infer_hf_config reads them (text pooled at the argmax of the ids, as
-  transformers forces for X-CLIP); the new parts from the tensors and config.json."""
+  transformers forces for X-CLIP); the new parts from the tensors and config.json: every field
+  transformers' XCLIPModel computes with (the MIT's width, MLP, depth and heads, the frames, the
+  prompt generator's depth, heads, activation and alpha; dropouts only act in training)."""
   require_keys(tensors, ['mit.position_embedding', 'prompts_generator.alpha',
-                         'vision_model.pre_layernorm.weight'], 'transformers X-CLIP')
+                         'vision_model.pre_layernorm.weight',
+                         'mit.encoder.layers.0.mlp.fc1.weight'], 'transformers X-CLIP')
   clip = infer_hf_config(tensors, hf)
   clip = dataclasses.replace(clip, text_pooling='argmax', eos_token_id=clip.vocab_size - 1)
   vc, e = hf['vision_config'], clip.embed_dim
   frames = _frames(tensors, 'mit.position_embedding', e)
   mit_layers = count_layers(tensors, 'mit.encoder.layers.')
-  said = {'vision_config.mit_hidden_size': (vc.get('mit_hidden_size', 512), e),
-          'vision_config.mit_intermediate_size': (vc.get('mit_intermediate_size', 2048), 4 * e),
+  mit_mlp_dim = tensors['mit.encoder.layers.0.mlp.fc1.weight'].shape[0]
+  mit_width = vc.get('mit_hidden_size', 512)
+  if mit_width != e:
+    raise ConversionError(f'config.json vision_config.mit_hidden_size={mit_width} but '
+                          f'projection_dim={e}: the MIT takes the projected frame embeddings, so '
+                          'transformers\' XCLIPModel cannot run this config either.')
+  said = {'vision_config.mit_intermediate_size': (vc.get('mit_intermediate_size', 2048),
+                                                  mit_mlp_dim),
           'vision_config.mit_num_hidden_layers': (vc.get('mit_num_hidden_layers', 1), mit_layers),
           'vision_config.num_frames': (vc.get('num_frames', 8), frames)}
   disagree = [f'  config.json {key}={value} but the weights need {need}'
               for key, (value, need) in said.items() if value != need]
   if disagree:
-    raise ConversionError('config.json disagrees with the weights (X-CLIP needs the MIT at the '
-                          'embed dim with a 4x MLP):\n' + '\n'.join(disagree))
+    raise ConversionError('config.json disagrees with the weights:\n' + '\n'.join(disagree))
   act = hf.get('prompt_hidden_act', 'quick_gelu')
-  if HF_ACTIVATIONS.get(act) != clip.activation:
-    raise ConversionError(f'prompt_hidden_act={act!r} differs from the towers\' activation '
-                          f'{clip.activation!r}; claver_jax uses one activation for both.')
+  if act not in HF_ACTIVATIONS:
+    raise ConversionError(f'prompt_hidden_act={act!r} is not supported; use one of '
+                          f'{list(HF_ACTIVATIONS)}.')
   return _xclip_config(
       clip=clip, num_frames=frames, mit_layers=mit_layers,
-      mit_heads=vc.get('mit_num_attention_heads', 8),
+      mit_heads=vc.get('mit_num_attention_heads', 8), mit_mlp_dim=mit_mlp_dim,
       prompt_layers=count_layers(tensors, 'prompts_generator.decoder.'),
       prompt_heads=hf.get('prompt_num_attention_heads', 8),
-      prompt_alpha=hf.get('prompt_alpha', 0.1))
+      prompt_alpha=hf.get('prompt_alpha', 0.1),
+      prompt_activation=(HF_ACTIVATIONS[act] if HF_ACTIVATIONS[act] != clip.activation
+                         else None))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,6 +165,65 @@ def test_temporal_blocks_start_at_pytorch_defaults():
   assert embedding.std() == pytest.approx(0.02, rel=0.15)
 
 
+def preset_head(preset: str, seed: int = 0):
+  """The temporal head of configs/k400.py:PRESET on TINY's towers (1 temporal layer), its
+  temporal embedding at std 1 so that frame positions are visible, and its L = 5 tokens."""
+  from config_helpers import load_config
+  from claver_jax.models import families
+  config = load_config('k400', preset)
+  config.model.temporal_layers = 1
+  model = CLAVER(families.model_config(config, TINY), rngs=nnx.Rngs(seed))
+  head = model.temporal
+  head.temporal_embedding[...] = jax.random.normal(jax.random.key(seed), head.temporal_embedding.shape)
+  return head, config
+
+
+def test_the_pipeline_head_pools_every_token_not_the_class_tube():
+  """Paper §3.2: pipeline attention needs mean pooling over all tokens, else it equals
+  class-token-only. On Table 7's pipeline preset (B32, 8 frames), changing only the patch tokens
+  changes every frame's output; the class-token-only head ignores them exactly."""
+  head, config = preset_head('B32,8,pipeline')
+  assert head.kind == 'pipeline' and config.data.num_frames == 8
+  tokens = jax.random.normal(jax.random.key(1), (2, 8, 5, 128))
+  patches_changed = tokens.at[:, :, 1:].set(jax.random.normal(jax.random.key(2), (2, 8, 4, 128)))
+  out, changed = np.asarray(head(tokens)), np.asarray(head(patches_changed))
+  assert out.shape == (2, 8, 128)
+  assert np.abs(out - changed).max(axis=-1).min() > 1e-2          # every clip, every frame
+  # The output is the mean of the frame's L tokens after the blocks over each [T] tube.
+  x = tokens + head.temporal_embedding[...][None, :, None]
+  x = x.transpose(0, 2, 1, 3).reshape(10, 8, 128)
+  for block in head.blocks:
+    x = block(x)
+  np.testing.assert_allclose(out, x.reshape(2, 5, 8, 128).mean(axis=1), atol=1e-5)
+  cls_only, _ = preset_head('B32,8,cls_only')
+  assert np.abs(np.asarray(cls_only(tokens)) - np.asarray(cls_only(patches_changed))).max() == 0
+
+
+@pytest.mark.parametrize('preset', ['B32,8,kmt', 'B32,8,kmct', 'B32,8,joint'])
+def test_token_shuffling_before_and_after_the_temporal_embedding(preset):
+  """The paper's Table 9 / Fig. 6 probe on its presets: one permutation of the T·L tokens.
+  Joint attention is blind to positions after the temporal embedding (post_te changes nothing),
+  not before it; KMT and KMCT, whose masks follow frame positions, change either way."""
+  from claver_jax.models.temporal import set_token_shuffle
+  head, _ = preset_head(preset)
+  tokens = jax.random.normal(jax.random.key(1), (2, 8, 5, 128))
+  plain = np.asarray(head(tokens))
+  shuffled = {}
+  for shuffle in ('pre_te', 'post_te'):
+    set_token_shuffle(head, shuffle, seed=3)
+    shuffled[shuffle] = np.abs(np.asarray(head(tokens)) - plain).max()
+  set_token_shuffle(head, 'none')
+  np.testing.assert_array_equal(np.asarray(head(tokens)), plain)
+  assert shuffled['pre_te'] > 1e-2
+  if head.kind == 'joint':
+    assert shuffled['post_te'] < 1e-5
+  else:
+    assert shuffled['post_te'] > 1e-2
+  for kind in ('cls_only', 'mean'):
+    with pytest.raises(ValueError, match=f'temporal head is {"none" if kind == "mean" else kind}'):
+      set_token_shuffle(tiny_model(kind), 'pre_te')
+
+
 def test_default_depth_is_a_third_of_the_vit():
   assert CLAVERConfig(clip=get_preset('ViT-B/16')).temporal_depth == 4
   assert CLAVERConfig(clip=get_preset('ViT-L/14')).temporal_depth == 8

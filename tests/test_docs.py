@@ -120,6 +120,8 @@ def check_main_args(args: list[str], where: str) -> None:
 def check_command(command: str, where: str) -> bool:
   """Checks one shell command; False when it is not one of the project's own."""
   words = shlex.split(unbracket(command))
+  if re.fullmatch(r'[A-Z][A-Z0-9_]*=.*', words[0]) and len(words) == 1:
+    return False                                    # A shell variable (NAME="..."), used later
   if words[:2] == ['python', '-m'] and len(words) > 2:
     module, args = words[2], words[3:]
     if module == 'claver_jax.main':

@@ -86,8 +86,8 @@ def test_the_tokenizer_pair_is_written_together(tmp_path):
   import ml_collections
   from claver_jax import train
   config = ml_collections.ConfigDict(dict(text=dict(
-      tokenizer='train', prompts='', templates='objects', allow_missing=False, bare_name=True,
-      num_merges=50)))
+      tokenizer='train', prompts='', templates='objects', aspects='', allow_missing=False,
+      bare_name=True, num_merges=50)))
   workdir = tmp_path / 'run'
   tokenizer = train.make_tokenizer(config, workdir, ['moving left', 'moving right'])
   vocab = (workdir / 'tokenizer' / 'vocab.json').read_text()

@@ -206,7 +206,10 @@ def reference_head(model: TemporalTransformer, tokens):
     x, mask = x.reshape(b, t * l, d), kronecker_mask(model.kind, t, l)[None, None]
   for block in model.blocks:
     x = block(x, mask=mask)
-  return x if model.kind == 'cls_only' else x.reshape(b, t, l, d)[:, :, 0]
+  if model.kind == 'cls_only':
+    return x
+  x = x.reshape(b, t, l, d)
+  return x.mean(axis=2) if model.kind == 'pipeline' else x[:, :, 0]   # §3.2: pipeline pools all
 
 
 @pytest.mark.parametrize('kind', ['kmt', 'kmct', 'joint', 'pipeline', 'cls_only'])

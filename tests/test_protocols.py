@@ -22,8 +22,8 @@ from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, load, write_mode
 from claver_jax.models.io import path_str
 from claver_jax.predict import load_clip_frames
 from claver_jax.text import load_tokenizer
-from claver_jax.text.prompts import prompt_tokens
-from conftest import REPO, run_cli
+from claver_jax.text.prompts import load_prompt_set, prompt_tokens
+from conftest import REPO, SHARED_REFERENCE, run_cli
 from data_helpers import synthetic_dir
 from prompt_helpers import tiny_clip_vocab
 
@@ -32,6 +32,7 @@ TEMPLATES = ('a clip of {}.', '{} on screen.')    # What tiny_model_dir records 
 # Three test splits of different sizes over the 36 clips, overlapping as real splits do not,
 # so that their accuracies differ.
 SPLITS = {1: range(0, 12), 2: range(10, 30), 3: range(24, 36)}
+K600_SPLITS = {1: [3, 0, 7, 9, 11], 2: [1, 2, 3, 4, 5], 3: [11, 10, 6, 8, 0]}   # synthetic classes
 
 
 def load_config(name: str, arg: str | None = None):
@@ -109,7 +110,9 @@ def test_few_shot_and_full_configs():
   assert (few.optim.lr, few.optim.lr * few.optim.end_lr_ratio) == (2e-6, pytest.approx(2e-8))
   assert (few.train.batch_size, few.train.grad_accum_steps) == (64, 2)
   assert (few.data.num_frames, few.model.arch, few.text.prompts) == (32, 'B16', 'ucf101')
-  assert few.init.require == 'checkpoint' and 'configs/k400.py:B16,32,pretrain' in few.init.require_from
+  assert few.init.require == 'checkpoint'
+  assert '`configs/k400.py:B16,32,kmct,pretrain`' in few.init.require_from
+  assert '`configs/k400.py:B16,32,pretrain`' in load_config('hmdb51', 'shots=2').init.require_from
   xclip = load_config('hmdb51', 'shots=2,from_clip')
   assert (xclip.data.shots, xclip.train.epochs, xclip.init.require) == (2, 50, 'clip')
   full = load_config('hmdb51', 'full')
@@ -127,18 +130,58 @@ def test_few_shot_and_full_configs():
 
 
 # ----------------------------------------------------------------------------------- zero-shot
-def test_restricting_to_classes_remaps_labels_by_position():
-  items = [('a.mp4', 5), ('b.mp4', 2), ('c.mp4', 7), ('d.mp4', 5), ('e.mp4', 0)]
-  assert zeroshot.restrict_to_classes(items, [2, 5, 7]) == [
-      ('a.mp4', 1), ('b.mp4', 0), ('c.mp4', 2), ('d.mp4', 1)]
-  assert zeroshot.new_classes(['Dyeing hair', 'hugging  Baby', 'zumba'],
-                              ['dyeing Hair', 'hugging baby']) == ['zumba']
-  draws = zeroshot.class_draws(220, 160, [0, 1, 2])
-  assert draws == zeroshot.class_draws(220, 160, [0, 1, 2])
-  assert [len(set(d)) for d in draws] == [160] * 3 and max(max(d) for d in draws) < 220
-  assert len({tuple(d) for d in draws}) == 3
-  with pytest.raises(ValueError, match='Cannot draw 9'):
-    zeroshot.class_draws(8, 9, [0])
+K600_SHIPPED = REPO / 'claver_jax' / 'data' / 'k600_zeroshot'
+K600_REFERENCE = SHARED_REFERENCE / 'k600_zeroshot'
+
+
+def _key(name: str) -> str:
+  return ' '.join(name.lower().split())
+
+
+def test_the_shipped_k600_splits_are_the_papers_protocol():
+  """Three splits of 160 classes of Kinetics-600 (217 distinct), none a Kinetics-400 class, not
+  even renamed ('dyeing hair' is K600's 'dying hair'); their video lists label every clip with a
+  class of the split; the copies equal ../shared/reference's and say where they come from."""
+  k400 = {_key(n) for n in load_prompt_set('kinetics400')}      # exactly K400's class names
+  k600 = set(load_prompt_set('kinetics600'))
+  renamed = {'dying hair': 'dyeing hair', 'making bed': 'making the bed'}
+  assert set(renamed) <= k400 and set(renamed.values()) <= k600
+  distinct = set()
+  for split in (1, 2, 3):
+    labels, videos = zeroshot.k600_split_files('', split)
+    assert labels.parent == K600_SHIPPED
+    names = read_labels(labels)
+    assert len(names) == len(set(names)) == 160 and set(names) <= k600
+    assert not {_key(n) for n in names} & k400
+    items = read_list(videos, len(names))
+    assert len(items) > 13000 and {label for _, label in items} == set(range(160))
+    assert all(path.split('/')[0] in ('train', 'val', 'test') for path, _ in items)
+    distinct |= set(names)
+    if K600_REFERENCE.is_dir():
+      for shipped in (labels, videos):
+        assert shipped.read_bytes() == (K600_REFERENCE / shipped.name).read_bytes()
+  assert len(distinct) == 217 and not set(renamed.values()) & distinct
+  assert 'muzairkhattak/ViFi-CLIP' in (K600_SHIPPED / 'README.md').read_text()
+  assert zeroshot.k600_video_path('{label}/{file}', 'test/x_000001_000011.mp4', 'arguing') == (
+      'arguing/x_000001_000011.mp4')
+  assert zeroshot.k600_video_path('{path}', 'val/y.mp4', 'arguing') == 'val/y.mp4'
+  with pytest.raises(ValueError, match=r'path_format=.*\{split\}.*\{path\}, \{subset\}'):
+    zeroshot.k600_video_path('{split}/{file}', 'val/y.mp4', 'arguing')
+
+
+def k600_split_dir(motion_dir):
+  """Three 'K600 splits' of the synthetic set in the shipped format: 5 classes each (ids 0..4 in
+  the split's order), their clips listed without the 'videos/' prefix."""
+  names = read_labels(motion_dir / 'labels.csv')
+  directory = motion_dir / 'k600_splits'
+  directory.mkdir(exist_ok=True)
+  for split, classes in K600_SPLITS.items():
+    (directory / f'split{split}_labels.csv').write_text(
+        'id,name\n' + ''.join(f'{j},{names[c]}\n' for j, c in enumerate(classes)))
+    (directory / f'split{split}_videos.txt').write_text(''.join(
+        f'{path.removeprefix("videos/")} {classes.index(label)}\n'
+        for path, label in read_list(motion_dir / 'all.txt') if label in classes))
+  return directory
 
 
 def random_params(cfg: CLAVERConfig, seed: int = 0) -> dict:
@@ -203,6 +246,34 @@ def independent_top_k(tiny_model_dir):
   return top_k
 
 
+def test_a_temporal_head_other_than_the_checkpoints_is_one_config_error(tiny_model_dir, tmp_path):
+  """`shots=2,kmct` from a KMT checkpoint would train KMT: a one-line config error naming both,
+  before anything is written. The KMCT few-shot and zero-shot columns start from the KMCT
+  pretrain preset, the paper's 20-epoch 32-frame recipe with the KMCT head."""
+  from claver_jax import train
+  from claver_jax.run_config import ConfigError
+  kmct = load_config('k400', 'B16,32,kmct,pretrain')
+  kmt = load_config('k400', 'B16,32,pretrain')
+  assert (kmct.model.temporal, kmct.train.epochs, kmct.data.num_frames) == ('kmct', 20, 32)
+  assert kmct.to_dict() == {**kmt.to_dict(), 'model': {**kmt.model.to_dict(), 'temporal': 'kmct'}}
+  config = load_config('ucf101', 'shots=2,kmct')
+  config.init.checkpoint = str(tiny_model_dir)                   # a KMT model
+  message = (f"config.model.temporal='kmct' but config.init.checkpoint={tiny_model_dir} holds a "
+             "'kmt' model; set --config.model.temporal=kmt, or start from a kmct checkpoint "
+             '(e.g. the workdir of a configs/k400.py:B16,32,kmct,pretrain run).')
+  with pytest.raises(ConfigError) as error:
+    train.model_family(config)
+  assert str(error.value) == message
+  config.model.temporal = 'kmt'
+  train.model_family(config)                                     # the checkpoint's own head
+  workdir = tmp_path / 'never'
+  proc = run_cli('claver_jax.main', '--config=configs/ucf101.py:shots=2,kmct',
+                 f'--workdir={workdir}', f'--config.init.checkpoint={tiny_model_dir}',
+                 check=False)
+  assert proc.returncode == 2 and proc.stderr.strip() == f'error: {message}'
+  assert not workdir.exists()
+
+
 def test_broken_model_directories_give_one_clear_error(tiny_model_dir, motion_dir, tmp_path):
   """No params/, or a parameter shard cut short: one line naming the directory and the problem,
   from load() and from predict's CLI."""
@@ -233,11 +304,9 @@ def zeroshot_config(model_dir, motion_dir, datasets: str):
   c.eval.batch_size = 4
   c.zeroshot.ucf101.update(dict(root=str(motion_dir), test_list=str(motion_dir / 'test{split}.txt'),
                                 labels=str(motion_dir / 'labels.csv'), prompts='synthetic_motion'))
-  k400 = motion_dir / 'k400_labels.csv'     # 4 of the 12 classes "seen", spelt differently.
-  k400.write_text('id,name\n0,Moving  Left\n1,growing\n2,fading out\n3,rotating clockwise\n')
-  c.zeroshot.k600.update(dict(root=str(motion_dir), val_list=str(motion_dir / 'all.txt'),
-                              labels=str(motion_dir / 'labels.csv'), k400_labels=str(k400),
-                              prompts='synthetic_motion', num_classes=5, seeds=(0, 1, 2)))
+  c.zeroshot.k600.update(dict(root=str(motion_dir), path_format='videos/{path}',
+                              split_dir=str(k600_split_dir(motion_dir)),
+                              prompts='synthetic_motion'))
   return c
 
 
@@ -288,33 +357,29 @@ def test_evaluation_gathers_once_per_evaluation(zeroshot_run):
   assert sum(r['num_videos'] for r in runs) > 6 * config.eval.batch_size   # several batches each
 
 
-def test_k600_draws_are_seeded_subsets_of_the_new_classes(zeroshot_run, independent_top_k,
-                                                         motion_dir):
+def test_k600_splits_and_their_mean_and_std(zeroshot_run, independent_top_k, motion_dir):
+  """Each split: its own classes and videos (paths under path_format), top-1 / top-5 as
+  independently computed; mean ± std over the three, of top-1 and of top-5."""
   workdir, _, report, _ = zeroshot_run
   k600 = report['datasets']['k600']
   names = read_labels(motion_dir / 'labels.csv')
-  new = [n for n in names if n not in ('moving left', 'growing', 'fading out',
-                                       'rotating clockwise')]
   runs = k600['runs']
-  assert list(runs) == ['draw1_seed0', 'draw2_seed1', 'draw3_seed2']
+  assert list(runs) == ['split1', 'split2', 'split3']
   all_items = read_list(motion_dir / 'all.txt')
-  for seed, (name, run) in enumerate(runs.items()):
-    classes = run['classes']
-    assert run['num_new_classes'] == 8 and len(set(classes)) == 5 and set(classes) <= set(new)
-    assert classes == sorted(classes, key=names.index)              # K600 id order.
-    picks = np.random.default_rng(seed).choice(8, 5, replace=False)
-    assert set(classes) == {new[i] for i in picks}
-    # The draw's list: exactly the clips of its classes, label j = classes[j].
-    draw_dir = workdir / 'zeroshot' / 'k600' / name
-    assert read_labels(draw_dir / 'labels.csv') == classes
-    remapped = read_list(draw_dir / 'val.txt')
-    assert sorted(remapped) == sorted((p, classes.index(names[l])) for p, l in all_items
-                                      if names[l] in classes)
-    top1, top5 = independent_top_k(motion_dir, remapped, classes)
+  for split, run in zip(K600_SPLITS, runs.values()):
+    classes = [names[c] for c in K600_SPLITS[split]]
+    assert run['split'] == split and run['num_classes'] == 5
+    split_dir = workdir / 'zeroshot' / 'k600' / f'split{split}'
+    assert read_labels(split_dir / 'labels.csv') == classes
+    listed = read_list(split_dir / 'val.txt')
+    assert sorted(listed) == sorted((p, classes.index(names[l])) for p, l in all_items
+                                    if names[l] in classes)
+    top1, top5 = independent_top_k(motion_dir, listed, classes)
     assert run['top1'] == pytest.approx(top1) and run['top5'] == pytest.approx(top5)
-  assert len({tuple(r['classes']) for r in runs.values()}) == 3
-  assert k600['top1_mean'] == pytest.approx(np.mean([r['top1'] for r in runs.values()]))
-  assert k600['top1_std'] == pytest.approx(np.std([r['top1'] for r in runs.values()]))
+  for metric in ('top1', 'top5'):
+    values = [r[metric] for r in runs.values()]
+    assert k600[f'{metric}_mean'] == pytest.approx(np.mean(values))
+    assert k600[f'{metric}_std'] == pytest.approx(np.std(values))
 
 
 def test_a_failing_dataset_keeps_the_results_of_those_before_it(tiny_model_dir, motion_dir,

@@ -140,9 +140,45 @@ def test_converter_errors(reference, converted, tiny_clip, tmp_path):
   config = json.loads((edited / 'config.json').read_text())
   config['vision_config']['mit_hidden_size'] = 512
   (edited / 'config.json').write_text(json.dumps(config))
-  with pytest.raises(ConversionError, match='mit_hidden_size=512 but the weights need 128'):
+  with pytest.raises(ConversionError, match='mit_hidden_size=512 but projection_dim=128: the MIT '
+                     'takes the projected frame embeddings, so transformers'):
+    convert(edited, out)
+  config['vision_config']['mit_hidden_size'] = 128
+  config['vision_config']['mit_intermediate_size'] = 100
+  (edited / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(ConversionError, match='mit_intermediate_size=100 but the weights need 512'):
     convert(edited, out)
   assert not out.exists()
+
+
+def test_any_config_transformers_runs_converts_with_its_logits(tmp_path):
+  """Every XCLIPConfig field transformers' XCLIPModel computes with is honoured: an MIT whose
+  MLP is not 4x its width, MIT and prompt heads other than the official width // 64, one
+  prompt layer, a prompt activation and a text tower's activation and LayerNorm epsilon of
+  their own. Logits and video embedding equal transformers'."""
+  model = torch_xclip.tiny_hf_xclip(
+      seed=3, text=dict(hidden_act='gelu', layer_norm_eps=1e-3),
+      vision=dict(mit_intermediate_size=96, mit_num_attention_heads=4, mit_num_hidden_layers=2,
+                  layer_norm_eps=1e-4),
+      prompt_layers=1, prompt_num_attention_heads=8, prompt_hidden_act='gelu_new',
+      prompt_alpha=0.3)
+  hf_dir = tmp_path / 'hf'
+  model.save_pretrained(hf_dir)
+  reference = dict(video=torch_xclip.random_video(seed=4), tokens=torch_clip.random_inputs(5)[1])
+  reference['expected'] = torch_xclip.hf_outputs(model, reference['video'], reference['tokens'])
+  convert(hf_dir, tmp_path / 'converted')
+  converted = load(tmp_path / 'converted')
+  cfg = converted.cfg
+  assert (cfg.mit_hidden_dim, cfg.mit_num_heads, cfg.mit_layers) == (96, 4, 2)
+  assert (cfg.prompt_layers, cfg.prompt_num_heads, cfg.prompt_activation) == (1, 8, 'gelu_tanh')
+  assert (cfg.clip.activation, cfg.clip.text_act) == ('quick_gelu', 'gelu')
+  assert (cfg.clip.layer_norm_eps, cfg.clip.text_eps) == (1e-4, 1e-3)
+  assert converted.mit.blocks[0].mlp.c_fc.kernel.shape == (128, 96)
+  video_diff, logits_diff = max_diffs(converted, reference)
+  print(f'non-official X-CLIP config: max abs diff video embedding {video_diff:.1e}, '
+        f'logits {logits_diff:.1e}')
+  assert np.abs(reference['expected']['logits']).max() > 1.0
+  assert video_diff <= 1e-5 and logits_diff <= 1e-5
 
 
 # ------------------------------------------------------------------------------- frame order

@@ -18,18 +18,21 @@ FRAMES = 3
 EMBED = 128     # 2 heads in the MIT and the prompt generator by the official width // 64.
 
 
-def tiny_hf_xclip(seed: int = 0) -> XCLIPModel:
-  """Every parameter random (biases, LayerNorms, alpha, logit scale included)."""
+def tiny_hf_xclip(seed: int = 0, *, text: dict | None = None, vision: dict | None = None,
+                  **fields) -> XCLIPModel:
+  """Every parameter random (biases, LayerNorms, alpha, logit scale included). text, vision and
+  fields override the text_config, vision_config and top-level XCLIPConfig fields."""
   config = XCLIPConfig(
-      text_config=dict(vocab_size=torch_clip.VOCAB, hidden_size=128, intermediate_size=256,
-                       num_hidden_layers=1, num_attention_heads=2,
-                       max_position_embeddings=torch_clip.CONTEXT),
-      vision_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, image_size=torch_clip.IMAGE,
-                         patch_size=torch_clip.PATCH, num_frames=FRAMES, mit_hidden_size=EMBED,
-                         mit_intermediate_size=4 * EMBED, mit_num_hidden_layers=1,
-                         mit_num_attention_heads=EMBED // 64),
-      projection_dim=EMBED, prompt_layers=2, prompt_num_attention_heads=EMBED // 64)
+      text_config={**dict(vocab_size=torch_clip.VOCAB, hidden_size=128, intermediate_size=256,
+                          num_hidden_layers=1, num_attention_heads=2,
+                          max_position_embeddings=torch_clip.CONTEXT), **(text or {})},
+      vision_config={**dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=torch_clip.IMAGE,
+                            patch_size=torch_clip.PATCH, num_frames=FRAMES, mit_hidden_size=EMBED,
+                            mit_intermediate_size=4 * EMBED, mit_num_hidden_layers=1,
+                            mit_num_attention_heads=EMBED // 64), **(vision or {})},
+      **{'projection_dim': EMBED, 'prompt_layers': 2, 'prompt_num_attention_heads': EMBED // 64,
+         **fields})
   torch.manual_seed(seed)
   return torch_clip.randomize_(XCLIPModel(config), seed)
 

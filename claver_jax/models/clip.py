@@ -39,6 +39,8 @@ class CLIPConfig:
   text_pooling: where the text tower reads its sequence embedding.
     'argmax': at the largest token id, OpenAI CLIP's rule (the end-of-text id is the largest).
     'first_eos': at the first `eos_token_id`, the rule of HF checkpoints.
+  activation, layer_norm_eps: both towers' (and the video families' new parts'), unless
+  text_activation / text_layer_norm_eps give the text tower its own (HF configs may).
   """
   embed_dim: int = 512
   # Vision tower.
@@ -60,11 +62,16 @@ class CLIPConfig:
   # Shared.
   activation: str = 'quick_gelu'
   layer_norm_eps: float = 1e-5
+  # The text tower's own, where it differs (None: the shared one).
+  text_activation: str | None = None
+  text_layer_norm_eps: float | None = None
 
   def __post_init__(self):
     problems = []
-    if self.activation not in ACTIVATIONS:
-      problems.append(f'activation={self.activation!r} (choose one of {ACTIVATIONS})')
+    for field in ('activation', 'text_activation'):
+      value = getattr(self, field)
+      if value not in ACTIVATIONS and (field == 'activation' or value is not None):
+        problems.append(f'{field}={value!r} (choose one of {ACTIVATIONS})')
     if self.text_pooling not in TEXT_POOLINGS:
       problems.append(f'text_pooling={self.text_pooling!r} (choose one of {TEXT_POOLINGS})')
     if self.image_size % self.patch_size:
@@ -75,6 +82,16 @@ class CLIPConfig:
         problems.append(f'{tower}_width={width} is not divisible by {tower}_heads={heads}')
     if problems:
       raise ValueError('Invalid CLIPConfig: ' + '; '.join(problems))
+
+  @property
+  def text_act(self) -> str:
+    """The text tower's activation."""
+    return self.text_activation or self.activation
+
+  @property
+  def text_eps(self) -> float:
+    """The text tower's LayerNorm epsilon."""
+    return self.layer_norm_eps if self.text_layer_norm_eps is None else self.text_layer_norm_eps
 
   @property
   def grid_size(self) -> int:
@@ -266,10 +283,10 @@ def set_remat(model: nnx.Module, remat: bool = True) -> None:
       module.remat = remat
 
 
-def _blocks(n: int, width: int, heads: int, mlp_dim: int, cfg: CLIPConfig, dtype, rngs,
-            block: type[ResidualBlock] = ResidualBlock):
+def _blocks(n: int, width: int, heads: int, mlp_dim: int, activation: str, eps: float, dtype,
+            rngs, block: type[ResidualBlock] = ResidualBlock):
   return nnx.List([
-      block(width, heads, mlp_dim, activation=cfg.activation, layer_norm_eps=cfg.layer_norm_eps,
+      block(width, heads, mlp_dim, activation=activation, layer_norm_eps=eps,
             depth=n, dtype=dtype, rngs=rngs)
       for _ in range(n)
   ])
@@ -293,8 +310,8 @@ class VisionTransformer(nnx.Module):
         scale * jax.random.normal(rngs.params(), (cfg.num_image_tokens, width)))
     eps = cfg.layer_norm_eps
     self.ln_pre = nnx.LayerNorm(width, epsilon=eps, dtype=dtype, rngs=rngs)
-    self.blocks = _blocks(cfg.vision_layers, width, cfg.vision_heads, cfg.vision_mlp_dim, cfg,
-                          dtype, rngs, block)
+    self.blocks = _blocks(cfg.vision_layers, width, cfg.vision_heads, cfg.vision_mlp_dim,
+                          cfg.activation, eps, dtype, rngs, block)
     self.ln_post = nnx.LayerNorm(width, epsilon=eps, dtype=jnp.float32, rngs=rngs)
     self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (width, cfg.embed_dim)))
 
@@ -368,9 +385,9 @@ class TextTransformer(nnx.Module):
                                      embedding_init=_normal(0.02), rngs=rngs)
     self.positional_embedding = nnx.Param(
         0.01 * jax.random.normal(rngs.params(), (cfg.context_length, width)))
-    self.blocks = _blocks(cfg.text_layers, width, cfg.text_heads, cfg.text_mlp_dim, cfg, dtype, rngs)
-    self.ln_final = nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
-                                  rngs=rngs)
+    self.blocks = _blocks(cfg.text_layers, width, cfg.text_heads, cfg.text_mlp_dim, cfg.text_act,
+                          cfg.text_eps, dtype, rngs)
+    self.ln_final = nnx.LayerNorm(width, epsilon=cfg.text_eps, dtype=jnp.float32, rngs=rngs)
     self.text_projection = nnx.Param(
         width ** -0.5 * jax.random.normal(rngs.params(), (width, cfg.embed_dim)))
 

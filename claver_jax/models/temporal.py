@@ -1,9 +1,13 @@
 """Temporal heads: what turns per-frame ViT tokens into per-frame class tokens that know the clip.
 
   kmt, kmct, joint  temporal embedding, then pre-LN blocks over all T·L tokens of a clip under that
-                    Kronecker mask (kronecker.py; `attention` picks dense or chunked attention)
+                    Kronecker mask (kronecker.py; `attention` picks dense or chunked attention);
+                    each frame's class token is its output
   pipeline          the same blocks, each of the L spatial positions a sequence of its T tokens
-                    (the pipeline mask, computed as [B·L, T] attention without a mask)
+                    (the pipeline mask, computed as [B·L, T] attention without a mask); each
+                    frame's output is the mean of its L tokens: the paper (§3.2) notes that
+                    pipeline attention needs mean pooling over all tokens, since the class-token
+                    tube alone is exactly cls_only
   cls_only          temporal embedding, then the same blocks over the T class tokens only
   mean              no head: per-frame CLIP embeddings are averaged (the CLIP-Mean baseline)
 
@@ -11,6 +15,13 @@ The blocks are clip.py's ResidualBlocks (the same parameters, `set_remat` applie
 Kronecker kinds their attention goes through `kronecker_attention`. They start as the official
 ones do, at PyTorch's defaults (`init_like_pytorch`), the temporal embedding at a normal of std
 0.02.
+
+Token shuffling (the paper's Table 9 and Fig. 6, a test-time probe of spatiotemporal
+homogenization; `set_token_shuffle`): one random permutation of the T·L token positions of a
+clip, applied before the temporal embedding is added ('pre_te': a token takes the embedding of
+the frame it lands in) or after ('post_te'). The blocks see the shuffled sequence (masks and
+pipelines follow positions, not tokens); each frame's output is then read from wherever its
+tokens went. Joint attention, blind to positions, is unchanged by 'post_te'.
 """
 
 from __future__ import annotations
@@ -26,6 +37,9 @@ from claver_jax.models.clip import ResidualBlock, torch_linear_default
 from claver_jax.models.kronecker import ATTENTION_IMPLEMENTATIONS, kronecker_attention
 
 TEMPORAL_KINDS = ('kmt', 'kmct', 'joint', 'pipeline', 'cls_only', 'mean')
+TOKEN_SHUFFLES = ('none', 'pre_te', 'post_te')
+# The heads whose blocks attend over all T·L tokens of a clip: those token shuffling applies to.
+SHUFFLABLE_KINDS = ('kmt', 'kmct', 'joint', 'pipeline')
 
 
 class TemporalTransformer(nnx.Module):
@@ -41,6 +55,7 @@ class TemporalTransformer(nnx.Module):
     self.kind = kind
     self.attention = attention
     self.num_frames = num_frames
+    self.token_shuffle, self.shuffle_seed = 'none', 0     # set_token_shuffle: evaluation only
     # timm's trunc_normal_(std=0.02) with its default bounds (+-2, absolute): never reached.
     self.temporal_embedding = nnx.Param(
         jax.nn.initializers.normal(0.02)(rngs.params(), (num_frames, width)))
@@ -57,26 +72,56 @@ class TemporalTransformer(nnx.Module):
     if t != self.num_frames:
       raise ValueError(f'The clip has {t} frames but the temporal embedding has '
                        f'{self.num_frames}; load the checkpoint with num_frames={t} to resample it.')
-    x = tokens + self.temporal_embedding[...].astype(tokens.dtype)[None, :, None, :]
+    embedding = self.temporal_embedding[...].astype(tokens.dtype)
     if self.kind == 'cls_only':
-      x = x[:, :, 0]                                                # [B, T, D], full attention
+      x = tokens[:, :, 0] + embedding                               # [B, T, D], full attention
       for block in self.blocks:
         x = block(x)
       return x
+    x = tokens.reshape(b, t * l, d)                                 # frame-major: t·L + l
+    order = shuffle_order(t * l, self.shuffle_seed) if self.token_shuffle != 'none' else None
+    if self.token_shuffle == 'pre_te':
+      x = x[:, order]
+    x = x + jnp.repeat(embedding, l, axis=0)                        # position p: frame p // L
+    if self.token_shuffle == 'post_te':
+      x = x[:, order]
     if self.kind == 'pipeline':
-      x = x.transpose(0, 2, 1, 3).reshape(b * l, t, d)              # [B·L, T, D], no mask
+      x = x.reshape(b, t, l, d).transpose(0, 2, 1, 3).reshape(b * l, t, d)   # [B·L, T, D]
       for block in self.blocks:
         x = block(x)
-      return x.reshape(b, l, t, d)[:, 0]
-    x = x.reshape(b, t * l, d)                                      # frame-major: t·L + l
-    attend = functools.partial(kronecker_attention, kind=self.kind, num_frames=t,
-                               implementation=self.attention)
-    for block in self.blocks:
-      if block.remat:
-        x = nnx.remat(lambda block, x: _block_forward(block, x, attend))(block, x)
-      else:
-        x = _block_forward(block, x, attend)
-    return x.reshape(b, t, l, d)[:, :, 0]
+      x = x.reshape(b, l, t, d).transpose(0, 2, 1, 3).reshape(b, t * l, d)
+    else:
+      attend = functools.partial(kronecker_attention, kind=self.kind, num_frames=t,
+                                 implementation=self.attention)
+      for block in self.blocks:
+        if block.remat:
+          x = nnx.remat(lambda block, x: _block_forward(block, x, attend))(block, x)
+        else:
+          x = _block_forward(block, x, attend)
+    if order is not None:
+      x = x[:, jnp.argsort(order)]                                  # every token back in place
+    x = x.reshape(b, t, l, d)
+    return x.mean(axis=2) if self.kind == 'pipeline' else x[:, :, 0]
+
+
+def shuffle_order(num_tokens: int, seed: int) -> jax.Array:
+  """int32 [num_tokens]: position p of the shuffled clip holds token order[p]."""
+  return jax.random.permutation(jax.random.key(seed), num_tokens)
+
+
+def set_token_shuffle(model: nnx.Module, shuffle: str, seed: int = 0) -> None:
+  """Makes `model`'s temporal transformer shuffle the T·L tokens of each clip (see the module
+  docstring): 'pre_te' | 'post_te', or 'none'. A test-time probe: never train or export so."""
+  if shuffle not in TOKEN_SHUFFLES:
+    raise ValueError(f'token shuffle {shuffle!r}; choose one of {TOKEN_SHUFFLES}.')
+  heads = [m for _, m in nnx.iter_modules(model) if isinstance(m, TemporalTransformer)]
+  if shuffle != 'none' and not any(h.kind in SHUFFLABLE_KINDS for h in heads):
+    kinds = [h.kind for h in heads] or ['none']
+    raise ValueError(f'Token shuffling permutes the T·L tokens that a temporal transformer '
+                     f'attends over ({", ".join(SHUFFLABLE_KINDS)}); this model\'s temporal head '
+                     f'is {", ".join(kinds)}.')
+  for head in heads:
+    head.token_shuffle, head.shuffle_seed = shuffle, seed
 
 
 def init_like_pytorch(block: ResidualBlock, rngs: nnx.Rngs) -> None:

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from claver_jax.models.clip import (MLP, CLIPConfig, MultiHeadAttention, ResidualBlock,
-                                    TextTransformer, VisionTransformer, attention,
+from claver_jax.models.clip import (ACTIVATIONS, MLP, CLIPConfig, MultiHeadAttention,
+                                    ResidualBlock, TextTransformer, VisionTransformer, attention,
                                     check_known_fields, l2_normalize, torch_linear_default)
 from claver_jax.models.clip import FINAL_PRECISION, logit_scale_factor
 
@@ -46,16 +46,23 @@ def official_heads(width: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class XCLIPConfig:
   """clip: the towers. num_frames: T, the rows of the MIT's positional embedding.
-  mit_layers, mit_heads: the MIT (heads None = embed_dim // 64, the official rule).
+  mit_layers, mit_heads, mit_mlp_dim: the MIT (heads None = embed_dim // 64, the official rule;
+  MLP None = 4 x embed_dim, the official width). Its LayerNorms and activation are the vision
+  tower's (transformers builds the MIT from the vision config).
   prompt_layers, prompt_heads: the prompt generator (heads None as the MIT's).
-  prompt_alpha: the initial value of the generator's learnt output scale alpha [E]."""
+  prompt_alpha: the initial value of the generator's learnt output scale alpha [E].
+  prompt_activation: the generator's MLP activation (None = the vision tower's); its input
+  LayerNorm takes the vision tower's epsilon and its layers' norms the text tower's, as in
+  transformers. These are every XCLIPConfig field transformers' XCLIPModel computes with."""
   clip: CLIPConfig = CLIPConfig()
   num_frames: int = 8
   mit_layers: int = 1
   mit_heads: int | None = None
+  mit_mlp_dim: int | None = None
   prompt_layers: int = 2
   prompt_heads: int | None = None
   prompt_alpha: float = 0.1
+  prompt_activation: str | None = None
 
   def __post_init__(self):
     if isinstance(self.clip, dict):
@@ -70,6 +77,11 @@ class XCLIPConfig:
       if heads is not None and (heads < 1 or self.clip.embed_dim % heads):
         problems.append(f'{part}_heads={heads} must be at least 1 and divide the embed dim '
                         f'{self.clip.embed_dim}')
+    if self.mit_mlp_dim is not None and self.mit_mlp_dim < 1:
+      problems.append(f'mit_mlp_dim={self.mit_mlp_dim} must be at least 1')
+    if self.prompt_activation is not None and self.prompt_activation not in ACTIVATIONS:
+      problems.append(f'prompt_activation={self.prompt_activation!r} (choose one of '
+                      f'{ACTIVATIONS})')
     if problems:
       raise ValueError('Invalid XCLIPConfig: ' + '; '.join(problems) + '.')
 
@@ -85,6 +97,11 @@ class XCLIPConfig:
   @property
   def prompt_num_heads(self) -> int:
     return self.prompt_heads or official_heads(self.clip.embed_dim)
+
+  @property
+  def mit_hidden_dim(self) -> int:
+    """The MIT's MLP width."""
+    return self.mit_mlp_dim or 4 * self.clip.embed_dim
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -162,12 +179,13 @@ class MultiframeIntegration(nnx.Module):
   """Per-frame embeddings [B, T, E] -> the video embedding [B, E]."""
 
   def __init__(self, num_frames: int, width: int, layers: int, heads: int, *,
-               activation: str = 'quick_gelu', layer_norm_eps: float = 1e-5, rngs: nnx.Rngs):
+               mlp_dim: int | None = None, activation: str = 'quick_gelu',
+               layer_norm_eps: float = 1e-5, rngs: nnx.Rngs):
     self.num_frames = num_frames
     self.positional_embedding = nnx.Param(
         jax.nn.initializers.truncated_normal(0.02)(rngs.params(), (num_frames, width)))
     self.blocks = nnx.List([
-        ResidualBlock(width, heads, 4 * width, activation=activation,
+        ResidualBlock(width, heads, mlp_dim or 4 * width, activation=activation,
                       layer_norm_eps=layer_norm_eps, depth=layers, rngs=rngs)
         for _ in range(layers)
     ])
@@ -207,7 +225,8 @@ class CrossAttention(nnx.Module):
 
 
 class PromptGeneratorLayer(nnx.Module):
-  """x [B, N, E] attends to visual [B, M, E], then an MLP (mlp_dim None: 4 E, the official)."""
+  """x [B, N, E] attends to visual [B, M, E], then an MLP (mlp_dim None: 4 E, the official and
+  transformers' only width)."""
 
   def __init__(self, width: int, heads: int, *, activation: str, layer_norm_eps: float,
                mlp_dim: int | None = None, rngs: nnx.Rngs):
@@ -228,10 +247,12 @@ class PromptGenerator(nnx.Module):
 
   def __init__(self, width: int, layers: int, heads: int, alpha: float, *,
                activation: str = 'quick_gelu', layer_norm_eps: float = 1e-5,
-               mlp_dim: int | None = None, rngs: nnx.Rngs):
+               layer_eps: float | None = None, mlp_dim: int | None = None, rngs: nnx.Rngs):
+    """layer_norm_eps: the input norm's; layer_eps: its layers' (None: the same)."""
     self.norm = nnx.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.decoder = nnx.List([
-        PromptGeneratorLayer(width, heads, activation=activation, layer_norm_eps=layer_norm_eps,
+        PromptGeneratorLayer(width, heads, activation=activation,
+                             layer_norm_eps=layer_norm_eps if layer_eps is None else layer_eps,
                              mlp_dim=mlp_dim, rngs=rngs)
         for _ in range(layers)
     ])
@@ -258,14 +279,15 @@ class XCLIP(nnx.Module):
     self.text = TextTransformer(c, dtype=dtype, rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
     self.mit = MultiframeIntegration(cfg.num_frames, e, cfg.mit_layers, cfg.mit_num_heads,
-                                     activation=c.activation, layer_norm_eps=c.layer_norm_eps,
-                                     rngs=rngs)
+                                     mlp_dim=cfg.mit_hidden_dim, activation=c.activation,
+                                     layer_norm_eps=c.layer_norm_eps, rngs=rngs)
     self.prompts_visual_ln = nnx.LayerNorm(c.vision_width, epsilon=c.layer_norm_eps, rngs=rngs)
     # torch.randn in the official code: unit scale, which prompts_generator.norm takes out.
     self.prompts_visual_proj = nnx.Param(jax.random.normal(rngs.params(), (c.vision_width, e)))
     self.prompts_generator = PromptGenerator(
-        e, cfg.prompt_layers, cfg.prompt_num_heads, cfg.prompt_alpha, activation=c.activation,
-        layer_norm_eps=c.layer_norm_eps, rngs=rngs)
+        e, cfg.prompt_layers, cfg.prompt_num_heads, cfg.prompt_alpha,
+        activation=cfg.prompt_activation or c.activation, layer_norm_eps=c.layer_norm_eps,
+        layer_eps=c.text_eps, rngs=rngs)
 
   def encode_tokens(self, video: jax.Array) -> jax.Array:
     """[B, T, H, W, 3] -> [B, T, L, W]: every token after the last cross-frame block."""

@@ -3,7 +3,7 @@ r"""Writes interpretive prompts for a class list with any LLM, in CLAVER's few-s
     python -m claver_jax.text.generate --labels=labels.csv --out=prompts.json \
         --backend=hf --model=/models/Meta-Llama-3-8B [--per_aspect=5] [--batch_size=32]
     python -m claver_jax.text.generate --labels=labels.csv --out=prompts.json \
-        --backend=openai --model=meta-llama/Meta-Llama-3-8B --base_url=http://127.0.0.1:8000/v1
+        --backend=openai --base_url=http://127.0.0.1:8000/v1
 
 For each class and aspect (decomposition, synonyms, body_parts) the model completes
 
@@ -13,10 +13,17 @@ For each class and aspect (decomposition, synonyms, body_parts) the model comple
     <two more worked examples>
     {action} =>
 
-sampling with temperature 0.9 and top p 0.95. The first line of each sample is kept, cleaned and
-de-duplicated, until every aspect has --per_aspect texts (or --max_rounds rounds have passed).
-The output is a prompt set (see `claver_jax.text.prompts`), rewritten atomically after every
-step, so an interrupted run resumes where it stopped when started again with the same --out.
+sampling with temperature 0.9 and top p 0.95, at most 77 new tokens. The first line of each
+sample is kept, cleaned and de-duplicated, until every aspect has --per_aspect texts (or
+--max_rounds rounds have passed). The output is a prompt set (see `claver_jax.text.prompts`),
+rewritten atomically after every step, so an interrupted run resumes where it stopped when
+started again with the same --out.
+
+The defaults are the paper's (§3.3, Appendix E) and its official script's
+(data_prepare/llama3/action_descriptions.py): a LLaMA-3 model (--model: meta-llama/Meta-Llama-3-8B,
+the name an OpenAI-compatible server such as vLLM serves it under; the hf backend needs a local
+directory), temperature 0.9, top-p 0.95, 5 texts per aspect, at most 77 new tokens. The worked
+examples below are ours; the official script's are other, longer ones.
 
 Backends: `hf` runs a local causal LM directory through transformers (needs PyTorch); `openai`
 talks to any OpenAI-compatible server (vLLM, Ollama, llama.cpp) through /v1/completions, or
@@ -55,8 +62,11 @@ from claver_jax.text.prompts import ASPECTS, PromptSet, read_prompt_set
 from claver_jax.text.prompts import readable_name
 
 MAX_WORDS = 77
-TEMPERATURE = 0.9
+TEMPERATURE = 0.9                          # The paper's (Appendix E).
 TOP_P = 0.95
+MAX_NEW_TOKENS = 77                        # The official script's max_gen_len.
+DEFAULT_MODEL = 'meta-llama/Meta-Llama-3-8B'   # LLaMA-3, as the paper; a base model, since the
+                                           # official script uses text completion.
 
 COMMANDS = {
     'decomposition': ('Decompose each action into the simpler actions it is made of, in the '
@@ -286,8 +296,9 @@ class OpenAIBackend:
 
   RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
 
-  def __init__(self, base_url: str, model: str, *, chat: bool = False, max_new_tokens: int = 96,
-               temperature: float = TEMPERATURE, top_p: float = TOP_P, concurrency: int = 8,
+  def __init__(self, base_url: str, model: str, *, chat: bool = False,
+               max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE,
+               top_p: float = TOP_P, concurrency: int = 8,
                timeout: float = 120.0, max_attempts: int = 5, backoff: float = 1.0,
                api_key: str | None = None, max_reply_bytes: int = MAX_REPLY_BYTES):
     base_url = base_url.rstrip('/')
@@ -428,7 +439,7 @@ class OpenAIBackend:
 class HFBackend:
   """A local causal LM directory through transformers (PyTorch), `batch_size` rows per pass."""
 
-  def __init__(self, model_dir: str | os.PathLike, *, max_new_tokens: int = 96,
+  def __init__(self, model_dir: str | os.PathLike, *, max_new_tokens: int = MAX_NEW_TOKENS,
                temperature: float = TEMPERATURE, top_p: float = TOP_P, batch_size: int = 8,
                device: str = 'auto'):
     from claver_jax.compat import require_torch
@@ -560,12 +571,14 @@ def generate_prompt_set(class_names: Sequence[str], backend: Backend, out: str |
 
 def make_backend(backend: str, model: str, *, base_url: str, chat: bool, max_new_tokens: int,
                  batch_size: int, timeout: float, max_attempts: int, backoff: float,
-                 device: str) -> Backend:
+                 device: str, temperature: float = TEMPERATURE, top_p: float = TOP_P) -> Backend:
   """The backend named by --backend, checked to be usable."""
   if backend == 'hf':
-    return HFBackend(model, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    return HFBackend(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     batch_size=batch_size, device=device)
   if backend == 'openai':
     client = OpenAIBackend(base_url, model, chat=chat, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p,
                            concurrency=batch_size, timeout=timeout, max_attempts=max_attempts,
                            backoff=backoff, api_key=os.environ.get('OPENAI_API_KEY'))
     client.check()
@@ -582,7 +595,7 @@ def main(argv: list[str]) -> None:
     backend = make_backend(f.backend, f.model, base_url=f.base_url, chat=f.chat,
                            max_new_tokens=f.max_new_tokens, batch_size=f.batch_size,
                            timeout=f.timeout, max_attempts=f.max_attempts, backoff=f.backoff,
-                           device=f.device)
+                           device=f.device, temperature=f.temperature, top_p=f.top_p)
     result = generate_prompt_set(class_names, backend, f.out, per_aspect=f.per_aspect,
                                  max_rounds=f.max_rounds, seed=f.seed, overwrite=f.overwrite)
   except (GenerationError, FileNotFoundError, ValueError) as e:
@@ -599,14 +612,17 @@ def define_flags() -> None:
                       required=True)
   flags.DEFINE_enum('backend', None, ['hf', 'openai'], 'hf: local transformers model; openai: '
                     'an OpenAI-compatible server.', required=True)
-  flags.DEFINE_string('model', None, 'hf: a local model directory; openai: the served model '
-                      'name.', required=True)
+  flags.DEFINE_string('model', DEFAULT_MODEL, 'hf: a local model directory; openai: the served '
+                      "model name. Default: LLaMA-3, the paper's LLM.")
+  flags.DEFINE_float('temperature', TEMPERATURE, "Sampling temperature (the paper's 0.9).")
+  flags.DEFINE_float('top_p', TOP_P, "Nucleus sampling top-p (the paper's 0.95).")
   flags.DEFINE_string('base_url', 'http://127.0.0.1:8000/v1', 'openai: the server URL.')
   flags.DEFINE_bool('chat', False, 'openai: use /v1/chat/completions instead of /v1/completions.')
   flags.DEFINE_integer('per_aspect', 5, 'Texts per aspect per class.')
   flags.DEFINE_integer('max_rounds', 4, 'Sampling rounds per class before giving up on more '
                        'distinct texts.')
-  flags.DEFINE_integer('max_new_tokens', 96, 'Most tokens sampled per text.')
+  flags.DEFINE_integer('max_new_tokens', MAX_NEW_TOKENS, 'Most tokens sampled per text (the '
+                       "official script's 77).")
   flags.DEFINE_integer('batch_size', 8, 'hf: sequences per generate call; openai: requests in '
                        'flight.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')

@@ -22,7 +22,10 @@ labels CSV (`id,name`) with
     python -m claver_jax.text.prompts --check=kinetics400 --labels=kinetics_400_labels.csv \
         [--tokenizer=bpe_simple_vocab_16e6.txt.gz]
 
-which prints coverage, per-aspect counts, texts over 77 tokens and texts that name another class.
+which prints how the set was written, then coverage, per-aspect counts, texts over 77 tokens and
+texts that name another class. Without --check it prints how every shipped set was written
+(claver_jax/text/interpretive/provenance.json): not by LLaMA-3 as the paper's, but by the LLM
+coding agents that develop this project.
 """
 
 from __future__ import annotations
@@ -49,24 +52,26 @@ NAME_KIND = 'name'
 TEMPLATE_KIND = 'template'
 SHIPPED_SETS = ('kinetics400', 'kinetics600', 'ucf101', 'hmdb51', 'synthetic_motion')
 
-# "{}" is the class name made readable (see `readable_name`).
+# The official CLAVER code's class-name templates, copied verbatim (github yjyddq/CLAVER,
+# utils/tools.py, generate_text, commit ceb61eb; its commented-out alternatives left out). That
+# list starts with the bare class name, '{}', which is `name` here (config.text.bare_name): with
+# it, a class has the official 16 texts. "{}" is the class name made readable (`readable_name`).
 TEMPLATES = (
+    'a video of {}.',
     'a video of a person {}.',
-    'a video of a person doing {}.',
-    'a clip of someone {}.',
-    'a person is {} in this video.',
-    'footage of people {}.',
-    'a video of the action: {}.',
-    'a short video showing {}.',
-    'a home video of a person {}.',
-    'a close-up video of {}.',
-    'a video of a group of people {}.',
-    'an amateur clip of {}.',
-    'a person filmed while {}.',
-    'a blurry video of someone {}.',
-    'a video recorded outdoors or indoors of {}.',
-    'human action: {}.',
-    'a youtube video of {}.',
+    'a example of {}.',
+    'a example of a person {}.',
+    'a demonstration of {}.',
+    'a demonstration of a person {}.',
+    'Human action of {}.',
+    '{}, an action.',
+    '{} this is an action.',
+    '{}, a video of action.',
+    'Playing action of {}.',
+    'Playing a kind of action, {}',
+    'Doing a kind of action, {}',
+    'Look, the human is {}',
+    'Video classification of {}',
 )
 
 # Objects, not people: for the synthetic motion set. Short, so that the class name is most of
@@ -80,14 +85,14 @@ OBJECT_TEMPLATES = (
     'something {}.',
 )
 
-TEMPLATE_SETS = {'actions': TEMPLATES, 'objects': OBJECT_TEMPLATES}
+TEMPLATE_SETS = {'official': TEMPLATES, 'objects': OBJECT_TEMPLATES}
 
 PromptSet = dict[str, dict[str, list[str]]]
 
 
 def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
-  """A shipped template set by name ('actions': people, the default; 'objects'), or the
-  templates themselves, each with one "{}" for the class name: a sequence, or one string with
+  """A shipped template set by name ('official': the official code's, the default; 'objects'),
+  or the templates themselves, each with one "{}" for the class name: a sequence, or one string with
   '|' between them (as config.text.templates takes them)."""
   if isinstance(spec, str) and '{}' in spec:
     spec = spec.split('|')
@@ -101,6 +106,19 @@ def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
   if bad:
     raise ValueError(f'Each template needs exactly one "{{}}" for the class name; got {bad}.')
   return templates
+
+
+def resolve_aspects(spec: str | Sequence[str]) -> tuple[str, ...]:
+  """The interpretive-prompt aspects to use, in ASPECTS order: a subset of ASPECTS, as a
+  sequence or one comma-separated string (config.text.aspects; '' for none). The paper's Table
+  10 adds them one at a time: 'decomposition', then 'decomposition,synonyms', then all three."""
+  names = [a.strip() for a in (spec.split(',') if isinstance(spec, str) else spec)]
+  names = [a for a in names if a]
+  unknown = [a for a in names if a not in ASPECTS]
+  if unknown:
+    raise ValueError(f'Unknown aspects {unknown}; choose any of {", ".join(ASPECTS)} (comma-'
+                     "separated), or '' for none.")
+  return tuple(a for a in ASPECTS if a in names)
 
 
 class MissingPromptsError(ValueError):
@@ -182,21 +200,48 @@ def read_prompt_set(path: str | os.PathLike) -> PromptSet:
   return parse_prompt_set(data, str(path))
 
 
+PROVENANCE_FILE = 'provenance.json'      # Beside the sets: how each was written.
+
+
 def available_sets() -> list[str]:
   """Names of the prompt sets shipped in claver_jax/text/interpretive/."""
   directory = importlib.resources.files('claver_jax.text') / 'interpretive'
   if not directory.is_dir():
     return []
-  return sorted(p.name[:-len('.json')] for p in directory.iterdir() if p.name.endswith('.json'))
+  return sorted(p.name[:-len('.json')] for p in directory.iterdir()
+                if p.name.endswith('.json') and p.name != PROVENANCE_FILE)
 
 
 def shipped_set_path(name: str) -> Path:
   """The file of a shipped set ('kinetics400', 'ucf101', ...)."""
   resource = importlib.resources.files('claver_jax.text') / 'interpretive' / f'{name}.json'
-  if not resource.is_file():
+  if not resource.is_file() or resource.name == PROVENANCE_FILE:
     raise FileNotFoundError(f'No shipped prompt set {name!r}; shipped: {available_sets()}. Pass '
                             'a path to a prompt-set JSON file for others.')
   return Path(str(resource))
+
+
+def provenance() -> dict:
+  """claver_jax/text/interpretive/provenance.json: how the shipped sets were written ('shipped':
+  who, model, sampling, when; 'sets': {name: counts, notes}) and how the paper's were ('paper')."""
+  resource = importlib.resources.files('claver_jax.text') / 'interpretive' / PROVENANCE_FILE
+  return json.loads(resource.read_text(encoding='utf-8'))
+
+
+def provenance_report(names: Sequence[str] | None = None) -> str:
+  """How shipped sets (default: all) were written, as `python -m claver_jax.text.prompts`
+  prints it."""
+  record = provenance()
+  names = list(record['sets']) if names is None else list(names)
+  lines = [record['about'], 'The shipped sets:']
+  lines += [f'  {key}: {value}' for key, value in record['shipped'].items()]
+  for name in names:
+    entry = record['sets'][name]
+    note = f'; {entry["note"]}' if 'note' in entry else ''
+    lines.append(f'  {name}: {entry["classes"]} classes, {entry["texts"]} texts '
+                 f'({entry["per_aspect"]} per aspect and class){note}.')
+  lines.append('The paper\'s: ' + record['paper'])
+  return '\n'.join(lines)
 
 
 def load_prompt_set(name_or_path: str | os.PathLike) -> PromptSet:
@@ -429,6 +474,9 @@ def main(argv: list[str]) -> None:
   from absl import flags
   del argv
   f = flags.FLAGS
+  if not f.check:
+    print(provenance_report())
+    return
   try:
     prompt_set = load_prompt_set(f.check)
     class_names = read_labels(f.labels) if f.labels else None
@@ -438,6 +486,8 @@ def main(argv: list[str]) -> None:
       tokenizer = load_tokenizer(f.tokenizer)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
+  if f.check in provenance()['sets']:
+    print(provenance_report([f.check]), end='\n\n')
   report, ok = check_report(prompt_set, class_names, tokenizer)
   print(report)
   if not ok:
@@ -447,7 +497,7 @@ def main(argv: list[str]) -> None:
 def define_flags() -> None:
   from absl import flags
   flags.DEFINE_string('check', None, "A shipped set's name (e.g. kinetics400) or a prompt-set "
-                      'JSON path.', required=True)
+                      'JSON path; without it, how the shipped sets were written is printed.')
   flags.DEFINE_string('labels', None, 'Labels CSV (id,name) to check coverage against.')
   flags.DEFINE_string('tokenizer', None, "CLIP tokenizer (OpenAI's bpe_simple_vocab_16e6.txt.gz "
                       'or a directory) to find texts over 77 tokens.')
