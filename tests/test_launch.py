@@ -182,7 +182,7 @@ def test_processes_read_the_rows_an_interleaved_mesh_gives_them(run_env, tmp_pat
   from data_helpers import synthetic_train_config
   port = distributed_port()
   env = {**run_env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-         'PYTHONPATH': str(REPO / 'tests'), 'CLAVER_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
+         'PYTHONPATH': os.pathsep.join([str(REPO / 'tests'), str(REPO)]), 'CLAVER_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
          'CLAVER_NUM_PROCESSES': '2'}
   out = tmp_path / 'batches.npz'
   procs = [subprocess.Popen([sys.executable, str(REPO / 'tests' / 'interleaved_rows_worker.py'),
