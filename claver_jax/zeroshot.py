@@ -56,6 +56,7 @@ from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import prompt_tokens, resolve_aspects, resolve_templates
 from claver_jax.train import make_eval_fns, run_eval
+from claver_jax.workdir import WorkdirError, claim_workdir
 
 DATASETS = ('ucf101', 'hmdb51', 'k600')
 
@@ -185,7 +186,7 @@ def plan_runs(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list[Ru
     keys = ('root',) if dataset == 'k600' else ('root', 'test_list', 'labels')
     if not _paths_set(cfg, dataset, keys):
       skipped[dataset] = (f'no paths: set --config.zeroshot.{dataset}.' +
-                          f', .'.join(keys) + ' to evaluate it')
+                          ', .'.join(keys) + ' to evaluate it')
       continue
     if dataset == 'k600':
       runs += _k600_runs(cfg, workdir / 'zeroshot' / 'k600', jax.process_index() == 0)
@@ -271,89 +272,94 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
   # ----------------------------------------------------------------------------- input
   workdir.mkdir(parents=True, exist_ok=True)
-  runs, skipped = plan_runs(config, workdir)
-  for dataset, why in skipped.items():
-    logging.warning('Zero-shot: skipping %s: %s.', dataset, why)
-  if not runs:
-    raise ValueError('Zero-shot: nothing to evaluate; set the paths of at least one dataset in '
-                     'config.zeroshot (see claver_jax/zeroshot.py).')
-  if jax.process_index() == 0:
-    run_report.write_run_config(workdir, json.loads(config.to_json_best_effort()))
-  pipelines = []
-  for run in runs:
-    data_config = config.data.copy_and_resolve_references()
-    data_config.update(dict(
-        source='filelist', root=run.root, train_list='', val_list=run.list_path,
-        labels=run.labels, shots=0, eval_batch_size=config.eval.batch_size // jax.process_count(),
-        num_clips=config.eval.num_clips, num_crops=config.eval.num_crops,
-        eval_resize_ratio=source.get('eval_resize_ratio', config.data.eval_resize_ratio)))
-    pipelines.append(build_pipelines(data_config))
-
-  # ----------------------------------------------------------------------------- model
-  model = load_video_model(checkpoint, dtype=jnp.dtype(config.model.dtype),
-                           num_frames=config.data.num_frames,
-                           resample_frames=config.model.resample_frames)
-  tokenizer = load_tokenizer(config.text.tokenizer or checkpoint)
-  graphdef, state = nnx.split((model, None))    # train's eval fns take a (model, optimizer) state
-  state_sharding = sharding.state_shardings(mesh, state)
-  state = jax.device_put(state, state_sharding)
-  # The model is fed as its directory records (config.data.mean/std apply to training).
-  encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh,
-                                      input_normalization(meta, checkpoint))
-
-  # ----------------------------------------------------------------------------- evaluate
-  lead = jax.process_index() == 0
-  results: dict[str, dict[str, Any]] = {}
-
-  def report(finished: bool) -> dict[str, Any]:
-    """What zeroshot.json holds: every run finished so far; written as each one ends."""
-    written = {'checkpoint': str(checkpoint), 'num_frames': config.data.num_frames,
-               'templates': list(templates), 'aspects': list(aspects),
-               'views': [config.eval.num_clips, config.eval.num_crops],
-               'datasets': {name: summarize_runs(r) for name, r in results.items()},
-               'skipped': skipped, 'finished': finished}
-    if lead:
-      atomic_write_text(workdir / 'zeroshot.json', json.dumps(written, indent=1) + '\n')
-    return written
-
-  bar = tqdm.tqdm(total=sum(d.eval_batches for d in pipelines), unit='batch', dynamic_ncols=True,
-                  disable=not lead)
+  workdir_lock = claim_workdir(workdir, config)   # One run per workdir: WORKDIR/.lock.
   try:
-    for run, data in zip(runs, pipelines):
-      bar.set_description(f'{run.dataset} {run.name}')
-      texts = prompt_tokens(data.class_names, tokenizer, run.prompts or None,
-                            templates=templates, name=bare_name, aspects=aspects,
-                            allow_missing=config.text.allow_missing,
-                            context_length=model.cfg.clip.context_length)
-      tokens = texts.tokens[..., :needed_context(texts.tokens, model.cfg.clip)]
-      summary = run_eval(_Progress(data, bar), state, encode_text, scores, tokens, mesh)
-      if lead:
-        directory = workdir / 'zeroshot' / run.dataset / run.name
-        evaluate.write_reports(summary, data.class_names, directory,
-                               title=f'{run.dataset} {run.name}')
-        if config.eval.dump_scores:
-          evaluate.dump_scores(directory / 'scores.npz',
-                               videos=[data.eval_name(int(i)) for i in summary['index']],
-                               labels=summary['labels'], scores=summary['scores'],
-                               class_names=data.class_names, step=None,
-                               views=evaluate.views_name(config.eval.num_clips,
-                                                         config.eval.num_crops))
-      results.setdefault(run.dataset, {})[run.name] = {
-          'top1': summary['top1'], 'top5': summary['top5'],
-          'num_videos': summary['num_videos'], 'num_classes': len(data.class_names),
-          'substituted': data.eval_substitutions.count, **run.info}
-      logging.info('Zero-shot %s %s: top-1 %.2f%%, top-5 %.2f%% over %d videos.', run.dataset,
-                   run.name, summary['top1'], summary['top5'], summary['num_videos'])
-      report(finished=False)
-  finally:
-    bar.close()
+    runs, skipped = plan_runs(config, workdir)
+    for dataset, why in skipped.items():
+      logging.warning('Zero-shot: skipping %s: %s.', dataset, why)
+    if not runs:
+      raise ValueError('Zero-shot: nothing to evaluate; set the paths of at least one dataset in '
+                       'config.zeroshot (see claver_jax/zeroshot.py).')
+    if jax.process_index() == 0:
+      run_report.write_run_config(workdir, json.loads(config.to_json_best_effort()))
+    pipelines = []
+    for run in runs:
+      data_config = config.data.copy_and_resolve_references()
+      data_config.update(dict(
+          source='filelist', root=run.root, train_list='', val_list=run.list_path,
+          labels=run.labels, shots=0, eval_batch_size=config.eval.batch_size // jax.process_count(),
+          num_clips=config.eval.num_clips, num_crops=config.eval.num_crops,
+          eval_resize_ratio=source.get('eval_resize_ratio', config.data.eval_resize_ratio)))
+      pipelines.append(build_pipelines(data_config))
 
-  written = report(finished=True)
-  if lead:
-    print(format_table(written['datasets'], skipped))
-    print(f'Wrote {workdir / "zeroshot.json"}.')
-    run_report.write_and_log(workdir)
-  return written
+    # ----------------------------------------------------------------------------- model
+    model = load_video_model(checkpoint, dtype=jnp.dtype(config.model.dtype),
+                             num_frames=config.data.num_frames,
+                             resample_frames=config.model.resample_frames)
+    tokenizer = load_tokenizer(config.text.tokenizer or checkpoint)
+    graphdef, state = nnx.split((model, None))    # train's eval fns take a (model, optimizer) state
+    state_sharding = sharding.state_shardings(mesh, state)
+    state = jax.device_put(state, state_sharding)
+    # The model is fed as its directory records (config.data.mean/std apply to training).
+    encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh,
+                                        input_normalization(meta, checkpoint))
+
+    # ----------------------------------------------------------------------------- evaluate
+    lead = jax.process_index() == 0
+    results: dict[str, dict[str, Any]] = {}
+
+    def report(finished: bool) -> dict[str, Any]:
+      """What zeroshot.json holds: every run finished so far; written as each one ends."""
+      written = {'checkpoint': str(checkpoint), 'num_frames': config.data.num_frames,
+                 'templates': list(templates), 'aspects': list(aspects),
+                 'views': [config.eval.num_clips, config.eval.num_crops],
+                 'datasets': {name: summarize_runs(r) for name, r in results.items()},
+                 'skipped': skipped, 'finished': finished}
+      if lead:
+        atomic_write_text(workdir / 'zeroshot.json', json.dumps(written, indent=1) + '\n')
+      return written
+
+    bar = tqdm.tqdm(total=sum(d.eval_batches for d in pipelines), unit='batch', dynamic_ncols=True,
+                    disable=not lead)
+    try:
+      for run, data in zip(runs, pipelines):
+        bar.set_description(f'{run.dataset} {run.name}')
+        texts = prompt_tokens(data.class_names, tokenizer, run.prompts or None,
+                              templates=templates, name=bare_name, aspects=aspects,
+                              allow_missing=config.text.allow_missing,
+                              context_length=model.cfg.clip.context_length)
+        tokens = texts.tokens[..., :needed_context(texts.tokens, model.cfg.clip)]
+        summary = run_eval(_Progress(data, bar), state, encode_text, scores, tokens, mesh)
+        if lead:
+          directory = workdir / 'zeroshot' / run.dataset / run.name
+          evaluate.write_reports(summary, data.class_names, directory,
+                                 title=f'{run.dataset} {run.name}')
+          if config.eval.dump_scores:
+            evaluate.dump_scores(directory / 'scores.npz',
+                                 videos=[data.eval_name(int(i)) for i in summary['index']],
+                                 labels=summary['labels'], scores=summary['scores'],
+                                 class_names=data.class_names, step=None,
+                                 views=evaluate.views_name(config.eval.num_clips,
+                                                           config.eval.num_crops))
+        results.setdefault(run.dataset, {})[run.name] = {
+            'top1': summary['top1'], 'top5': summary['top5'],
+            'num_videos': summary['num_videos'], 'num_classes': len(data.class_names),
+            'substituted': data.eval_substitutions.count, **run.info}
+        logging.info('Zero-shot %s %s: top-1 %.2f%%, top-5 %.2f%% over %d videos.', run.dataset,
+                     run.name, summary['top1'], summary['top5'], summary['num_videos'])
+        report(finished=False)
+    finally:
+      bar.close()
+
+    written = report(finished=True)
+    if lead:
+      print(format_table(written['datasets'], skipped))
+      print(f'Wrote {workdir / "zeroshot.json"}.')
+      run_report.write_and_log(workdir)
+    return written
+  finally:
+    if workdir_lock is not None:
+      workdir_lock.release()
 
 
 def main(argv: list[str]) -> None:
@@ -374,7 +380,7 @@ def main(argv: list[str]) -> None:
     run_zeroshot(flags.FLAGS.config, flags.FLAGS.workdir)
   except ConfigError as e:
     cli.fail(str(e))
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, WorkdirError) as e:
     sys.exit(f'error: {e}')
 
 

@@ -325,6 +325,21 @@ def zeroshot_run(tiny_model_dir, motion_dir, tmp_path_factory):
   return workdir, config, report, len(gathers)
 
 
+def test_a_zero_shot_run_holds_its_workdir(zeroshot_run):
+  """One run per workdir, as in training: the finished run let go of WORKDIR/.lock, and while
+  another holds it a zero-shot run on it stops at once, naming the holder's host and pid."""
+  import os
+  import socket
+  from claver_jax.workdir import WorkdirError, WorkdirLock
+  workdir, config, *_ = zeroshot_run
+  holder = WorkdirLock(workdir)                  # Free: the run released it.
+  try:
+    with pytest.raises(WorkdirError, match=f'host {socket.gethostname()}, pid {os.getpid()}'):
+      zeroshot.run_zeroshot(config, str(workdir))
+  finally:
+    holder.release()
+
+
 def test_split_results_and_their_mean_and_std(zeroshot_run, independent_top_k, motion_dir):
   workdir, _, report, _ = zeroshot_run
   assert report == json.loads((workdir / 'zeroshot.json').read_text())
