@@ -150,14 +150,15 @@ def k600_video_path(path_format: str, path: str, class_name: str) -> str:
                      'are {path}, {subset}, {file} and {label}.') from e
 
 
-def _k600_runs(cfg: ml_collections.ConfigDict, out: Path, write: bool) -> list[Run]:
+def _k600_runs(cfg: ml_collections.ConfigDict, out: Path, write: bool,
+               allow_outside_root: bool = False) -> list[Run]:
   """One run per split; (when `write`) each split's list, under path_format, and labels under
-  `out`."""
+  `out`. `allow_outside_root`: config.data's, for split lists whose paths leave the root."""
   runs = []
   for split in cfg.splits:
     labels, videos = k600_split_files(cfg.split_dir, split)
     names = read_labels(labels)
-    items = read_list(videos, len(names))
+    items = read_list(videos, len(names), allow_outside_root)
     directory = out / f'split{split}'
     if write:
       directory.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,8 @@ def plan_runs(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list[Ru
                           ', .'.join(keys) + ' to evaluate it')
       continue
     if dataset == 'k600':
-      runs += _k600_runs(cfg, workdir / 'zeroshot' / 'k600', jax.process_index() == 0)
+      runs += _k600_runs(cfg, workdir / 'zeroshot' / 'k600', jax.process_index() == 0,
+                         config.data.allow_outside_root)
     else:
       runs += _split_runs(cfg, dataset)
   distributed.barrier('zeroshot_lists')

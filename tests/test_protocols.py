@@ -325,6 +325,24 @@ def zeroshot_run(tiny_model_dir, motion_dir, tmp_path_factory):
   return workdir, config, report, len(gathers)
 
 
+def test_k600_split_lists_leave_the_root_only_when_allowed(tmp_path):
+  """A split_dir of one's own whose list names absolute paths: an error naming the key, unless
+  config.data.allow_outside_root, as for every other list."""
+  import ml_collections
+  from claver_jax.data.sources import DataError
+  split_dir = tmp_path / 'splits'
+  split_dir.mkdir()
+  (split_dir / 'split1_labels.csv').write_text('id,name\n0,abseiling\n')
+  (split_dir / 'split1_videos.txt').write_text('/elsewhere/a.mp4 0\n')
+  cfg = ml_collections.ConfigDict(dict(splits=(1,), split_dir=str(split_dir), root=str(tmp_path),
+                                       path_format='{path}', prompts=''))
+  with pytest.raises(DataError, match='allow_outside_root'):
+    zeroshot._k600_runs(cfg, tmp_path / 'out', write=False)
+  (run,) = zeroshot._k600_runs(cfg, tmp_path / 'out', write=True, allow_outside_root=True)
+  assert (tmp_path / 'out' / 'split1' / 'val.txt').read_text() == '/elsewhere/a.mp4 0\n'
+  assert run.name == 'split1'
+
+
 def test_a_zero_shot_run_holds_its_workdir(zeroshot_run):
   """One run per workdir, as in training: the finished run let go of WORKDIR/.lock, and while
   another holds it a zero-shot run on it stops at once, naming the holder's host and pid."""
