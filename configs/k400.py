@@ -78,13 +78,12 @@ data). Prepare the dataset for accelerator runs; raise or lower num_workers with
 Memory and accumulation: on the official 8 devices the presets run the official micro-batches
 (train.grad_accum_steps = the official accumulation, 4 or 8; per-device clips are batch_size /
 (devices x grad_accum_steps)), and at more than 8 frames recompute activations in the backward
-pass (model.remat=True). Compiled for TPU v5e 2x4 (`python -m claver_jax.memory
+pass (model.remat=True). Compiled as shipped for TPU v5e 2x4 (`python -m claver_jax.memory
 --config=configs/k400.py:B16,8 --topology=v5e:2x4 --text_length=32`; README: Memory), a chip's
-peak is 10.75 GiB at 1 clip + 0.70 per further clip at B16 8 frames (8 clips per device: 15.7
-GiB, which fits 32 GiB chips and 80 GB GPUs; on 16 GiB v5e chips add
---config.train.grad_accum_steps=8), and 5.24 + 0.29 per clip at B16 32 frames with remat (4
-clips per device: 6.1 GiB). Other presets (16 frames, L14, X-CLIP) are not compiled yet: the
-command above prints theirs.
+peak is 14.99 GiB at B16 8 frames (8 clips per chip), which fits 32 GiB chips; on 16 GiB v5e
+chips add --config.train.grad_accum_steps=8 (1 clip: 10.75 GiB, +0.70 per further clip). At B16
+32 frames with remat it is 5.78 GiB (4 clips per chip). Other presets (16 frames, L14, X-CLIP)
+are not compiled yet: the command above prints theirs.
 
 X-CLIP (`xclip`). Expected top-1 / top-5 (%), 4x3 views, from the official X-CLIP model zoo
 (microsoft/VideoX, X-CLIP/README.md):

@@ -67,10 +67,9 @@ Where the numbers come from:
     (eval.final_views; the paper's few-shot figures are of split 1's test list, views unstated).
 
 Memory: B/16 at 32 frames with remat (model.remat=True, as configs/k400.py's 32-frame presets),
-4 clips per device on 8 devices. Compiled for TPU v5e 2x4, k400.py:B16,32 peaks at 5.24 GiB + 0.29
-per further clip (README: Memory), with 400 classes' texts where these have 101 or 51; this preset
-is not compiled yet (`python -m claver_jax.memory --config=configs/ucf101.py:full
---topology=v5e:2x4 --text_length=32` prints its figure).
+4 clips per device on 8 devices. Compiled as shipped for TPU v5e 2x4 (`python -m
+claver_jax.memory --config=configs/ucf101.py:full --topology=v5e:2x4 --text_length=32`; README:
+Memory), a chip's peak is 4.98 GiB (HMDB-51, configs/hmdb51.py: 4.91).
 """
 
 import importlib.util
