@@ -192,8 +192,11 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
 
 def resume_differences(saved: dict[str, Any], c: ml_collections.ConfigDict) -> list[str]:
   """'key: saved -> now' for each key that changes what is trained and differs between the
-  checkpoint's config `saved` (JSON) and `c` (in eval mode, the model's keys only). Keys that
-  one of them lacks (another version of the code) are not compared."""
+  checkpoint's config `saved` (JSON) and `c` (in eval mode, the model's keys only; none in
+  zeroshot mode, whose model is init.checkpoint's, whatever the workdir holds). Keys that one of
+  them lacks (another version of the code) are not compared."""
+  if c.mode == 'zeroshot':
+    return []
   sections = TRAINED_SECTIONS if c.mode == 'train' else ('model',)
   before, now = _flatten(saved), _flatten(json.loads(c.to_json_best_effort()))
   return [f'{key}: {before[key]!r} -> {value!r}' for key, value in now.items()

@@ -345,11 +345,17 @@ def test_k600_split_lists_leave_the_root_only_when_allowed(tmp_path):
 
 def test_a_zero_shot_run_holds_its_workdir(zeroshot_run):
   """One run per workdir, as in training: the finished run let go of WORKDIR/.lock, and while
-  another holds it a zero-shot run on it stops at once, naming the holder's host and pid."""
+  another holds it a zero-shot run on it stops at once, naming the holder's host and pid. A
+  training's workdir takes a zero-shot run: its model is init.checkpoint's, so the workdir's
+  checkpoints are no resume to compare with."""
   import os
   import socket
+  from claver_jax.run_config import resume_differences
   from claver_jax.workdir import WorkdirError, WorkdirLock
   workdir, config, *_ = zeroshot_run
+  trained = json.loads(config.to_json_best_effort())
+  trained['model']['arch'], trained['mode'] = 'L14', 'train'
+  assert resume_differences(trained, config) == []
   holder = WorkdirLock(workdir)                  # Free: the run released it.
   try:
     with pytest.raises(WorkdirError, match=f'host {socket.gethostname()}, pid {os.getpid()}'):
