@@ -133,7 +133,7 @@ def step_checks(mesh, family_name: str, accums: tuple[int, ...]) -> dict:
     optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim,
                                                                     family.group_of))
     graphdef, state = nnx.split((model, optimizer))
-    state_sharding = sharding.state_shardings(mesh, state)
+    state_sharding = sharding.state_shardings(mesh, state, family.sharding_rules)
     state = jax.device_put(state, state_sharding)
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     num_sets, num_classes = 3, 12

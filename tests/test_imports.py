@@ -1,0 +1,114 @@
+"""The package's import graph (from the source, with ast: nothing is imported): no cycles, and
+the model, data and text code never imports upward into what runs it (train, main, evaluate,
+sharding, run_config, ...). Imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+
+from conftest import REPO
+
+PACKAGE = REPO / 'claver_jax'
+# What models/, data/ and text/ may import besides each other: leaf utilities that import none
+# of the package's upper modules themselves.
+FOUNDATIONS = {'claver_jax.compat', 'claver_jax.distributed', 'claver_jax.fileio',
+               'claver_jax.param_paths'}
+LOWER = ('claver_jax.models', 'claver_jax.data', 'claver_jax.text')
+
+
+def module_trees() -> dict[str, tuple[ast.Module, str]]:
+  """'claver_jax.models.io' -> (its syntax tree, the package relative imports start from)."""
+  trees = {}
+  for path in PACKAGE.rglob('*.py'):
+    parts = path.relative_to(REPO).with_suffix('').parts
+    package = '.'.join(parts[:-1])
+    name = package if parts[-1] == '__init__' else '.'.join(parts)
+    trees[name] = (ast.parse(path.read_text(), str(path)), package)
+  return trees
+
+
+def import_graph() -> dict[str, set[str]]:
+  """module -> the package's modules it imports (`from claver_jax.models import io` counts as
+  claver_jax.models.io; `from claver_jax.models import load` as claver_jax.models)."""
+  trees = module_trees()
+
+  def owner(name: str) -> str:
+    while name not in trees:
+      name = name.rpartition('.')[0]
+    return name
+
+  graph = {}
+  for name, (tree, package) in trees.items():
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        imported |= {owner(a.name) for a in node.names if a.name.startswith('claver_jax')}
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ''
+        if node.level:
+          parent = package.split('.')[:len(package.split('.')) - node.level + 1]
+          base = '.'.join(parent + ([base] if base else []))
+        if base.startswith('claver_jax'):
+          imported |= {f'{base}.{a.name}' if f'{base}.{a.name}' in trees else owner(base)
+                       for a in node.names}
+    graph[name] = imported - {name}
+  return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """The strongly connected components of more than one module (Tarjan)."""
+  index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in graph[v]:
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while not component or component[-1] != v:
+        component.append(stack.pop())
+        on_stack.discard(component[-1])
+      if len(component) > 1:
+        found.append(sorted(component))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  return found
+
+
+def test_the_graph_sees_the_imports_it_checks():
+  graph = import_graph()
+  assert {'claver_jax.train', 'claver_jax.models.io', 'claver_jax.data.pipeline'} <= set(graph)
+  assert 'claver_jax.models.families' in graph['claver_jax.models.io']
+  assert 'claver_jax.param_paths' in graph['claver_jax.sharding']
+  assert cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c']]
+
+
+def test_no_import_cycles():
+  assert cycles(import_graph()) == []
+
+
+def test_models_data_and_text_import_nothing_above_them():
+  """models/, data/ and text/ import each other and FOUNDATIONS only (never train, main,
+  sharding, run_config, ...), and models/ imports no data/ (the data pipeline feeds the models,
+  not the other way round)."""
+  graph = import_graph()
+  upward = {f'{name} -> {target}' for name, targets in graph.items() if name.startswith(LOWER)
+            for target in targets if not target.startswith(LOWER) and target not in FOUNDATIONS}
+  assert upward == set()
+  assert {f'{name} -> {target}' for name, targets in graph.items()
+          if name.startswith('claver_jax.models') for target in targets
+          if target.startswith('claver_jax.data')} == set()
+  assert all(graph[name] <= FOUNDATIONS for name in FOUNDATIONS)
+
+
+def test_sharding_imports_no_model_code():
+  """The families hand sharding their rules (Family.sharding_rules); it needs no model."""
+  assert import_graph()['claver_jax.sharding'] <= FOUNDATIONS
