@@ -62,9 +62,9 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
   return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def rule_for(path: str, rules: Rules = ()) -> tuple[str, P]:
-  """(pattern, spec): the first of `rules` (a family's), then of RULES, that matches `path`."""
-  return next((pattern, spec) for pattern, spec in (*rules, *RULES) if re.search(pattern, path))
+def rule_spec(path: str, rules: Rules = ()) -> P:
+  """The spec of the first of `rules` (a family's), then of RULES, that matches `path`."""
+  return next(spec for pattern, spec in (*rules, *RULES) if re.search(pattern, path))
 
 
 def unsharded_reason(spec: P, shape: tuple[int, ...], fsdp_size: int) -> str | None:
@@ -80,7 +80,7 @@ def unsharded_reason(spec: P, shape: tuple[int, ...], fsdp_size: int) -> str | N
 def spec_for(path: str, shape: tuple[int, ...], fsdp_size: int, rules: Rules = ()) -> P:
   """The PartitionSpec of one parameter (or of optimizer state shaped like it); `rules` are
   its family's (Family.sharding_rules), tried before RULES."""
-  _, spec = rule_for(path, rules)
+  spec = rule_spec(path, rules)
   return P() if unsharded_reason(spec, shape, fsdp_size) else spec
 
 
@@ -97,7 +97,7 @@ def log_unsharded(state: Any, fsdp_size: int, rules: Rules = ()) -> list[str]:
     if not isinstance(leaf, nnx.Param):
       continue
     path, shape = path_str(key), tuple(np.shape(leaf))
-    pattern, spec = rule_for(path, rules)
+    spec = rule_spec(path, rules)
     if spec == P() and len(shape) < 2:
       vectors += 1
       continue

@@ -23,6 +23,13 @@ that of motion prompts, whose towers are always frozen.)
 
 Model directories of one family can give their CLIP towers to another (`towers`, `load_towers`):
 config.init.towers_only (train.make_model).
+
+A new family is its module (the model, its config, `*_from_clip`, and, for keys of its own in a
+run config, `default_config` and `config_for_run`) and its entry in FAMILIES, which names its
+parameter groups, sharding rules, paths, run options and the FLOPs its paper reports. Run
+configs, sharding, model directories, FLOPs, train, evaluate, zero-shot and predict take it from
+there; a preset (claver_jax/presets.py, configs/), a converter (convert/) and its paper's
+accuracies (claver_jax/paper.py) are optional.
 """
 
 from __future__ import annotations
