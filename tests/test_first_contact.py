@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from claver_jax import run_config, sharding, train
+from claver_jax import evaluate, run_config, sharding
+from claver_jax.models import build
 from claver_jax.data.pipeline import build_pipelines, default_config
 from claver_jax.data.sources import DataError, read_list
 from claver_jax.models import CLIPConfig, XCLIPConfig
@@ -119,14 +120,14 @@ def test_init_directories_are_checked_before_anything_is_written(tmp_path):
   }
   for init, message in cases.items():
     with pytest.raises(ConfigError) as error:
-      train.check_init(tiny_config(**dict(init)))
+      build.check_init(tiny_config(**dict(init)))
     assert str(error.value).startswith(message) and '\n' not in str(error.value)
 
 
 def test_the_towers_only_hint_is_given_only_where_it_works(tmp_path):
   xclip = model_config_dir(tmp_path / 'xclip', 'xclip', XCLIPConfig(clip=TINY_CLIP, num_frames=4))
   with pytest.raises(ConfigError) as error:
-    train.model_family(tiny_config(checkpoint=xclip))
+    build.model_family(tiny_config(checkpoint=xclip))
   message = str(error.value)
   assert '--config.init.towers_only' not in message
   assert message.endswith("set --config.model.name=xclip to continue it, or start a fresh claver "
@@ -134,8 +135,8 @@ def test_the_towers_only_hint_is_given_only_where_it_works(tmp_path):
                           'towers to give.')
   clip = model_config_dir(tmp_path / 'clip', 'clip', TINY_CLIP)
   with pytest.raises(ConfigError, match='--config.init.towers_only=True to start a fresh claver'):
-    train.model_family(tiny_config(checkpoint=clip))
-  train.model_family(tiny_config(checkpoint=clip, towers_only=True))   # The hint, followed.
+    build.model_family(tiny_config(checkpoint=clip))
+  build.model_family(tiny_config(checkpoint=clip, towers_only=True))   # The hint, followed.
 
 
 def test_load_takes_a_workdir_as_predict_and_init_checkpoint_do(tiny_model_dir, tmp_path):  # noqa: F811
@@ -173,15 +174,16 @@ def test_evaluation_scores_only_readable_videos_and_counts_the_rest(tmp_path):
     return jnp.zeros((video.shape[0], text.shape[1])).at[:, 0].set(1.0)
 
   tokens = np.zeros((1, 12, 4), np.int32)
-  summary = train.run_eval(data, None, lambda state, t: jnp.zeros((t.shape[0], 8)), scores,
-                           tokens, mesh)
+  summary = evaluate.run_eval(data, None, lambda state, t: jnp.zeros((t.shape[0], 8)), scores,
+                              tokens, mesh)
   assert summary['num_substituted'] == 2 and summary['num_videos'] == len(items) - 2
   assert summary['confusion'].sum() == len(items) - 2
   expected_top1 = 100 * np.mean([label == 0 for _, label in items[2:]])
   assert summary['top1'] == pytest.approx(expected_top1)
   data.max_substituted = 0.1
   with pytest.raises(DataError, match=rf'^2 of {len(items)} eval samples were unreadable'):
-    train.run_eval(data, None, lambda state, t: jnp.zeros((t.shape[0], 8)), scores, tokens, mesh)
+    evaluate.run_eval(data, None, lambda state, t: jnp.zeros((t.shape[0], 8)), scores, tokens,
+                      mesh)
 
 
 # ------------------------------------------------------------------------------- the config

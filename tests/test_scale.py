@@ -63,7 +63,8 @@ def text_checks(mesh) -> dict:
   from claver_jax import sharding
   from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig
   from claver_jax.models.clip import needed_context, pool_index
-  from claver_jax.train import encode_texts_by_length, encode_texts_sharded, length_buckets
+  from claver_jax.evaluate import encode_texts_sharded
+  from claver_jax.step import encode_texts_by_length, length_buckets
   rng = np.random.default_rng(0)
   replicated = sharding.replicated(mesh)
   out = {}
@@ -118,7 +119,7 @@ def step_checks(mesh, family_name: str, accums: tuple[int, ...]) -> dict:
   from claver_jax import optim, sharding
   from claver_jax.models import CLIPConfig, families
   from claver_jax.models.clip import pool_index
-  from claver_jax.train import make_train_step
+  from claver_jax.step import make_train_step
   losses, hlo = {}, ''
   for accum in accums:
     config = tiny_config(accum)
@@ -206,7 +207,7 @@ def test_texts_split_over_devices_and_cut_to_length_equal_the_full_encoding(chec
 def test_length_buckets_hold_any_choice_of_sets(repeats):
   """Any `sets` rows (drawn with replacement when `repeats`, as the train step draws K < A)."""
   from itertools import combinations, combinations_with_replacement
-  from claver_jax.train import length_buckets
+  from claver_jax.step import length_buckets
   lengths = np.random.default_rng(0).integers(2, 30, (6, 7))
   lengths[4] = 29                                           # one set of long texts only
   choices = combinations_with_replacement if repeats else combinations

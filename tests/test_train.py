@@ -381,8 +381,9 @@ def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted
   removal the export makes, from a copied workdir (model/ a real directory) on."""
   import json as json_lib
   import shutil
-  from claver_jax import fileio, train
+  from claver_jax import fileio
   from claver_jax.models import load
+  from claver_jax.models.build import export_model
   from claver_jax.text import load_tokenizer
   workdir = shutil.copytree(uninterrupted[0], tmp_path / 'copy')
   out = workdir / 'model'
@@ -405,7 +406,7 @@ def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted
   for module, name in ((os, 'replace'), (os, 'rename'), (shutil, 'rmtree'), (fileio, 'exchange')):
     monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
   for step in (100, 200, 300):
-    train.export_model(model, tokenizer, out, {'step': step}, ((0.5,) * 3, (0.25,) * 3))
+    export_model(model, tokenizer, out, {'step': step}, ((0.5,) * 3, (0.25,) * 3))
     assert_complete('after')
     assert checks[-1][1] == step and load(out).cfg == model.cfg
   assert {'replace', 'exchange', 'rmtree'} <= {what for what, _ in checks}
