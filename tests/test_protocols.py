@@ -449,6 +449,24 @@ def test_nothing_configured_is_a_clear_error(tiny_model_dir, tmp_path):
     zeroshot.run_zeroshot(config, str(tmp_path))
 
 
+def test_the_zeroshot_command_is_main_for_zero_shot_configs_only(tmp_path):
+  """`python -m claver_jax.zeroshot` is claver_jax.main (its flags, start-up, one-line errors)
+  for zero-shot configs: a train config is one line and exit 2, as is a zero-shot one without
+  init.checkpoint; neither leaves a workdir."""
+  workdir = tmp_path / 'never'
+  for config, message in (
+      ('tests/tiny_config.py', "error: config.mode='train': python -m claver_jax.zeroshot runs "
+                               'zero-shot configs (configs/zeroshot.py); run this one with '
+                               'python -m claver_jax.main.'),
+      ('configs/zeroshot.py', 'error: config.init.checkpoint is empty: set it to the '
+                              'K400-trained model directory')):
+    proc = run_cli('claver_jax.zeroshot', f'--config={config}', f'--workdir={workdir}',
+                   '--num_processes=0', check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert not workdir.exists()
+
+
 def test_cli_on_eight_devices_skips_unset_datasets_and_matches_the_direct_call(
     zeroshot_run, tiny_model_dir, tmp_path, monkeypatch):
   _, config, report, _ = zeroshot_run

@@ -240,3 +240,35 @@ def test_accumulated_step_moves_no_data_between_devices(checks, family):
 if __name__ == '__main__':
   sys.path.insert(0, str(REPO))
   print(json.dumps(run_checks()))
+
+
+def test_evaluation_takes_the_model_part_of_the_train_state_as_sharded():
+  """The train loop hands the eval functions state[0], the model part of its (model, optimizer)
+  state, with state_sharding[0]; zero-shot and eval runs hand them nnx.split(model)'s state. The
+  same tree with the same partition specs: one set of eval functions, and no array is copied or
+  resharded for an evaluation."""
+  import types
+
+  import jax
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  from claver_jax import optim, sharding
+  from claver_jax.models import families
+  from claver_jax.models.build import make_model
+  config = tiny_config(1)
+  config.mesh.fsdp = 1
+  model = make_model(config, types.SimpleNamespace(vocab_size=100, eot_token_id=99),
+                     nnx.Rngs(0))
+  family = families.of(model)
+  tx, _ = optim.make_optimizer(config.optim, family.group_of, total_steps=10, steps_per_epoch=10)
+  optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
+  mesh = sharding.make_mesh(config.mesh)
+  _, train_state = nnx.split((model, optimizer))
+  _, model_state = nnx.split(model)
+  specs = [s.spec for s in jax.tree.leaves(sharding.state_shardings(mesh, train_state)[0])]
+  assert jax.tree.structure(train_state[0]) == jax.tree.structure(model_state)
+  assert specs == [s.spec for s in jax.tree.leaves(sharding.state_shardings(mesh, model_state))]
+  assert any(spec != P() for spec in specs)             # Sharded parameters are compared too.
+  assert all(a is b for a, b in zip(jax.tree.leaves(train_state[0]),
+                                    jax.tree.leaves(model_state)))
