@@ -564,3 +564,12 @@ def test_predict_over_a_folder_and_a_list_in_one_process(uninterrupted, tmp_path
 def test_eval_mode_needs_something_to_evaluate(tmp_path):
   proc = run_main(tmp_path / 'empty', '--config.mode=eval', check=False)
   assert proc.returncode != 0 and 'nothing to evaluate' in proc.stderr
+
+
+def test_cadence_is_every_multiple_of_a_jobs_intervals_and_the_last_step():
+  """The loop logs, evaluates and saves at step s when s is a multiple of one of the job's
+  intervals (checkpoints: checkpoint_every_steps and the epoch), and at the last step."""
+  from claver_jax.train import Cadence
+  cadence = Cadence(10, {'log': (3,), 'eval': (5,), 'checkpoint': (4, 5)})
+  due = {job: [s for s in range(1, 11) if cadence.due(job, s)] for job in cadence.intervals}
+  assert due == {'log': [3, 6, 9, 10], 'eval': [5, 10], 'checkpoint': [4, 5, 8, 10]}
