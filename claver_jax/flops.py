@@ -14,7 +14,7 @@ generator) is counted apart, as it grows with C.
 
 --texts: the text tower's work in one train step (update) of a config whose text tower trains:
 the description sets it draws (text.sets_per_step, K), the texts it encodes (every set once when
-K >= A, else the K drawn; claver_jax.train) split over --devices, and the text tower's forward +
+K >= A, else the K drawn; claver_jax.step) split over --devices, and the text tower's forward +
 backward FLOPs at --text_length tokens per text (32: the shipped prompt sets' longest with
 OpenAI's vocabulary; the step encodes shorter ones at 16 or 24, so this is an upper bound),
 against the official loop's per GPU: 5 sets of C texts per micro-batch, at 77 tokens (counted
@@ -87,7 +87,7 @@ def step_flops(make_jitted: Callable[[], Any], mesh: jax.sharding.Mesh, *args: A
   abstract `args` under `mesh`. `counted` is XLA's cost analysis of the compiled, partitioned
   program, which counts the body of a loop once; `hidden` is what the other trips of the loops
   add: the portable attention kernel's (models/kronecker.py) and the accumulation scan's
-  (train.py), from the lowered program traced with those loops unrolled
+  (step.py), from the lowered program traced with those loops unrolled
   (`kronecker.unrolled_loops`) less the same with loops, over the mesh's devices (that work is
   split over the batch). Per-device step FLOPs are their sum. `compiled`: the step already
   compiled for `args`, if there is one (saves compiling it again)."""

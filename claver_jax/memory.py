@@ -14,7 +14,7 @@ XLA:CPU computes bf16 matrix products in fp32 and lays out, fuses and schedules 
 its figures overstate an accelerator's (K400 B/16 32f with the image tower frozen, 16 clips per
 device: 38.0 GiB for the CPU, 14.71 GiB for v5e); they are no GPU figures, only an upper bound.
 
-The train step is the one train.py compiles (`make_train_step`, its shardings, the donated
+The train step is the one train.py compiles (`step.make_train_step`, its shardings, the donated
 state, the fused attention kernel the platform gets: splash on TPU), lowered on abstract shapes
 (`nnx.eval_shape`, `jax.ShapeDtypeStruct`); `memory_analysis()` of the per-device program gives
 its arguments, outputs and temporaries, and a device's peak is arguments + outputs - donated +
@@ -102,9 +102,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list,
                        text_length: int | None = None,
                        num_classes: int | None = None) -> aot.CompiledStep:
   """The train step of `config` (its global batch and accumulation) compiled for `devices`
-  after train.py's start-up checks; `num_classes` for a config without a prompt set (see
-  `text_shape`)."""
-  from claver_jax.train import check_batches, make_train_step
+  after the train loop's batch checks (run_config.check_batches); `num_classes` for a config
+  without a prompt set (see `text_shape`)."""
+  from claver_jax.run_config import check_batches
+  from claver_jax.step import make_train_step
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   check_batches(config, mesh)
   # The config's model; a 'custom' one with CLIP's vocabulary (its tokenizer is not read).

@@ -63,7 +63,7 @@ Where the paper contradicts itself, and the side taken:
 Description sets: the official loop draws 5 description sets per GPU per micro-batch:
 text.sets_per_step = 5 x 8 x the accumulation steps (160, 320 or 1280 per update). That is more
 than the A sets there are, so each step encodes every set once, split over the devices, weighted
-by its draws (claver_jax/train.py): per device A x 400 / devices texts, where an official GPU
+by its draws (claver_jax/step.py): per device A x 400 / devices texts, where an official GPU
 encoded 5 x 400 per micro-batch (`python -m claver_jax.flops --config=... --texts`).
 
 Input: clips are decoded and augmented by data.num_workers = 16 grain worker processes per host

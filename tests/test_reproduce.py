@@ -19,7 +19,10 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from claver_jax import train, zeroshot
+from claver_jax import zeroshot
+from claver_jax.models.build import make_model
+from claver_jax.run import evaluate_workdir
+from claver_jax.train import train_and_evaluate
 from claver_jax.data import synthetic
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.metrics import read_metrics
@@ -335,7 +338,7 @@ def test_the_kmct_few_shot_command_builds_the_kmct_model_of_its_checkpoint(doc, 
   config = tiny(config, tiny_inputs)
   assert (config.model.temporal, config.data.shots, config.data.num_frames) == ('kmct', 2, 32)
   checkpoint = config.init.checkpoint
-  model = train.make_model(config, load_tokenizer(checkpoint), nnx.Rngs(0))
+  model = make_model(config, load_tokenizer(checkpoint), nnx.Rngs(0))
   assert isinstance(model, CLAVER) and model.temporal.kind == 'kmct'
   source = nnx.to_pure_dict(nnx.state(load(checkpoint), nnx.Param))
   built = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -349,7 +352,7 @@ def test_a_training_and_its_shuffled_test_run_on_tiny_towers(doc, tiny_inputs, t
   _, commands, _ = doc
   config, workdir = parse_config(find(commands, 'Table 1', PRESET='B32,8,kmt'))
   run = tmp_path / workdir
-  metrics = train.train_and_evaluate(tiny(config, tiny_inputs), str(run))
+  metrics = train_and_evaluate(tiny(config, tiny_inputs), str(run))
   assert np.isfinite(metrics['val/top1'])
   assert [r['step'] for r in read_metrics(run) if 'train/loss' in r] == [1, 2]
   config, workdir = parse_config(find(commands, 'Table 9', PRESET='B32,8,kmt',
@@ -357,5 +360,5 @@ def test_a_training_and_its_shuffled_test_run_on_tiny_towers(doc, tiny_inputs, t
   assert tmp_path / workdir == run
   config = tiny(config, tiny_inputs)
   assert (config.mode, config.eval.token_shuffle) == ('eval', 'pre_te')
-  tested = train.train_and_evaluate(config, str(run))
+  tested = evaluate_workdir(config, str(run))
   assert 0 <= tested['eval/top1'] <= 100 and read_metrics(run)[-1]['step'] == 2

@@ -15,8 +15,8 @@ Host batches (per JAX process, B = config.data.batch_size):
           (`Pipelines.eval_name(index)` names its video).
 'substituted' marks a sample whose video could not be read: in training it is replaced by the
 next readable video of the list (its label comes along), in evaluation by a black clip with the
-original label, which evaluation leaves out and counts (train.run_eval). 'valid' is False only for
-the padding of each process's last batch, so that one pass covers every eval sample exactly once
+original label, which evaluation leaves out and counts (evaluate.run_eval). 'valid' is False only
+for the padding of each process's last batch, so that one pass covers every eval sample exactly once
 and every process runs the same number of batches. Substitutions are counted by
 `Pipelines.train_substitutions` / `.eval_substitutions`: each unreadable path is logged once, with
 what is wrong with it, the first 20 of them, then they are only counted; `Pipelines.metrics()`
