@@ -1,9 +1,11 @@
-"""Every command in the docs' code blocks resolves: its module and flags exist, its config and
-preset load, its config overrides name real keys with values of their type, and the config
-passes the start-up checks; every `from X import Y` in a Python block imports. The docs are
-every Markdown file of the repository (README.md, configs/README.md, launch/README.md, docs/...).
-Placeholders in capitals (configs/NAME.py, --config.KEY=VALUE) mark templates, which are skipped;
-optional parts in brackets ([--top_k=5]) are checked like the rest."""
+"""Every command in the docs resolves, in code blocks and in the prose's `python -m ...` code
+spans: its module and flags exist, its config and preset load, its config overrides name real
+keys with values of their type, and a run's config passes the start-up checks; every
+`from X import Y` in a Python block imports; every relative link names a file and, after '#',
+one of its headings. The docs are every Markdown file of the repository (README.md,
+configs/README.md, launch/README.md, docs/...). Placeholders in capitals (configs/NAME.py,
+--config.KEY=VALUE) or '...' mark templates, which are skipped; optional parts in brackets
+([--top_k=5]) are checked like the rest."""
 
 from __future__ import annotations
 
