@@ -1,4 +1,4 @@
-r"""Motion prompts on the demo: the design alternatives and ablations of the README, in one run.
+r"""Motion prompts on the demo: the design alternatives and ablations of docs/models.md, in one run.
 
     python -m claver_jax.main --config=configs/demo.py --workdir=/tmp/claver_demo
     python -m benchmarks.motion_prompts_demo --checkpoint=/tmp/claver_demo [--seeds=2]

@@ -2,9 +2,9 @@ r"""Per-view FLOPs of a video model, from XLA's cost analysis of the lowered pro
 
     python -m claver_jax.flops --config=configs/k400.py:B16,16
     python -m claver_jax.flops --config=configs/k400.py:B16,8,xclip
-    python -m claver_jax.flops --table        # the README's table of the papers' variants
+    python -m claver_jax.flops --table        # docs/performance.md's table of the papers' variants
     python -m claver_jax.flops --config=configs/k400.py:B16,8 --texts [--devices=8]
-    python -m claver_jax.flops --texts_table  # the README's table of the text work per update
+    python -m claver_jax.flops --texts_table  # docs/performance.md's table of the text work/update
 
 Shapes only: the model is built with `nnx.eval_shape` and its functions are lowered, never run.
 XLA counts a multiply-add as 2 FLOPs; GMACs below are half the GFLOPs. One view is one clip of T
@@ -217,10 +217,10 @@ if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'A run config, e.g. configs/k400.py:B16,16.')
-  flags.DEFINE_bool('table', False, "Print the README's table of the papers' variants.")
+  flags.DEFINE_bool('table', False, "Print docs/performance.md's table of the papers' variants.")
   flags.DEFINE_integer('num_classes', K400_CLASSES, 'Class texts a view is scored against.')
   flags.DEFINE_bool('texts', False, "The text tower's work per train step of --config.")
-  flags.DEFINE_bool('texts_table', False, "Print the README's table of the text work per step.")
+  flags.DEFINE_bool('texts_table', False, "Print docs/performance.md's text work per step.")
   flags.DEFINE_integer('devices', OFFICIAL_GPUS, '--texts: devices the texts are split over.')
   flags.DEFINE_integer('text_length', 32, '--texts: tokens per text (an upper bound).')
   app.run(main)
