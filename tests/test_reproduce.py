@@ -288,7 +288,7 @@ def tiny(config, paths: dict[str, Path]):
     if config.init[key]:
       config.init[key] = str(paths[config.init[key]])
   config.data.update(dict(source='synthetic', image_size=16, synthetic_size=16,
-                          synthetic_frames=8, synthetic_videos=48, num_workers=0))
+                          synthetic_frames=8, synthetic_videos=48, num_workers=0, flip_prob=0.0))
   if config.text.prompts:
     config.text.prompts = 'synthetic_motion'
   config.model.dtype = 'float32'            # bf16 compiles and runs slower on a CPU
