@@ -142,7 +142,8 @@ def parse_config(command: Command):
 
 
 def defined_flags(module: str) -> tuple[set[str], set[str]]:
-  """(flags, required flags) that a module's absl definitions declare, read from its source."""
+  """(flags, required flags) that a module's absl definitions declare, read from its source, with
+  those of the modules whose key flags it adopts (the converters adopt convert.common's)."""
   source = (REPO / (module.replace('.', '/') + '.py')).read_text()
   defined, required = set(), set()
   for chunk in source.split('DEFINE_')[1:]:
@@ -151,6 +152,10 @@ def defined_flags(module: str) -> tuple[set[str], set[str]]:
       defined.add(match.group(1))
       if 'required=True' in chunk.split('flags.')[0]:
         required.add(match.group(1))
+  for adopted in re.findall(r'adopt_module_key_flags\((\w+)\)', source):
+    package = re.search(rf'^from ([\w.]+) import {adopted}$', source, re.M).group(1)
+    more, more_required = defined_flags(f'{package}.{adopted}')
+    defined, required = defined | more, required | more_required
   return defined, required
 
 
