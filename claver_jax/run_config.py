@@ -230,7 +230,8 @@ _AT_LEAST = {
     'data.read_buffer': (1, ''), 'data.shots': (0, '0 trains on every clip'),
     'text.sets_per_step': (1, ''), 'text.num_merges': (0, ''),
 }
-_PROBABILITIES = ('data.jitter_prob', 'data.grayscale_prob', 'train.mixup_switch_prob')
+_PROBABILITIES = ('data.flip_prob', 'data.jitter_prob', 'data.grayscale_prob',
+                  'train.mixup_switch_prob')
 
 
 def check_config(c: ml_collections.ConfigDict) -> None:
@@ -323,9 +324,10 @@ def check_values(c: ml_collections.ConfigDict) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
       raise ConfigError(f'config.{key}={value!r} must be an integer >= {lowest}'
                         + (f' ({why}).' if why else '.'))
-  for key in _PROBABILITIES + (('data.flip_prob',) if c.data.flip_prob is not None else ()):
-    if not 0 <= _value(c, key) <= 1:
-      raise ConfigError(f'config.{key}={_value(c, key)!r} must be a probability in [0, 1].')
+  for key in _PROBABILITIES:
+    value = _value(c, key)
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+      raise ConfigError(f'config.{key}={value!r} must be a probability in [0, 1].')
   o = c.optim
   if not (c.train.epochs > 0 and o.lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0
           and 0 <= o.end_lr_ratio <= 1):

@@ -66,6 +66,7 @@ def get_config(arg=None):
   # Trained on whole frames, so tested on them: the paper's view (the centre 48 px of frames
   # resized to 54) gave 86.1% where the whole frame gave 88.8%, on one trained model.
   c.data.eval_resize_ratio = 1.0
+  c.data.flip_prob = 0.0             # A flip swaps the twins 'moving left' / 'moving right'.
   c.data.jitter_prob = 0.0
   c.data.grayscale_prob = 0.0
 

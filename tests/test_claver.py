@@ -19,7 +19,7 @@ from claver_jax.models import (CLAVER, CLAVERConfig, CLIPConfig, MASK_KINDS, cla
                                get_preset, kronecker_mask, load)
 from conftest import run_cli
 from convert.claver_to_flax import convert as convert_claver
-from convert.clip_to_flax import ConversionError
+from convert.common import ConversionError
 
 # A tiny CLIP whose vision width gives 2 temporal heads (width / 64): T=4 frames of L=5 tokens.
 TINY = CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=128, vision_layers=2,

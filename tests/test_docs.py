@@ -87,9 +87,14 @@ def unbracket(command: str) -> str:
 
 
 def defined_flags(module: str) -> set[str]:
-  """The absl flags a module defines (read from its source, where __main__ blocks define them)."""
+  """The absl flags a module defines (read from its source, where __main__ blocks define them),
+  and those of the modules whose key flags it adopts (the converters adopt convert.common's)."""
   source = (REPO / (module.replace('.', '/') + '.py')).read_text()
-  return set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source))
+  names = set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source))
+  for adopted in re.findall(r'adopt_module_key_flags\((\w+)\)', source):
+    package = re.search(rf'^from ([\w.]+) import {adopted}$', source, re.M).group(1)
+    names |= defined_flags(f'{package}.{adopted}')
+  return names
 
 
 def flag_names(args: list[str]) -> list[str]:

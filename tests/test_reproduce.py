@@ -145,7 +145,8 @@ def parse_config(command: Command):
 
 
 def defined_flags(module: str) -> tuple[set[str], set[str]]:
-  """(flags, required flags) that a module's absl definitions declare, read from its source."""
+  """(flags, required flags) that a module's absl definitions declare, read from its source, with
+  those of the modules whose key flags it adopts (the converters adopt convert.common's)."""
   source = (REPO / (module.replace('.', '/') + '.py')).read_text()
   defined, required = set(), set()
   for chunk in source.split('DEFINE_')[1:]:
@@ -154,6 +155,10 @@ def defined_flags(module: str) -> tuple[set[str], set[str]]:
       defined.add(match.group(1))
       if 'required=True' in chunk.split('flags.')[0]:
         required.add(match.group(1))
+  for adopted in re.findall(r'adopt_module_key_flags\((\w+)\)', source):
+    package = re.search(rf'^from ([\w.]+) import {adopted}$', source, re.M).group(1)
+    more, more_required = defined_flags(f'{package}.{adopted}')
+    defined, required = defined | more, required | more_required
   return defined, required
 
 
@@ -291,7 +296,7 @@ def tiny(config, paths: dict[str, Path]):
     if config.init[key]:
       config.init[key] = str(paths[config.init[key]])
   config.data.update(dict(source='synthetic', image_size=16, synthetic_size=16,
-                          synthetic_frames=8, synthetic_videos=48, num_workers=0))
+                          synthetic_frames=8, synthetic_videos=48, num_workers=0, flip_prob=0.0))
   if config.text.prompts:
     config.text.prompts = 'synthetic_motion'
   config.model.dtype = 'float32'            # bf16 compiles and runs slower on a CPU

@@ -25,7 +25,7 @@ from claver_jax.models.build import make_model
 from claver_jax.models import XCLIP, families, load
 from claver_jax.models.xclip import XCLIPConfig
 from conftest import run_cli
-from convert.clip_to_flax import ConversionError
+from convert.common import ConversionError
 from convert.xclip_to_flax import convert
 from test_claver import TINY
 from train_helpers import steps_on_cached_texts, unchanged
