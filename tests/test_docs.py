@@ -136,7 +136,7 @@ def check_command(command: str, where: str) -> bool:
     module, args = words[2], words[3:]
     if module.split('.')[0] not in OWN_PACKAGES:
       return False                                  # python -m pytest, pip, ...
-    if module == 'claver_jax.main':
+    if module in ('claver_jax.main', 'claver_jax.zeroshot'):   # zeroshot: main's alias
       check_main_args(args, where)
       return True
     assert importlib.util.find_spec(module) is not None, f'{where}: no module {module}'
