@@ -110,15 +110,18 @@ def log_unsharded(state: Any, fsdp_size: int, rules: Rules = ()) -> list[str]:
   return lines
 
 
-def state_shardings(mesh: jax.sharding.Mesh, state: Any, rules: Rules) -> Any:
+def state_shardings(mesh: jax.sharding.Mesh, state: Any, rules: Rules, *,
+                    log: bool = True) -> Any:
   """NamedShardings for every leaf of `state` (params, optimizer moments, counters) under the
-  model family's sharding `rules` (Family.sharding_rules) and RULES."""
+  model family's sharding `rules` (Family.sharding_rules) and RULES. `log`: log the parameters
+  left replicated (log_unsharded); False for a second state of the same model in one run."""
   fsdp = mesh.shape['fsdp']
   specs = jax.tree_util.tree_map_with_path(
       lambda p, x: spec_for(path_str(p), tuple(np.shape(x)), fsdp, rules), state)
   sharded = sum(s != P() for s in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)))
   logging.info('Sharding %d state arrays over fsdp=%d.', sharded, fsdp)
-  log_unsharded(state, fsdp, rules)
+  if log:
+    log_unsharded(state, fsdp, rules)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda s: isinstance(s, P))
 

@@ -51,6 +51,6 @@ def synthetic_train_config(**overrides):
   from claver_jax.data.pipeline import default_config
   cfg = default_config()
   cfg.update(dict(source='synthetic', synthetic_videos=30, synthetic_frames=4, synthetic_size=16,
-                  num_frames=4, image_size=16, batch_size=8, eval_batch_size=4))
+                  num_frames=4, image_size=16, batch_size=8, eval_batch_size=4, flip_prob=0.0))
   cfg.update(overrides)
   return cfg

@@ -29,6 +29,15 @@ def module_trees() -> dict[str, tuple[ast.Module, str]]:
   return trees
 
 
+def without_main_block(tree: ast.Module) -> ast.Module:
+  """The module without its `if __name__ == '__main__':` block: a script's own imports run only
+  when it is the program (`python -m claver_jax.zeroshot` imports main), never on import."""
+  body = [node for node in tree.body if not (
+      isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+      and ast.unparse(node.test) in ("__name__ == '__main__'", '__name__ == "__main__"'))]
+  return ast.Module(body=body, type_ignores=[])
+
+
 def import_graph() -> dict[str, set[str]]:
   """module -> the package's modules it imports (`from claver_jax.models import io` counts as
   claver_jax.models.io; `from claver_jax.models import load` as claver_jax.models)."""
@@ -42,7 +51,7 @@ def import_graph() -> dict[str, set[str]]:
   graph = {}
   for name, (tree, package) in trees.items():
     imported = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(without_main_block(tree)):
       if isinstance(node, ast.Import):
         imported |= {owner(a.name) for a in node.names if a.name.startswith('claver_jax')}
       elif isinstance(node, ast.ImportFrom):

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 import tiny_config
-from claver_jax import optim, train
+from claver_jax import optim
+from claver_jax.models import build
 from claver_jax.models import (CLAVER, XCLIP, CLAVERConfig, CLIPConfig, MotionPrompts,
                                MotionPromptsConfig, XCLIPConfig, families, load, write_model_dir)
 from claver_jax.models.motion_prompts import STREAMS
@@ -104,8 +105,8 @@ def claver_dir(tmp_path_factory):
   config = tiny_config.get_config()
   tokenizer = train_tokenizer([f'{n} moving' for n in synthetic.CLASS_NAMES], root / 'tokenizer',
                               num_merges=50)
-  model = train.make_model(config, tokenizer, nnx.Rngs(0))
-  train.export_model(model, tokenizer, root / 'model', {'templates': ['{}.']},
+  model = build.make_model(config, tokenizer, nnx.Rngs(0))
+  build.export_model(model, tokenizer, root / 'model', {'templates': ['{}.']},
                      (CLIP_MEAN, CLIP_STD))
   return root / 'model'
 
@@ -122,12 +123,12 @@ def motion_config(checkpoint, **overrides):
 def test_towers_come_from_another_familys_checkpoint(claver_dir):
   source = load(claver_dir)
   tokenizer = types.SimpleNamespace(vocab_size=source.cfg.clip.vocab_size)
-  model = train.make_model(motion_config(claver_dir), tokenizer, nnx.Rngs(0))
+  model = build.make_model(motion_config(claver_dir), tokenizer, nnx.Rngs(0))
   assert isinstance(model, MotionPrompts) and model.cfg.clip == source.cfg.clip
   for a, b in zip(jax.tree.leaves(nnx.state(model.clip)), jax.tree.leaves(nnx.state(source.clip))):
     np.testing.assert_array_equal(a, b)
   # The `mean` baseline from the same checkpoint: CLAVER's CLIP-Mean on the same towers.
-  mean = train.make_model(motion_config(claver_dir, **{'model.name': 'claver',
+  mean = build.make_model(motion_config(claver_dir, **{'model.name': 'claver',
                                                        'model.temporal': 'mean'}),
                           tokenizer, nnx.Rngs(0))
   assert isinstance(mean, CLAVER) and mean.temporal is None
@@ -137,23 +138,23 @@ def test_towers_come_from_another_familys_checkpoint(claver_dir):
 def test_init_rules_are_explicit(claver_dir, tmp_path):
   with pytest.raises(ValueError, match="holds a 'claver' model but config.model.name="
                      "'motion_prompts'.*--config.init.towers_only=True"):
-    train.model_family(motion_config(claver_dir, **{'init.towers_only': False}))
+    build.model_family(motion_config(claver_dir, **{'init.towers_only': False}))
   with pytest.raises(ValueError, match='trains on frozen CLIP towers: set '
                      '--config.optim.freeze_image=True'):
-    train.model_family(motion_config(claver_dir, **{'optim.freeze_image': False}))
+    build.model_family(motion_config(claver_dir, **{'optim.freeze_image': False}))
   with pytest.raises(ValueError, match='towers_only=True takes the towers of '
                      'config.init.checkpoint, which is empty'):
-    train.model_family(motion_config(''))
+    build.model_family(motion_config(''))
   with pytest.raises(ValueError, match='trains on frozen CLIP towers: pass them'):
-    train.model_family(motion_config('', **{'init.towers_only': False}))
+    build.model_family(motion_config('', **{'init.towers_only': False}))
   xclip = XCLIP(XCLIPConfig(clip=TINY, num_frames=4, mit_heads=2, prompt_heads=2),
                 rngs=nnx.Rngs(0))
   xclip_dir = write_model_dir(tmp_path / 'xclip', kind='xclip', config=xclip.cfg,
                               params=nnx.to_pure_dict(nnx.state(xclip, nnx.Param)),
                               normalization=((0.5,) * 3, (0.5,) * 3))
   with pytest.raises(ValueError, match='holds a xclip model, which has no plain CLIP towers'):
-    train.model_family(motion_config(xclip_dir))
-  assert train.model_family(motion_config(claver_dir)).name == 'motion_prompts'
+    build.model_family(motion_config(xclip_dir))
+  assert build.model_family(motion_config(claver_dir)).name == 'motion_prompts'
 
 
 # ------------------------------------------------------------------------------ a train step
@@ -161,7 +162,7 @@ def test_a_train_step_learns_and_leaves_the_towers_alone(claver_dir):
   config = motion_config(claver_dir)
   config.optim.warmup_epochs = 0.0
   source = load(claver_dir)
-  model = train.make_model(config, types.SimpleNamespace(vocab_size=source.cfg.clip.vocab_size),
+  model = build.make_model(config, types.SimpleNamespace(vocab_size=source.cfg.clip.vocab_size),
                            nnx.Rngs(0))
   rng = np.random.default_rng(0)
   tokens = np.zeros((2, 3, 8), np.int32)                   # A=2 sets of C=3 classes

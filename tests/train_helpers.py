@@ -1,4 +1,4 @@
-"""A few train steps of a tiny model through `train.make_train_step`, the text tower frozen."""
+"""A few train steps of a tiny model through `step.make_train_step`, the text tower frozen."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from claver_jax import evaluate, optim, sharding, train
+from claver_jax import evaluate, optim, sharding
 from claver_jax.models import families
 from claver_jax.models.clip import pool_index
+from claver_jax.step import make_train_step
 
 
 def steps_on_cached_texts(model, config, tokens: np.ndarray, rng: np.random.Generator,
@@ -22,9 +23,8 @@ def steps_on_cached_texts(model, config, tokens: np.ndarray, rng: np.random.Gene
   optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
   text = nnx.jit(lambda m, t: evaluate.encode_texts(m.encode_text, t))(model, tokens)
   graphdef, state = nnx.split((model, optimizer))
-  step = jax.jit(train.make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
-                                       pool_index(tokens, model.cfg.clip) + 1, True,
-                                       family.group_of))
+  step = jax.jit(make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
+                                 pool_index(tokens, model.cfg.clip) + 1, True, family.group_of))
   batch = {'video': rng.integers(0, 256, (8, 4, 16, 16, 3), dtype=np.uint8),
            'label': np.arange(8, dtype=np.int32) % 3}
   before = nnx.to_pure_dict(nnx.state(model))
