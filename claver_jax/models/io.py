@@ -201,18 +201,15 @@ def _root_cause(error: BaseException) -> str:
 
 
 class _QuietAbandonedReads:
-  """When a restore fails, orbax abandons the reads of the other arrays, and they fail too: each
-  coroutine (when collected) and asyncio (for their gathering future) would print a traceback,
-  during the restore or whenever the garbage collector meets them, at exit at the latest. While
-  this is active those reports are dropped; on leaving, it collects what the failed restore left
-  (the caller must hold no reference to its exception) and puts the previous hook back:
-  ModelDirError says what broke."""
+  """When a restore fails, orbax leaves the reads of the other arrays running, and they fail too:
+  each coroutine (when collected), asyncio for their gathering future, and TensorStore for reads
+  that finish after orbax closed its event loop would print a traceback, during the restore or
+  at exit. While this is active, and for good once `failed()` was called, those reports are
+  dropped: ModelDirError says what broke."""
 
   def __enter__(self) -> '_QuietAbandonedReads':
-    self._previous = sys.unraisablehook
+    self._previous, self._kept = sys.unraisablehook, False
     sys.unraisablehook = self._hook
-    self._asyncio = logging.getLogger('asyncio')
-    self._asyncio.addFilter(self._filter)
     return self
 
   def _hook(self, unraisable) -> None:
@@ -223,14 +220,15 @@ class _QuietAbandonedReads:
     if not (from_orbax or late):
       self._previous(unraisable)
 
-  @staticmethod
-  def _filter(record: logging.LogRecord) -> bool:
-    return 'exception was never retrieved' not in record.getMessage()
+  def failed(self) -> None:
+    self._kept = True
+    logging.getLogger('asyncio').addFilter(
+        lambda record: 'exception was never retrieved' not in record.getMessage())
+    gc.collect()
 
   def __exit__(self, *exc) -> None:
-    gc.collect()
-    sys.unraisablehook = self._previous
-    self._asyncio.removeFilter(self._filter)
+    if not self._kept:
+      sys.unraisablehook = self._previous
 
 
 def load_video_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
@@ -254,7 +252,7 @@ def _restore(path: Path, kind: str, config: Any, dtype: Any) -> nnx.Module:
   if not params.is_dir():
     raise ModelDirError(f'{path} has no params/ directory: the model directory is incomplete '
                         '(an unfinished copy or write?). Export or convert it again.')
-  checkpointer, restored, unreadable = ocp.StandardCheckpointer(), None, None
+  checkpointer, restored = ocp.StandardCheckpointer(), None
   try:
     try:
       metadata = checkpointer.metadata(params)
@@ -268,20 +266,21 @@ def _restore(path: Path, kind: str, config: Any, dtype: Any) -> nnx.Module:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           pure)
-    with _QuietAbandonedReads():
+    with _QuietAbandonedReads() as quiet:
       try:
         restored = checkpointer.restore(params, target)
       except Exception as e:  # noqa: BLE001
-        unreadable = _root_cause(e)         # Not `e`: its frames hold the abandoned reads.
+        cause = _root_cause(e)
+        del e
+        quiet.failed()
+        raise ModelDirError(f'{params}: a parameter shard is unreadable (corrupt or cut short): '
+                            f'{cause}') from None
   finally:
     try:
       checkpointer.close()
     except Exception:  # noqa: BLE001 (a failed restore's other reads: ModelDirError says it)
       if restored is not None:
         raise
-  if unreadable is not None:
-    raise ModelDirError(f'{params}: a parameter shard is unreadable (corrupt or cut short): '
-                        f'{unreadable}')
   nnx.replace_by_pure_dict(state, restored)
   logging.info('Loaded %s model from %s.', kind, path)
   return nnx.merge(graphdef, state)
