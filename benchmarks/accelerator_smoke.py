@@ -210,7 +210,7 @@ def check_train_step(quick: bool, clips_per_device: int, steps: int) -> tuple[bo
                                   wrt=optim.trainable_filter(config.optim, family.group_of))
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
-    state_sharding = sharding.state_shardings(mesh, abstract_state)
+    state_sharding = sharding.state_shardings(mesh, abstract_state, family.sharding_rules)
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     make_jitted = lambda: jax.jit(
         make_train_step(graphdef, config, mesh, np.full((num_sets, num_classes), length),

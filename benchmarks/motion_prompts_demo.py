@@ -34,7 +34,8 @@ from claver_jax.data import build_pipelines
 from claver_jax.data.mixup import smooth_one_hot
 from claver_jax.data.transforms import normalize
 from claver_jax.models import families
-from claver_jax.models.io import model_dir, path_str
+from claver_jax.models.io import model_dir
+from claver_jax.param_paths import path_str
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import prompt_tokens, resolve_templates
 
@@ -47,10 +48,10 @@ VARIANTS = (
     ('the recipe (configs/demo.py:motion_prompts)', {}, ()),
     ('lr 1e-3', {'optim.lr': 1e-3}, ()),
     ('lr 3e-3', {'optim.lr': 3e-3}, ()),
-    ("long-term stream over T/2 frames ('stride')", {'model.motion_long_term': 'stride'}, ()),
-    ("streams concatenated + linear ('concat')", {'model.motion_fusion': 'concat'}, ()),
-    ('width E = 64 (over the 5% budget)', {'model.motion_width': 64}, ()),
-    ('2 motion layers', {'model.motion_layers': 2}, ()),
+    ("long-term stream over T/2 frames ('stride')", {'model.motion.long_term': 'stride'}, ()),
+    ("streams concatenated + linear ('concat')", {'model.motion.fusion': 'concat'}, ()),
+    ('width E = 64 (over the 5% budget)', {'model.motion.width': 64}, ()),
+    ('2 motion layers', {'model.motion.layers': 2}, ()),
     ('no short-term stream', {}, ('motion.short_mlp.c_proj',)),
     ('no long-term stream', {}, ('motion.long_mlp.c_proj',)),
     ('neither difference stream', {}, ('motion.short_mlp.c_proj', 'motion.long_mlp.c_proj')),
@@ -164,9 +165,7 @@ def main(argv) -> None:
         f'{time.time() - tick:.0f} s.', flush=True)
   for name, overrides, zeroed in VARIANTS:
     variant = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-      section, field = key.split('.')
-      variant[section][field] = value
+    variant.update_from_flattened_dict(overrides)
     results = [run_variant(variant, tokenizer, text, cached, zeroed, seed)
                for seed in range(FLAGS.seeds)]
     top1 = [r[0] for r in results]

@@ -167,7 +167,7 @@ def main() -> None:
                                 wrt=optim.trainable_filter(config.optim, group_of))
 
   graphdef, state = nnx.split(nnx.eval_shape(build))
-  state_sharding = sharding.state_shardings(mesh, state)
+  state_sharding = sharding.state_shardings(mesh, state, family.sharding_rules)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                        state_sharding)
   b, t, size = config.train.batch_size, config.data.num_frames, config.data.image_size

@@ -3,7 +3,8 @@
     app.run(main, flags_parser=cli.parse_flags)
 
 A misspelt config key (`--config.model.temporall=kmt`) names the key and its closest match, a
-bad value names the flag and the value; both exit 2 with one line on stderr.
+key that moved (`--config.model.xclip_mit_layers`) its new place, a bad value names the flag and
+the value; each exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -64,6 +65,19 @@ def config_file_error(argv: list[str], flag: str = 'config') -> str | None:
   return None
 
 
+def _moved_key(node, part: str) -> list[str] | None:
+  """[sub, key] when `part` is a flat key of earlier versions, 'sub_key', whose key is now in
+  the sub-dict node.sub (model.xclip_mit_layers -> model.xclip.mit_layers); else None."""
+  import ml_collections
+  if part in node:
+    return None
+  for cut in (m.start() for m in re.finditer('_', part)):
+    sub, key = part[:cut], part[cut + 1:]
+    if isinstance(node.get(sub), ml_collections.ConfigDict) and key in node[sub]:
+      return [sub, key]
+  return None
+
+
 def unknown_key(argv: list[str], flag: str = 'config') -> str | None:
   """The first `--config.a.b=...` of argv whose key the config lacks: which part is unknown and
   the closest known key; None when every key exists (or the config cannot be loaded)."""
@@ -84,6 +98,11 @@ def unknown_key(argv: list[str], flag: str = 'config') -> str | None:
     for part in match.group(1).split('.'):
       if not isinstance(node, ml_collections.ConfigDict):
         break
+      moved = _moved_key(node, part)
+      if moved:
+        return (f'--{flag}.{match.group(1)}: {".".join(parents + [part])} is now '
+                f'{".".join(parents + moved)} (each model family\'s keys are in its own '
+                'sub-dict).')
       if part not in node:
         swapped = [k for k in node.keys() if sorted(k) == sorted(part)]  # transposed letters
         close = swapped[:1] or difflib.get_close_matches(part, list(node.keys()), n=1)

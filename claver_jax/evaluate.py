@@ -66,15 +66,6 @@ def view_scores(model, video: jax.Array, text: jax.Array) -> jax.Array:
   return class_scores(logits.reshape(logits.shape[0], b, v, -1))
 
 
-def parse_views(views: str) -> tuple[int, int]:
-  """'4x3' -> (4 temporal clips, 3 spatial crops): config.eval.final_views."""
-  clips, _, crops = views.partition('x')
-  if not (clips.isdigit() and crops.isdigit() and int(clips) > 0 and int(crops) > 0):
-    raise ValueError(f"views={views!r}: write CLIPSxCROPS, e.g. '4x3' (the paper's test), or '' "
-                     'for none.')
-  return int(clips), int(crops)
-
-
 def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
   """bool [N]: the label is among the k highest scores (ties broken by class order)."""
   k = min(k, scores.shape[1])

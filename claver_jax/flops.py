@@ -33,14 +33,7 @@ from flax import nnx
 
 from claver_jax.models import families, kronecker
 from claver_jax.models.clip import CLIP, get_preset
-from claver_jax.models.claver import CLAVERConfig
-from claver_jax.models.xclip import XCLIPConfig
 
-# The papers' reported per-view GFLOPs: CLAVER's Kinetics-400 table, X-CLIP's model zoo.
-PAPER_VARIANTS = [('KMT', CLAVERConfig, 'B32', 8, 33), ('KMT', CLAVERConfig, 'B32', 16, 64),
-                  ('KMT', CLAVERConfig, 'B16', 8, 122), ('KMT', CLAVERConfig, 'B16', 16, 241),
-                  ('KMT', CLAVERConfig, 'L14', 8, 558), ('X-CLIP', XCLIPConfig, 'B32', 8, 39),
-                  ('X-CLIP', XCLIPConfig, 'B16', 8, 145), ('X-CLIP', XCLIPConfig, 'L14', 8, 658)]
 K400_CLASSES = 400
 
 
@@ -103,10 +96,14 @@ def step_flops(make_jitted: Callable[[], Any], mesh: jax.sharding.Mesh, *args: A
 
 
 def paper_table() -> str:
+  """The papers' reported per-view GFLOPs (each family's `paper_flops`: CLAVER's Kinetics-400
+  table, X-CLIP's model zoo) beside ours."""
   lines = ['| variant | ours: GFLOPs (XLA, 2 per MAC) | ours: GMACs | ViT share | paper |',
            '|---|---|---|---|---|']
-  for name, config_class, arch, frames, paper in PAPER_VARIANTS:
-    r = report(config_class(clip=get_preset(arch), num_frames=frames))
+  variants = [(family, *variant) for family in families.FAMILIES.values()
+              for variant in family.paper_flops]
+  for family, name, arch, frames, paper in variants:
+    r = report(family.config_class(clip=get_preset(arch), num_frames=frames))
     lines.append(f'| {arch}-{frames}f {name} | {r["total"]:.0f} | {r["total"] / 2:.0f} | '
                  f'{r["vit"] / r["total"]:.0%} | {paper} |')
   return '\n'.join(lines)

@@ -121,7 +121,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list,
                                 wrt=optim.trainable_filter(config.optim, family.group_of))
 
   graphdef, state = nnx.split(nnx.eval_shape(build))
-  state_sharding = sharding.state_shardings(mesh, state)
+  state_sharding = sharding.state_shardings(mesh, state, family.sharding_rules)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   num_sets, num_classes = text_shape(config, num_classes)
   text_frozen = config.optim.freeze_text

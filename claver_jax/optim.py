@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from claver_jax.models.io import path_str
+from claver_jax.param_paths import path_str
 
 NO_DECAY_KEYWORDS = ('positional_embedding',)    # The official no_weight_decay_keywords().
 

@@ -32,7 +32,7 @@ from claver_jax.models.build import (check_init, checkpoint_normalization, init_
                                      make_model, make_tokenizer, model_family)
 from claver_jax.models.clip import needed_context, set_remat
 from claver_jax.models.temporal import set_token_shuffle
-from claver_jax.run_config import ConfigError, check_batches, check_config
+from claver_jax.run_config import ConfigError, check_batches, check_config, parse_views
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
                                      resolve_aspects, resolve_templates)
 from claver_jax.text.tokenizer import Tokenizer
@@ -202,7 +202,7 @@ class Evaluator:
     periodic 1-view val/*. Skipped when metrics.jsonl has it already (a finished run started
     again); {} when a SIGTERM stops it (the next start does it)."""
     run, workdir = self.run, self.run.workdir
-    clips, crops = evaluate.parse_views(run.config.eval.final_views)
+    clips, crops = parse_views(run.config.eval.final_views)
     test_views = evaluate.views_name(clips, crops)
     if (workdir / 'metrics.jsonl').is_file() and any(
         row.get('step') == step and row.get('views') == test_views and 'test/top1' in row
@@ -261,7 +261,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   run = start_run(init_from_workdir(config, fileio.run_path(workdir)), workdir)
   config, workdir = run.config, run.workdir
   graphdef, state = nnx.split(run.model)
-  state_sharding = sharding.state_shardings(run.mesh, state)
+  state_sharding = sharding.state_shardings(run.mesh, state, run.family.sharding_rules)
   state = distributed.device_put_identical(state, state_sharding)
   checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
                               keep_best=config.checkpoint.keep_best)
@@ -303,6 +303,6 @@ def _abstract_train_state(run: Run, model_sharding: Any) -> dict[str, Any]:
   wrt = optim.trainable_filter(config.optim, run.family.group_of)
   optimizer = nnx.eval_shape(lambda model: nnx.Optimizer(model, tx, wrt=wrt), run.model)
   abstract = nnx.state((run.model, optimizer))
-  shardings = sharding.state_shardings(run.mesh, abstract)
+  shardings = sharding.state_shardings(run.mesh, abstract, run.family.sharding_rules, log=False)
   return nnx.to_pure_dict(jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings))

@@ -12,21 +12,18 @@
     model.temporal_layers  CLAVER: None = a third of the ViT's depth
     model.temporal_heads   CLAVER's temporal transformer, X-CLIP's MIT, the attention of motion
                          prompts: None = width / 64 (CLAVER: vision width; X-CLIP: embed dim;
-                         motion prompts: model.motion_width)
+                         motion prompts: model.motion.width)
     model.attention      CLAVER: how the Kronecker attention is computed: 'dense' ([T·L, T·L]
                          scores), 'chunked' (exact, a chunk of frames at a time, O(T·L²) memory)
                          or 'auto' (chunked from 512 tokens per clip;
                          claver_jax/models/kronecker.py). Recorded in WORKDIR/model; it overrides
                          an init.checkpoint's
-    model.xclip_mit_layers, xclip_prompt_layers  X-CLIP: MIT (1) and prompt generator (2) depth
-    model.xclip_prompt_alpha  X-CLIP: the prompt generator's initial output scale (0.1)
-    model.motion_width   motion prompts: the width of its new parts (None: embed dim / 4)
-    model.motion_layers  motion prompts: the motion transformer's depth (1)
-    model.motion_long_term  motion prompts: the long-term stream's differences, 'mean' (to the
-                         clip mean) or 'stride' (over T/2 frames)
-    model.motion_fusion  motion prompts: the streams 'sum'med or 'concat'enated + linear
-    model.motion_num_prompts, motion_prompt_gate  motion prompts: n learnt queries (8) and the
-                         initial gate on the prompts added to the texts (0.1)
+    model.xclip, model.motion  each family's own keys (Family.config_key), documented in its
+                         module's default_config: claver_jax/models/xclip.py (X-CLIP's MIT and
+                         prompt generator), claver_jax/models/motion_prompts.py (motion prompts'
+                         width, streams and prompts). The flat keys of earlier versions
+                         (model.xclip_mit_layers, model.motion_width, ...) are errors naming
+                         their new place (model.xclip.mit_layers, model.motion.width, ...)
     model.temporal_init_std  std of the temporal embedding (X-CLIP: the MIT's positional
                          embedding) of a model built from scratch (0.02, the official code's;
                          ~1 suits them, their tokens being O(1) per channel); init.clip /
@@ -139,6 +136,7 @@ import ml_collections
 
 from claver_jax import optim, sharding
 from claver_jax.data import default_config as data_config
+from claver_jax.models.families import FAMILIES
 
 MODES = ('train', 'eval', 'zeroshot')
 
@@ -152,10 +150,8 @@ def base_config() -> ml_collections.ConfigDict:
       temporal_layers=ml_collections.config_dict.placeholder(int),
       temporal_heads=ml_collections.config_dict.placeholder(int), attention='auto',
       temporal_init_std=0.02, pos_init='random', dtype='float32', remat=False,
-      resample_frames=True, xclip_mit_layers=1, xclip_prompt_layers=2, xclip_prompt_alpha=0.1,
-      motion_width=ml_collections.config_dict.placeholder(int), motion_layers=1,
-      motion_long_term='mean', motion_fusion='sum', motion_num_prompts=8,
-      motion_prompt_gate=0.1))
+      resample_frames=True,
+      **{f.config_key: f.default_config() for f in FAMILIES.values() if f.config_key}))
   c.data = data_config()
   c.text = ml_collections.ConfigDict(dict(
       tokenizer='', num_merges=1000, prompts='', templates='official', bare_name=True,
@@ -234,13 +230,33 @@ _PROBABILITIES = ('data.flip_prob', 'data.jitter_prob', 'data.grayscale_prob',
                   'train.mixup_switch_prob')
 
 
+def parse_views(views: str) -> tuple[int, int]:
+  """'4x3' -> (4 temporal clips, 3 spatial crops): config.eval.final_views."""
+  clips, _, crops = views.partition('x')
+  if not (clips.isdigit() and crops.isdigit() and int(clips) > 0 and int(crops) > 0):
+    raise ValueError(f"views={views!r}: write CLIPSxCROPS, e.g. '4x3' (the paper's test), or '' "
+                     'for none.')
+  return int(clips), int(crops)
+
+
+def moved_family_keys(c: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """(old, new) for each flat key of earlier versions in `c` (model.xclip_mit_layers) and its
+  place in its family's sub-dict now (model.xclip.mit_layers)."""
+  return [(f'model.{key}', f'model.{f.config_key}.{key[len(f.config_key) + 1:]}')
+          for f in FAMILIES.values() if f.config_key for key in c.model.keys()
+          if key.startswith(f'{f.config_key}_')
+          and key[len(f.config_key) + 1:] in f.default_config()]
+
+
 def check_config(c: ml_collections.ConfigDict) -> None:
   """Rejects a config that cannot work, before anything is written to the workdir."""
-  from claver_jax.models.families import FAMILIES
   from claver_jax.models.temporal import SHUFFLABLE_KINDS, TEMPORAL_KINDS, TOKEN_SHUFFLES
   from claver_jax.text.prompts import resolve_aspects
   if c.mode not in MODES:
     raise ConfigError(f'config.mode={c.mode!r}; use one of {list(MODES)}.')
+  for old, new in moved_family_keys(c):
+    raise ConfigError(f'config.{old} is now config.{new}: each model family\'s keys are in its '
+                      f'own sub-dict (claver_jax/run_config.py).')
   if c.model.name not in FAMILIES:
     raise ConfigError(f'config.model.name={c.model.name!r} is not a model family; use one of '
                       f'{list(FAMILIES)}.')
@@ -284,7 +300,6 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"config.model.dtype={c.model.dtype!r}; use 'float32' or 'bfloat16'.")
   if c.eval.final_views:
-    from claver_jax.evaluate import parse_views
     try:
       parse_views(c.eval.final_views)
     except ValueError as e:

@@ -2,8 +2,10 @@
 
 The mesh has two axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose
 parameters and optimizer state are sharded too). The batch is split over both. Parameters
-follow RULES: the first regex that matches a parameter's path gives its PartitionSpec; a
-dimension that does not divide by the fsdp size stays replicated.
+follow their family's sharding rules (Family.sharding_rules, for its own parts), then RULES (the
+CLIP towers' and the shared layers'): the first regex that matches a parameter's path gives its
+PartitionSpec; a dimension that does not divide by the fsdp size stays replicated. Each parameter
+that stays replicated over fsdp > 1 is logged once, with why.
 """
 
 from __future__ import annotations
@@ -15,24 +17,25 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from claver_jax.models.io import path_str
+from claver_jax.param_paths import path_str
 
 AXES = ('data', 'fsdp')
 BATCH = P(AXES)
 
-# (regex on the parameter path, spec of its dimensions). Kernels are [in, out].
-# X-CLIP's message_attn and MIT blocks are covered by the attention and MLP rules.
-RULES: tuple[tuple[str, P], ...] = (
-    (r'(qkv|c_fc|message_fc|[qkv]_proj)\.kernel$', P('fsdp', None)),
-    # Motion prompts' maps to and from its width, and its concatenated streams.
-    (r'(^|\.)(down|motion\.fuse)\.kernel$', P('fsdp', None)),
-    (r'(^|\.)(up|video_up|text_up)\.kernel$', P(None, 'fsdp')),
-    (r'(attn\.out|c_proj|cross_attn\.proj)\.kernel$', P(None, 'fsdp')),
+Rules = tuple[tuple[str, P], ...]
+
+# (regex on the parameter path, spec of its dimensions), after a family's own. Kernels are
+# [in, out]. CLIP's attention and MLP (models/clip.py) are also every family's temporal blocks
+# (CLAVER's temporal transformer, X-CLIP's message_attn and MIT, motion prompts' motion blocks).
+RULES: Rules = (
+    (r'(qkv|c_fc)\.kernel$', P('fsdp', None)),
+    (r'(attn\.out|c_proj)\.kernel$', P(None, 'fsdp')),
     (r'token_embedding\.embedding$', P('fsdp', None)),
     (r'conv1\.kernel$', P(None, None, None, 'fsdp')),
-    (r'(visual\.proj|text_projection|prompts_visual_proj)$', P('fsdp', None)),
+    (r'(visual\.proj|text_projection)$', P('fsdp', None)),
     (r'.*', P()),                                  # biases, LayerNorms, embeddings: replicated
 )
 
@@ -59,24 +62,66 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
   return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def spec_for(path: str, shape: tuple[int, ...], fsdp_size: int) -> P:
-  """The PartitionSpec of one parameter (or of optimizer state shaped like it)."""
-  for pattern, spec in RULES:
-    if re.search(pattern, path):
-      break
-  if len(spec) != len(shape) or any(
-      axis == 'fsdp' and dim % fsdp_size for axis, dim in zip(spec, shape)):
-    return P()
-  return spec
+def rule_spec(path: str, rules: Rules = ()) -> P:
+  """The spec of the first of `rules` (a family's), then of RULES, that matches `path`."""
+  return next(spec for pattern, spec in (*rules, *RULES) if re.search(pattern, path))
 
 
-def state_shardings(mesh: jax.sharding.Mesh, state: Any) -> Any:
-  """NamedShardings for every leaf of `state` (params, optimizer moments, counters)."""
+def unsharded_reason(spec: P, shape: tuple[int, ...], fsdp_size: int) -> str | None:
+  """Why a parameter of `shape` cannot take `spec` over fsdp_size devices, or None if it can."""
+  if len(spec) != len(shape):
+    return f'its rule gives {len(spec)} dims, it has {len(shape)}'
+  for i, (axis, dim) in enumerate(zip(spec, shape)):
+    if axis == 'fsdp' and dim % fsdp_size:
+      return f'dim {i} ({dim}) does not divide by fsdp={fsdp_size}'
+  return None
+
+
+def spec_for(path: str, shape: tuple[int, ...], fsdp_size: int, rules: Rules = ()) -> P:
+  """The PartitionSpec of one parameter (or of optimizer state shaped like it); `rules` are
+  its family's (Family.sharding_rules), tried before RULES."""
+  spec = rule_spec(path, rules)
+  return P() if unsharded_reason(spec, shape, fsdp_size) else spec
+
+
+def log_unsharded(state: Any, fsdp_size: int, rules: Rules = ()) -> list[str]:
+  """Logs (INFO) and returns 'path shape: why' for each parameter (nnx.Param) of `state` that
+  stays replicated over fsdp_size > 1 devices: no rule shards it, or its shape does not fit
+  its rule. Vectors (biases, LayerNorms) are counted, not listed: no rule shards them."""
+  if fsdp_size == 1:
+    return []
+  leaves = jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  lines, vectors = [], 0
+  for key, leaf in leaves:
+    if not isinstance(leaf, nnx.Param):
+      continue
+    path, shape = path_str(key), tuple(np.shape(leaf))
+    spec = rule_spec(path, rules)
+    if spec == P() and len(shape) < 2:
+      vectors += 1
+      continue
+    why = 'no rule shards it' if spec == P() else unsharded_reason(spec, shape, fsdp_size)
+    if why:
+      lines.append(f'{path} {list(shape)}: {why}')
+  logging.info('Replicated over fsdp=%d: %d vectors (biases, LayerNorms, scales) and %d '
+               'parameters%s', fsdp_size, vectors, len(lines),
+               ''.join(f'\n  {line}' for line in lines))
+  return lines
+
+
+def state_shardings(mesh: jax.sharding.Mesh, state: Any, rules: Rules, *,
+                    log: bool = True) -> Any:
+  """NamedShardings for every leaf of `state` (params, optimizer moments, counters) under the
+  model family's sharding `rules` (Family.sharding_rules) and RULES. `log`: log the parameters
+  left replicated (log_unsharded); False for a second state of the same model in one run."""
   fsdp = mesh.shape['fsdp']
   specs = jax.tree_util.tree_map_with_path(
-      lambda p, x: spec_for(path_str(p), tuple(np.shape(x)), fsdp), state)
+      lambda p, x: spec_for(path_str(p), tuple(np.shape(x)), fsdp, rules), state)
   sharded = sum(s != P() for s in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)))
   logging.info('Sharding %d state arrays over fsdp=%d.', sharded, fsdp)
+  if log:
+    log_unsharded(state, fsdp, rules)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda s: isinstance(s, P))
 

@@ -90,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----------------------------------------------------------------------------- shard
   graphdef, state = nnx.split((model, optimizer))
-  state_sharding = sharding.state_shardings(mesh, state)
+  state_sharding = sharding.state_shardings(mesh, state, run.family.sharding_rules)
   state = distributed.device_put_identical(state, state_sharding)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)

@@ -51,7 +51,8 @@ from claver_jax.data import build_pipelines
 from claver_jax.data.pipeline import Pipelines
 from claver_jax.data.sources import DataError, read_labels, read_list
 from claver_jax.fileio import atomic_write_text, run_path
-from claver_jax.models import input_normalization, load_video_model, read_model_config
+from claver_jax.models import (families, input_normalization, load_video_model,
+                               read_model_config)
 from claver_jax.models.clip import needed_context
 from claver_jax.models.io import model_dir
 from claver_jax.run_config import ConfigError, check_config
@@ -299,7 +300,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                              resample_frames=config.model.resample_frames)
     tokenizer = load_tokenizer(config.text.tokenizer or checkpoint)
     graphdef, state = nnx.split(model)
-    state_sharding = sharding.state_shardings(mesh, state)
+    state_sharding = sharding.state_shardings(mesh, state, families.of(model).sharding_rules)
     state = jax.device_put(state, state_sharding)
     # The model is fed as its directory records (config.data.mean/std apply to training).
     encode_text, scores = evaluate.make_eval_fns(graphdef, state_sharding, mesh,

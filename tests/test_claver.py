@@ -224,6 +224,25 @@ def test_token_shuffling_before_and_after_the_temporal_embedding(preset):
       set_token_shuffle(tiny_model(kind), 'pre_te')
 
 
+def test_a_path_typo_in_the_registry_raises(monkeypatch):
+  """A registry path that names no part of the model is an error naming the family, the field
+  and the missing part; a part a variant lacks (CLAVER 'mean': no temporal transformer) is None."""
+  from claver_jax.models import families
+  assert families.temporal_embedding(tiny_model('mean')) is None
+  model, claver = tiny_model('kmt'), families.FAMILIES['claver']
+  assert families.temporal_embedding(model) is model.temporal.temporal_embedding
+  for field, typo, get in (('vision', 'clip.visaul', families.vision_tower),
+                           ('towers', 'clipp', families.clip_towers),
+                           ('temporal_embedding', 'temporal.temporal_embeding',
+                            families.temporal_embedding)):
+    monkeypatch.setitem(families.FAMILIES, 'claver', dataclasses.replace(claver, **{field: typo}))
+    missing = typo.split('.')[-1]
+    with pytest.raises(AttributeError, match=rf"^families\.FAMILIES\['claver'\]\.{field}="
+                       rf"'{typo}' names no part of a CLAVER: \w+ has no '{missing}'"):
+      get(model)
+  monkeypatch.setitem(families.FAMILIES, 'claver', claver)
+
+
 def test_default_depth_is_a_third_of_the_vit():
   assert CLAVERConfig(clip=get_preset('ViT-B/16')).temporal_depth == 4
   assert CLAVERConfig(clip=get_preset('ViT-L/14')).temporal_depth == 8

@@ -19,6 +19,7 @@ from claver_jax import evaluate, run_config, sharding
 from claver_jax.data.pipeline import build_pipelines, default_config
 from claver_jax.data.sources import DataError, read_list
 from claver_jax.models import CLIPConfig, XCLIPConfig, build
+from claver_jax.models.families import FAMILIES
 from claver_jax.run_config import ConfigError
 from conftest import REPO
 from data_helpers import synthetic_dir
@@ -239,10 +240,14 @@ def documented_keys(doc: str) -> set[str]:
 
 
 def test_run_config_documents_every_key():
-  """Every key of the base config is named in run_config.py's docstring (data and mesh: in the
-  docstrings of the default configs they come from; optim is documented in optim.py's)."""
+  """Every key of the base config is named in run_config.py's docstring (data, mesh and each
+  family's sub-dict, model.xclip and model.motion: in the docstrings of the default configs they
+  come from; optim is documented in optim.py's)."""
   documented = documented_keys(run_config.__doc__)
-  sections = {'data': default_config, 'mesh': sharding.default_config}
+  sections = {'data': default_config, 'mesh': sharding.default_config,
+              **{f'model.{f.config_key}': f.default_config for f in FAMILIES.values()
+                 if f.config_key}}
+  assert {'model.xclip', 'model.motion'} <= set(sections)
   undocumented = []
 
   def visit(node, prefix):

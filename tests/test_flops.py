@@ -81,8 +81,8 @@ def test_k400_xclip_preset_is_the_official_recipe():
   assert (c.train.label_smoothing, c.train.mixup_alpha, c.train.cutmix_alpha) == (0.1, 0.8, 1.0)
   assert (c.text.templates, c.text.prompts) == ('{}', '')
   assert c.data.mean == pytest.approx((0.485, 0.456, 0.406), abs=1e-6)
-  assert (c.model.xclip_mit_layers, c.model.xclip_prompt_layers,
-          c.model.xclip_prompt_alpha) == (1, 2, 0.1)
+  assert (c.model.xclip.mit_layers, c.model.xclip.prompt_layers,
+          c.model.xclip.prompt_alpha) == (1, 2, 0.1)
 
 
 def test_xclip_flops_count_the_messages_mit_and_prompts():

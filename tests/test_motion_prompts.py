@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import types
 
 import jax
@@ -300,6 +301,7 @@ def test_eval_and_zero_shot_take_it_like_the_other_families(motion_run, claver_d
 # ---------------------------------------------------------------------- sharding and FLOPs
 def test_sharding_rules_cover_the_new_parameters():
   from jax.sharding import PartitionSpec as P
+  from claver_jax.models.families import FAMILIES
   from claver_jax.sharding import spec_for
   abstract = nnx.eval_shape(lambda: tiny_model(fusion='concat'))
   params = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
@@ -311,8 +313,44 @@ def test_sharding_rules_cover_the_new_parameters():
           'prompts.generator.decoder.0.cross_attn.proj.kernel', 'prompts.up.kernel',
           'communication.text_cross_attn.proj.kernel',
           'communication.video_up.kernel'} <= set(matrices)
-  unsharded = [p for p, shape in matrices.items() if spec_for(p, shape, 2) == P()]
+  rules = FAMILIES['motion_prompts'].sharding_rules
+  unsharded = [p for p, shape in matrices.items() if spec_for(p, shape, 2, rules) == P()]
   assert unsharded == [], unsharded
+
+
+def test_sharding_logs_each_parameter_it_cannot_shard(caplog):
+  """Over fsdp=3, which divides most tiny widths but not the concatenated streams' 3d, each
+  matrix a rule names is listed with the dim that does not divide, and those no rule names as
+  such, in one log record; over fsdp=2 only those no rule names; fsdp=1 logs nothing."""
+  from claver_jax.models.families import FAMILIES
+  from claver_jax.sharding import log_unsharded
+  state = nnx.state(nnx.eval_shape(lambda: tiny_model(fusion='concat')))
+  rules = FAMILIES['motion_prompts'].sharding_rules
+  with caplog.at_level(logging.INFO, logger='root'):
+    lines = log_unsharded(state, 3, rules)
+  assert [r.getMessage().count('\n  ') for r in caplog.records] == [len(lines)]
+  assert {'down.kernel [32, 8]: dim 0 (32) does not divide by fsdp=3',
+          'up.kernel [8, 32]: dim 1 (32) does not divide by fsdp=3',
+          'clip.visual.conv1.kernel [8, 8, 3, 128]: dim 3 (128) does not divide by fsdp=3',
+          'prompts.queries [8, 8]: no rule shards it'} <= set(lines)
+  assert not [line for line in lines if line.startswith('motion.fuse.kernel [24, 8]')]
+  assert log_unsharded(state, 2, rules) == [
+      'clip.text.positional_embedding [8, 64]: no rule shards it',
+      'clip.visual.positional_embedding [5, 128]: no rule shards it',
+      'motion.positional_embedding [4, 8]: no rule shards it',
+      'motion.short_conv.kernel [3, 1, 8]: no rule shards it',
+      'prompts.queries [8, 8]: no rule shards it']
+  assert log_unsharded(state, 1, rules) == []
+
+
+def test_flat_keys_of_earlier_versions_name_their_new_place():
+  """--config.model.motion_width (before each family had its sub-dict) names
+  config.model.motion.width, as the CLI's one-line error (cli.unknown_key)."""
+  from claver_jax import cli
+  assert cli.unknown_key([f'--config={REPO / "configs" / "demo.py"}:motion_prompts',
+                          '--config.model.motion_width=64']) == (
+      '--config.model.motion_width: config.model.motion_width is now config.model.motion.width '
+      "(each model family's keys are in its own sub-dict).")
 
 
 def test_flops_count_the_tower_and_the_new_parts():

@@ -19,7 +19,7 @@ from claver_jax.data.pipeline import build_pipelines, default_config
 from claver_jax.data.sources import DataError, few_shot_indices, read_labels, read_list
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, load, write_model_dir
-from claver_jax.models.io import path_str
+from claver_jax.param_paths import path_str
 from claver_jax.predict import load_clip_frames
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import load_prompt_set, prompt_tokens

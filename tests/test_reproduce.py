@@ -28,7 +28,7 @@ from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.metrics import read_metrics
 from claver_jax.models import (CLAVER, CLAVERConfig, CLIP, CLIPConfig, families, load,
                                write_model_dir)
-from claver_jax.models.io import path_str
+from claver_jax.param_paths import path_str
 from claver_jax.run_config import check_config
 from claver_jax.text.prompts import TEMPLATES, build_prompt_texts, load_prompt_set
 from claver_jax.text.tokenizer import train_tokenizer

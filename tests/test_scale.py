@@ -134,7 +134,7 @@ def step_checks(mesh, family_name: str, accums: tuple[int, ...]) -> dict:
     optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim,
                                                                     family.group_of))
     graphdef, state = nnx.split((model, optimizer))
-    state_sharding = sharding.state_shardings(mesh, state)
+    state_sharding = sharding.state_shardings(mesh, state, family.sharding_rules)
     state = jax.device_put(state, state_sharding)
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     num_sets, num_classes = 3, 12
@@ -266,9 +266,11 @@ def test_evaluation_takes_the_model_part_of_the_train_state_as_sharded():
   mesh = sharding.make_mesh(config.mesh)
   _, train_state = nnx.split((model, optimizer))
   _, model_state = nnx.split(model)
-  specs = [s.spec for s in jax.tree.leaves(sharding.state_shardings(mesh, train_state)[0])]
+  rules = family.sharding_rules
+  specs = [s.spec for s in jax.tree.leaves(sharding.state_shardings(mesh, train_state, rules)[0])]
   assert jax.tree.structure(train_state[0]) == jax.tree.structure(model_state)
-  assert specs == [s.spec for s in jax.tree.leaves(sharding.state_shardings(mesh, model_state))]
+  assert specs == [s.spec
+                   for s in jax.tree.leaves(sharding.state_shardings(mesh, model_state, rules))]
   assert any(spec != P() for spec in specs)             # Sharded parameters are compared too.
   assert all(a is b for a, b in zip(jax.tree.leaves(train_state[0]),
                                     jax.tree.leaves(model_state)))

@@ -386,6 +386,7 @@ def test_few_shot_configs_take_xclip_with_its_recipe():
 
 def test_sharding_rules_cover_the_new_parameters():
   from jax.sharding import PartitionSpec as P
+  from claver_jax.models.families import FAMILIES
   from claver_jax.sharding import spec_for
   abstract = nnx.eval_shape(lambda: XCLIP(XCLIPConfig(clip=TINY, num_frames=4), rngs=nnx.Rngs(0)))
   params = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
@@ -395,5 +396,33 @@ def test_sharding_rules_cover_the_new_parameters():
           'prompts_generator.decoder.0.cross_attn.q_proj.kernel',
           'prompts_generator.decoder.0.cross_attn.proj.kernel',
           'mit.blocks.0.mlp.c_fc.kernel'} <= set(matrices)
-  unsharded = [p for p, shape in matrices.items() if spec_for(p, shape, 2) == P()]
+  rules = FAMILIES['xclip'].sharding_rules
+  unsharded = [p for p, shape in matrices.items() if spec_for(p, shape, 2, rules) == P()]
   assert unsharded == [], unsharded
+
+
+def test_old_flat_keys_name_their_new_place(tmp_path):
+  """The flat key of earlier versions, --config.model.xclip_mit_layers, is one line through the
+  CLI naming config.model.xclip.mit_layers (exit 2, no workdir); a config file that sets it is
+  a ConfigError naming it too."""
+  from claver_jax.run_config import ConfigError, base_config, check_config
+  proc = run_cli('claver_jax.main', '--config=configs/demo.py', f'--workdir={tmp_path / "w"}',
+                 '--config.model.xclip_mit_layers=2', check=False)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      'error: --config.model.xclip_mit_layers: config.model.xclip_mit_layers is now '
+      "config.model.xclip.mit_layers (each model family's keys are in its own sub-dict)."]
+  assert not (tmp_path / 'w').exists()
+  config = base_config()
+  config.model.xclip_prompt_alpha = 0.2
+  with pytest.raises(ConfigError, match=r'^config\.model\.xclip_prompt_alpha is now '
+                     r'config\.model\.xclip\.prompt_alpha'):
+    check_config(config)
+
+
+def test_run_options_are_the_familys(converted):
+  """load()'s run options are the family's (Family.run_options): CLAVER's attention is an error
+  on an X-CLIP directory."""
+  assert families.get('xclip').run_options == ()
+  with pytest.raises(ValueError, match=r'^attention is a run option of claver models; .* holds '
+                     r'a xclip model'):
+    load(converted, attention='dense')

@@ -14,11 +14,11 @@ from typing import Sequence
 import numpy as np
 
 from claver_jax.data.video import resized_shape
+from claver_jax.models.clip import CLIP_MEAN, CLIP_STD
 
-# Per-channel mean/std on pixel values scaled to 0-1. CLIP's own; ImageNet's, which the official
-# CLAVER and X-CLIP pipelines use (123.675, 116.28, 103.53 / 58.395, 57.12, 57.375 on 0-255).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Per-channel mean/std on pixel values scaled to 0-1: CLIP's own (models/clip.py); ImageNet's,
+# which the official CLAVER and X-CLIP pipelines use (123.675, 116.28, 103.53 / 58.395, 57.12,
+# 57.375 on 0-255).
 IMAGENET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 IMAGENET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
 MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)

@@ -18,6 +18,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from claver_jax.models.clip import (CLIP, FINAL_PRECISION, CLIPConfig, check_known_fields,
@@ -143,3 +144,13 @@ def claver_from_clip(clip: CLIP, cfg: CLAVERConfig, *, dtype=jnp.float32,
   model = CLAVER(cfg, dtype=dtype, rngs=rngs)
   nnx.update(model.clip, nnx.state(clip, nnx.Param))
   return model
+
+
+def config_for_run(clip: CLIPConfig, config: ml_collections.ConfigDict) -> CLAVERConfig:
+  """The CLAVERConfig a run config describes, on the towers `clip` (CLAVER's keys are
+  config.model's own: temporal, temporal_layers, temporal_heads, attention)."""
+  return CLAVERConfig(clip=clip, num_frames=config.data.num_frames,
+                      temporal=config.model.temporal,
+                      temporal_layers=config.model.get('temporal_layers'),
+                      temporal_heads=config.model.get('temporal_heads'),
+                      attention=config.model.get('attention', 'auto'))

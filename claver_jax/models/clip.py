@@ -28,6 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# The input normalisation OpenAI's CLIP weights expect: per-channel mean/std of pixel values
+# scaled to 0-1 (claver_jax.data.transforms.normalize).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ACTIVATIONS = ('quick_gelu', 'gelu', 'gelu_tanh')
 TEXT_POOLINGS = ('argmax', 'first_eos')
 

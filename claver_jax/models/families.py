@@ -23,6 +23,13 @@ that of motion prompts, whose towers are always frozen.)
 
 Model directories of one family can give their CLIP towers to another (`towers`, `load_towers`):
 config.init.towers_only (models.build.make_model).
+
+A new family is its module (the model, its config, `*_from_clip`, and, for keys of its own in a
+run config, `default_config` and `config_for_run`) and its entry in FAMILIES, which names its
+parameter groups, sharding rules, paths, run options and the FLOPs its paper reports. Run
+configs, sharding, model directories, FLOPs, train, evaluate, zero-shot and predict take it from
+there; a preset (claver_jax/presets.py, configs/), a converter (convert/) and its paper's
+accuracies (claver_jax/paper.py) are optional.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ from typing import Any, Callable
 import jax
 import ml_collections
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from claver_jax.models import claver, motion_prompts, xclip
 from claver_jax.models.claver import CLAVER, CLAVERConfig, claver_from_clip
 from claver_jax.models.clip import CLIP, CLIPConfig, get_preset
 from claver_jax.models.motion_prompts import (MotionPrompts, MotionPromptsConfig,
@@ -60,6 +69,13 @@ class Family:
   frozen_towers: the family trains on frozen CLIP towers only (a run needs an init CLIP, or
   another model's towers, and both towers frozen).
   trainable_budget: trainable parameters at most this fraction of the towers' (a warning above).
+  config_key, default_config: the family's own keys in a run config, config.model.<config_key>
+  (default_config() -> their defaults, its docstring documents them); None where they are
+  config.model's own (CLAVER's temporal, temporal_layers, attention).
+  sharding_rules: (regex on a parameter path, PartitionSpec) for the family's own parts, tried
+  before claver_jax.sharding.RULES (the CLIP towers' and the shared layers').
+  paper_flops: (label, arch, frames, GFLOPs per view its paper reports): the rows of
+  `python -m claver_jax.flops --table`.
   """
   name: str
   config_class: type
@@ -73,6 +89,10 @@ class Family:
   towers: str | None = None
   frozen_towers: bool = False
   trainable_budget: float | None = None
+  config_key: str | None = None
+  default_config: Callable[[], ml_collections.ConfigDict] | None = None
+  sharding_rules: tuple[tuple[str, P], ...] = ()
+  paper_flops: tuple[tuple[str, str, int, float], ...] = ()
 
   def group_of(self, path: str) -> str:
     """One of GROUPS for a dotted parameter path (claver_jax.optim says what each means)."""
@@ -82,51 +102,42 @@ class Family:
     return 'base'
 
 
-def _claver_config(clip: CLIPConfig, config: ml_collections.ConfigDict) -> CLAVERConfig:
-  return CLAVERConfig(clip=clip, num_frames=config.data.num_frames,
-                      temporal=config.model.temporal,
-                      temporal_layers=config.model.get('temporal_layers'),
-                      temporal_heads=config.model.get('temporal_heads'),
-                      attention=config.model.get('attention', 'auto'))
-
-
-def _xclip_config(clip: CLIPConfig, config: ml_collections.ConfigDict) -> XCLIPConfig:
-  m = config.model
-  return XCLIPConfig(clip=clip, num_frames=config.data.num_frames, mit_layers=m.xclip_mit_layers,
-                     mit_heads=m.get('temporal_heads'), prompt_layers=m.xclip_prompt_layers,
-                     prompt_alpha=m.xclip_prompt_alpha)
-
-
-def _motion_prompts_config(clip: CLIPConfig,
-                           config: ml_collections.ConfigDict) -> MotionPromptsConfig:
-  m = config.model
-  return MotionPromptsConfig(clip=clip, num_frames=config.data.num_frames, width=m.motion_width,
-                             layers=m.motion_layers, heads=m.get('temporal_heads'),
-                             long_term=m.motion_long_term,
-                             fusion=m.motion_fusion, num_prompts=m.motion_num_prompts,
-                             prompt_gate=m.motion_prompt_gate)
-
+# X-CLIP's cross-attention (models/xclip.py), which motion prompts use too: [E, E] maps.
+_CROSS_ATTENTION_RULES = ((r'[qkv]_proj\.kernel$', P('fsdp', None)),
+                          (r'cross_attn\.proj\.kernel$', P(None, 'fsdp')))
 
 FAMILIES: dict[str, Family] = {
     'claver': Family(
-        'claver', CLAVERConfig, CLAVER, _claver_config, claver_from_clip,
+        'claver', CLAVERConfig, CLAVER, claver.config_for_run, claver_from_clip,
         param_groups=((r'^clip\.visual\.(ln_post\.|proj$|class_embedding$)', 'image_head'),
                       (r'^clip\.visual\.', 'image'), (r'^clip\.text\.', 'text'),
                       (r'^temporal\.', 'new')),
         vision='clip.visual', temporal_embedding='temporal.temporal_embedding',
-        run_options=('attention',), towers='clip'),
+        run_options=('attention',), towers='clip',
+        paper_flops=(('KMT', 'B32', 8, 33), ('KMT', 'B32', 16, 64), ('KMT', 'B16', 8, 122),
+                     ('KMT', 'B16', 16, 241), ('KMT', 'L14', 8, 558))),
     'xclip': Family(
-        'xclip', XCLIPConfig, XCLIP, _xclip_config, xclip_from_clip,
+        'xclip', XCLIPConfig, XCLIP, xclip.config_for_run, xclip_from_clip,
         param_groups=((r'^visual\.blocks\.\d+\.message_', 'new'), (r'^(mit\.|prompts_)', 'new'),
                       (r'^visual\.', 'image'), (r'^(text\.|logit_scale$)', 'text')),
-        vision='visual', temporal_embedding='mit.positional_embedding'),
+        vision='visual', temporal_embedding='mit.positional_embedding',
+        config_key='xclip', default_config=xclip.default_config,
+        sharding_rules=((r'message_fc\.kernel$', P('fsdp', None)),
+                        (r'prompts_visual_proj$', P('fsdp', None)), *_CROSS_ATTENTION_RULES),
+        paper_flops=(('X-CLIP', 'B32', 8, 39), ('X-CLIP', 'B16', 8, 145),
+                     ('X-CLIP', 'L14', 8, 658))),
     'motion_prompts': Family(
-        'motion_prompts', MotionPromptsConfig, MotionPrompts, _motion_prompts_config,
+        'motion_prompts', MotionPromptsConfig, MotionPrompts, motion_prompts.config_for_run,
         motion_prompts_from_clip,
         param_groups=((r'^clip\.visual\.', 'image'), (r'^clip\.(text\.|logit_scale$)', 'text'),
                       (r'^(down|up|motion|prompts|communication)\.', 'new')),
         vision='clip.visual', temporal_embedding='motion.positional_embedding', towers='clip',
-        frozen_towers=True, trainable_budget=0.05),
+        frozen_towers=True, trainable_budget=0.05,
+        config_key='motion', default_config=motion_prompts.default_config,
+        # Its maps to and from its width d, and its concatenated streams.
+        sharding_rules=((r'(^|\.)(down|motion\.fuse)\.kernel$', P('fsdp', None)),
+                        (r'(^|\.)(up|video_up|text_up)\.kernel$', P(None, 'fsdp')),
+                        *_CROSS_ATTENTION_RULES)),
 }
 
 
@@ -168,15 +179,35 @@ def of_config(cfg: Any) -> Family:
   raise ValueError(f'A {type(cfg).__name__} is not a video model config.')
 
 
-def _find(node: Any, path: str) -> Any:
+def _find(model: nnx.Module, field: str) -> Any:
+  """The submodule or parameter at the family's path `field` ('vision', 'towers', ...) in
+  `model`: None where a part on the way is None (a variant without it: CLAVER's 'mean' has no
+  temporal transformer); an error where the path names nothing (a typo in the registry)."""
+  family = of(model)
+  path, node = getattr(family, field), model
+  if path is None:
+    return None
   for name in path.split('.'):
-    node = getattr(node, name, None)
+    if not hasattr(node, name):
+      raise AttributeError(f'families.FAMILIES[{family.name!r}].{field}={path!r} names no part of '
+                           f'a {type(model).__name__}: {type(node).__name__} has no {name!r}.')
+    node = getattr(node, name)
+    if node is None:
+      return None
   return node
+
+
+def _require(model: nnx.Module, field: str) -> Any:
+  part = _find(model, field)
+  if part is None:
+    raise AttributeError(f'families.FAMILIES[{of(model).name!r}].{field}='
+                         f'{getattr(of(model), field)!r} is None in this {type(model).__name__}.')
+  return part
 
 
 def vision_tower(model: nnx.Module) -> nnx.Module:
   """The model's ViT (a clip.VisionTransformer)."""
-  return _find(model, of(model).vision)
+  return _require(model, 'vision')
 
 
 def check_has_towers(kind: str, where: Any) -> None:
@@ -193,12 +224,12 @@ def clip_towers(model: nnx.Module) -> CLIP:
   if isinstance(model, CLIP):
     return model
   check_has_towers(of(model).name, 'This')
-  return _find(model, of(model).towers)
+  return _require(model, 'towers')
 
 
 def temporal_embedding(model: nnx.Module) -> nnx.Param | None:
   """The [T, D] parameter that ties the model to its frame count, or None."""
-  return _find(model, of(model).temporal_embedding)
+  return _find(model, 'temporal_embedding')
 
 
 def resample_temporal_embedding(embedding: jax.Array, num_frames: int) -> jax.Array:

@@ -7,7 +7,7 @@ A model directory holds
   tokenizer/     vocab.json + merges.txt in CLIP's format, when the source had them
 "normalization" is the per-channel input normalisation the weights expect, on pixel values
 scaled to 0-1: frames are fed as (x / 255 - mean) / std (claver_jax.data.transforms.normalize).
-Directories written before it was recorded are read with CLIP's, with a notice.
+Directories written before it was recorded are read with CLIP's (models/clip.py), with a notice.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from flax import nnx
 from claver_jax import distributed, fileio
 from claver_jax.models import families
 from claver_jax.models.claver import CLAVERConfig, claver_from_clip
-from claver_jax.models.clip import CLIP, CLIPConfig
+from claver_jax.models.clip import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig
+from claver_jax.param_paths import path_str
 
 FORMAT = 'claver_jax.model'
 VERSION = 1
@@ -40,17 +41,6 @@ MODEL_KINDS: dict[str, tuple[Callable[[dict], Any], Callable[..., nnx.Module]]] 
     **{f.name: (f.config_class.from_dict, f.module_class) for f in families.FAMILIES.values()},
 }
 CLIP_FRAMES = 8   # A plain CLIP used as a video model (CLIP-Mean) takes 8 frames unless told.
-
-
-def path_str(path: tuple) -> str:
-  """An nnx path (str/int keys) or a jax key path (DictKey, ..., GetAttrKey('value') of an nnx
-  Variable) -> 'visual.blocks.0.attn.qkv.kernel'."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.GetAttrKey):
-      continue
-    parts.append(str(getattr(k, 'key', getattr(k, 'idx', k))))
-  return '.'.join(parts)
 
 
 def flatten_params(tree: Any) -> dict[str, Any]:
@@ -149,7 +139,6 @@ def input_normalization(meta: dict[str, Any], where: Any) -> tuple[tuple[float, 
                                                                      tuple[float, ...]]:
   """(mean, std) a model directory's config.json (`meta`) records; CLIP's, with a notice, for
   directories written before it was recorded."""
-  from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD
   recorded = meta.get('normalization')
   if recorded is None:
     logging.warning('%s records no input normalisation; using CLIP\'s mean/std.', where)
@@ -158,7 +147,7 @@ def input_normalization(meta: dict[str, Any], where: Any) -> tuple[tuple[float, 
 
 
 def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int | None = None,
-         resample_frames: bool = True, attention: str | None = None) -> nnx.Module:
+         resample_frames: bool = True, **options: Any) -> nnx.Module:
   """Loads a converted or trained model directory (CLIP or a video family: CLAVER, X-CLIP), or
   the model of a run's workdir (its WORKDIR/model).
 
@@ -166,17 +155,23 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, num_frames: int |
   num_frames: video families only; run with this many frames. A temporal embedding (CLAVER's,
     X-CLIP's MIT positional embedding) trained with another count is resampled linearly, with a
     warning, unless `resample_frames=False` makes it an error.
-  attention: CLAVER only; 'dense' | 'chunked' | 'auto' instead of the directory's (kronecker.py).
+  options: the family's run options (Family.run_options: how it computes, never its
+    parameters) instead of the directory's; None keeps the directory's. CLAVER's attention:
+    'dense' | 'chunked' | 'auto' (kronecker.py).
   """
   path = model_dir(path)            # Resolved once: a WORKDIR/model swapped later is not followed.
   kind, config, _ = read_model_config(path)
   if num_frames is not None and kind not in families.FAMILIES:
     raise ValueError(f'num_frames applies to video models ({", ".join(families.FAMILIES)}); '
                      f'{path} holds a {kind} model.')
-  if attention is not None and kind != 'claver':
-    raise ValueError(f'attention applies to CLAVER checkpoints; {path} holds a {kind} model.')
-  if attention is not None:
-    config = dataclasses.replace(config, attention=attention)
+  options = {key: value for key, value in options.items() if value is not None}
+  for key in options:
+    if kind not in families.FAMILIES or key not in families.get(kind).run_options:
+      owners = [f.name for f in families.FAMILIES.values() if key in f.run_options]
+      raise ValueError(f'{key} is a run option of {", ".join(owners) or "no"} models; {path} '
+                       f'holds a {kind} model.')
+  if options:
+    config = dataclasses.replace(config, **options)
   model = _restore(path, kind, config, dtype)
   if num_frames is not None:
     model = families.with_num_frames(model, num_frames, resample=resample_frames)

@@ -41,6 +41,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from claver_jax.models.clip import (CLIP, FINAL_PRECISION, MLP, CLIPConfig, ResidualBlock,
@@ -313,3 +314,30 @@ def motion_prompts_from_clip(clip: CLIP, cfg: MotionPromptsConfig, *, dtype=jnp.
   model = MotionPrompts(cfg, dtype=dtype, rngs=rngs)
   nnx.update(model.clip, nnx.state(clip, nnx.Param))
   return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Its keys in a run config (claver_jax.run_config): config.model.motion
+# ---------------------------------------------------------------------------------------------
+def default_config() -> ml_collections.ConfigDict:
+  """config.model.motion, motion prompts' own keys in a run config:
+    width        the width of its new parts (None: embed dim / 4)
+    layers       the motion transformer's depth (1)
+    long_term    the long-term stream's differences, 'mean' (to the clip mean) or 'stride' (over
+                 T/2 frames)
+    fusion       the streams 'sum'med or 'concat'enated + linear
+    num_prompts  n learnt queries (8)
+    prompt_gate  the initial gate on the prompts added to the texts (0.1)
+  (the heads of its attention are config.model.temporal_heads)."""
+  return ml_collections.ConfigDict(dict(
+      width=ml_collections.config_dict.placeholder(int), layers=1, long_term='mean',
+      fusion='sum', num_prompts=8, prompt_gate=0.1))
+
+
+def config_for_run(clip: CLIPConfig, config: ml_collections.ConfigDict) -> MotionPromptsConfig:
+  """The MotionPromptsConfig a run config describes, on the towers `clip`."""
+  m = config.model.motion
+  return MotionPromptsConfig(clip=clip, num_frames=config.data.num_frames, width=m.width,
+                             layers=m.layers, heads=config.model.get('temporal_heads'),
+                             long_term=m.long_term, fusion=m.fusion, num_prompts=m.num_prompts,
+                             prompt_gate=m.prompt_gate)

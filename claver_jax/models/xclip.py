@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from claver_jax.models.clip import (ACTIVATIONS, MLP, CLIPConfig, MultiHeadAttention,
@@ -342,3 +343,23 @@ def xclip_from_clip(clip: Any, cfg: XCLIPConfig, *, dtype=jnp.float32, rngs: nnx
   model = XCLIP(cfg, dtype=dtype, rngs=rngs)
   nnx.update(model, nnx.state(clip, nnx.Param))   # visual.*, text.*, logit_scale: same paths
   return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Its keys in a run config (claver_jax.run_config): config.model.xclip
+# ---------------------------------------------------------------------------------------------
+def default_config() -> ml_collections.ConfigDict:
+  """config.model.xclip, X-CLIP's own keys in a run config:
+    mit_layers     the MIT's depth (1)
+    prompt_layers  the prompt generator's depth (2)
+    prompt_alpha   the prompt generator's initial output scale (0.1)
+  (the MIT's heads are config.model.temporal_heads)."""
+  return ml_collections.ConfigDict(dict(mit_layers=1, prompt_layers=2, prompt_alpha=0.1))
+
+
+def config_for_run(clip: CLIPConfig, config: ml_collections.ConfigDict) -> XCLIPConfig:
+  """The XCLIPConfig a run config describes, on the towers `clip`."""
+  x = config.model.xclip
+  return XCLIPConfig(clip=clip, num_frames=config.data.num_frames, mit_layers=x.mit_layers,
+                     mit_heads=config.model.get('temporal_heads'), prompt_layers=x.prompt_layers,
+                     prompt_alpha=x.prompt_alpha)
