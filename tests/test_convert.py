@@ -162,6 +162,7 @@ def test_openai_heads_must_divide_width(openai_state, tmp_path):
     convert(src, tmp_path / 'out', vision_heads=3)
 
 
+@pytest.mark.slow
 def test_resize_positional_embedding_to_larger_images(tiny_clip, tmp_path):
   out = tmp_path / 'clip48'
   run_cli('convert.clip_to_flax', f'--src={tiny_clip["hf_dir"]}', f'--out={out}',
@@ -206,6 +207,7 @@ def test_load_rejects_non_model_directories(tmp_path, converted_hf):
     load(edited)
 
 
+@pytest.mark.slow
 def test_safetensors_convert_without_torch(tiny_clip, openai_state, tmp_path):
   """safetensors sources need no torch: convert with `import torch` made to fail."""
   src = tmp_path / 'clip.safetensors'
@@ -301,6 +303,7 @@ def test_a_hostile_torchscript_archive_runs_nothing(tmp_path):
   assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_a_pickle_that_calls_a_function_converts_without_calling_it(openai_state, tmp_path):
   """A state dict with an extra entry whose unpickling would call os.makedirs: the weights are
   read, the call never happens (torch.load without weights_only would make the directory)."""

@@ -21,13 +21,11 @@ from claver_jax.data.sources import DataError, read_list
 from claver_jax.models import CLIPConfig, XCLIPConfig
 from claver_jax.run_config import ConfigError
 from conftest import REPO
-from data_helpers import synthetic_dir
+from helpers import run_towers, synthetic_dir
 from test_protocols import tiny_model_dir  # noqa: F401 (a fixture)
 
 TINY = 'tests/tiny_config.py'
-TINY_CLIP = CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=64, vision_layers=1,
-                       vision_heads=1, vision_mlp_dim=128, context_length=32, text_width=32,
-                       text_layers=1, text_heads=1, text_mlp_dim=64)
+TINY_CLIP = run_towers()
 
 
 def run_main(workdir, *args: str) -> subprocess.CompletedProcess:
@@ -65,6 +63,7 @@ def tiny_config(**init) -> ml_collections.ConfigDict:
      "error: config.model.name='clever' is not a model family; use one of ['claver', 'xclip', "
      "'motion_prompts']."),
 ], ids=['few-shot preset', 'k400 preset', 'config file', 'model family'])
+@pytest.mark.slow
 def test_config_and_preset_errors_keep_their_cause_exit_2_and_write_nothing(tmp_path, args,
                                                                           message):
   workdir = tmp_path / 'never'
@@ -75,6 +74,7 @@ def test_config_and_preset_errors_keep_their_cause_exit_2_and_write_nothing(tmp_
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_data_and_model_errors_leave_no_workdir(tiny_model_dir, tmp_path):  # noqa: F811
   """A wrong data root stops at start-up (before the workdir is made); a model directory that
   fails to load after it was made leaves no empty workdir behind. Both one line, exit 1."""
