@@ -189,7 +189,8 @@ def train_config(quick: bool, clips_per_device: int, devices: int):
 def check_train_step(quick: bool, clips_per_device: int, steps: int) -> tuple[bool, float]:
   """-> (passed, clips/s)."""
   from claver_jax.memory import text_shape
-  from claver_jax.train import check_batches, make_train_step
+  from claver_jax.run_config import check_batches
+  from claver_jax.step import make_train_step
   mesh = local_mesh()
   device = jax.local_devices()[0]
   capacity = (device.memory_stats() or {}).get('bytes_limit')

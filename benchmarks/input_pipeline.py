@@ -24,7 +24,7 @@ of one view, `python -m claver_jax.flops --config=configs/k400.py:B16,8`). At 40
   8 x H100 SXM (989 TFLOP/s dense bf16 each):  8 x 989e12 x 0.4 / 1.206e12 = 2,625 clips/s;
   a v5e host of 4 chips (197 TFLOP/s bf16 each): 4 x 197e12 x 0.4 / 1.206e12 =   261 clips/s.
 (The issue's ~4,500 and ~440 take the paper's 122 G multiply-adds per view, 244 GFLOPs, which
-counts less than XLA does: see the README's FLOPs table.) --flops_per_clip overrides the cost.
+counts less than XLA does: see docs/performance.md: FLOPs.) --flops_per_clip overrides the cost.
 `measure(...)` is the entry point for other scripts (benchmarks.accelerator_smoke).
 """
 

@@ -16,7 +16,7 @@ weights (the printed video-embedding difference checks it). fp32, T = 8 frames, 
              trained (the same parameter count on both sides, printed); 5 description sets x 20
              classes of texts 8 to 77 tokens long in 77-token rows, encoded in the step; soft
              cross-entropy; AdamW with the temporal parts at 10x lr. Ours is
-             claver_jax.train.make_train_step, jitted with the state donated, as the train loop
+             claver_jax.step.make_train_step, jitted with the state donated, as the train loop
              runs it: the texts cut to the longest and encoded in groups at their own length
              (the reference encodes every row at 77 tokens, as the official code does); mixup
              off on both sides. `--text_lengths=full` makes every text 77 tokens long: then
@@ -207,7 +207,7 @@ def main(argv: list[str]) -> None:
   from claver_jax import optim, sharding
   from claver_jax.models import families, load
   from claver_jax.models.clip import needed_context, pool_index
-  from claver_jax.train import make_train_step
+  from claver_jax.step import make_train_step
   from convert.claver_to_flax import convert
 
   if f.single_thread:

@@ -1,4 +1,4 @@
-r"""Motion prompts on the demo: the design alternatives and ablations of the README, in one run.
+r"""Motion prompts on the demo: the design alternatives and ablations of docs/models.md, in one run.
 
     python -m claver_jax.main --config=configs/demo.py --workdir=/tmp/claver_demo
     python -m benchmarks.motion_prompts_demo --checkpoint=/tmp/claver_demo [--seeds=2]
@@ -27,7 +27,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
 
-from claver_jax import evaluate, optim, train
+from claver_jax import evaluate, optim
+from claver_jax.models.build import make_model
+from claver_jax.step import soft_cross_entropy
 from claver_jax.data import build_pipelines
 from claver_jax.data.mixup import smooth_one_hot
 from claver_jax.data.transforms import normalize
@@ -89,7 +91,7 @@ def run_variant(config, tokenizer, text, cached, zeroed, seed) -> tuple[float, f
   """-> (val top-1 %, trainable share of the towers) of one variant, one seed."""
   config = config.copy_and_resolve_references()
   config.seed = seed
-  model = train.make_model(config, tokenizer, nnx.Rngs(seed))
+  model = make_model(config, tokenizer, nnx.Rngs(seed))
   family = families.of(model)
   held = lambda path, _: path_str(path).startswith(zeroed) if zeroed else False
   for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -113,7 +115,7 @@ def run_variant(config, tokenizer, text, cached, zeroed, seed) -> tuple[float, f
 
     def loss_fn(model):
       logits = model.class_logits(model.frame_features(frames), text[set_ids])
-      return train.soft_cross_entropy(logits, targets)
+      return soft_cross_entropy(logits, targets)
 
     loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
     optimizer.update(model, grads)
@@ -150,7 +152,7 @@ def main(argv) -> None:
                                                          config.eval.batch_size)
   data = build_pipelines(data_config)
   tokenizer = load_tokenizer(model_dir(config.init.checkpoint))
-  model = train.make_model(config, tokenizer, nnx.Rngs(0))
+  model = make_model(config, tokenizer, nnx.Rngs(0))
   tick = time.time()
   cached = frame_embeddings(config, model, data)
   tokens = prompt_tokens(data.class_names, tokenizer, None,

@@ -14,7 +14,7 @@ Both steps are compiled for abstract inputs (XLA's cost analysis of the SPMD-par
 program; nothing runs at this size):
   before  the step as it was: every device encodes the K·C texts at 77 tokens (written out here
           as `reference_train_step`);
-  after   claver_jax.train.make_train_step: each device encodes K·C / 8 texts, once per step,
+  after   claver_jax.step.make_train_step: each device encodes K·C / 8 texts, once per step,
           sorted by length and in groups at their own context (multiples of 8 tokens).
 The last line is `per-device step FLOPs, after/before: X.XXX`. Goal: <= 0.25.
 """
@@ -49,7 +49,7 @@ from claver_jax.models.clip import needed_context, pool_index
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import (build_prompt_texts, load_prompt_set, prompt_tokens,
                                      resolve_templates)
-from claver_jax.train import make_train_step, soft_cross_entropy
+from claver_jax.step import make_train_step, soft_cross_entropy
 
 CLIP_BPE = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'clip_bpe' / \
     'bpe_simple_vocab_16e6.txt.gz'

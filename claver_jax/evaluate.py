@@ -5,6 +5,12 @@ C classes; mean over the A sets; sum over the V views. Top-k counts a video as c
 label is among its k best classes, over all videos (the official code divides by A: wrong).
 The logits come from the model family's `class_logits` (see claver_jax.models.families).
 
+On the devices (`make_eval_fns`, `run_eval`): jitted functions of the MODEL state alone
+(`nnx.split(model)`'s; the train loop passes the model part of its (model, optimizer) state, the
+same arrays, sharded as it holds them): the texts encoded split over the devices
+(`encode_texts_sharded`), then one pass over the eval split whose scores stay on the devices
+until one gather at its end.
+
 Reports (`write_reports`, process 0) go to `reports_dir(WORKDIR, kind)`: WORKDIR/eval/latest/
 and WORKDIR/eval/best/ (training's periodic evaluations: the last one, and the best by val
 top-1), WORKDIR/eval/test/ (the multi-view test at the end of training) and
@@ -25,7 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from claver_jax import aot, distributed, sharding
+from claver_jax.data import make_global_batch
+from claver_jax.data.labels import DataError
+from claver_jax.data.transforms import normalize
 from claver_jax.fileio import atomic_write_bytes, atomic_write_text, run_path
+
+TEXTS_PER_DEVICE = 512     # Texts each device encodes per call in evaluation.
 
 
 def encode_texts(encode_text, tokens: np.ndarray, chunk: int = 512) -> jax.Array:
@@ -35,6 +50,7 @@ def encode_texts(encode_text, tokens: np.ndarray, chunk: int = 512) -> jax.Array
   flat = tokens.reshape(a * c, s)
   parts = [encode_text(flat[i:i + chunk]) for i in range(0, a * c, chunk)]
   return jnp.concatenate(parts).reshape(a, c, -1)
+
 
 
 def class_scores(logits: jax.Array) -> jax.Array:
@@ -174,3 +190,79 @@ def dump_scores(path: str | os.PathLike, *, videos: Sequence[str], labels: np.nd
            class_names=np.asarray(list(class_names), dtype=str),
            step=np.int64(-1 if step is None else step), views=np.asarray(views))
   atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# On the devices: the model state alone
+# ---------------------------------------------------------------------------------------------
+def encode_texts_sharded(model: nnx.Module, tokens: jax.Array,
+                         mesh: jax.sharding.Mesh) -> jax.Array:
+  """tokens int32 [N, S] -> [N, E] (the family's `encode_text`: projected, not normalised), on
+  every device. Inside jit: each device of the batch axes encodes N / devices of the texts (N
+  padded with empty texts to a multiple of the device count; their embeddings are dropped) and
+  the embeddings are gathered; the backward pass through the text tower is split the same way."""
+  n = tokens.shape[0]
+  # Padded on every device, then each takes its rows: no tokens move between devices.
+  tokens = jax.lax.with_sharding_constraint(jnp.pad(tokens, ((0, -n % mesh.size), (0, 0))),
+                                            sharding.replicated(mesh))
+  tokens = jax.lax.with_sharding_constraint(tokens, sharding.batch_sharding(mesh))
+  embeddings = model.encode_text(tokens)
+  return jax.lax.with_sharding_constraint(embeddings, sharding.replicated(mesh))[:n]
+
+
+def make_eval_fns(graphdef, state_sharding, mesh, normalization: tuple[Any, Any]):
+  """Jitted (state, tokens [N, S]) -> [N, E] (split over the devices, see
+  `encode_texts_sharded`) and (state, uint8 video [B, V, T, H, W, 3], text [A, C, E]) -> [B, C];
+  `graphdef`, `state` and `state_sharding` are the model's alone (`nnx.split(model)`); frames are
+  normalised with `normalization` (mean, std)."""
+  mean, std = (tuple(v) for v in normalization)
+  replicated = sharding.replicated(mesh)
+
+  def encode_text(state, tokens):
+    model = nnx.merge(graphdef, state)
+    return encode_texts_sharded(model, tokens, mesh)
+
+  def scores(state, video, text):
+    model = nnx.merge(graphdef, state)
+    return view_scores(model, normalize(video, mean, std), text)
+
+  return (jax.jit(encode_text, in_shardings=(state_sharding, replicated), out_shardings=replicated),
+          aot.on_first_call(lambda: jax.jit(
+              scores, in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
+              out_shardings=replicated), mesh, 'evaluation step'))
+
+
+def run_eval(data, state, encode_text, scores, tokens: np.ndarray, mesh,
+             stop: distributed.StopRequest | None = None) -> dict[str, Any] | None:
+  """One pass over the eval split -> summarize(...) over the videos that could be read,
+  with 'num_substituted' (the unreadable ones, left out), plus their 'scores' [N, C], 'labels'
+  [N] and 'index' [N] (eval-list positions; None for pipelines without them); a DataError when
+  the unreadable ones are more than data.max_substituted of the split. Scores stay on the devices
+  and are gathered once at the end. None when `stop()` is set between batches (a SIGTERM in a
+  one-process run; a multi-process run stops after the evaluation, see StopRequest)."""
+  text = encode_texts(lambda t: encode_text(state, t), tokens, chunk=TEXTS_PER_DEVICE * mesh.size)
+  parts = []
+  batch_sharding = sharding.batch_sharding(mesh)
+  for host_batch in data.eval_pass():
+    if stop is not None and stop():
+      return None
+    batch = make_global_batch(host_batch, batch_sharding)
+    parts.append({'scores': scores(state, batch['video'], text), 'label': batch['label'],
+                  'valid': batch['valid'], 'substituted': batch['substituted'],
+                  **({'index': batch['index']} if 'index' in batch else {})})
+  together = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+  gathered = multihost_utils.process_allgather(together, tiled=True)
+  valid = np.asarray(gathered['valid'])
+  unreadable = valid & np.asarray(gathered['substituted'])
+  data.check_substituted('eval', int(unreadable.sum()), int(valid.sum()))
+  keep = valid & ~unreadable
+  if not keep.any():
+    raise DataError('No video of the eval split could be read: nothing to score.')
+  summary = summarize(np.asarray(gathered['scores'])[keep],
+                      np.asarray(gathered['label'])[keep], data.class_names)
+  # For the score dump: [N, C] scores, [N] labels and eval-list positions, N scored videos.
+  summary.update(scores=np.asarray(gathered['scores'])[keep],
+                 labels=np.asarray(gathered['label'])[keep],
+                 index=np.asarray(gathered['index'])[keep] if 'index' in gathered else None,
+                 num_substituted=int(unreadable.sum()))
+  return summary

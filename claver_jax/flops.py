@@ -2,9 +2,9 @@ r"""Per-view FLOPs of a video model, from XLA's cost analysis of the lowered pro
 
     python -m claver_jax.flops --config=configs/k400.py:B16,16
     python -m claver_jax.flops --config=configs/k400.py:B16,8,xclip
-    python -m claver_jax.flops --table        # the README's table of the papers' variants
+    python -m claver_jax.flops --table        # docs/performance.md's table of the papers' variants
     python -m claver_jax.flops --config=configs/k400.py:B16,8 --texts [--devices=8]
-    python -m claver_jax.flops --texts_table  # the README's table of the text work per update
+    python -m claver_jax.flops --texts_table  # docs/performance.md's table of the text work/update
 
 Shapes only: the model is built with `nnx.eval_shape` and its functions are lowered, never run.
 XLA counts a multiply-add as 2 FLOPs; GMACs below are half the GFLOPs. One view is one clip of T
@@ -14,7 +14,7 @@ generator) is counted apart, as it grows with C.
 
 --texts: the text tower's work in one train step (update) of a config whose text tower trains:
 the description sets it draws (text.sets_per_step, K), the texts it encodes (every set once when
-K >= A, else the K drawn; claver_jax.train) split over --devices, and the text tower's forward +
+K >= A, else the K drawn; claver_jax.step) split over --devices, and the text tower's forward +
 backward FLOPs at --text_length tokens per text (32: the shipped prompt sets' longest with
 OpenAI's vocabulary; the step encodes shorter ones at 16 or 24, so this is an upper bound),
 against the official loop's per GPU: 5 sets of C texts per micro-batch, at 77 tokens (counted
@@ -87,7 +87,7 @@ def step_flops(make_jitted: Callable[[], Any], mesh: jax.sharding.Mesh, *args: A
   abstract `args` under `mesh`. `counted` is XLA's cost analysis of the compiled, partitioned
   program, which counts the body of a loop once; `hidden` is what the other trips of the loops
   add: the portable attention kernel's (models/kronecker.py) and the accumulation scan's
-  (train.py), from the lowered program traced with those loops unrolled
+  (step.py), from the lowered program traced with those loops unrolled
   (`kronecker.unrolled_loops`) less the same with loops, over the mesh's devices (that work is
   split over the batch). Per-device step FLOPs are their sum. `compiled`: the step already
   compiled for `args`, if there is one (saves compiling it again)."""
@@ -217,10 +217,10 @@ if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'A run config, e.g. configs/k400.py:B16,16.')
-  flags.DEFINE_bool('table', False, "Print the README's table of the papers' variants.")
+  flags.DEFINE_bool('table', False, "Print docs/performance.md's table of the papers' variants.")
   flags.DEFINE_integer('num_classes', K400_CLASSES, 'Class texts a view is scored against.')
   flags.DEFINE_bool('texts', False, "The text tower's work per train step of --config.")
-  flags.DEFINE_bool('texts_table', False, "Print the README's table of the text work per step.")
+  flags.DEFINE_bool('texts_table', False, "Print docs/performance.md's text work per step.")
   flags.DEFINE_integer('devices', OFFICIAL_GPUS, '--texts: devices the texts are split over.')
   flags.DEFINE_integer('text_length', 32, '--texts: tokens per text (an upper bound).')
   app.run(main)

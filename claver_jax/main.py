@@ -1,9 +1,11 @@
-r"""Train or evaluate CLAVER: the command users run.
+r"""Train, evaluate or test zero-shot: the command users run.
 
     python -m claver_jax.main --config=configs/NAME.py[:PRESET] --workdir=DIR [--config.KEY=VALUE]
 
-`config.mode` selects 'train' (train + periodic eval) or 'eval' (evaluate the workdir's latest
-checkpoint, or config.init.checkpoint). A second run with the same workdir resumes (under the
+`config.mode` selects 'train' (train + periodic eval: claver_jax.train), 'eval' (evaluate the
+workdir's latest checkpoint, or config.init.checkpoint: claver_jax.run.evaluate_workdir) or
+'zeroshot' (configs/zeroshot.py: claver_jax.zeroshot; `python -m claver_jax.zeroshot` is an
+alias of this command for zero-shot configs). A second run with the same workdir resumes (under the
 config it was trained with; see claver_jax/workdir.py); one started while another holds the
 workdir stops at once. SIGTERM saves a checkpoint and exits 0. A config error (an unknown key, a bad value, keys that cannot
 work together) is one line on stderr and exit status 2, before anything is written.
@@ -37,9 +39,13 @@ flags.DEFINE_integer('process_id', -1, 'Multi-process runs: this process, 0..num
 flags.mark_flags_as_required(['config'])
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], zeroshot_only: bool = False) -> None:
+  """Runs config.mode; `zeroshot_only`: `python -m claver_jax.zeroshot`, zero-shot configs only."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if zeroshot_only and _CONFIG.value.mode != 'zeroshot':
+    cli.fail(f'config.mode={_CONFIG.value.mode!r}: python -m claver_jax.zeroshot runs zero-shot '
+             'configs (configs/zeroshot.py); run this one with python -m claver_jax.main.')
   absl_logging.get_absl_handler().setFormatter(logging.Formatter('%(levelname).1s %(message)s'))
   logging.getLogger('jax._src').setLevel(logging.WARNING)
   from claver_jax import distributed  # Before anything else touches JAX.
@@ -58,7 +64,7 @@ def main(argv: list[str]) -> None:
                  jax.local_device_count(), jax.device_count())
   from claver_jax.checkpoint import CheckpointError
   from claver_jax.run_config import ConfigError
-  from claver_jax.train import NonFiniteLossError, train_and_evaluate
+  from claver_jax.step import NonFiniteLossError
   from claver_jax.workdir import LOCK_NAME, WorkdirError
   workdir = Path(flags.FLAGS.workdir)
   created = not workdir.exists()
@@ -68,7 +74,12 @@ def main(argv: list[str]) -> None:
         from claver_jax.zeroshot import run_zeroshot
         run_zeroshot(_CONFIG.value, flags.FLAGS.workdir)
         return
-      metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+      if _CONFIG.value.mode == 'eval':
+        from claver_jax.run import evaluate_workdir
+        metrics = evaluate_workdir(_CONFIG.value, flags.FLAGS.workdir)
+      else:
+        from claver_jax.train import train_and_evaluate
+        metrics = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
     except ConfigError as e:
       cli.fail(str(e))
     except (NonFiniteLossError, WorkdirError, CheckpointError, ValueError, FileNotFoundError) as e:

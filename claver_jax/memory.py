@@ -1,7 +1,7 @@
 r"""Per-device memory of the compiled train step, from XLA's memory analysis: nothing is run.
 
     python -m claver_jax.memory --config=configs/k400.py:B16,32 --topology=v5e:4x4
-    python -m claver_jax.memory --table --topology=v5e:2x4 --text_length=32   # the README's
+    python -m claver_jax.memory --table --topology=v5e:2x4 --text_length=32   # the docs'
     python -m claver_jax.memory --config=configs/k400.py:B16,8,xclip --num_classes=400 --devices=8
 
 --topology=NAME (v5e:4x4, v5e:2x4, v4:2x2x4, v6e:4x4, ...: claver_jax.topologies) compiles the
@@ -14,7 +14,7 @@ XLA:CPU computes bf16 matrix products in fp32 and lays out, fuses and schedules 
 its figures overstate an accelerator's (K400 B/16 32f with the image tower frozen, 16 clips per
 device: 38.0 GiB for the CPU, 14.71 GiB for v5e); they are no GPU figures, only an upper bound.
 
-The train step is the one train.py compiles (`make_train_step`, its shardings, the donated
+The train step is the one train.py compiles (`step.make_train_step`, its shardings, the donated
 state, the fused attention kernel the platform gets: splash on TPU), lowered on abstract shapes
 (`nnx.eval_shape`, `jax.ShapeDtypeStruct`); `memory_analysis()` of the per-device program gives
 its arguments, outputs and temporaries, and a device's peak is arguments + outputs - donated +
@@ -22,7 +22,7 @@ temporaries. The class count and description sets come from the config's prompt 
 and text.bare_name; a config without a prompt set (X-CLIP's presets: the class name alone) needs
 --num_classes. Every text is counted at `context_length` tokens, or at --text_length (the step
 cuts texts to the longest one, rounded up to 8: 32 for the shipped prompt sets with OpenAI's
-vocabulary; the README's tables use --text_length=32).
+vocabulary; docs/performance.md's tables use --text_length=32).
 
 A micro-batch fits a TPU chip when the compiled peak is at most TPU_BUDGET_FRACTION of its HBM
 (the runtime keeps some for itself); a CPU-compiled one fits a device at CPU_BUDGET_FRACTION
@@ -102,9 +102,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list,
                        text_length: int | None = None,
                        num_classes: int | None = None) -> aot.CompiledStep:
   """The train step of `config` (its global batch and accumulation) compiled for `devices`
-  after train.py's start-up checks; `num_classes` for a config without a prompt set (see
-  `text_shape`)."""
-  from claver_jax.train import check_batches, make_train_step
+  after the train loop's batch checks (run_config.check_batches); `num_classes` for a config
+  without a prompt set (see `text_shape`)."""
+  from claver_jax.run_config import check_batches
+  from claver_jax.step import make_train_step
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   check_batches(config, mesh)
   # The config's model; a 'custom' one with CLIP's vocabulary (its tokenizer is not read).
@@ -181,8 +182,8 @@ def budget(topology: str) -> tuple[str, float]:
 
 def table(num_devices: int, text_length: int | None, topology: str = '',
           remat: bool | None = None) -> str:
-  """The README's table: one row per config of SETTINGS, on `topology`'s chips (or CPU devices);
-  `remat` overrides the configs' model.remat."""
+  """docs/performance.md's memory table: one row per config of SETTINGS, on `topology`'s chips
+  (or CPU devices); `remat` overrides the configs' model.remat."""
   devices = step_devices(num_devices, topology)
   kinds = [budget(topology)] if topology else [(n, CPU_BUDGET_FRACTION * m) for n, m in DEVICES]
   lines = ['| config | model | peak at 1 clip/device (text tower) | per further clip | clips/device '
@@ -267,7 +268,7 @@ if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'A run config, e.g. configs/k400.py:B16,32.')
-  flags.DEFINE_bool('table', False, "Print the README's table of what fits.")
+  flags.DEFINE_bool('table', False, "Print docs/performance.md's table of what fits.")
   flags.DEFINE_string('topology', '', 'A TPU slice to compile for (v5e:4x4, v5e:2x4, v4:2x2x4, '
                       'v6e:4x4, ...; needs libtpu, no TPU). Default: simulated CPU devices.')
   flags.DEFINE_enum('remat', None, ['true', 'false'], '--table: set model.remat in every config '

@@ -40,6 +40,13 @@
     model.resample_frames  loading a checkpoint trained with other T resamples its temporal
                          embedding (True) or is an error (False)
     data                 see claver_jax.data.default_config (source, root, lists, labels, T, S, ...)
+                         A run sets some of its keys itself: data.batch_size, eval_batch_size
+                         (from train.batch_size, eval.batch_size over the processes),
+                         data.num_clips, num_crops (from eval.num_clips, num_crops) and, in
+                         zero-shot mode, data.source, root, train_list, val_list, labels, shots
+                         (config.zeroshot.DATASET's); a value given to one of them is an error
+                         naming the key to set instead (`mode_overrides`). mode=eval reads no
+                         train list (data.train_list is left out, said once in the log)
     data.mean, data.std  the input normalisation the run trains and evaluates with (CLIP's by
                          default; the paper configs use ImageNet's, as the official code does);
                          WORKDIR/model records it
@@ -124,8 +131,10 @@
 """
 
 import json
+import logging
 from typing import Any
 
+import jax
 import ml_collections
 
 from claver_jax import optim, sharding
@@ -221,7 +230,8 @@ _AT_LEAST = {
     'data.read_buffer': (1, ''), 'data.shots': (0, '0 trains on every clip'),
     'text.sets_per_step': (1, ''), 'text.num_merges': (0, ''),
 }
-_PROBABILITIES = ('data.jitter_prob', 'data.grayscale_prob', 'train.mixup_switch_prob')
+_PROBABILITIES = ('data.flip_prob', 'data.jitter_prob', 'data.grayscale_prob',
+                  'train.mixup_switch_prob')
 
 
 def check_config(c: ml_collections.ConfigDict) -> None:
@@ -289,6 +299,14 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if not 0 <= t.label_smoothing < 1:
     raise ConfigError(f'config.train.label_smoothing={t.label_smoothing} must be in [0, 1).')
   check_values(c)
+  check_mode_overrides(c)
+  if c.mode == 'zeroshot':
+    if 'zeroshot' not in c:
+      raise ConfigError('config.mode=zeroshot, but the config has no zeroshot section; start from '
+                        'configs/zeroshot.py.')
+    if not init.checkpoint:
+      raise ConfigError('config.init.checkpoint is empty: set it to the K400-trained model '
+                        'directory (or the workdir of its run) to evaluate.')
 
 
 def _value(c: ml_collections.ConfigDict, key: str) -> Any:
@@ -306,9 +324,10 @@ def check_values(c: ml_collections.ConfigDict) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
       raise ConfigError(f'config.{key}={value!r} must be an integer >= {lowest}'
                         + (f' ({why}).' if why else '.'))
-  for key in _PROBABILITIES + (('data.flip_prob',) if c.data.flip_prob is not None else ()):
-    if not 0 <= _value(c, key) <= 1:
-      raise ConfigError(f'config.{key}={_value(c, key)!r} must be a probability in [0, 1].')
+  for key in _PROBABILITIES:
+    value = _value(c, key)
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+      raise ConfigError(f'config.{key}={value!r} must be a probability in [0, 1].')
   o = c.optim
   if not (c.train.epochs > 0 and o.lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0
           and 0 <= o.end_lr_ratio <= 1):
@@ -327,3 +346,60 @@ def check_values(c: ml_collections.ConfigDict) -> None:
     if c.mesh[axis] != -1 and c.mesh[axis] < 1:
       raise ConfigError(f'config.mesh.{axis}={c.mesh[axis]}: use a device count >= 1, or -1 for '
                         'the devices left over.')
+
+
+def mode_overrides(c: ml_collections.ConfigDict) -> list[tuple[str, Any, str]]:
+  """(config.data key, the value the run gives it, the key that sets it) for each config.data key
+  that a run of c.mode sets itself (train_and_evaluate, evaluate_workdir, run_zeroshot)."""
+  processes = jax.process_count()
+  rows = [('data.eval_batch_size', c.eval.batch_size // processes, 'eval.batch_size'),
+          ('data.num_clips', c.eval.num_clips, 'eval.num_clips'),
+          ('data.num_crops', c.eval.num_crops, 'eval.num_crops')]
+  if c.mode != 'zeroshot':
+    return [('data.batch_size', c.train.batch_size // processes, 'train.batch_size')] + rows
+  datasets = 'zeroshot.DATASET'
+  return rows + [('data.source', 'filelist', f'{datasets}.root'),
+                 ('data.root', '', f'{datasets}.root'),
+                 ('data.train_list', '', f'{datasets}.test_list'),
+                 ('data.val_list', '', f'{datasets}.test_list'),
+                 ('data.labels', '', f'{datasets}.labels'),
+                 ('data.shots', 0, f'{datasets}.test_list')]
+
+
+def check_mode_overrides(c: ml_collections.ConfigDict) -> None:
+  """A config.data key that the run sets itself (`mode_overrides`), given another value than its
+  default and than the run's, is an error naming the key that sets it; mode=eval's unread train
+  list is said once in the log."""
+  from claver_jax.data import default_config as data_defaults
+  defaults = data_defaults()
+  for key, used, source in mode_overrides(c):
+    value, default = _value(c, key), defaults[key.split('.', 1)[1]]
+    if value != default and value != used:
+      how = (f'from config.{source}' if source.startswith('zeroshot.')
+             else f'from config.{source} ({used!r}'
+             + (f' per process of {jax.process_count()})' if 'batch' in key else ')'))
+      raise ConfigError(f'config.{key}={value!r} is not read: a mode={c.mode} run sets it {how}; '
+                        f'set --config.{source} instead.')
+  if c.mode == 'eval' and c.data.train_list:
+    logging.info('config.mode=eval: config.data.train_list=%s is not read.', c.data.train_list)
+
+
+def check_batches(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """The start-up checks of the batches on `mesh` (`claver_jax.memory --topology` runs them too):
+  the global batch splits over the devices and accumulation steps, the batches over the
+  processes, and every process's devices hold an equal share of each batch."""
+  num_devices, tc = mesh.size, c.train
+  processes = sorted({d.process_index for d in mesh.devices.flat})
+  if tc.batch_size % (num_devices * tc.grad_accum_steps):
+    raise ConfigError(f'config.train.batch_size={tc.batch_size} must divide by the {num_devices} '
+                      f'devices x grad_accum_steps={tc.grad_accum_steps}.')
+  if tc.batch_size % len(processes) or c.eval.batch_size % num_devices:
+    raise ConfigError(f'Batch sizes must divide by the process count ({len(processes)}); '
+                      f'config.eval.batch_size={c.eval.batch_size} by the {num_devices} '
+                      'devices.')
+  for process in processes:
+    for batch in (tc.batch_size, c.eval.batch_size):
+      try:
+        sharding.process_rows(mesh, batch, process)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None

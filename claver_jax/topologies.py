@@ -6,7 +6,7 @@
 `jax.experimental.topologies.get_topology_desc` gives the devices of a named slice as libtpu lays
 them out (chip coordinates, the host that drives each): jit can lower and compile for them, and
 XLA's TPU compiler reports the program's per-device memory, on a machine without a TPU. It
-needs libtpu (`pip install -e '.[tpu]'`). TOPOLOGIES lists the slices the tests and the README
+needs libtpu (`pip install -e '.[tpu]'`). TOPOLOGIES lists the slices the tests and the docs
 use, with their hosts' shapes as Cloud TPU builds them: v4 and multi-host v5e/v6e slices have 4
 chips per host (2x2), v5e/v6e 2x4 is one host of 8 chips, v4 runs one megacore device per chip.
 """

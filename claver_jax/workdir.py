@@ -1,4 +1,4 @@
-"""A run's claim on its workdir, checked before the model is built (train_and_evaluate):
+"""A run's claim on its workdir, checked before the model is built (run.start_run):
 
   1. room: WORKDIR is created, and a write (1 MiB, fsynced) and its free space are checked, so a
      read-only or full file system is one error line, not a crash after an hour of setup;

@@ -4,6 +4,9 @@ r"""Zero-shot evaluation of a Kinetics-400-trained model on UCF-101, HMDB-51 and
         --config.init.checkpoint=runs/k400_b16_32 [--config.zeroshot.ucf101.root=... ...]
     python -m claver_jax.zeroshot --config=configs/zeroshot.py --workdir=DIR [the same flags]
 
+The second is an alias of the first (claver_jax.main, the same flags and start-up) that takes
+zero-shot configs (config.mode='zeroshot') only.
+
 The protocol is X-CLIP's (after ER-ZSAR), which CLAVER follows (its Appendix D). The model
 never sees these classes in training; each class is described by its bare name, the templates
 the model directory records (those it was trained with; else the official ones;
@@ -15,7 +18,7 @@ config.text.templates overrides) and its interpretive prompts (config.text.aspec
     renamed in K600), with their evaluation videos: shipped in claver_jax/data/k600_zeroshot/
     (labels, video lists, provenance). Only the videos' folder is needed. Mean ± std of top-1 and
     top-5 over the splits, and each split.
-Scores are train.run_eval's over evaluate.class_scores (softmax over classes per description
+Scores are evaluate.run_eval's over evaluate.class_scores (softmax over classes per description
 set, mean over sets, sum over views); top-k counts over all videos. std is numpy's (ddof=0; the
 paper does not say which).
 
@@ -32,7 +35,6 @@ import dataclasses
 import importlib.resources
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -43,7 +45,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from claver_jax import cli, distributed, evaluate, sharding
+from claver_jax import distributed, evaluate, sharding
 from claver_jax import report as run_report
 from claver_jax.data import build_pipelines
 from claver_jax.data.pipeline import Pipelines
@@ -55,8 +57,7 @@ from claver_jax.models.io import model_dir
 from claver_jax.run_config import ConfigError, check_config
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import prompt_tokens, resolve_aspects, resolve_templates
-from claver_jax.train import make_eval_fns, run_eval
-from claver_jax.workdir import WorkdirError, claim_workdir
+from claver_jax.workdir import claim_workdir
 
 DATASETS = ('ucf101', 'hmdb51', 'k600')
 
@@ -203,7 +204,7 @@ def plan_runs(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list[Ru
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Progress:
-  """Pipelines whose eval pass advances a progress bar (what train.run_eval iterates)."""
+  """Pipelines whose eval pass advances a progress bar (what evaluate.run_eval iterates)."""
   data: Pipelines
   bar: Any
 
@@ -246,13 +247,11 @@ def format_table(datasets: dict[str, dict[str, Any]], skipped: dict[str, str]) -
 def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates config.init.checkpoint zero-shot (see the module docstring); writes
   WORKDIR/zeroshot.json, prints a table and returns what it wrote."""
-  if 'zeroshot' not in config:
-    raise ConfigError('The config has no zeroshot section; start from configs/zeroshot.py.')
+  if config.mode != 'zeroshot':
+    raise ConfigError(f"config.mode={config.mode!r}; run_zeroshot runs 'zeroshot' "
+                      '(configs/zeroshot.py).')
   check_config(config)
   workdir = run_path(workdir)              # Local, or gs:// (etils.epath).
-  if not config.init.checkpoint:
-    raise ConfigError('config.init.checkpoint is empty: set it to the K400-trained model directory '
-                      '(or the workdir of its run) to evaluate.')
   checkpoint = model_dir(config.init.checkpoint)
   kind, model_cfg, meta = read_model_config(checkpoint)
   image_size = (model_cfg if kind == 'clip' else model_cfg.clip).image_size
@@ -299,12 +298,12 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                              num_frames=config.data.num_frames,
                              resample_frames=config.model.resample_frames)
     tokenizer = load_tokenizer(config.text.tokenizer or checkpoint)
-    graphdef, state = nnx.split((model, None))    # train's eval fns take a (model, optimizer) state
+    graphdef, state = nnx.split(model)
     state_sharding = sharding.state_shardings(mesh, state)
     state = jax.device_put(state, state_sharding)
     # The model is fed as its directory records (config.data.mean/std apply to training).
-    encode_text, scores = make_eval_fns(graphdef, state_sharding, mesh,
-                                        input_normalization(meta, checkpoint))
+    encode_text, scores = evaluate.make_eval_fns(graphdef, state_sharding, mesh,
+                                                 input_normalization(meta, checkpoint))
 
     # ----------------------------------------------------------------------------- evaluate
     lead = jax.process_index() == 0
@@ -331,7 +330,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                               allow_missing=config.text.allow_missing,
                               context_length=model.cfg.clip.context_length)
         tokens = texts.tokens[..., :needed_context(texts.tokens, model.cfg.clip)]
-        summary = run_eval(_Progress(data, bar), state, encode_text, scores, tokens, mesh)
+        summary = evaluate.run_eval(_Progress(data, bar), state, encode_text, scores, tokens,
+                                    mesh)
         if lead:
           directory = workdir / 'zeroshot' / run.dataset / run.name
           evaluate.write_reports(summary, data.class_names, directory,
@@ -364,33 +364,10 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       workdir_lock.release()
 
 
-def main(argv: list[str]) -> None:
-  from absl import flags
-  from absl import logging as absl_logging
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}')
-  try:
-    distributed.initialize()
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  absl_logging.set_verbosity(absl_logging.INFO if jax.process_index() == 0
-                             else absl_logging.WARNING)
-  for noisy in ('absl', 'orbax', 'jax._src', 'grain'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  absl_logging.get_absl_handler().setFormatter(logging.Formatter('%(levelname).1s %(message)s'))
-  try:
-    run_zeroshot(flags.FLAGS.config, flags.FLAGS.workdir)
-  except ConfigError as e:
-    cli.fail(str(e))
-  except (ValueError, FileNotFoundError, WorkdirError) as e:
-    sys.exit(f'error: {e}')
+if __name__ == '__main__':   # An alias of claver_jax.main for zero-shot configs.
+  import functools
 
+  from absl import app
 
-if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'configs/zeroshot.py, or another config with a '
-                                  'zeroshot section.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Where zeroshot.json and the reports go.', required=True)
-  flags.mark_flags_as_required(['config'])
-  app.run(main, flags_parser=cli.parse_flags)
+  from claver_jax import cli, main
+  app.run(functools.partial(main.main, zeroshot_only=True), flags_parser=cli.parse_flags)

@@ -41,11 +41,10 @@ epochs, lr 2e-6, batch 4 x 2, resumed from the K400 B/16 32-frame model, descrip
 decomposition + body + synonyms); the global batch of 64 (8 GPUs) and the rest as in
 configs/ucf101.py.
 
-Memory per device (`python -m claver_jax.memory --config=configs/hmdb51.py:full
---text_length=32`; see the README's table): 4.2 GiB at 1 clip per device, 1.2 of it the text
-tower (5 x 51 texts split over the devices, at 32 tokens at most), plus 2.0 GiB per further clip.
-As shipped (4 clips per device on 8 devices, 2 accumulation steps) 10.9 GiB: it fits an 80 GB
-GPU (up to 28 clips per device), a 32 GiB TPU chip (up to 10) and a 16 GiB one (up to 4).
+Memory: B/16 at 32 frames with remat, 4 clips per device on 8 devices, as configs/ucf101.py.
+Compiled as shipped for TPU v5e 2x4 (`python -m claver_jax.memory --config=configs/hmdb51.py:full
+--topology=v5e:2x4 --text_length=32`; how to read it: docs/performance.md, Memory), a chip's
+peak is 4.91 GiB: it fits 16 GiB chips.
 """
 
 import importlib.util

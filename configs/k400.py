@@ -63,25 +63,24 @@ Where the paper contradicts itself, and the side taken:
 Description sets: the official loop draws 5 description sets per GPU per micro-batch:
 text.sets_per_step = 5 x 8 x the accumulation steps (160, 320 or 1280 per update). That is more
 than the A sets there are, so each step encodes every set once, split over the devices, weighted
-by its draws (claver_jax/train.py): per device A x 400 / devices texts, where an official GPU
+by its draws (claver_jax/step.py): per device A x 400 / devices texts, where an official GPU
 encoded 5 x 400 per micro-batch (`python -m claver_jax.flops --config=... --texts`).
 
 Input: clips are decoded and augmented by data.num_workers = 16 grain worker processes per host
 (hosts of accelerators have tens of cores), capped at the host's CPUs. Each host must deliver its
 share of train.batch_size clips per step, and decoding Kinetics' 10-second mp4s cannot keep up
-with accelerators: one shared 2-core run of `python -m benchmarks.input_pipeline --seconds=10`
-gave 4.4 clips/s per core from mp4 and 60.4 from a prepared dataset (`python -m
-claver_jax.data.prepare`, 13.8x), where 8 H100s at 40% MFU consume about 2,625 (README: Video
-data). Prepare the dataset for accelerator runs; raise or lower num_workers with
+with accelerators: a prepared dataset (`python -m claver_jax.data.prepare`) decodes an order of
+magnitude faster per core (`python -m benchmarks.input_pipeline --seconds=10`; the rates, and
+what 8 H100s consume: docs/performance.md, Input pipeline). Prepare the dataset for accelerator runs; raise or lower num_workers with
 --config.data.num_workers=N.
 
 Memory and accumulation: on the official 8 devices the presets run the official micro-batches
 (train.grad_accum_steps = the official accumulation, 4 or 8; per-device clips are batch_size /
 (devices x grad_accum_steps)), and at more than 8 frames recompute activations in the backward
 pass (model.remat=True). Compiled as shipped for TPU v5e 2x4 (`python -m claver_jax.memory
---config=configs/k400.py:B16,8 --topology=v5e:2x4 --text_length=32`; README: Memory), a chip's
-peak is 14.99 GiB at B16 8 frames (8 clips per chip), which fits 32 GiB chips; on 16 GiB v5e
-chips add --config.train.grad_accum_steps=8 (1 clip: 10.75 GiB, +0.70 per further clip). At B16
+--config=configs/k400.py:B16,8 --topology=v5e:2x4 --text_length=32`; the per-clip costs:
+docs/performance.md, Memory), a chip's peak is 14.99 GiB at B16 8 frames (8 clips per chip),
+which fits 32 GiB chips; on 16 GiB v5e chips add --config.train.grad_accum_steps=8. At B16
 32 frames with remat it is 5.78 GiB (4 clips per chip). Other presets (16 frames, L14, X-CLIP)
 are not compiled yet: the command above prints theirs.
 
@@ -99,7 +98,7 @@ trained; class texts: the class name alone; 1 MIT layer, 2 prompt layers, alpha 
 
 Both official pipelines normalise frames with ImageNet's mean/std (data.mean/std here).
 
-Motion prompts (`motion_prompts`; README: Motion prompts), on frozen CLIP towers:
+Motion prompts (`motion_prompts`; docs/models.md), on frozen CLIP towers:
 
     python -m claver_jax.main --config=configs/k400.py:B16,8,motion_prompts \
         --workdir=runs/motion_b16_8 --config.init.clip=ckpt/clip_b16 [same data flags]
@@ -107,12 +106,12 @@ Motion prompts (`motion_prompts`; README: Motion prompts), on frozen CLIP towers
 SiF's hyperparameters are not public (nor its code or full text): this recipe is ours, and
 untested at this scale (no Kinetics run was made). Both towers and the logit scale frozen (the
 class texts encoded once and cached); AdamW (0.9, 0.98), eps 1e-8, weight decay 0.001, lr 3e-4
-for the new parts (a guess: on the demo's 14k new parameters 1e-2 won, see the README), 5 warmup
+for the new parts (a guess: on the demo's 14k new parameters 1e-2 won, see docs/models.md), 5 warmup
 epochs then cosine to lr/100, 30 epochs, batch 256 (X-CLIP's); label smoothing .1, mixup .8,
 cutmix 1; class texts: the class name alone (X-CLIP's); frames normalised with CLIP's own
 mean/std, which the frozen towers were trained with. Width 128 (E/4), 1 motion layer, 8 motion
-prompts: 828,544 trainable parameters at B16 and B32 (0.55% of the towers' 149.6M / 151.3M),
-1.86M at L14 (0.43% of 427.6M); the run prints its count. No expected accuracy: SiF's figures
+prompts; the run prints its trainable parameter count (docs/models.md tables B16's and L14's:
+about half a percent of the towers'; B32's is B16's). No expected accuracy: SiF's figures
 are not available to us.
 """
 

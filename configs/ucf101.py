@@ -68,8 +68,8 @@ Where the numbers come from:
 
 Memory: B/16 at 32 frames with remat (model.remat=True, as configs/k400.py's 32-frame presets),
 4 clips per device on 8 devices. Compiled as shipped for TPU v5e 2x4 (`python -m
-claver_jax.memory --config=configs/ucf101.py:full --topology=v5e:2x4 --text_length=32`; README:
-Memory), a chip's peak is 4.98 GiB (HMDB-51, configs/hmdb51.py: 4.91).
+claver_jax.memory --config=configs/ucf101.py:full --topology=v5e:2x4 --text_length=32`; how to
+read it: docs/performance.md, Memory), a chip's peak is 4.98 GiB: it fits 16 GiB chips.
 """
 
 import importlib.util

@@ -26,10 +26,10 @@ configs/k400.py:B16,32,pretrain run; `B16,32,kmct,pretrain` for KMCT) or a conve
         --config.zeroshot.hmdb51.labels=lists/hmdb51/split1/labels.csv \
         --config.zeroshot.k600.root=k600/videos
 
-(`python -m claver_jax.zeroshot` takes the same flags.) UCF-101's root holds the class folders
-(ApplyEyeMakeup/...), HMDB-51's the extracted class folders (brush_hair/...). It writes
-runs/zeroshot_b16_32/zeroshot.json and prints mean ± std of top-1 and top-5 over the 3 splits
-of each dataset, with each split.
+(`python -m claver_jax.zeroshot`, an alias of claver_jax.main for zero-shot configs, takes the
+same flags.) UCF-101's root holds the class folders (ApplyEyeMakeup/...), HMDB-51's the
+extracted class folders (brush_hair/...). It writes runs/zeroshot_b16_32/zeroshot.json and
+prints mean ± std of top-1 and top-5 over the 3 splits of each dataset, with each split.
 
 Expected (%), B/16 32 frames, mean ± std over the 3 splits, from the paper (Tables 4/5 and 12):
                 top-1 KMT     top-1 KMCT    top-5 KMT

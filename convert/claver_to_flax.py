@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from pathlib import Path
 
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.models.claver import CLAVERConfig
-from convert.clip_to_flax import (
-    IGNORED_OPENAI_KEYS, ConversionError, Entry, check_against_model, check_tokenizer,
-    count_layers, infer_openai_config, map_params, open_source, openai_block_entries,
-    openai_entries, read_openai_bpe, require_keys, run_cli, unflatten)
+from convert import common
+from convert.common import (IGNORED_OPENAI_KEYS, ConversionError, Entry, count_layers,
+                            infer_openai_config, map_params, openai_block_entries,
+                            openai_entries, require_keys)
 
 MASKS = ('kmt', 'kmct')
 
@@ -42,11 +41,10 @@ def convert(src: str | Path, out: str | Path, *, mask: str = 'kmt',
             vision_heads: int | None = None, text_heads: int | None = None,
             overwrite: bool = False) -> Path:
   """Converts the official checkpoint `src` into the model directory `out`."""
-  from claver_jax.models.io import write_model_dir
   if mask not in MASKS:
     raise ConversionError(f'--mask={mask!r}; the official model uses one of {MASKS}.')
   out = Path(out)
-  source = open_source(src, out, overwrite, 'claver')
+  source = common.open_source(src, out, overwrite, 'claver')
   tensors = source.tensors
   require_keys(tensors, ['visual.transformer_t.resblocks.0.temporal_attn.in_proj_weight'],
                'CLAVER')
@@ -66,37 +64,24 @@ def convert(src: str | Path, out: str | Path, *, mask: str = 'kmt',
   except ConversionError as e:
     raise ConversionError(f'{e}\nIf the unexpected keys belong to modules claver_jax does not '
                           "use, skip them with --ignore_keys='REGEX'.") from e
-  tokenizer = read_openai_bpe(bpe) if bpe else None
-  check_tokenizer(tokenizer, clip)
-  check_against_model('claver', cfg, flat)
-  print(f'Writing {out} ...', file=sys.stderr, flush=True)
-  info = {'path': str(Path(src).absolute()), 'layout': 'openai+claver',
-          'container': source.container}
-  write_model_dir(out, kind='claver', config=cfg, params=unflatten(flat), tokenizer=tokenizer,
-                  normalization=(IMAGENET_MEAN, IMAGENET_STD), source=info, overwrite=overwrite)
+  tokenizer = common.tokenizer_for(source, bpe, clip)
+  common.write(out, 'claver', cfg, flat, src=src, source=source, layout='openai+claver',
+               tokenizer=tokenizer, normalization=(IMAGENET_MEAN, IMAGENET_STD),
+               overwrite=overwrite)
   print(f'Wrote {out}: CLAVER ({mask}, {cfg.num_frames} frames, {cfg.temporal_depth} temporal '
         f'layers) on a ViT with patch {clip.patch_size} at {clip.image_size} px, '
         f'{sum(v.size for v in flat.values()) / 1e6:.1f}M parameters.')
   return out
 
 
-def main(argv: list[str]) -> None:
+def define_flags() -> None:
   from absl import flags
-  del argv
-  f = flags.FLAGS
-  run_cli(lambda: convert(f.src, f.out, mask=f.mask, bpe=f.bpe, ignore_keys=f.ignore_keys,
-                          vision_heads=f.vision_heads, text_heads=f.text_heads,
-                          overwrite=f.overwrite))
+  common.define_flags('Official CLAVER checkpoint (.pth).')
+  flags.adopt_module_key_flags(common)   # --helpshort lists the shared flags too.
+  flags.DEFINE_enum('mask', 'kmt', MASKS, 'The Kronecker mask the checkpoint was trained with.')
+  flags.DEFINE_string('ignore_keys', None, 'Regex of checkpoint keys to skip (unused modules).')
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  flags.DEFINE_string('src', None, 'Official CLAVER checkpoint (.pth).', required=True)
-  flags.DEFINE_string('out', None, 'Output model directory (must not exist).', required=True)
-  flags.DEFINE_enum('mask', 'kmt', MASKS, 'The Kronecker mask the checkpoint was trained with.')
-  flags.DEFINE_string('bpe', None, "OpenAI's bpe_simple_vocab_16e6.txt.gz, saved as the tokenizer.")
-  flags.DEFINE_string('ignore_keys', None, 'Regex of checkpoint keys to skip (unused modules).')
-  flags.DEFINE_integer('vision_heads', None, 'Vision heads (default width // 64).')
-  flags.DEFINE_integer('text_heads', None, 'Text heads (default width // 64).')
-  flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists (only once conversion succeeded).')
-  app.run(main)
+  define_flags()
+  common.run_cli(convert, ['mask', 'ignore_keys'])

@@ -23,19 +23,18 @@ Nothing is written to DIR unless the conversion succeeds.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.models.xclip import XCLIPConfig
-from convert.clip_to_flax import (
-    HF_ACTIVATIONS, ConversionError, Entry, check_against_model, check_tokenizer, count_layers,
-    hf_attention_entries, hf_block_entries, hf_entries, infer_hf_config, infer_openai_config,
-    layer_norm_entries, linear_entries, map_source, openai_attention_entries,
-    openai_block_entries, openai_entries, open_source, read_openai_bpe, require_keys, run_cli,
-    unflatten)
+from convert import common
+from convert.common import (HF_ACTIVATIONS, ConversionError, Entry, count_layers,
+                            hf_attention_entries, hf_block_entries, hf_entries, infer_hf_config,
+                            infer_openai_config, layer_norm_entries, linear_entries,
+                            openai_attention_entries, openai_block_entries, openai_entries,
+                            require_keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,22 +177,18 @@ def convert(src: str | Path, out: str | Path, *, bpe: str | Path | None = None,
             vision_heads: int | None = None, text_heads: int | None = None,
             overwrite: bool = False) -> Path:
   """Converts the X-CLIP `src` into the model directory `out`; see the module docstring."""
-  from claver_jax.models.io import write_model_dir
   out = Path(out)
-  source = open_source(src, out, overwrite, 'xclip')
-  cfg, flat = map_source(source, hf=(infer_hf_xclip_config, lambda c: xclip_entries(c, 'hf')),
-                         openai=(infer_official_config, lambda c: xclip_entries(c, 'openai')),
-                         vision_heads=vision_heads, text_heads=text_heads)
-  tokenizer = read_openai_bpe(bpe) if bpe else source.tokenizer
-  check_tokenizer(tokenizer, cfg.clip)
-  check_against_model('xclip', cfg, flat)
-  normalization = source.normalization or (IMAGENET_MEAN, IMAGENET_STD)
-  print(f'Writing {out} ...', file=sys.stderr, flush=True)
+  source = common.open_source(src, out, overwrite, 'xclip')
+  cfg, flat = common.map_source(
+      source, hf=(infer_hf_xclip_config, lambda c: xclip_entries(c, 'hf')),
+      openai=(infer_official_config, lambda c: xclip_entries(c, 'openai')),
+      vision_heads=vision_heads, text_heads=text_heads)
+  tokenizer = common.tokenizer_for(source, bpe, cfg.clip)
   # X-CLIP describes a class by its name alone; predict reads the templates from here.
-  info = {'path': str(Path(src).absolute()), 'layout': f'{source.layout}+xclip',
-          'container': source.container, 'templates': ['{}']}
-  write_model_dir(out, kind='xclip', config=cfg, params=unflatten(flat), tokenizer=tokenizer,
-                  normalization=normalization, source=info, overwrite=overwrite)
+  common.write(out, 'xclip', cfg, flat, src=src, source=source, layout=f'{source.layout}+xclip',
+               tokenizer=tokenizer,
+               normalization=source.normalization or (IMAGENET_MEAN, IMAGENET_STD),
+               overwrite=overwrite, templates=['{}'])
   c = cfg.clip
   print(f'Wrote {out}: X-CLIP ({source.layout} layout, {cfg.num_frames} frames, '
         f'{cfg.mit_layers} MIT and {cfg.prompt_layers} prompt layers) on a ViT with patch '
@@ -202,24 +197,12 @@ def convert(src: str | Path, out: str | Path, *, bpe: str | Path | None = None,
   return out
 
 
-def main(argv: list[str]) -> None:
+def define_flags() -> None:
   from absl import flags
-  del argv
-  f = flags.FLAGS
-  run_cli(lambda: convert(f.src, f.out, bpe=f.bpe, vision_heads=f.vision_heads,
-                          text_heads=f.text_heads, overwrite=f.overwrite))
+  common.define_flags('Official X-CLIP checkpoint or transformers XCLIPModel directory.')
+  flags.adopt_module_key_flags(common)   # --helpshort lists the shared flags too.
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  flags.DEFINE_string('src', None, 'Official X-CLIP checkpoint or transformers XCLIPModel '
-                      'directory.', required=True)
-  flags.DEFINE_string('out', None, 'Output model directory (must not exist).', required=True)
-  flags.DEFINE_string('bpe', None, "OpenAI's bpe_simple_vocab_16e6.txt.gz, saved as the tokenizer "
-                      '(official checkpoints carry none).')
-  flags.DEFINE_integer('vision_heads', None, 'Official checkpoints: vision heads (default '
-                       'width // 64).')
-  flags.DEFINE_integer('text_heads', None, 'Official checkpoints: text heads (default '
-                       'width // 64).')
-  flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists (only once conversion succeeded).')
-  app.run(main)
+  define_flags()
+  common.run_cli(convert)

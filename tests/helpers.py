@@ -65,17 +65,17 @@ def steps_on_cached_texts(model, config, tokens: np.ndarray, rng: np.random.Gene
   import jax.numpy as jnp
   from flax import nnx
 
-  from claver_jax import evaluate, optim, sharding, train
+  from claver_jax import evaluate, optim, sharding
   from claver_jax.models import families
   from claver_jax.models.clip import pool_index
+  from claver_jax.step import make_train_step
   family = families.of(model)
   tx, _ = optim.make_optimizer(config.optim, family.group_of, total_steps=10, steps_per_epoch=10)
   optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
   text = nnx.jit(lambda m, t: evaluate.encode_texts(m.encode_text, t))(model, tokens)
   graphdef, state = nnx.split((model, optimizer))
-  step = jax.jit(train.make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
-                                       pool_index(tokens, model.cfg.clip) + 1, True,
-                                       family.group_of))
+  step = jax.jit(make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
+                                 pool_index(tokens, model.cfg.clip) + 1, True, family.group_of))
   batch = {'video': rng.integers(0, 256, (8, 4, 16, 16, 3), dtype=np.uint8),
            'label': np.arange(8, dtype=np.int32) % 3}
   before = nnx.to_pure_dict(nnx.state(model))
@@ -135,7 +135,7 @@ def synthetic_train_config(**overrides):
   from claver_jax.data.pipeline import default_config
   cfg = default_config()
   cfg.update(dict(source='synthetic', synthetic_videos=30, synthetic_frames=4, synthetic_size=16,
-                  num_frames=4, image_size=16, batch_size=8, eval_batch_size=4))
+                  num_frames=4, image_size=16, batch_size=8, eval_batch_size=4, flip_prob=0.0))
   cfg.update(overrides)
   return cfg
 

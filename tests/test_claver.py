@@ -20,7 +20,7 @@ from claver_jax.models import (CLAVER, CLAVERConfig, MASK_KINDS, claver_from_cli
                                get_preset, kronecker_mask, load)
 from conftest import run_cli
 from convert.claver_to_flax import convert as convert_claver
-from convert.clip_to_flax import ConversionError
+from convert.common import ConversionError
 from helpers import tiny_clip
 
 TINY = tiny_clip()     # Its vision width gives 2 temporal heads (width / 64); 4 x 5 tokens at T=4.
@@ -267,7 +267,7 @@ def test_sincos_positions_lay_out_the_patch_grid_for_models_from_scratch():
   import types
   import tiny_config
   from claver_jax.models.clip import sincos_position_embedding
-  from claver_jax.train import make_model
+  from claver_jax.models.build import make_model
   pe = np.asarray(sincos_position_embedding(4, 64))
   assert pe.shape == (17, 64) and not pe[0].any()                  # The class token's row.
   patch = lambda y, x: pe[1 + 4 * y + x]                            # Row-major, as conv1's.
@@ -301,7 +301,8 @@ def test_shapes_are_checked_at_the_boundaries():
   import tiny_config
   from claver_jax import optim, sharding
   from claver_jax.models import families
-  from claver_jax.train import make_model, make_train_step
+  from claver_jax.models.build import make_model
+  from claver_jax.step import make_train_step
   config = tiny_config.get_config()                                  # T = 4, S = 16
   model = make_model(config, types.SimpleNamespace(vocab_size=100, eot_token_id=99),
                      nnx.Rngs(0))

@@ -19,7 +19,8 @@ from claver_jax.fileio import atomic_directory
 from claver_jax.models import load
 from conftest import run_cli
 from convert import claver_to_flax, xclip_to_flax
-from convert.clip_to_flax import ConversionError, convert, resize_positional_embedding
+from convert.clip_to_flax import convert, resize_positional_embedding
+from convert.common import ConversionError
 
 
 @pytest.fixture(scope='module')
@@ -42,6 +43,24 @@ def test_unknown_format_names_accepted_formats(tmp_path):
   assert 'Unrecognised checkpoint format' in proc.stderr
   for accepted in ('HF CLIP directory', 'TorchScript archive', 'safetensors'):
     assert accepted in proc.stderr
+  assert_nothing_written(out)
+
+
+@pytest.mark.parametrize('converter,own_flags', [
+    ('clip_to_flax', ['--image_size=336']),
+    ('claver_to_flax', ['--mask=kmct', r'--ignore_keys=^mit\.']),
+    ('xclip_to_flax', [])])
+@pytest.mark.slow
+def test_every_converter_takes_the_shared_flags_and_fails_in_one_line(converter, own_flags,
+                                                                      tmp_path):
+  """convert.common defines --src, --out, --bpe, --vision_heads, --text_heads, --overwrite for
+  all three commands, and reports bad input as one line."""
+  src, out = tmp_path / 'missing.pth', tmp_path / 'out'
+  proc = run_cli(f'convert.{converter}', f'--src={src}', f'--out={out}', '--bpe=bpe.txt.gz',
+                 '--vision_heads=12', '--text_heads=8', '--overwrite', *own_flags, check=False)
+  lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith('Reading ')]
+  assert proc.returncode == 1, proc.stderr
+  assert lines == [f'error: --src {src} does not exist.'], proc.stderr
   assert_nothing_written(out)
 
 

@@ -196,7 +196,8 @@ def test_worker_count_is_capped_at_the_cpus(caplog):
 
 def test_synthetic_source_matches_the_written_files(motion_dir):
   cfg = filelist_config(motion_dir, source='synthetic', synthetic_videos=24,
-                        synthetic_frames=8, synthetic_size=32, num_clips=1, num_crops=1)
+                        synthetic_frames=8, synthetic_size=32, num_clips=1, num_crops=1,
+                        flip_prob=0.0)
   data = build_pipelines(cfg)
   assert data.class_names == list(synthetic.CLASS_NAMES) and data.num_eval == 4
   in_memory = np.concatenate([b['video'] for b in data.eval_pass()])[:4]
@@ -204,8 +205,28 @@ def test_synthetic_source_matches_the_written_files(motion_dir):
       filelist_config(motion_dir, flip_prob=0.0)).eval_pass()])[:4]
   assert in_memory.shape == from_files.shape == (4, 1, 4, 32, 32, 3)
   assert np.abs(in_memory.astype(int) - from_files).mean() < 6   # H.264 at crf 18.
-  with pytest.raises(DataError, match='flip_prob'):
-    build_pipelines(filelist_config(motion_dir, flip_prob=0.5))
+
+
+def test_flips_are_refused_on_a_source_whose_classes_they_swap(motion_dir):
+  """The synthetic source declares that a horizontal flip swaps its classes: flip_prob > 0 on it,
+  or on its K-shot subset, is a one-line DataError. The default stays 0.5 (real videos) and the
+  demo sets 0, with no class names compared."""
+  from helpers import load_config
+  assert default_config().flip_prob == 0.5
+  for arg in (None, 'motion_prompts'):
+    assert load_config('demo', arg).data.flip_prob == 0
+  cfg = filelist_config(motion_dir, source='synthetic', synthetic_videos=24, synthetic_frames=8,
+                        synthetic_size=32)
+  for shots in (0, 1):
+    cfg.shots = shots
+    with pytest.raises(DataError) as error:
+      build_pipelines(cfg)
+    assert str(error.value) == (
+        "config.data.flip_prob=0.5 on the synthetic source 'train', whose classes a horizontal "
+        'flip swaps (left and right, clockwise and counterclockwise): a flipped clip would keep '
+        'the wrong label. Set config.data.flip_prob=0.')
+  cfg.flip_prob = 0.0
+  assert build_pipelines(cfg).num_train == 12
 
 
 def test_synthetic_source_renders_each_clip_once_when_it_fits(monkeypatch):

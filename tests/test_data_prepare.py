@@ -10,7 +10,7 @@ import pytest
 
 from claver_jax.data import prepare as prepare_module
 from claver_jax.data.pipeline import build_pipelines, default_config
-from claver_jax.data.sources import PreparedSource
+from claver_jax.data.sources import PREPARED_VERSION, PreparedSource
 from claver_jax.data.video import DecodeLimits, VideoError, open_video, stream_frames
 from conftest import run_cli
 import helpers
@@ -46,7 +46,7 @@ def test_cli_round_trip_through_data_source_and_grain(bad_set, tmp_path):
   assert len((out / 'skipped.txt').read_text().splitlines()) == 2   # Corrupt + missing.
   assert not out.with_name('prepared.cache').exists()
   manifest = json.loads((out / 'manifest.json').read_text())
-  assert manifest['format'] == prepare_module.VERSION and manifest['short_side'] == 24
+  assert manifest['format'] == PREPARED_VERSION and manifest['short_side'] == 24
   source = PreparedSource(out, 'train')
   train_lines = (bad_set / 'train.txt').read_text().splitlines()
   assert len(source) == len(train_lines) - 2

@@ -1,9 +1,11 @@
-"""Every command in the docs' code blocks resolves: its module and flags exist, its config and
-preset load, its config overrides name real keys with values of their type, and the config
-passes the start-up checks; every `from X import Y` in a Python block imports. The docs are
-every Markdown file of the repository (README.md, configs/README.md, launch/README.md, docs/...).
-Placeholders in capitals (configs/NAME.py, --config.KEY=VALUE) mark templates, which are skipped;
-optional parts in brackets ([--top_k=5]) are checked like the rest."""
+"""Every command in the docs resolves, in code blocks and in the prose's `python -m ...` code
+spans: its module and flags exist, its config and preset load, its config overrides name real
+keys with values of their type, and a run's config passes the start-up checks; every
+`from X import Y` in a Python block imports; every relative link names a file and, after '#',
+one of its headings. The docs are every Markdown file of the repository (README.md,
+configs/README.md, launch/README.md, docs/...). Placeholders in capitals (configs/NAME.py,
+--config.KEY=VALUE) or '...' mark templates, which are skipped; optional parts in brackets
+([--top_k=5]) are checked like the rest."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ DOCS = sorted(p for p in REPO.rglob('*.md')
 PLACEHOLDER = re.compile(r'\b[A-Z][A-Z_]{1,}\b')
 MAIN_FLAGS = {'config', 'workdir', 'coordinator_address', 'num_processes', 'process_id'}
 ABSL_FLAGS = {'help', 'helpfull', 'helpshort', 'verbosity', 'v', 'logtostderr', 'flagfile'}
+OWN_PACKAGES = ('claver_jax', 'convert', 'benchmarks')
 SKIPPED = ('pytest', 'gcloud', 'bash', 'cd', 'time', 'export', 'tar', 'tmux', 'sbatch', 'srun')
 
 
@@ -84,24 +87,30 @@ def unbracket(command: str) -> str:
 
 
 def defined_flags(module: str) -> set[str]:
-  """The absl flags a module defines (read from its source, where __main__ blocks define them)."""
+  """The absl flags a module defines (read from its source, where __main__ blocks define them),
+  and those of the modules whose key flags it adopts (the converters adopt convert.common's)."""
   source = (REPO / (module.replace('.', '/') + '.py')).read_text()
-  return set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source))
+  names = set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source))
+  for adopted in re.findall(r'adopt_module_key_flags\((\w+)\)', source):
+    package = re.search(rf'^from ([\w.]+) import {adopted}$', source, re.M).group(1)
+    names |= defined_flags(f'{package}.{adopted}')
+  return names
 
 
 def flag_names(args: list[str]) -> list[str]:
   return [a[2:].split('=', 1)[0] for a in args if a.startswith('--')]
 
 
-def check_main_args(args: list[str], where: str) -> None:
+def check_main_args(args: list[str], where: str, run_checks: bool = True) -> None:
   """claver_jax.main's arguments: its own flags, and a config that parses with its overrides
-  and passes check_config."""
+  and (for a run, not for the tools that only compile it) passes check_config."""
   unknown = [n for n in flag_names(args) if n.split('.')[0] not in MAIN_FLAGS | ABSL_FLAGS]
   assert not unknown, f'{where}: main has no flags {unknown}'
   config_args = [a for a in args if a.startswith('--config')]
   spec = next((a.split('=', 1)[1] for a in config_args if a.startswith('--config=')), None)
   assert spec is not None, f'{where}: no --config'
-  if PLACEHOLDER.search(spec) or any(PLACEHOLDER.search(a.split('=')[0]) for a in config_args):
+  if (PLACEHOLDER.search(spec) or '...' in spec
+      or any(PLACEHOLDER.search(a.split('=')[0]) for a in config_args)):
     return                                          # A template: configs/NAME.py, --config.KEY
   assert Path(REPO / spec.partition(':')[0]).is_file(), f'{where}: no config file {spec}'
   values = flags.FlagValues()
@@ -110,8 +119,9 @@ def check_main_args(args: list[str], where: str) -> None:
                                     sys_argv=['main', *config_args])
     values(['main', *config_args])
     config = values.config
-    from claver_jax.run_config import check_config
-    check_config(config)
+    if run_checks:
+      from claver_jax.run_config import check_config
+      check_config(config)
   except Exception as e:  # noqa: BLE001 (any failure to resolve is the finding)
     cause = e.__context__ or e
     raise AssertionError(f'{where}: {" ".join(args)}\n  -> {type(cause).__name__}: {cause}') from e
@@ -124,7 +134,9 @@ def check_command(command: str, where: str) -> bool:
     return False                                    # A shell variable (NAME="..."), used later
   if words[:2] == ['python', '-m'] and len(words) > 2:
     module, args = words[2], words[3:]
-    if module == 'claver_jax.main':
+    if module.split('.')[0] not in OWN_PACKAGES:
+      return False                                  # python -m pytest, pip, ...
+    if module in ('claver_jax.main', 'claver_jax.zeroshot'):   # zeroshot: main's alias
       check_main_args(args, where)
       return True
     assert importlib.util.find_spec(module) is not None, f'{where}: no module {module}'
@@ -134,7 +146,7 @@ def check_command(command: str, where: str) -> bool:
     assert not unknown, f'{where}: python -m {module} has no flags {unknown}'
     if 'config' in known and any(a.startswith('--config=') for a in args):
       check_main_args([a for a in args if a.startswith('--config') or
-                       a.startswith('--workdir')], where)
+                       a.startswith('--workdir')], where, run_checks=False)
     return True
   if words[0].startswith('launch/'):
     script = REPO / words[0]
@@ -171,25 +183,130 @@ def check_command(command: str, where: str) -> bool:
 def check_python(text: str, where: str) -> None:
   tree = ast.parse(text)
   for node in ast.walk(tree):
-    if isinstance(node, ast.ImportFrom) and node.module and node.module.split('.')[0] in (
-        'claver_jax', 'convert', 'benchmarks'):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.split('.')[0] in OWN_PACKAGES:
       module = importlib.import_module(node.module)
       missing = [a.name for a in node.names if not hasattr(module, a.name)]
       assert not missing, f'{where}: {node.module} has no {missing}'
 
 
+def shown(path: Path) -> str:
+  """A doc's path as messages name it: from the repository root."""
+  return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
+
+
+def prose_lines(path: Path) -> list[tuple[int, str]]:
+  """(line number, text) of the lines outside fenced code blocks."""
+  lines, fenced = [], False
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if line.strip().startswith('```'):
+      fenced = not fenced
+    elif not fenced:
+      lines.append((number, line))
+  return lines
+
+
+def anchors(path: Path) -> set[str]:
+  """The anchors GitHub gives the headings of a Markdown file: lower case, punctuation dropped,
+  spaces to hyphens, a repeated anchor numbered (-1, -2, ...)."""
+  seen: dict[str, int] = {}
+  for _, line in prose_lines(path):
+    heading = re.match(r'^#{1,6}\s+(.*?)\s*#*\s*$', line)
+    if heading:
+      slug = re.sub(r'[^\w\- ]', '', heading.group(1).strip().lower()).replace(' ', '-')
+      count = seen.get(slug, 0)
+      seen[slug] = count + 1
+      if count:
+        seen[f'{slug}-{count}'] = 1
+  return set(seen)
+
+
+LINK = re.compile(r'!?\[[^\]]*\]\(([^)\s]+)\)')
+
+
+def broken_links(path: Path) -> list[str]:
+  """Relative links (and images) of a Markdown file whose file or anchor does not exist."""
+  broken = []
+  for number, line in prose_lines(path):
+    for target in LINK.findall(re.sub(r'`[^`]*`', '', line)):
+      if re.match(r'^[a-z][a-z0-9+.-]*:', target):
+        continue                                    # http:, https:, mailto:
+      file, _, anchor = target.partition('#')
+      linked = (path.parent / file).resolve() if file else path
+      where = f'{shown(path)}:{number}: {target}'
+      if not linked.exists():
+        broken.append(f'{where} (no such file)')
+      elif anchor and (linked.suffix != '.md' or anchor not in anchors(linked)):
+        broken.append(f'{where} (no such heading)')
+  return broken
+
+
 @pytest.mark.parametrize('doc', DOCS, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_command_in_the_docs_resolves(doc):
+def test_every_relative_link_resolves(doc):
+  """Each relative link of the docs names a file of the repository and, after '#', one of its
+  headings."""
+  assert not broken_links(doc), '\n'.join(broken_links(doc))
+
+
+def test_the_readme_links_every_docs_page():
+  readme = (REPO / 'README.md').read_text()
+  unlinked = [p.name for p in sorted((REPO / 'docs').glob('*.md')) if f'](docs/{p.name}' not in readme]
+  assert not unlinked, f'docs pages the README does not link: {unlinked}'
+
+
+def test_the_link_checker_finds_what_broke(tmp_path):
+  """A missing file, a missing heading and a missing heading of another page are found; links
+  to existing headings (punctuation dropped, repeats numbered), files and URLs are not."""
+  (tmp_path / 'other.md').write_text('# Other\n\n## The step\'s FLOPs (B/16)\n')
+  page = tmp_path / 'page.md'
+  page.write_text('# Page\n\n## Run\n\n## Run\n\n```bash\n# Not a heading\n```\n'
+                  '[a](other.md#the-steps-flops-b16) [b](#run-1) [c](https://x.org/#y) '
+                  '[d](other.md) `[e](nowhere.md)`\n'
+                  '[f](missing.md) [g](#not-a-heading) [h](other.md#other-1)\n')
+  found = broken_links(page)
+  assert [f.split(': ')[1].split()[0] for f in found] == [
+      'missing.md', '#not-a-heading', 'other.md#other-1'], found
+
+
+def inline_commands(path: Path) -> list[tuple[int, str]]:
+  """(line number, command) of each `python -m MODULE ARGS` code span in the prose, a span that
+  wraps over lines joined; a module named alone (`python -m claver_jax.main`) is no command."""
+  lines = prose_lines(path)
+  text = '\n'.join(line for _, line in lines)
+  commands = []
+  for span in re.finditer(r'`(python -m [^`]+)`', text):
+    command = re.sub(r'\s+', ' ', span.group(1)).strip()
+    if len(command.split()) > 3:
+      commands.append((lines[text.count('\n', 0, span.start())][0], command))
+  return commands
+
+
+def check_doc(doc: Path) -> int:
+  """Checks every command (in code blocks and in the prose's code spans) and Python block of a
+  Markdown file; -> how many were checked."""
   checked = 0
+  for line, command in inline_commands(doc):
+    checked += check_command(command, f'{shown(doc)}:{line}')
   for language, line, text in code_blocks(doc):
-    where = f'{doc.relative_to(REPO)}:{line}'
+    where = f'{shown(doc)}:{line}'
     if language == 'python':
       check_python(text, where)
       checked += 1
     elif language in ('bash', 'sh', 'shell'):
       checked += sum(check_command(c, where) for c in shell_commands(text))
+  return checked
+
+
+@pytest.mark.parametrize('doc', DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_command_in_the_docs_resolves(doc):
+  checked = check_doc(doc)
+  # Every `python -m` of a shell block is one of the checked commands (none slipped the parser).
+  runs = sum(len(re.findall(r'(?m)^\s*python -m ', re.sub(r'\\\n\s*', ' ', text)))
+             for language, _, text in code_blocks(doc) if language in ('bash', 'sh', 'shell'))
+  assert checked >= runs, f'{checked} commands checked in {doc}, {runs} written'
   if doc.name == 'README.md' and doc.parent == REPO:
-    assert checked >= 20, f'only {checked} commands found in {doc}'
+    assert checked >= 8, f'only {checked} commands found in {doc}'
+  if doc.parent.name == 'docs' and doc.name != 'reliability.md':
+    assert checked, f'no command found in {doc}'
 
 
 def test_the_checker_finds_what_drifted(tmp_path):
@@ -203,9 +320,23 @@ def test_the_checker_finds_what_drifted(tmp_path):
       'python -m claver_jax.nothere --x=1',
       'launch/tpu_pod.sh --name=n --zones=z -- --config=configs/demo.py',
       "pip install -e '.[tests]'",
+      'python -m claver_jax.flops --config=configs/k400.py:B16,8 --config.model.temporall=kmt',
+      'python -m claver_jax.memory --config=configs/k400.py:B17,8 --topology=v5e:2x4',
   ]
   for command in cases:
     with pytest.raises(AssertionError):
       check_command(command, 'case')
   assert check_command('python -m claver_jax.predict --checkpoint=/m --video=v.mp4 '
                        '--labels "a b" c [--top_k=5] [--json]', 'case')
+
+
+def test_commands_in_the_prose_are_checked(tmp_path):
+  """A `python -m` code span in a paragraph, wrapped over two lines, is checked as a command;
+  a module named alone is not."""
+  page = tmp_path / 'page.md'
+  page.write_text('Run `python -m claver_jax.main` as `python -m claver_jax.flops\n'
+                  '--config=configs/demo.py --textss`.\n')
+  assert inline_commands(page) == [
+      (1, 'python -m claver_jax.flops --config=configs/demo.py --textss')]
+  with pytest.raises(AssertionError, match='page.md:1: python -m claver_jax.flops has no flags'):
+    check_doc(page)

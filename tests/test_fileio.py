@@ -84,15 +84,15 @@ def test_the_tokenizer_pair_is_written_together(tmp_path):
   left by an older version (vocab.json alone) is written again on resume instead of stopping
   every resume."""
   import ml_collections
-  from claver_jax import train
+  from claver_jax.models.build import make_tokenizer
   config = ml_collections.ConfigDict(dict(text=dict(
       tokenizer='train', prompts='', templates='objects', aspects='', allow_missing=False,
       bare_name=True, num_merges=50)))
   workdir = tmp_path / 'run'
-  tokenizer = train.make_tokenizer(config, workdir, ['moving left', 'moving right'])
+  tokenizer = make_tokenizer(config, workdir, ['moving left', 'moving right'])
   vocab = (workdir / 'tokenizer' / 'vocab.json').read_text()
   assert sorted(p.name for p in workdir.iterdir()) == ['tokenizer']
   (workdir / 'tokenizer' / 'merges.txt').unlink()               # as a kill between the two was
-  again = train.make_tokenizer(config, workdir, ['moving left', 'moving right'])
+  again = make_tokenizer(config, workdir, ['moving left', 'moving right'])
   assert again.vocab == tokenizer.vocab and again.merges == tokenizer.merges
   assert (workdir / 'tokenizer' / 'vocab.json').read_text() == vocab

@@ -15,10 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from claver_jax import run_config, sharding, train
+from claver_jax import evaluate, run_config, sharding
 from claver_jax.data.pipeline import build_pipelines, default_config
 from claver_jax.data.sources import DataError, read_list
-from claver_jax.models import CLIPConfig, XCLIPConfig
+from claver_jax.models import CLIPConfig, XCLIPConfig, build
 from claver_jax.run_config import ConfigError
 from conftest import REPO
 from helpers import run_towers, synthetic_dir
@@ -62,7 +62,10 @@ def tiny_config(**init) -> ml_collections.ConfigDict:
     ((f'--config={TINY}', '--config.model.name=clever'),
      "error: config.model.name='clever' is not a model family; use one of ['claver', 'xclip', "
      "'motion_prompts']."),
-], ids=['few-shot preset', 'k400 preset', 'config file', 'model family'])
+    ((f'--config={TINY}', '--config.mode=eval', '--config.data.num_crops=3'),
+     'error: config.data.num_crops=3 is not read: a mode=eval run sets it from '
+     'config.eval.num_crops (1); set --config.eval.num_crops instead.'),
+], ids=['few-shot preset', 'k400 preset', 'config file', 'model family', 'key the mode sets'])
 @pytest.mark.slow
 def test_config_and_preset_errors_keep_their_cause_exit_2_and_write_nothing(tmp_path, args,
                                                                           message):
@@ -72,6 +75,35 @@ def test_config_and_preset_errors_keep_their_cause_exit_2_and_write_nothing(tmp_
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
   assert lines[0].startswith(message), lines[0]
   assert not workdir.exists()
+
+
+def test_keys_a_mode_sets_itself_are_an_error_when_given_another_value(caplog):
+  """The config.data keys a run sets itself (run_config.mode_overrides): a value other than the
+  default and the run's is a ConfigError naming the key that sets it in that mode; the run's own
+  value passes; mode=eval's unread train list is said in the log."""
+  from helpers import load_config
+  cases = [('train', 'data.num_clips', 4, 'eval.num_clips (1)'),
+           ('train', 'data.batch_size', 2, 'train.batch_size (8 per process of 1)'),
+           ('eval', 'data.eval_batch_size', 3, 'eval.batch_size (8 per process of 1)'),
+           ('zeroshot', 'data.root', '/videos', 'zeroshot.DATASET.root'),
+           ('zeroshot', 'data.val_list', 'val.txt', 'zeroshot.DATASET.test_list')]
+  for mode, key, value, source in cases:
+    c = load_config('zeroshot') if mode == 'zeroshot' else tiny_config()
+    c.mode, c.init.checkpoint = mode, c.init.checkpoint or ('/model' if mode == 'zeroshot' else '')
+    section, name = key.split('.')
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=rf'^config\.{re.escape(key)}={re.escape(repr(value))} '
+                       rf'is not read: a mode={mode} run sets it from '
+                       rf'config\.{re.escape(source)}; set --config\.{source.split(" ")[0]} '
+                       r'instead\.$'):
+      run_config.check_config(c)
+  c = tiny_config()
+  c.data.num_clips = c.eval.num_clips = 4          # The value the run gives it: nothing lost.
+  c.data.batch_size = c.train.batch_size
+  c.mode, c.data.train_list = 'eval', 'train.txt'
+  with caplog.at_level('INFO'):
+    run_config.check_config(c)
+  assert 'config.mode=eval: config.data.train_list=train.txt is not read.' in caplog.text
 
 
 @pytest.mark.slow
@@ -119,14 +151,14 @@ def test_init_directories_are_checked_before_anything_is_written(tmp_path):
   }
   for init, message in cases.items():
     with pytest.raises(ConfigError) as error:
-      train.check_init(tiny_config(**dict(init)))
+      build.check_init(tiny_config(**dict(init)))
     assert str(error.value).startswith(message) and '\n' not in str(error.value)
 
 
 def test_the_towers_only_hint_is_given_only_where_it_works(tmp_path):
   xclip = model_config_dir(tmp_path / 'xclip', 'xclip', XCLIPConfig(clip=TINY_CLIP, num_frames=4))
   with pytest.raises(ConfigError) as error:
-    train.model_family(tiny_config(checkpoint=xclip))
+    build.model_family(tiny_config(checkpoint=xclip))
   message = str(error.value)
   assert '--config.init.towers_only' not in message
   assert message.endswith("set --config.model.name=xclip to continue it, or start a fresh claver "
@@ -134,8 +166,8 @@ def test_the_towers_only_hint_is_given_only_where_it_works(tmp_path):
                           'towers to give.')
   clip = model_config_dir(tmp_path / 'clip', 'clip', TINY_CLIP)
   with pytest.raises(ConfigError, match='--config.init.towers_only=True to start a fresh claver'):
-    train.model_family(tiny_config(checkpoint=clip))
-  train.model_family(tiny_config(checkpoint=clip, towers_only=True))   # The hint, followed.
+    build.model_family(tiny_config(checkpoint=clip))
+  build.model_family(tiny_config(checkpoint=clip, towers_only=True))   # The hint, followed.
 
 
 def test_load_takes_a_workdir_as_predict_and_init_checkpoint_do(tiny_model_dir, tmp_path):  # noqa: F811
@@ -173,15 +205,16 @@ def test_evaluation_scores_only_readable_videos_and_counts_the_rest(tmp_path):
     return jnp.zeros((video.shape[0], text.shape[1])).at[:, 0].set(1.0)
 
   tokens = np.zeros((1, 12, 4), np.int32)
-  summary = train.run_eval(data, None, lambda state, t: jnp.zeros((t.shape[0], 8)), scores,
-                           tokens, mesh)
+  summary = evaluate.run_eval(data, None, lambda state, t: jnp.zeros((t.shape[0], 8)), scores,
+                              tokens, mesh)
   assert summary['num_substituted'] == 2 and summary['num_videos'] == len(items) - 2
   assert summary['confusion'].sum() == len(items) - 2
   expected_top1 = 100 * np.mean([label == 0 for _, label in items[2:]])
   assert summary['top1'] == pytest.approx(expected_top1)
   data.max_substituted = 0.1
   with pytest.raises(DataError, match=rf'^2 of {len(items)} eval samples were unreadable'):
-    train.run_eval(data, None, lambda state, t: jnp.zeros((t.shape[0], 8)), scores, tokens, mesh)
+    evaluate.run_eval(data, None, lambda state, t: jnp.zeros((t.shape[0], 8)), scores, tokens,
+                      mesh)
 
 
 # ------------------------------------------------------------------------------- the config

@@ -3,7 +3,6 @@ towers from another family's checkpoint, a CLI run, predict."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import types
 
@@ -14,12 +13,13 @@ import pytest
 from flax import nnx
 
 import tiny_config
-from claver_jax import optim, train
+from claver_jax import optim
+from claver_jax.models import build
 from claver_jax.models import (CLAVER, XCLIP, CLAVERConfig, CLIPConfig, MotionPrompts,
                                MotionPromptsConfig, XCLIPConfig, families, load, write_model_dir)
 from claver_jax.models.motion_prompts import STREAMS
-from conftest import REPO, run_cli
-from helpers import steps_on_cached_texts, tiny_clip, unchanged
+from conftest import run_cli
+from helpers import load_config, steps_on_cached_texts, tiny_clip, unchanged
 from test_protocols import SPLITS, motion_dir, zeroshot_config  # noqa: F401 (a fixture)
 
 TINY = tiny_clip()
@@ -108,8 +108,8 @@ def claver_dir(tmp_path_factory):
   config = tiny_config.get_config()
   tokenizer = train_tokenizer([f'{n} moving' for n in synthetic.CLASS_NAMES], root / 'tokenizer',
                               num_merges=50)
-  model = train.make_model(config, tokenizer, nnx.Rngs(0))
-  train.export_model(model, tokenizer, root / 'model', {'templates': ['{}.']},
+  model = build.make_model(config, tokenizer, nnx.Rngs(0))
+  build.export_model(model, tokenizer, root / 'model', {'templates': ['{}.']},
                      (CLIP_MEAN, CLIP_STD))
   return root / 'model'
 
@@ -127,12 +127,12 @@ def motion_config(checkpoint, **overrides):
 def test_towers_come_from_another_familys_checkpoint(claver_dir):
   source = load(claver_dir)
   tokenizer = types.SimpleNamespace(vocab_size=source.cfg.clip.vocab_size)
-  model = train.make_model(motion_config(claver_dir), tokenizer, nnx.Rngs(0))
+  model = build.make_model(motion_config(claver_dir), tokenizer, nnx.Rngs(0))
   assert isinstance(model, MotionPrompts) and model.cfg.clip == source.cfg.clip
   for a, b in zip(jax.tree.leaves(nnx.state(model.clip)), jax.tree.leaves(nnx.state(source.clip))):
     np.testing.assert_array_equal(a, b)
   # The `mean` baseline from the same checkpoint: CLAVER's CLIP-Mean on the same towers.
-  mean = train.make_model(motion_config(claver_dir, **{'model.name': 'claver',
+  mean = build.make_model(motion_config(claver_dir, **{'model.name': 'claver',
                                                        'model.temporal': 'mean'}),
                           tokenizer, nnx.Rngs(0))
   assert isinstance(mean, CLAVER) and mean.temporal is None
@@ -143,23 +143,23 @@ def test_towers_come_from_another_familys_checkpoint(claver_dir):
 def test_init_rules_are_explicit(claver_dir, tmp_path):
   with pytest.raises(ValueError, match="holds a 'claver' model but config.model.name="
                      "'motion_prompts'.*--config.init.towers_only=True"):
-    train.model_family(motion_config(claver_dir, **{'init.towers_only': False}))
+    build.model_family(motion_config(claver_dir, **{'init.towers_only': False}))
   with pytest.raises(ValueError, match='trains on frozen CLIP towers: set '
                      '--config.optim.freeze_image=True'):
-    train.model_family(motion_config(claver_dir, **{'optim.freeze_image': False}))
+    build.model_family(motion_config(claver_dir, **{'optim.freeze_image': False}))
   with pytest.raises(ValueError, match='towers_only=True takes the towers of '
                      'config.init.checkpoint, which is empty'):
-    train.model_family(motion_config(''))
+    build.model_family(motion_config(''))
   with pytest.raises(ValueError, match='trains on frozen CLIP towers: pass them'):
-    train.model_family(motion_config('', **{'init.towers_only': False}))
+    build.model_family(motion_config('', **{'init.towers_only': False}))
   xclip = XCLIP(XCLIPConfig(clip=TINY, num_frames=4, mit_heads=2, prompt_heads=2),
                 rngs=nnx.Rngs(0))
   xclip_dir = write_model_dir(tmp_path / 'xclip', kind='xclip', config=xclip.cfg,
                               params=nnx.to_pure_dict(nnx.state(xclip, nnx.Param)),
                               normalization=((0.5,) * 3, (0.5,) * 3))
   with pytest.raises(ValueError, match='holds a xclip model, which has no plain CLIP towers'):
-    train.model_family(motion_config(xclip_dir))
-  assert train.model_family(motion_config(claver_dir)).name == 'motion_prompts'
+    build.model_family(motion_config(xclip_dir))
+  assert build.model_family(motion_config(claver_dir)).name == 'motion_prompts'
 
 
 # ------------------------------------------------------------------------------ a train step
@@ -168,7 +168,7 @@ def test_four_train_steps_learn_and_leave_the_towers_alone(claver_dir):
   config = motion_config(claver_dir)
   config.optim.warmup_epochs = 0.0
   source = load(claver_dir)
-  model = train.make_model(config, types.SimpleNamespace(vocab_size=source.cfg.clip.vocab_size),
+  model = build.make_model(config, types.SimpleNamespace(vocab_size=source.cfg.clip.vocab_size),
                            nnx.Rngs(0))
   rng = np.random.default_rng(0)
   tokens = np.zeros((2, 3, 8), np.int32)                   # A=2 sets of C=3 classes
@@ -182,13 +182,6 @@ def test_four_train_steps_learn_and_leave_the_towers_alone(claver_dir):
 
 
 # ---------------------------------------------------------------------------- the budget
-def load_config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def test_the_presets_start_where_their_recipes_say():
   from claver_jax.data.transforms import CLIP_MEAN
   k400 = load_config('k400', 'B16,8,motion_prompts')

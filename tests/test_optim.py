@@ -59,7 +59,7 @@ def test_every_parameter_decays_learns_and_freezes_as_the_official_code_says():
   learning-rate group and the official fix_image (`optim.freeze_image=True`)."""
   import dataclasses
   from convert.claver_to_flax import temporal_entries
-  from convert.clip_to_flax import openai_entries
+  from convert.common import openai_entries
   model = tiny_claver()
   ours = {'.'.join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   entries = [dataclasses.replace(e, dst=f'clip.{e.dst}') for e in openai_entries(TINY)]

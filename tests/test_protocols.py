@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -24,7 +23,7 @@ from claver_jax.predict import load_clip_frames
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import load_prompt_set, prompt_tokens
 from conftest import REPO, SHARED_REFERENCE, run_cli
-from helpers import run_towers, synthetic_dir, tiny_clip_vocab
+from helpers import load_config, run_towers, synthetic_dir, tiny_clip_vocab
 
 FRAMES, SIZE = 4, 16
 TEMPLATES = ('a clip of {}.', '{} on screen.')    # What tiny_model_dir records it was trained with.
@@ -32,13 +31,6 @@ TEMPLATES = ('a clip of {}.', '{} on screen.')    # What tiny_model_dir records 
 # so that their accuracies differ.
 SPLITS = {1: range(0, 12), 2: range(10, 30), 3: range(24, 36)}
 K600_SPLITS = {1: [3, 0, 7, 9, 11], 2: [1, 2, 3, 4, 5], 3: [11, 10, 6, 8, 0]}   # synthetic classes
-
-
-def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @pytest.fixture(scope='module')
@@ -247,7 +239,7 @@ def test_a_temporal_head_other_than_the_checkpoints_is_one_config_error(tiny_mod
   """`shots=2,kmct` from a KMT checkpoint would train KMT: a one-line config error naming both,
   before anything is written. The KMCT few-shot and zero-shot columns start from the KMCT
   pretrain preset, the paper's 20-epoch 32-frame recipe with the KMCT head."""
-  from claver_jax import train
+  from claver_jax.models.build import model_family
   from claver_jax.run_config import ConfigError
   kmct = load_config('k400', 'B16,32,kmct,pretrain')
   kmt = load_config('k400', 'B16,32,pretrain')
@@ -259,10 +251,10 @@ def test_a_temporal_head_other_than_the_checkpoints_is_one_config_error(tiny_mod
              "'kmt' model; set --config.model.temporal=kmt, or start from a kmct checkpoint "
              '(e.g. the workdir of a configs/k400.py:B16,32,kmct,pretrain run).')
   with pytest.raises(ConfigError) as error:
-    train.model_family(config)
+    model_family(config)
   assert str(error.value) == message
   config.model.temporal = 'kmt'
-  train.model_family(config)                                     # the checkpoint's own head
+  model_family(config)                                     # the checkpoint's own head
   workdir = tmp_path / 'never'
   proc = run_cli('claver_jax.main', '--config=configs/ucf101.py:shots=2,kmct',
                  f'--workdir={workdir}', f'--config.init.checkpoint={tiny_model_dir}',
@@ -311,13 +303,12 @@ def zeroshot_config(model_dir, motion_dir, datasets: str):
 @pytest.fixture(scope='module')
 def zeroshot_run(tiny_model_dir, motion_dir, tmp_path_factory):
   """The run's workdir, config and report; and how often evaluation gathered across processes."""
-  from claver_jax import train
   workdir = tmp_path_factory.mktemp('zeroshot')
   config = zeroshot_config(tiny_model_dir, motion_dir, 'ucf101,hmdb51,k600')
   gathers = []
-  real = train.multihost_utils.process_allgather
+  real = evaluate.multihost_utils.process_allgather
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train.multihost_utils, 'process_allgather',
+    patch.setattr(evaluate.multihost_utils, 'process_allgather',
                   lambda *a, **kw: (gathers.append(1), real(*a, **kw))[1])
     report = zeroshot.run_zeroshot(config, str(workdir))
   return workdir, config, report, len(gathers)
@@ -450,6 +441,25 @@ def test_nothing_configured_is_a_clear_error(tiny_model_dir, tmp_path):
   config.zeroshot.hmdb51.root = '/somewhere'
   with pytest.raises(ValueError, match=r'hmdb51: test_list, labels not set'):
     zeroshot.run_zeroshot(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_zeroshot_command_is_main_for_zero_shot_configs_only(tmp_path):
+  """`python -m claver_jax.zeroshot` is claver_jax.main (its flags, start-up, one-line errors)
+  for zero-shot configs: a train config is one line and exit 2, as is a zero-shot one without
+  init.checkpoint; neither leaves a workdir."""
+  workdir = tmp_path / 'never'
+  for config, message in (
+      ('tests/tiny_config.py', "error: config.mode='train': python -m claver_jax.zeroshot runs "
+                               'zero-shot configs (configs/zeroshot.py); run this one with '
+                               'python -m claver_jax.main.'),
+      ('configs/zeroshot.py', 'error: config.init.checkpoint is empty: set it to the '
+                              'K400-trained model directory')):
+    proc = run_cli('claver_jax.zeroshot', f'--config={config}', f'--workdir={workdir}',
+                   '--num_processes=0', check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert not workdir.exists()
 
 
 @pytest.mark.slow

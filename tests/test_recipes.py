@@ -6,33 +6,25 @@ from __future__ import annotations
 
 import json
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from claver_jax import memory, optim, sharding, train
+from claver_jax import memory, optim, sharding
+from claver_jax.step import draw_sets, make_train_step, soft_cross_entropy, step_keys
 from claver_jax.data.mixup import smooth_one_hot
 from claver_jax.data.transforms import normalize
 from claver_jax.metrics import read_metrics
 from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, families, write_model_dir
 from claver_jax.models.clip import CLIP, pool_index
-from conftest import REPO, run_cli
-from helpers import run_towers, synthetic_dir, tiny_clip_vocab
+from conftest import run_cli
+from helpers import load_config, run_towers, synthetic_dir, tiny_clip_vocab
 
 CLAVER_PRESETS = [('k400', 'B16,8,kmt'), ('k400', 'B32,8,kmt'), ('k400', 'B16,32,pretrain'),
                   ('k400', 'L14,8,kmct'), ('k600', 'B16,8,kmt'), ('ucf101', 'shots=2'),
                   ('ucf101', 'shots=8,kmct'), ('hmdb51', 'full')]
-
-
-def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 # ------------------------------------------------------------------------ the presets' settings
@@ -100,7 +92,7 @@ def test_the_step_loss_is_the_mean_over_every_drawn_set(preset, num_sets, tiny_c
   video = rng.integers(0, 256, (4, 2, 16, 16, 3), dtype=np.uint8)
   labels = np.array([0, 1, 4, 2], np.int32)
   draws = config.text.sets_per_step
-  drawn = np.asarray(train.draw_sets(train.step_keys(config.seed, 1)[1], draws, num_sets))
+  drawn = np.asarray(draw_sets(step_keys(config.seed, 1)[1], draws, num_sets))
   assert len(set(drawn.tolist())) < draws or draws > num_sets     # duplicates are counted
   # The reference: every drawn set's loss, one by one.
   targets = smooth_one_hot(labels, classes, config.train.label_smoothing)
@@ -110,7 +102,7 @@ def test_the_step_loss_is_the_mean_over_every_drawn_set(preset, num_sets, tiny_c
   def set_loss(model, set_tokens):
     features = model.video_features(normalize(video, mean, std))
     logits = model.class_logits(features, model.encode_text(set_tokens)[None])
-    return train.soft_cross_entropy(logits, targets)
+    return soft_cross_entropy(logits, targets)
 
   per_set = [float(set_loss(model, jnp.asarray(tokens[a]))) for a in range(num_sets)]
   expected = np.mean([per_set[a] for a in drawn])
@@ -119,7 +111,7 @@ def test_the_step_loss_is_the_mean_over_every_drawn_set(preset, num_sets, tiny_c
   tx, _ = optim.make_optimizer(config.optim, family.group_of, total_steps=10, steps_per_epoch=5)
   optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
   graphdef, state = nnx.split((model, optimizer))
-  step = jax.jit(train.make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
+  step = jax.jit(make_train_step(graphdef, config, sharding.make_mesh(config.mesh),
                                        pool_index(tokens, TINY) + 1, False, family.group_of))
   _, out = step(state, {'video': video, 'label': labels}, jnp.asarray(tokens), jnp.int32(1))
   assert float(out['loss']) == pytest.approx(expected, rel=1e-5)

@@ -19,7 +19,10 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from claver_jax import train, zeroshot
+from claver_jax import zeroshot
+from claver_jax.models.build import make_model
+from claver_jax.run import evaluate_workdir
+from claver_jax.train import train_and_evaluate
 from claver_jax.data import synthetic
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.metrics import read_metrics
@@ -142,7 +145,8 @@ def parse_config(command: Command):
 
 
 def defined_flags(module: str) -> tuple[set[str], set[str]]:
-  """(flags, required flags) that a module's absl definitions declare, read from its source."""
+  """(flags, required flags) that a module's absl definitions declare, read from its source, with
+  those of the modules whose key flags it adopts (the converters adopt convert.common's)."""
   source = (REPO / (module.replace('.', '/') + '.py')).read_text()
   defined, required = set(), set()
   for chunk in source.split('DEFINE_')[1:]:
@@ -151,6 +155,10 @@ def defined_flags(module: str) -> tuple[set[str], set[str]]:
       defined.add(match.group(1))
       if 'required=True' in chunk.split('flags.')[0]:
         required.add(match.group(1))
+  for adopted in re.findall(r'adopt_module_key_flags\((\w+)\)', source):
+    package = re.search(rf'^from ([\w.]+) import {adopted}$', source, re.M).group(1)
+    more, more_required = defined_flags(f'{package}.{adopted}')
+    defined, required = defined | more, required | more_required
   return defined, required
 
 
@@ -280,7 +288,7 @@ def tiny(config, paths: dict[str, Path]):
     if config.init[key]:
       config.init[key] = str(paths[config.init[key]])
   config.data.update(dict(source='synthetic', image_size=16, synthetic_size=16,
-                          synthetic_frames=8, synthetic_videos=48, num_workers=0))
+                          synthetic_frames=8, synthetic_videos=48, num_workers=0, flip_prob=0.0))
   if config.text.prompts:
     config.text.prompts = 'synthetic_motion'
   config.model.dtype = 'float32'            # bf16 compiles and runs slower on a CPU
@@ -327,7 +335,7 @@ def test_the_kmct_few_shot_command_builds_the_kmct_model_of_its_checkpoint(doc, 
   config = tiny(config, tiny_inputs)
   assert (config.model.temporal, config.data.shots, config.data.num_frames) == ('kmct', 2, 32)
   checkpoint = config.init.checkpoint
-  model = train.make_model(config, load_tokenizer(checkpoint), nnx.Rngs(0))
+  model = make_model(config, load_tokenizer(checkpoint), nnx.Rngs(0))
   assert isinstance(model, CLAVER) and model.temporal.kind == 'kmct'
   source = nnx.to_pure_dict(nnx.state(load(checkpoint), nnx.Param))
   built = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -341,7 +349,7 @@ def test_a_training_and_its_shuffled_test_run_on_tiny_towers(doc, tiny_inputs, t
   _, commands, _ = doc
   config, workdir = parse_config(find(commands, 'Table 1', PRESET='B32,8,kmt'))
   run = tmp_path / workdir
-  metrics = train.train_and_evaluate(tiny(config, tiny_inputs), str(run))
+  metrics = train_and_evaluate(tiny(config, tiny_inputs), str(run))
   assert np.isfinite(metrics['val/top1'])
   assert [r['step'] for r in read_metrics(run) if 'train/loss' in r] == [1, 2]
   config, workdir = parse_config(find(commands, 'Table 9', PRESET='B32,8,kmt',
@@ -349,5 +357,5 @@ def test_a_training_and_its_shuffled_test_run_on_tiny_towers(doc, tiny_inputs, t
   assert tmp_path / workdir == run
   config = tiny(config, tiny_inputs)
   assert (config.mode, config.eval.token_shuffle) == ('eval', 'pre_te')
-  tested = train.train_and_evaluate(config, str(run))
+  tested = evaluate_workdir(config, str(run))
   assert 0 <= tested['eval/top1'] <= 100 and read_metrics(run)[-1]['step'] == 2

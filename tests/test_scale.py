@@ -60,7 +60,8 @@ def text_checks(mesh) -> dict:
   from claver_jax import sharding
   from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig
   from claver_jax.models.clip import needed_context, pool_index
-  from claver_jax.train import encode_texts_by_length, encode_texts_sharded, length_buckets
+  from claver_jax.evaluate import encode_texts_sharded
+  from claver_jax.step import encode_texts_by_length, length_buckets
   rng = np.random.default_rng(0)
   replicated = sharding.replicated(mesh)
   out = {}
@@ -115,7 +116,7 @@ def step_checks(mesh, family_name: str, accums: tuple[int, ...]) -> dict:
   from claver_jax import optim, sharding
   from claver_jax.models import CLIPConfig, families
   from claver_jax.models.clip import pool_index
-  from claver_jax.train import make_train_step
+  from claver_jax.step import make_train_step
   losses, hlo = {}, ''
   for accum in accums:
     config = tiny_config(accum)
@@ -204,7 +205,7 @@ def test_texts_split_over_devices_and_cut_to_length_equal_the_full_encoding(chec
 def test_length_buckets_hold_any_choice_of_sets(repeats):
   """Any `sets` rows (drawn with replacement when `repeats`, as the train step draws K < A)."""
   from itertools import combinations, combinations_with_replacement
-  from claver_jax.train import length_buckets
+  from claver_jax.step import length_buckets
   lengths = np.random.default_rng(0).integers(2, 30, (6, 7))
   lengths[4] = 29                                           # one set of long texts only
   choices = combinations_with_replacement if repeats else combinations
@@ -239,3 +240,36 @@ def test_accumulated_step_moves_no_data_between_devices(checks, family):
 if __name__ == '__main__':
   sys.path.insert(0, str(REPO))
   print(json.dumps(run_checks()))
+
+
+@pytest.mark.slow
+def test_evaluation_takes_the_model_part_of_the_train_state_as_sharded():
+  """The train loop hands the eval functions state[0], the model part of its (model, optimizer)
+  state, with state_sharding[0]; zero-shot and eval runs hand them nnx.split(model)'s state. The
+  same tree with the same partition specs: one set of eval functions, and no array is copied or
+  resharded for an evaluation."""
+  import types
+
+  import jax
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  from claver_jax import optim, sharding
+  from claver_jax.models import families
+  from claver_jax.models.build import make_model
+  config = tiny_config(1)
+  config.mesh.fsdp = 1
+  model = make_model(config, types.SimpleNamespace(vocab_size=100, eot_token_id=99),
+                     nnx.Rngs(0))
+  family = families.of(model)
+  tx, _ = optim.make_optimizer(config.optim, family.group_of, total_steps=10, steps_per_epoch=10)
+  optimizer = nnx.Optimizer(model, tx, wrt=optim.trainable_filter(config.optim, family.group_of))
+  mesh = sharding.make_mesh(config.mesh)
+  _, train_state = nnx.split((model, optimizer))
+  _, model_state = nnx.split(model)
+  specs = [s.spec for s in jax.tree.leaves(sharding.state_shardings(mesh, train_state)[0])]
+  assert jax.tree.structure(train_state[0]) == jax.tree.structure(model_state)
+  assert specs == [s.spec for s in jax.tree.leaves(sharding.state_shardings(mesh, model_state))]
+  assert any(spec != P() for spec in specs)             # Sharded parameters are compared too.
+  assert all(a is b for a, b in zip(jax.tree.leaves(train_state[0]),
+                                    jax.tree.leaves(model_state)))

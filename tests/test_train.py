@@ -408,8 +408,9 @@ def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted
   removal the export makes, from a copied workdir (model/ a real directory) on."""
   import json as json_lib
   import shutil
-  from claver_jax import fileio, train
+  from claver_jax import fileio
   from claver_jax.models import load
+  from claver_jax.models.build import export_model
   from claver_jax.text import load_tokenizer
   workdir = shutil.copytree(uninterrupted[0], tmp_path / 'copy')
   out = workdir / 'model'
@@ -432,7 +433,7 @@ def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted
   for module, name in ((os, 'replace'), (os, 'rename'), (shutil, 'rmtree'), (fileio, 'exchange')):
     monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
   for step in (100, 200, 300):
-    train.export_model(model, tokenizer, out, {'step': step}, ((0.5,) * 3, (0.25,) * 3))
+    export_model(model, tokenizer, out, {'step': step}, ((0.5,) * 3, (0.25,) * 3))
     assert_complete('after')
     assert checks[-1][1] == step and load(out).cfg == model.cfg
   assert {'replace', 'exchange', 'rmtree'} <= {what for what, _ in checks}
@@ -596,3 +597,12 @@ def test_predict_over_a_folder_and_a_list_in_one_process(uninterrupted, tmp_path
 def test_eval_mode_needs_something_to_evaluate(tmp_path):
   proc = run_main(tmp_path / 'empty', '--config.mode=eval', check=False)
   assert proc.returncode != 0 and 'nothing to evaluate' in proc.stderr
+
+
+def test_cadence_is_every_multiple_of_a_jobs_intervals_and_the_last_step():
+  """The loop logs, evaluates and saves at step s when s is a multiple of one of the job's
+  intervals (checkpoints: checkpoint_every_steps and the epoch), and at the last step."""
+  from claver_jax.train import Cadence
+  cadence = Cadence(10, {'log': (3,), 'eval': (5,), 'checkpoint': (4, 5)})
+  due = {job: [s for s in range(1, 11) if cadence.due(job, s)] for job in cadence.intervals}
+  assert due == {'log': [3, 6, 9, 10], 'eval': [5, 10], 'checkpoint': [4, 5, 8, 10]}

@@ -20,11 +20,12 @@ from safetensors.torch import save_file
 import tiny_config
 import torch_clip
 import torch_xclip
-from claver_jax import evaluate, optim, train
+from claver_jax import evaluate, optim
+from claver_jax.models.build import make_model
 from claver_jax.models import XCLIP, families, load
 from claver_jax.models.xclip import XCLIPConfig
 from conftest import run_cli
-from convert.clip_to_flax import ConversionError
+from convert.common import ConversionError
 from convert.xclip_to_flax import convert
 from helpers import steps_on_cached_texts, tiny_clip, unchanged
 
@@ -220,7 +221,7 @@ def tiny_xclip_config():
 def test_the_ten_times_group_is_exactly_the_new_parts():
   config = tiny_xclip_config().optim
   config.weight_decay = 0.0
-  model = train.make_model(tiny_xclip_config(), types.SimpleNamespace(vocab_size=100,
+  model = make_model(tiny_xclip_config(), types.SimpleNamespace(vocab_size=100,
                                                                       eot_token_id=99),
                            nnx.Rngs(0))
   family = families.of(model)
@@ -250,7 +251,7 @@ def test_four_train_steps_learn_with_the_text_tower_frozen():
   config = tiny_xclip_config()
   config.optim.lr = 1e-3
   tokenizer = types.SimpleNamespace(vocab_size=100, eot_token_id=99)
-  model = train.make_model(config, tokenizer, nnx.Rngs(0))
+  model = make_model(config, tokenizer, nnx.Rngs(0))
   rng = np.random.default_rng(0)
   tokens = np.zeros((2, 3, 8), np.int32)                   # A=2 sets of C=3 classes
   tokens[..., 0], tokens[..., 1:4], tokens[..., 4] = 98, rng.integers(1, 98, (2, 3, 3)), 99

@@ -15,8 +15,8 @@ Host batches (per JAX process, B = config.data.batch_size):
           (`Pipelines.eval_name(index)` names its video).
 'substituted' marks a sample whose video could not be read: in training it is replaced by the
 next readable video of the list (its label comes along), in evaluation by a black clip with the
-original label, which evaluation leaves out and counts (train.run_eval). 'valid' is False only for
-the padding of each process's last batch, so that one pass covers every eval sample exactly once
+original label, which evaluation leaves out and counts (evaluate.run_eval). 'valid' is False only
+for the padding of each process's last batch, so that one pass covers every eval sample exactly once
 and every process runs the same number of batches. Substitutions are counted by
 `Pipelines.train_substitutions` / `.eval_substitutions`: each unreadable path is logged once, with
 what is wrong with it, the first 20 of them, then they are only counted; `Pipelines.metrics()`
@@ -56,8 +56,8 @@ import numpy as np
 
 from claver_jax.data import synthetic
 from claver_jax.data.sources import (DataError, FileListSource, PreparedSource, SubsetSource,
-                                     SyntheticSource, Ucf101TfdsSource, few_shot_indices,
-                                     read_labels)
+                                     SyntheticSource, Ucf101TfdsSource, find_dataset_dir,
+                                     few_shot_indices, read_labels)
 from claver_jax.data.transforms import (CLIP_MEAN, CLIP_STD, MULTI_SCALES, TEST_RESIZE_RATIO,
                                         augment_train_clip, eval_short_side, normalize,
                                         spatial_crops, train_short_side)
@@ -110,8 +110,9 @@ def default_config() -> ml_collections.ConfigDict:
                  trained on whole frames (MultiScaleCrop off), as the demo. 3 crops: short side S.
   mean, std:     per-channel normalisation of `normalize` (CLIP's by default).
   scales, flip_prob, jitter_prob, jitter (brightness, contrast, saturation, hue),
-  grayscale_prob: train augmentation. flip_prob None means 0.5, or 0 for the synthetic motion
-                 set, whose left/right and clockwise classes a horizontal flip would swap.
+  grayscale_prob: train augmentation. flip_prob must be 0 on a source whose classes a
+                 horizontal flip swaps (the synthetic motion set's left/right and clockwise
+                 twins): configs/demo.py sets 0; > 0 there is an error.
   synthetic_videos, synthetic_frames, synthetic_size, synthetic_seed: the synthetic set: clips
                  0..synthetic_videos-1 (i % 5 == 4 go to val), frames per clip, frame side, seed.
   tfds_name:     '' for a prepared dataset; 'ucf101' for tfds's own builder (needs TensorFlow).
@@ -124,7 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
       seed=0, max_substituted=0.05, shots=0, shots_seed=0, num_clips=1, num_crops=1,
       eval_resize_ratio=TEST_RESIZE_RATIO, mean=CLIP_MEAN, std=CLIP_STD,
       scales=MULTI_SCALES,
-      flip_prob=None, jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2,
+      flip_prob=0.5, jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2,
       synthetic_videos=1200, synthetic_frames=16, synthetic_size=64, synthetic_seed=0,
       tfds_name=''))
 
@@ -343,7 +344,6 @@ def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
   if cfg.source == 'tfds' and not cfg.labels:
     if cfg.tfds_name:
       return []
-    from claver_jax.data.prepare import find_dataset_dir
     return read_labels(find_dataset_dir(cfg.root) / 'labels.csv')
   if not cfg.labels:
     raise DataError('config.data.labels is empty; set it to the labels CSV (id,name).')
@@ -390,15 +390,12 @@ def _few_shot(cfg: ml_collections.ConfigDict, source, class_names: list[str], wr
   return subset
 
 
-def _flip_prob(cfg: ml_collections.ConfigDict, class_names: list[str]) -> float:
-  motion_set = tuple(class_names) == synthetic.CLASS_NAMES
-  if cfg.flip_prob is None:
-    return 0.0 if motion_set else 0.5
-  if motion_set and cfg.flip_prob > 0:
-    raise DataError('config.data.flip_prob > 0 on the synthetic motion set would turn "moving '
-                    'left" into "moving right" (and clockwise into counterclockwise) without '
-                    'changing the label; set flip_prob to 0 or None.')
-  return float(cfg.flip_prob)
+def check_flips(flip_prob: float, source, where: str) -> None:
+  """A DataError when train clips would be flipped on a source whose classes a flip swaps."""
+  if flip_prob > 0 and source.flips_change_labels:
+    raise DataError(f'config.data.flip_prob={flip_prob:g} on {where}, whose classes a horizontal '
+                    'flip swaps (left and right, clockwise and counterclockwise): a flipped clip '
+                    'would keep the wrong label. Set config.data.flip_prob=0.')
 
 
 def check_readable(source, where: str, root: str, sample: int = SAMPLE_CHECKED) -> None:
@@ -491,8 +488,9 @@ def build_pipelines(cfg: ml_collections.ConfigDict, *, shard_index: int | None =
   train, train_log = None, SubstitutionLog(
       'train', train_source.name if train_source else str)
   if train_source is not None:
+    check_flips(cfg.flip_prob, train_source, f'the {cfg.source} source {train_list!r}')
     loader = SampleLoader(train_source, scales=tuple(cfg.scales),
-                          flip_prob=_flip_prob(cfg, class_names), jitter_prob=cfg.jitter_prob,
+                          flip_prob=cfg.flip_prob, jitter_prob=cfg.jitter_prob,
                           jitter=tuple(cfg.jitter), grayscale_prob=cfg.grayscale_prob,
                           **loader_args)
     rows = tuple(range(shard_index * cfg.batch_size, (shard_index + 1) * cfg.batch_size)

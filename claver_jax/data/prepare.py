@@ -49,33 +49,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from claver_jax import fileio
-from claver_jax.data.sources import DataError, FileListSource, read_labels
+from claver_jax.data.sources import (PREPARED_BUILDER_NAME, PREPARED_VERSION, DataError,
+                                     FileListSource, find_dataset_dir, read_labels)
 from claver_jax.data.video import DecodeLimits, VideoError, stream_frames
 
-BUILDER_NAME = 'claver_video_frames'
-VERSION = '2.0.0'          # 1.0.0: one record per video (every frame read for every clip).
 MAX_LOGGED = 20
 SHARD_BYTES = 1 << 30
-
-
-def find_dataset_dir(directory: str | os.PathLike):
-  """The folder holding dataset_info.json: `directory` itself (or what its object-store link
-  names) or its builder/version folder. Raises DataError for a dataset of another format."""
-  directory = fileio.resolve_link(fileio.run_path(directory))
-  if (directory / 'dataset_info.json').is_file():
-    found = directory
-  else:
-    candidates = sorted(directory.glob(f'{BUILDER_NAME}/*/dataset_info.json'))
-    if not candidates:
-      raise DataError(f'{directory} holds no prepared dataset (no dataset_info.json); build one '
-                      'with `python -m claver_jax.data.prepare`.')
-    found = candidates[-1].parent
-  version = json.loads((found / 'dataset_info.json').read_text()).get('version')
-  if version != VERSION:
-    raise DataError(f'{found} was prepared in format {version}, which stores whole videos as '
-                    f'records; this version reads format {VERSION} (a record per frame). '
-                    'Prepare it again with `python -m claver_jax.data.prepare`.')
-  return found
 
 
 def split_name(list_path: str | os.PathLike) -> str:
@@ -164,7 +143,8 @@ def cache_key(job_source: tuple[str, str | None], short_side: int, quality: int)
     identity = [stat.st_size, stat.st_mtime_ns]
   except OSError:
     identity = ['missing']
-  text = json.dumps([VERSION, os.path.realpath(path), member, *identity, short_side, quality])
+  text = json.dumps([PREPARED_VERSION, os.path.realpath(path), member, *identity, short_side,
+                     quality])
   return hashlib.sha256(text.encode('utf-8')).hexdigest()[:24]
 
 
@@ -275,8 +255,8 @@ def _write_split(name: str, source: FileListSource, jobs: list[EncodeJob], out: 
     first.append(first[-1] + num_frames[-1])
   if writer is not None:
     writer.close()
-  template = tfds.core.ShardedFileTemplate(data_dir=out, dataset_name=BUILDER_NAME, split=name,
-                                           filetype_suffix='array_record')
+  template = tfds.core.ShardedFileTemplate(data_dir=out, dataset_name=PREPARED_BUILDER_NAME,
+                                           split=name, filetype_suffix='array_record')
   for shard, path in enumerate(shard_paths):
     os.replace(path, template.sharded_filepath(shard_index=shard, num_shards=len(shard_paths)))
   np.savez(out / f'{name}.videos.npz', label=np.asarray(labels, np.int32),
@@ -337,7 +317,7 @@ def prepare(lists: Sequence[str | os.PathLike], root: str | os.PathLike,
         logging.warning('Skipping an unreadable video: %s', error)
   if len(skipped) > MAX_LOGGED:
     logging.warning('%d unreadable videos skipped in all (listed in skipped.txt).', len(skipped))
-  manifest = {'format': VERSION, 'short_side': short_side, 'quality': quality,
+  manifest = {'format': PREPARED_VERSION, 'short_side': short_side, 'quality': quality,
               'limits': dataclasses.asdict(limits), 'root': str(root),
               'lists': {n: {'file': str(p), 'sha256': _sha256(p)}
                         for n, p in zip(splits, lists)},
@@ -346,7 +326,7 @@ def prepare(lists: Sequence[str | os.PathLike], root: str | os.PathLike,
   with fileio.staged_directory(out, overwrite=overwrite, stage=cache / '.staging') as tmp:
     split_infos = [_write_split(n, splits[n], split_jobs[n], tmp, progress) for n in splits]
     tfds.folder_dataset.write_metadata(data_dir=tmp, features=features(),
-                                       split_infos=split_infos, version=VERSION,
+                                       split_infos=split_infos, version=PREPARED_VERSION,
                                        check_data=False,
                                        description='Video frames as JPEGs (claver_jax).')
     (tmp / 'labels.csv').write_bytes(fileio.run_path(labels).read_bytes())

@@ -2,7 +2,9 @@
 dataset, or the synthetic motion set.
 
 Every source has `len(source)`, `source.label(i)` (int), `source.name(i)` (a path for logs) and
-`source.open(i)`, which returns a `video.Video` or raises `video.VideoError`. Sources are
+`source.open(i)`, which returns a `video.Video` or raises `video.VideoError`, and says whether a
+horizontal flip changes the class of its clips (`source.flips_change_labels`: True for the
+synthetic motion set, whose left/right and clockwise twins a flip swaps). Sources are
 picklable and open their files lazily, so grain worker processes can use them.
 
 List files have one clip per line, `relative/path.mp4 LABEL_ID` (the path may contain spaces; the
@@ -17,6 +19,7 @@ root are followed). Labels files are read by
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -24,9 +27,14 @@ from typing import Sequence
 
 import numpy as np
 
+from claver_jax import fileio
 from claver_jax.data import synthetic
 from claver_jax.data.labels import DataError, read_labels  # noqa: F401 (re-exported)
 from claver_jax.data.video import ArrayVideo, InMemory, Video, VideoError, open_video
+
+# The prepared format (`python -m claver_jax.data.prepare` writes it, PreparedSource reads it).
+PREPARED_BUILDER_NAME = 'claver_video_frames'
+PREPARED_VERSION = '2.0.0'  # 1.0.0: one record per video (every frame read for every clip).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +110,7 @@ def few_shot_indices(labels: Sequence[int], class_names: Sequence[str], shots: i
 # ---------------------------------------------------------------------------------------------
 class FileListSource:
   """Clips of a list file, in a folder or an uncompressed tar (members read in place)."""
+  flips_change_labels = False
 
   def __init__(self, root: str | os.PathLike, list_path: str | os.PathLike,
                num_classes: int | None = None, allow_outside_root: bool = False):
@@ -155,6 +164,7 @@ class SyntheticSource:
   Each clip is made on first use and kept while the whole split fits in `cache_bytes` (in each
   process: grain workers keep their own), so later epochs cost no rendering. 0 keeps nothing.
   """
+  flips_change_labels = True    # "moving left" mirrored is "moving right", and so on.
 
   def __init__(self, split: str, num_videos: int, num_frames: int = 16, size: int = 64,
                seed: int = 0, cache_bytes: int = 2 << 30):
@@ -192,6 +202,10 @@ class SubsetSource:
 
   def __init__(self, source, indices: Sequence[int]):
     self.source, self.indices = source, list(indices)
+
+  @property
+  def flips_change_labels(self) -> bool:
+    return self.source.flips_change_labels
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -238,13 +252,34 @@ class PreparedVideo(InMemory):
     return np.stack([arrays[int(i)] for i in indices])
 
 
+def find_dataset_dir(directory: str | os.PathLike):
+  """The folder holding dataset_info.json: `directory` itself (or what its object-store link
+  names) or its builder/version folder. Raises DataError for a dataset of another format."""
+  directory = fileio.resolve_link(fileio.run_path(directory))
+  if (directory / 'dataset_info.json').is_file():
+    found = directory
+  else:
+    candidates = sorted(directory.glob(f'{PREPARED_BUILDER_NAME}/*/dataset_info.json'))
+    if not candidates:
+      raise DataError(f'{directory} holds no prepared dataset (no dataset_info.json); build one '
+                      'with `python -m claver_jax.data.prepare`.')
+    found = candidates[-1].parent
+  version = json.loads((found / 'dataset_info.json').read_text()).get('version')
+  if version != PREPARED_VERSION:
+    raise DataError(f'{found} was prepared in format {version}, which stores whole videos as '
+                    f'records; this version reads format {PREPARED_VERSION} (a record per frame). '
+                    'Prepare it again with `python -m claver_jax.data.prepare`.')
+  return found
+
+
+
 class PreparedSource:
   """A split of a dataset written by `python -m claver_jax.data.prepare` (local or gs://): its
   videos from `<split>.videos.npz`, their frames one record each through `tfds.data_source`
   (array_record, no TensorFlow), read only when a clip samples them."""
+  flips_change_labels = False
 
   def __init__(self, directory: str | os.PathLike, split: str):
-    from claver_jax.data.prepare import find_dataset_dir
     self.directory = find_dataset_dir(directory)
     self.split = split
     self._source = None
@@ -285,6 +320,7 @@ class PreparedSource:
 
 class Ucf101TfdsSource:
   """tensorflow-datasets' own `ucf101` builder (an optional extra: it needs TensorFlow)."""
+  flips_change_labels = False
 
   def __init__(self, data_dir: str | os.PathLike | None, split: str):
     try:

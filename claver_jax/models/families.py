@@ -22,7 +22,7 @@ and its config has `clip` (the CLIPConfig of its towers), `num_frames`, to_dict 
 that of motion prompts, whose towers are always frozen.)
 
 Model directories of one family can give their CLIP towers to another (`towers`, `load_towers`):
-config.init.towers_only (train.make_model).
+config.init.towers_only (models.build.make_model).
 """
 
 from __future__ import annotations

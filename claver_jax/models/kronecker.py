@@ -151,7 +151,7 @@ def portable_kernels_only():
 
 
 def loops_unrolled() -> bool:
-  """True inside `unrolled_loops()` (train.py's accumulation scan unrolls there too)."""
+  """True inside `unrolled_loops()` (step.py's accumulation scan unrolls there too)."""
   return _unrolled[0]
 
 

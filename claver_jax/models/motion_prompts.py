@@ -1,7 +1,7 @@
 """Motion prompts on frozen CLIP towers, after "Seeing in Flowing" (SiF: Du et al., ACM MM 2023,
 arXiv 2308.04828). A reconstruction: SiF's code and full text are not public, only its abstract
 and reviews, which name three blocks (two-stream motion modelling, motion-aware prompts,
-multimodal communication). Every design choice below is ours (README: Motion prompts).
+multimodal communication). Every design choice below is ours (docs/models.md: Motion prompts).
 
     >>> model = MotionPrompts(MotionPromptsConfig(clip=get_preset('ViT-B/16'), num_frames=8),
     ...                       rngs=nnx.Rngs(0))
