@@ -45,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 BATCH, FRAMES, SETS, CLASSES = 2, 8, 5, 20
 ARCHS = {
-    # OfficialCLAVER keyword arguments (torch_clip.OpenAICLIP's) and temporal depth.
+    # OfficialLayoutCLAVER keyword arguments (torch_clip.OpenAICLIP's) and temporal depth.
     'B32': dict(clip=dict(embed_dim=512, image_size=224, patch=32, vision_width=768,
                           vision_layers=12, context=77, vocab=49408, text_width=512,
                           text_layers=12), temporal_layers=4),
@@ -160,7 +160,8 @@ def torch_train_step(model, tokens: np.ndarray, mean, std, label_smoothing: floa
 
 
 def torch_vit_tokens(visual, images):
-  """The reference ViT's tokens before `ln_post`, as OfficialCLAVER.encode_video computes them."""
+  """The reference ViT's tokens before `ln_post`, as OfficialLayoutCLAVER.encode_video computes
+  them."""
   x = visual.conv1(images).flatten(2).transpose(1, 2)
   x = torch_cat_class(visual, x)
   return visual.transformer(visual.ln_pre(x + visual.positional_embedding).transpose(0, 1))
@@ -216,8 +217,8 @@ def main(argv: list[str]) -> None:
   spec = ARCHS[f.arch]
   c = spec['clip']
   torch.manual_seed(0)
-  reference = torch_claver.OfficialCLAVER(num_frames=FRAMES, temporal_layers=spec['temporal_layers'],
-                                          mask='kmt', **c)
+  reference = torch_claver.OfficialLayoutCLAVER(
+      num_frames=FRAMES, temporal_layers=spec['temporal_layers'], mask='kmt', **c)
   init_weights_(reference, seed=0)
   reference.eval()
   with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from claver_jax import sharding  # noqa: E402
 from claver_jax.data import build_pipelines, make_global_batch  # noqa: E402
-from data_helpers import synthetic_train_config  # noqa: E402
+from helpers import synthetic_train_config  # noqa: E402
 
 GLOBAL_BATCH = 8
 

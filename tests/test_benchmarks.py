@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import REPO, run_cli
 
 
+@pytest.mark.slow
 def test_model_speed_runs_at_a_tiny_size():
   out = run_cli('benchmarks.model_speed', '--arch=tiny', '--rounds=1', '--train_rounds=1').stdout
   counts = re.search(r'trainable parameters: ours ([\d,]+), torch ([\d,]+)', out)
@@ -41,6 +44,7 @@ def test_model_speed_full_length_texts_leave_nothing_to_cut():
   assert lengths.min() >= 8 and lengths.max() <= 77 and len(set(lengths.tolist())) > 20
 
 
+@pytest.mark.slow
 def test_input_pipeline_measure_reads_mp4s_and_a_prepared_dataset():
   import importlib.util
   spec = importlib.util.spec_from_file_location('input_pipeline',
@@ -51,6 +55,7 @@ def test_input_pipeline_measure_reads_mp4s_and_a_prepared_dataset():
   assert set(rates) == {'bare_decode', 'mp4/0', 'prepared/0'} and min(rates.values()) > 0
   # 8 x H100 at 40% MFU on K400 B/16 8f (3 x 402 GFLOPs per clip).
   assert round(input_pipeline.clips_per_second_needed(8 * 989e12)) == 2624
+@pytest.mark.slow
 def test_accelerator_smoke_dry_run_on_the_cpu():
   """`--quick` at toy sizes: one PASS line per check, the train step's figures included."""
   proc = run_cli('benchmarks.accelerator_smoke', '--quick', '--steps=2')

@@ -1,4 +1,5 @@
-"""CLAVER: Kronecker masks, the temporal-modelling family, and parity with the official model."""
+"""CLAVER: Kronecker masks, the temporal-modelling family, and parity with a PyTorch CLAVER in
+the official checkpoint layout (tests/torch_claver.py, our reconstruction of the official model)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,14 @@ from flax import nnx
 
 import torch_claver
 import torch_clip
-from claver_jax.models import (CLAVER, CLAVERConfig, CLIPConfig, MASK_KINDS, claver_from_clip,
+from claver_jax.models import (CLAVER, CLAVERConfig, MASK_KINDS, claver_from_clip,
                                get_preset, kronecker_mask, load)
 from conftest import run_cli
 from convert.claver_to_flax import convert as convert_claver
 from convert.common import ConversionError
+from helpers import tiny_clip
 
-# A tiny CLIP whose vision width gives 2 temporal heads (width / 64): T=4 frames of L=5 tokens.
-TINY = CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=128, vision_layers=2,
-                  vision_heads=2, vision_mlp_dim=256, context_length=8, vocab_size=100,
-                  text_width=64, text_layers=1, text_heads=1, text_mlp_dim=128)
+TINY = tiny_clip()     # Its vision width gives 2 temporal heads (width / 64); 4 x 5 tokens at T=4.
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -89,6 +88,7 @@ def random_video(b=2, t=4, seed=1):
 @pytest.mark.parametrize('temporal,invariant', [('mean', True), ('kmt', False), ('kmct', False),
                                                 ('joint', False), ('pipeline', False),
                                                 ('cls_only', False)])
+@pytest.mark.slow
 def test_frame_order(temporal, invariant):
   model = tiny_model(temporal)
   video = random_video()
@@ -102,6 +102,7 @@ def test_frame_order(temporal, invariant):
     assert difference > 1e-3
 
 
+@pytest.mark.slow
 def test_video_embedding_is_the_mean_of_normalised_frames():
   model = tiny_model('kmt')
   frames = np.asarray(model.encode_frames(random_video()))
@@ -109,6 +110,7 @@ def test_video_embedding_is_the_mean_of_normalised_frames():
   np.testing.assert_allclose(model.encode_video(random_video()), frames.mean(1), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
   from claver_jax.models.clip import set_remat
   model, video = tiny_model('kmt'), random_video()
@@ -168,7 +170,7 @@ def test_temporal_blocks_start_at_pytorch_defaults():
 def preset_head(preset: str, seed: int = 0):
   """The temporal head of configs/k400.py:PRESET on TINY's towers (1 temporal layer), its
   temporal embedding at std 1 so that frame positions are visible, and its L = 5 tokens."""
-  from config_helpers import load_config
+  from helpers import load_config
   from claver_jax.models import families
   config = load_config('k400', preset)
   config.model.temporal_layers = 1
@@ -178,6 +180,7 @@ def preset_head(preset: str, seed: int = 0):
   return head, config
 
 
+@pytest.mark.slow
 def test_the_pipeline_head_pools_every_token_not_the_class_tube():
   """Paper §3.2: pipeline attention needs mean pooling over all tokens, else it equals
   class-token-only. On Table 7's pipeline preset (B32, 8 frames), changing only the patch tokens
@@ -255,6 +258,7 @@ def test_default_depth_is_a_third_of_the_vit():
 
 @pytest.mark.parametrize('arch', ['ViT-B/32', 'ViT-B/16', 'ViT-L/14'])
 @pytest.mark.parametrize('frames', [8, 16])
+@pytest.mark.slow
 def test_abstract_shapes_of_presets(arch, frames):
   cfg = CLAVERConfig(clip=get_preset(arch), num_frames=frames)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: CLAVER(cfg, rngs=nnx.Rngs(0))))
@@ -277,6 +281,7 @@ def test_temporal_heads_default_to_the_papers_and_can_be_set():
     CLAVERConfig(clip=TINY, temporal_layers=1, temporal_heads=3)
 
 
+@pytest.mark.slow
 def test_sincos_positions_lay_out_the_patch_grid_for_models_from_scratch():
   import types
   import tiny_config
@@ -307,6 +312,7 @@ def test_sincos_positions_lay_out_the_patch_grid_for_models_from_scratch():
     check_config(config)
 
 
+@pytest.mark.slow
 def test_shapes_are_checked_at_the_boundaries():
   """chex at the video encoder and the train step's inputs: a clip of the wrong frame count or
   size, or a batch that does not match the config, names the shape expected (traced only)."""
@@ -341,11 +347,12 @@ def test_shapes_are_checked_at_the_boundaries():
       jax.eval_shape(step, state, bad, text, at)
 
 
-# ------------------------------------------------------------------- official checkpoint parity
+# ---------------------------------------------- parity with a PyTorch CLAVER in the official layout
 @pytest.fixture(scope='module')
-def official(tmp_path_factory):
-  """A random official-layout CLAVER (KMT), saved as the official code saves it."""
-  model = torch_claver.OfficialCLAVER(num_frames=4, temporal_layers=2, mask='kmt')
+def official_layout(tmp_path_factory):
+  """A random CLAVER (KMT) of our PyTorch reconstruction (tests/torch_claver.py, not the official
+  code), in the official checkpoint's key layout, saved as the official code saves it."""
+  model = torch_claver.OfficialLayoutCLAVER(num_frames=4, temporal_layers=2, mask='kmt')
   torch_clip.randomize_(model, seed=3)
   path = tmp_path_factory.mktemp('official') / 'claver_k400_b16.pth'
   torch.save({'model': model.state_dict(), 'epoch': 30, 'max_accuracy': 0.0}, path)
@@ -356,41 +363,46 @@ def official(tmp_path_factory):
 
 
 @torch.no_grad()
-def official_outputs(model, video, tokens):
+def reference_outputs(model, video, tokens):
   v = torch.from_numpy(video).permute(0, 1, 4, 2, 3)
   t = torch.from_numpy(tokens).long()
   return model.encode_video(v).numpy(), model.video_logits(v, t).numpy()
 
 
 @pytest.mark.parametrize('mask', ['kmt', 'kmct'])
-def test_parity_with_official_model(official, mask, tmp_path):
-  reference = official['model']
+@pytest.mark.slow
+def test_parity_with_our_pytorch_claver_in_the_official_layout(official_layout, mask, tmp_path):
+  """Converted from an official-layout checkpoint, our model computes what the PyTorch
+  reconstruction computes (tests/torch_claver.py, written from the paper and the official code's
+  module names; the official code itself is not run here)."""
+  reference = official_layout['model']
   reference.mask = mask
-  expected_video, expected_logits = official_outputs(reference, official['video'],
-                                                     official['tokens'])
+  expected_video, expected_logits = reference_outputs(reference, official_layout['video'],
+                                                     official_layout['tokens'])
   out = tmp_path / f'claver_{mask}'
   if mask == 'kmt':  # Through the CLI, as a user would.
-    proc = run_cli('convert.claver_to_flax', f'--src={official["path"]}', f'--out={out}')
+    proc = run_cli('convert.claver_to_flax', f'--src={official_layout["path"]}', f'--out={out}')
     assert 'CLAVER (kmt, 4 frames, 2 temporal layers)' in proc.stdout
     # The official pipeline's input normalisation: ImageNet's.
     recorded = json.loads((out / 'config.json').read_text())['normalization']
     np.testing.assert_allclose(recorded['mean'], np.array([123.675, 116.28, 103.53]) / 255)
     np.testing.assert_allclose(recorded['std'], np.array([58.395, 57.12, 57.375]) / 255)
   else:
-    convert_claver(official['path'], out, mask=mask)
+    convert_claver(official_layout['path'], out, mask=mask)
   model = load(out)
   assert model.cfg.temporal == mask and model.cfg.num_frames == 4
-  video = np.asarray(model.encode_video(official['video']))
-  logits = np.asarray(model.logits(official['video'], official['tokens']))
+  video = np.asarray(model.encode_video(official_layout['video']))
+  logits = np.asarray(model.logits(official_layout['video'], official_layout['tokens']))
   diffs = (np.abs(video - expected_video).max(), np.abs(logits - expected_logits).max())
   print(f'{mask}: max abs diff video embedding {diffs[0]:.2e}, logits {diffs[1]:.2e}')
   assert np.abs(expected_logits).max() > 1.0
   assert diffs[1] <= 1e-4 and diffs[0] <= 1e-5
 
 
-def test_num_frames_resampling(official, tmp_path, caplog):
+@pytest.mark.slow
+def test_num_frames_resampling(official_layout, tmp_path, caplog):
   out = tmp_path / 'claver'
-  convert_claver(official['path'], out)
+  convert_claver(official_layout['path'], out)
   stored = np.asarray(load(out).temporal.temporal_embedding[...])
   with caplog.at_level(logging.WARNING):
     model = load(out, num_frames=8)
@@ -400,7 +412,7 @@ def test_num_frames_resampling(official, tmp_path, caplog):
   # Half-frame centres: new frame i of 8 sits at (i + .5) / 2 - .5 in the old frames' index.
   np.testing.assert_allclose(resampled[3], (stored[1] + stored[2]) / 2 + (stored[1] - stored[2]) / 4,
                              atol=1e-6)
-  video8 = np.concatenate([official['video'], official['video']], axis=1)
+  video8 = np.concatenate([official_layout['video'], official_layout['video']], axis=1)
   assert model.encode_video(video8).shape == (2, 64)
   with pytest.raises(ValueError, match='resampling of the temporal embedding turned off'):
     load(out, num_frames=8, resample_frames=False)
@@ -408,6 +420,7 @@ def test_num_frames_resampling(official, tmp_path, caplog):
     load(out).encode_video(video8)
 
 
+@pytest.mark.slow
 def test_claver_from_converted_clip(tiny_clip, converted_hf):
   clip = load(converted_hf)
   cfg = CLAVERConfig(clip=clip.cfg, num_frames=3, temporal='kmct', temporal_layers=1)
@@ -424,12 +437,12 @@ def test_claver_from_converted_clip(tiny_clip, converted_hf):
     claver_from_clip(clip, dataclasses.replace(cfg, clip=TINY), rngs=nnx.Rngs(0))
 
 
-def test_converter_rejects_plain_clip_and_lists_unexpected_keys(official, tmp_path):
+def test_converter_rejects_plain_clip_and_lists_unexpected_keys(official_layout, tmp_path):
   plain = torch_clip.hf_to_openai_state_dict(torch_clip.tiny_hf_clip().state_dict())
   torch.save(plain, tmp_path / 'clip.pt')
   with pytest.raises(ConversionError, match='plain CLIP'):
     convert_claver(tmp_path / 'clip.pt', tmp_path / 'a')
-  state = dict(official['model'].state_dict())
+  state = dict(official_layout['model'].state_dict())
   state['prompts_generator.alpha'] = torch.zeros(3)
   torch.save({'model': state}, tmp_path / 'extra.pth')
   with pytest.raises(ConversionError, match='unexpected: prompts_generator.alpha'):

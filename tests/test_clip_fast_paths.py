@@ -14,6 +14,7 @@ from claver_jax.models.clip import (CLIPConfig, ResidualBlock, TextTransformer, 
 
 
 @pytest.mark.parametrize('masking', ['none', 'causal', 'mask', 'mask+causal'])
+@pytest.mark.slow
 def test_attention_equals_jax_dot_product_attention(masking):
   b, s, h, d = 2, 7, 3, 8
   q, k, v = jax.random.normal(jax.random.key(0), (3, b, s, h, d))
@@ -25,6 +26,7 @@ def test_attention_equals_jax_dot_product_attention(masking):
   np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_patch_embedding_equals_the_convolution():
   """Odd sizes: 7-pixel patches on a 3x3 grid, 10 channels."""
   cfg = CLIPConfig(image_size=21, patch_size=7, vision_width=10, vision_heads=2)
@@ -45,6 +47,7 @@ def tiny_text(pooling: str) -> tuple[TextTransformer, jax.Array]:
 
 
 @pytest.mark.parametrize('pooling', ['argmax', 'first_eos'])
+@pytest.mark.slow
 def test_text_tower_pools_before_its_last_block(pooling):
   text, tokens = tiny_text(pooling)
   full = lambda m: m.pool(m.encode_tokens(tokens), tokens)
@@ -57,6 +60,7 @@ def test_text_tower_pools_before_its_last_block(pooling):
 
 
 @pytest.mark.parametrize('remat', [False, True])
+@pytest.mark.slow
 def test_block_at_positions_gives_the_rows_of_the_block(remat):
   """Under a Kronecker mask (T = 3 frames of L = 4 tokens), the rows of each frame's first token."""
   block = ResidualBlock(16, 2, 32, rngs=nnx.Rngs(0))

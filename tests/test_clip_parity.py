@@ -40,6 +40,7 @@ def assert_parity(got: dict, expected: dict, tol: float = TOL) -> None:
   assert max(diffs.values()) <= tol, diffs
 
 
+@pytest.mark.slow
 def test_hf_directory_through_cli(tiny_clip, converted_hf):
   model = load(converted_hf)
   assert model.cfg.text_pooling == 'first_eos' and model.cfg.eos_token_id == torch_clip.EOT
@@ -64,6 +65,7 @@ def test_openai_reference_agrees_with_hf(tiny_clip, openai_clip):
 
 # OpenAI distributes TorchScript archives, so the test makes one; torch warns about tracing.
 @pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning', 'ignore::DeprecationWarning')
+@pytest.mark.slow
 def test_openai_torchscript_archive_through_cli(tiny_clip, openai_clip, tmp_path):
   images, tokens = tiny_clip['images'], tiny_clip['tokens']
   example = (torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long())
@@ -79,6 +81,7 @@ def test_openai_torchscript_archive_through_cli(tiny_clip, openai_clip, tmp_path
 
 
 @pytest.mark.parametrize('container', ['torch', 'safetensors'])
+@pytest.mark.slow
 def test_openai_state_dict_files(tiny_clip, openai_clip, tmp_path, container):
   state = {k: v.detach().clone() for k, v in openai_clip.state_dict().items()}
   if container == 'torch':  # As fine-tuning code saves it: wrapped, under DataParallel names.
@@ -139,6 +142,7 @@ def test_hf_legacy_eos_2_pools_at_argmax(tiny_clip, tmp_path):
   assert_parity(flax_outputs(model, images, tokens), torch_clip.hf_outputs(hf, images, tokens))
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32(tiny_clip, converted_hf):
   """Embeddings: relative L2 error <= 2e-2. Logits: the error in cosine units, i.e. relative to
   the logit scale, <= 2e-2 (relative to the logits themselves it is inflated wherever the cosine
@@ -191,6 +195,7 @@ def test_wrong_image_size_is_a_clear_error(converted_hf):
 @pytest.mark.parametrize('name,count', [('ViT-B/32', 151_277_313), ('ViT-B/16', 149_620_737),
                                         ('ViT-L/14', 427_616_513),
                                         ('ViT-L/14@336', 427_944_193)])
+@pytest.mark.slow
 def test_presets_have_openai_parameter_counts(name, count):
   abstract = nnx.eval_shape(lambda: CLIP(get_preset(name), rngs=nnx.Rngs(0)))
   assert sum(p.size for p in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == count

@@ -50,6 +50,7 @@ def test_unknown_format_names_accepted_formats(tmp_path):
     ('clip_to_flax', ['--image_size=336']),
     ('claver_to_flax', ['--mask=kmct', r'--ignore_keys=^mit\.']),
     ('xclip_to_flax', [])])
+@pytest.mark.slow
 def test_every_converter_takes_the_shared_flags_and_fails_in_one_line(converter, own_flags,
                                                                       tmp_path):
   """convert.common defines --src, --out, --bpe, --vision_heads, --text_heads, --overwrite for
@@ -180,6 +181,7 @@ def test_openai_heads_must_divide_width(openai_state, tmp_path):
     convert(src, tmp_path / 'out', vision_heads=3)
 
 
+@pytest.mark.slow
 def test_resize_positional_embedding_to_larger_images(tiny_clip, tmp_path):
   out = tmp_path / 'clip48'
   run_cli('convert.clip_to_flax', f'--src={tiny_clip["hf_dir"]}', f'--out={out}',
@@ -224,6 +226,7 @@ def test_load_rejects_non_model_directories(tmp_path, converted_hf):
     load(edited)
 
 
+@pytest.mark.slow
 def test_safetensors_convert_without_torch(tiny_clip, openai_state, tmp_path):
   """safetensors sources need no torch: convert with `import torch` made to fail."""
   src = tmp_path / 'clip.safetensors'
@@ -319,6 +322,7 @@ def test_a_hostile_torchscript_archive_runs_nothing(tmp_path):
   assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_a_pickle_that_calls_a_function_converts_without_calling_it(openai_state, tmp_path):
   """A state dict with an extra entry whose unpickling would call os.makedirs: the weights are
   read, the call never happens (torch.load without weights_only would make the directory)."""

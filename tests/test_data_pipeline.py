@@ -11,7 +11,7 @@ from claver_jax.data import synthetic
 from claver_jax.data.pipeline import build_pipelines, default_config
 from claver_jax.data.sources import DataError, FileListSource, read_labels, read_list
 from conftest import requires_libtpu, run_cli
-from data_helpers import synthetic_dir, with_bad_videos
+from helpers import synthetic_dir, with_bad_videos
 
 
 @pytest.fixture(scope='module')
@@ -112,6 +112,7 @@ def test_each_epoch_is_a_new_shuffle_of_every_clip(motion_dir):
   assert labels[:20].tolist() != labels[20:40].tolist()
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_batches_and_state(motion_dir):
   expected = take(iter(build_pipelines(filelist_config(motion_dir)).train), 4)
   cfg = filelist_config(motion_dir, num_workers=2)
@@ -210,7 +211,7 @@ def test_flips_are_refused_on_a_source_whose_classes_they_swap(motion_dir):
   """The synthetic source declares that a horizontal flip swaps its classes: flip_prob > 0 on it,
   or on its K-shot subset, is a one-line DataError. The default stays 0.5 (real videos) and the
   demo sets 0, with no class names compared."""
-  from config_helpers import load_config
+  from helpers import load_config
   assert default_config().flip_prob == 0.5
   for arg in (None, 'motion_prompts'):
     assert load_config('demo', arg).data.flip_prob == 0

@@ -13,8 +13,8 @@ from claver_jax.data.pipeline import build_pipelines, default_config
 from claver_jax.data.sources import PREPARED_VERSION, PreparedSource
 from claver_jax.data.video import DecodeLimits, VideoError, open_video, stream_frames
 from conftest import run_cli
-import data_helpers
-from data_helpers import black_video, synthetic_dir, with_bad_videos
+import helpers
+from helpers import black_video, synthetic_dir, with_bad_videos
 
 pytest.importorskip('PIL', reason='Pillow encodes the JPEG frames of prepared datasets')
 
@@ -164,14 +164,14 @@ def test_every_decoding_error_is_a_video_error(tmp_path, monkeypatch):
 
 
 def test_a_dead_worker_is_reported_and_its_video_skipped(bad_set, tmp_path, monkeypatch):
-  results = dict(prepare_module.run_jobs(data_helpers.square_or_die, [1, 2, 3, 4], 2))
+  results = dict(prepare_module.run_jobs(helpers.square_or_die, [1, 2, 3, 4], 2))
   assert isinstance(results.pop(2), prepare_module.WorkerDied)
   assert results == {0: 1, 1: 4, 3: 16}
   lines = (bad_set / 'val.txt').read_text().splitlines()
   (tmp_path / 'die.mp4').write_bytes((bad_set / lines[0].rsplit(' ', 1)[0]).read_bytes())
   (tmp_path / 'videos').symlink_to(bad_set / 'videos')
   (tmp_path / 'val.txt').write_text('\n'.join(lines + ['die.mp4 3']) + '\n')
-  monkeypatch.setattr(prepare_module, '_cache_one', data_helpers.cache_one_or_die)
+  monkeypatch.setattr(prepare_module, '_cache_one', helpers.cache_one_or_die)
   out = prepare_module.prepare([tmp_path / 'val.txt'], tmp_path, bad_set / 'labels.csv',
                                tmp_path / 'out', short_side=24, num_workers=2, progress=False)
   assert 'die.mp4: the worker process died' in (out / 'skipped.txt').read_text()

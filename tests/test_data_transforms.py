@@ -197,6 +197,7 @@ def test_normalize_uses_clip_mean_std_and_is_jittable():
 # ---------------------------------------------------------------------------------------------
 # Mixup / CutMix
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_mixup_cutmix_targets_sum_to_one():
   video = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 16, 16, 3)), jnp.float32)
   labels = jnp.array([0, 3, 3, 9])

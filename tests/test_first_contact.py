@@ -22,13 +22,11 @@ from claver_jax.models import CLIPConfig, XCLIPConfig, build
 from claver_jax.models.families import FAMILIES
 from claver_jax.run_config import ConfigError
 from conftest import REPO
-from data_helpers import synthetic_dir
+from helpers import run_towers, synthetic_dir
 from test_protocols import tiny_model_dir  # noqa: F401 (a fixture)
 
 TINY = 'tests/tiny_config.py'
-TINY_CLIP = CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=64, vision_layers=1,
-                       vision_heads=1, vision_mlp_dim=128, context_length=32, text_width=32,
-                       text_layers=1, text_heads=1, text_mlp_dim=64)
+TINY_CLIP = run_towers()
 
 
 def run_main(workdir, *args: str) -> subprocess.CompletedProcess:
@@ -69,6 +67,7 @@ def tiny_config(**init) -> ml_collections.ConfigDict:
      'error: config.data.num_crops=3 is not read: a mode=eval run sets it from '
      'config.eval.num_crops (1); set --config.eval.num_crops instead.'),
 ], ids=['few-shot preset', 'k400 preset', 'config file', 'model family', 'key the mode sets'])
+@pytest.mark.slow
 def test_config_and_preset_errors_keep_their_cause_exit_2_and_write_nothing(tmp_path, args,
                                                                           message):
   workdir = tmp_path / 'never'
@@ -83,7 +82,7 @@ def test_keys_a_mode_sets_itself_are_an_error_when_given_another_value(caplog):
   """The config.data keys a run sets itself (run_config.mode_overrides): a value other than the
   default and the run's is a ConfigError naming the key that sets it in that mode; the run's own
   value passes; mode=eval's unread train list is said in the log."""
-  from test_protocols import load_config
+  from helpers import load_config
   cases = [('train', 'data.num_clips', 4, 'eval.num_clips (1)'),
            ('train', 'data.batch_size', 2, 'train.batch_size (8 per process of 1)'),
            ('eval', 'data.eval_batch_size', 3, 'eval.batch_size (8 per process of 1)'),
@@ -108,6 +107,7 @@ def test_keys_a_mode_sets_itself_are_an_error_when_given_another_value(caplog):
   assert 'config.mode=eval: config.data.train_list=train.txt is not read.' in caplog.text
 
 
+@pytest.mark.slow
 def test_data_and_model_errors_leave_no_workdir(tiny_model_dir, tmp_path):  # noqa: F811
   """A wrong data root stops at start-up (before the workdir is made); a model directory that
   fails to load after it was made leaves no empty workdir behind. Both one line, exit 1."""

@@ -17,7 +17,7 @@ from claver_jax.text.generate import (COMMANDS, EXAMPLES, GenerationError, HFBac
                                       dedup_key, few_shot_prompt, generate_prompt_set)
 from claver_jax.text.prompts import ASPECTS, read_prompt_set
 from conftest import run_cli
-from prompt_helpers import fake_llm_server, write_tiny_gpt2
+from helpers import fake_llm_server, write_tiny_gpt2
 
 CLASSES = ['ApplyEyeMakeup', 'brush hair', 'moving left']
 

@@ -37,6 +37,7 @@ def qkv(b, s, h, d, seed=0):
 # ------------------------------------------------------------------------------- the attention op
 @pytest.mark.parametrize('kind,t,l,chunk', [(kind, 3, 5, 1) for kind in MASK_KINDS] + [
     ('kmct', 5, 3, 1), ('kmt', 4, 3, 2), ('kmct', 4, 3, 2)])
+@pytest.mark.slow
 def test_chunked_attention_equals_dense(kind, t, l, chunk):
   q, k, v = qkv(2, t * l, 3, 8)
   weights = jax.random.normal(jax.random.key(1), q.shape)
@@ -57,6 +58,7 @@ def test_chunked_attention_equals_dense(kind, t, l, chunk):
 
 
 @pytest.mark.parametrize('kind,t,l', [('kmct', 3, 7), ('kmt', 2, 70)])
+@pytest.mark.slow
 def test_splash_kernel_in_interpret_mode_equals_dense(kind, t, l):
   """The TPU kernel's Kronecker mask and padding (21 tokens in one 128 block; 140 in two, the
   second mostly padding), run by Pallas' interpreter on the CPU: outputs and gradients."""
@@ -76,6 +78,7 @@ def test_splash_kernel_in_interpret_mode_equals_dense(kind, t, l):
 
 @requires_libtpu
 @pytest.mark.parametrize('kind', ['kmt', 'kmct'])
+@pytest.mark.slow
 def test_splash_kernel_compiles_for_tpu_v5e_at_8_and_32_frames(kind):
   """Forward and backward at ViT-B/16's 197 tokens per frame (1576 and 6304 tokens, padded to
   1664 and 6400), batch split over a v5e 2x2 slice under its mesh: the Pallas kernels are in
@@ -122,6 +125,7 @@ def test_a_tpu_mesh_makes_the_program_a_tpu_program():
   assert seen == ['splash']
 
 
+@pytest.mark.slow
 def test_a_fused_kernel_that_fails_to_compile_falls_back_at_compile_time(monkeypatch, caplog):
   """A kernel the compiler rejects (simulated: a custom call nothing implements, which traces
   and lowers but does not compile): the step is compiled again with the portable kernel, says
@@ -151,6 +155,7 @@ def test_a_fused_kernel_that_fails_to_compile_falls_back_at_compile_time(monkeyp
   assert max_diff(step.compiled(q, k, v), dense) <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_cudnn_form_is_never_differentiated(monkeypatch):
   """With a mask, the cuDNN form's gradient is the portable kernel's (no bias gradient): under
   differentiation cuDNN is never traced, outside it it is."""
@@ -213,6 +218,7 @@ def reference_head(model: TemporalTransformer, tokens):
 
 
 @pytest.mark.parametrize('kind', ['kmt', 'kmct', 'joint', 'pipeline', 'cls_only'])
+@pytest.mark.slow
 def test_temporal_head_chunked_equals_dense_and_the_masked_reference(kind):
   t, l, width = 3, 5, 16
   tokens = jax.random.normal(jax.random.key(2), (2, t, l, width))
@@ -247,6 +253,7 @@ def array_sizes(program_text: str) -> list[int]:
 
 
 @pytest.mark.parametrize('kind', ['kmt', 'kmct'])
+@pytest.mark.slow
 def test_no_clip_sized_square_array_in_the_chunked_program(kind):
   """Forward and backward of a head whose largest legitimate array ([T·L, 4·width]) is smaller
   than (T·L)²: the chunked program holds no array that large, the dense one does."""
@@ -283,6 +290,7 @@ TINY = CLIPConfig(embed_dim=16, image_size=16, patch_size=8, vision_width=32, vi
                   text_width=16, text_layers=1, text_heads=1, text_mlp_dim=32)
 
 
+@pytest.mark.slow
 def test_attention_is_recorded_in_model_directories(tmp_path):
   cfg = CLAVERConfig(clip=TINY, num_frames=3, temporal='kmct', temporal_layers=1,
                      attention='chunked')

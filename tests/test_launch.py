@@ -120,6 +120,7 @@ def one_process(two_processes, run_env, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
 def test_two_processes_give_the_losses_of_one(two_processes, one_process):
   workdir, status, stderr = two_processes
   assert status == 0, stderr[-5000:]
@@ -135,6 +136,7 @@ def test_two_processes_give_the_losses_of_one(two_processes, one_process):
   assert (workdir / 'tokenizer' / 'vocab.json').is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_after_the_same_step(two_processes):
   workdir, status, stderr = two_processes
   assert status == 0, stderr[-5000:]
@@ -148,6 +150,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(two_processes):
                                                           'process_1-of-2.json']
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, run_env,
                                                     tmp_path):
   workdir = tmp_path / 'resumed'
@@ -174,12 +177,13 @@ SLURM_STEP = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'gpu[01-04]', 'SLURM_
               'SLURM_PROCID': '2', 'SLURM_LOCALID': '0'}
 
 
+@pytest.mark.slow
 def test_processes_read_the_rows_an_interleaved_mesh_gives_them(run_env, tmp_path):
   """2 real processes x 2 devices on a mesh that interleaves them (process 0 holds rows 0-1 and
   4-5 of 8, as TPU slices interleave hosts): the global batches they assemble are those of one
   process reading the whole batch."""
   from claver_jax.data import build_pipelines
-  from data_helpers import synthetic_train_config
+  from helpers import synthetic_train_config
   port = distributed_port()
   env = {**run_env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
          'PYTHONPATH': os.pathsep.join([str(REPO / 'tests'), str(REPO)]), 'CLAVER_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
@@ -554,6 +558,7 @@ def test_script_is_valid_bash(script):
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.slow
 def test_two_process_run_exports_the_model(two_processes, one_process):
   """Every process writes its shards of WORKDIR/model's parameters (fsdp=2 spans both) and process
   0 the rest: the model gives the outputs of the one the one-process run exports at that step.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import tiny_config
 from claver_jax import memory
 from conftest import requires_libtpu, run_cli
 
 
+@pytest.mark.slow
 def test_step_memory_grows_by_the_clips_and_fits_by_the_budget():
   config = tiny_config.get_config()
   config.text.prompts = 'hmdb51'                            # 51 classes
@@ -20,6 +23,7 @@ def test_step_memory_grows_by_the_clips_and_fits_by_the_budget():
   assert memory.clips_that_fit(one, two, one.peak + 3 * per_clip) == 4
 
 
+@pytest.mark.slow
 def test_cli_on_simulated_devices():
   proc = run_cli('claver_jax.memory', '--config=tests/tiny_config.py',
                  '--config.text.prompts=hmdb51', '--devices=2')
@@ -28,6 +32,7 @@ def test_cli_on_simulated_devices():
   assert '80 GB GPU: fits' in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_takes_the_class_count_of_a_config_without_prompts():
   """X-CLIP's presets have no prompt set (the class name alone): --num_classes counts them, and
   without it the error says so."""
@@ -41,6 +46,7 @@ def test_cli_takes_the_class_count_of_a_config_without_prompts():
 
 
 @requires_libtpu
+@pytest.mark.slow
 def test_cli_compiles_for_a_multi_host_tpu_slice():
   """CI's topology compile: the tiny config's real train step for TPU v5e 4x4 (16 chips on 4
   hosts, whose rows of a batch interleave) by XLA's TPU compiler, with the splash kernel, after

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO
 
 WRITE = r'''
@@ -36,6 +38,7 @@ def read_scalars(path) -> dict[tuple[str, int], float]:
   return scalars
 
 
+@pytest.mark.slow
 def test_the_writer_writes_scalars_without_importing_torch(tmp_path):
   proc = subprocess.run([sys.executable, '-c', WRITE, str(tmp_path)], cwd=REPO,
                         capture_output=True, text=True, timeout=300)

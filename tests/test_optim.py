@@ -12,7 +12,9 @@ from flax import nnx
 
 from claver_jax import optim
 from claver_jax.models import CLAVER, CLAVERConfig, families
-from test_claver import TINY
+from helpers import tiny_clip
+
+TINY = tiny_clip()
 
 group_of = families.get('claver').group_of
 
@@ -106,6 +108,7 @@ def one_step(freeze_image: bool, freeze_text: bool, text_lr_multiplier: float = 
   return config, before, after
 
 
+@pytest.mark.slow
 def test_new_parts_learn_ten_times_faster_and_frozen_towers_stay():
   config, before, after = one_step(freeze_image=True, freeze_text=False)
   moved = {k: np.abs(after[k] - before[k]).max() for k in before}
@@ -122,6 +125,7 @@ def test_new_parts_learn_ten_times_faster_and_frozen_towers_stay():
   assert all(v == 0 for k, v in moved.items() if k.startswith('clip.visual.') and k not in head)
 
 
+@pytest.mark.slow
 def test_text_tower_learning_rate_multiplier():
   config, before, after = one_step(freeze_image=False, freeze_text=False, text_lr_multiplier=0.1)
   moved = {k: np.abs(after[k] - before[k]).max() for k in before}

@@ -29,6 +29,7 @@ def logit_scale_param(model):
 
 
 @pytest.mark.parametrize('name', ['claver', 'xclip'])
+@pytest.mark.slow
 def test_logit_scale_is_clamped_at_ln_100_in_the_logits_and_after_an_update(name):
   model, cfg = tiny_model(name)
   video = jax.random.normal(jax.random.key(0), (2, cfg.num_frames, 16, 16, 3))

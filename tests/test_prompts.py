@@ -14,10 +14,11 @@ from claver_jax.text import Tokenizer, load_tokenizer, prompts
 from claver_jax.text.prompts import (ASPECTS, TEMPLATES, Collision, MissingPromptsError,
                                      build_prompt_texts, check_report, find_collisions,
                                      load_prompt_set, prompt_tokens, readable_name)
-from conftest import CLIP_BPE, SHARED_REFERENCE, requires_clip_bpe, run_cli
-from prompt_helpers import tiny_clip_vocab, write_tiny_clip_vocab
+from conftest import CLIP_BPE, REPO, requires_clip_bpe, run_cli
+from helpers import tiny_clip_vocab, write_tiny_clip_vocab
 
-LABELS = SHARED_REFERENCE / 'labels'
+TEST_DATA = REPO / 'tests' / 'data'     # Copies of public class lists and templates (README.md).
+LABELS = TEST_DATA / 'labels'
 # Shipped set -> its reference class list (a labels CSV, or the names themselves).
 REFERENCE_CLASSES = {
     'kinetics400': 'kinetics_400_labels.csv',
@@ -47,23 +48,11 @@ def real_tok():
   return load_tokenizer(CLIP_BPE)
 
 
-def shipped_sets():
-  return [s for s in REFERENCE_CLASSES if s in prompts.available_sets()]
-
-
 def reference_classes(name):
   source = REFERENCE_CLASSES[name]
   if isinstance(source, list):
     return source
-  if not (LABELS / source).is_file():
-    pytest.skip(f'{LABELS / source} is absent (../shared/reference is not checked out)')
   return read_labels(LABELS / source)
-
-
-def require_shipped(name):
-  if name not in prompts.available_sets():
-    pytest.skip(f'claver_jax/text/interpretive/{name}.json is not written yet')
-  return load_prompt_set(name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,19 +95,18 @@ def test_templates_only_and_readable_names(tok):
   assert len(TEMPLATES) == len(set(TEMPLATES)) == 15
 
 
-OFFICIAL_TEMPLATES = SHARED_REFERENCE / 'claver_official_templates.txt'
+OFFICIAL_TEMPLATES = TEST_DATA / 'claver_official_templates.txt'     # From yjyddq/CLAVER.
 
 
 def test_the_default_texts_are_the_official_codes(tok):
   """The official generate_text's list, verbatim: the bare name and 15 templates, 16 texts per
   class, as every paper preset builds them (k400.py:B16,8,kmt, ucf101.py:shots=2)."""
-  from config_helpers import load_config
+  from helpers import load_config
   from claver_jax.text.prompts import resolve_templates
   official = ('{}',) + TEMPLATES
-  if OFFICIAL_TEMPLATES.is_file():        # The copy in ../shared/reference, from yjyddq/CLAVER.
-    lines = [line for line in OFFICIAL_TEMPLATES.read_text().splitlines()
-             if line and not line.startswith('#')]
-    assert tuple(lines) == official
+  lines = [line for line in OFFICIAL_TEMPLATES.read_text().splitlines()
+           if line and not line.startswith('#')]
+  assert tuple(lines) == official
   for config in (load_config('k400', 'B16,8,kmt'), load_config('ucf101', 'shots=2')):
     templates = resolve_templates(config.text.templates)
     texts, kinds = build_prompt_texts(['abseiling', 'air drumming'], templates=templates,
@@ -163,7 +151,7 @@ def test_aspect_subset_and_bad_arguments(tok):
 def test_table_10_aspect_rows_through_config_text_aspects(spec, kinds):
   """The paper's Table 10 adds the aspects one at a time: config.text.aspects picks any subset
   (in ASPECTS order), on the preset of that table (k400.py:B32,8,mean, Kinetics-400's texts)."""
-  from config_helpers import load_config
+  from helpers import load_config
   from claver_jax.run_config import check_config
   from claver_jax.text.prompts import resolve_aspects, resolve_templates
   config = load_config('k400', 'B32,8,mean')
@@ -358,7 +346,7 @@ def test_shipped_sets_are_found_by_name():
 @pytest.mark.parametrize('name', list(REFERENCE_CLASSES))
 def test_shipped_set_covers_its_classes(name):
   classes = reference_classes(name)
-  shipped = require_shipped(name)
+  shipped = load_prompt_set(name)
   missing = [c for c in classes if c not in shipped]
   extra = [c for c in shipped if c not in set(classes)]
   assert not missing and not extra, f'{name}: missing {missing[:20]}, extra {extra[:20]}'
@@ -379,7 +367,7 @@ def test_shipped_set_collisions(name):
   are printed for review (pytest -rP shows them) but do not fail.
   """
   classes = reference_classes(name)
-  collisions = find_collisions(require_shipped(name), classes)
+  collisions = find_collisions(load_prompt_set(name), classes)
   multi_word = [c for c in collisions if len(readable_name(c.other_class).split()) > 1]
   print(f'{name}: {len(collisions) - len(multi_word)} texts name a one-word class:')
   for c in collisions:
@@ -392,7 +380,7 @@ def test_shipped_set_collisions(name):
 @requires_clip_bpe
 @pytest.mark.parametrize('name', list(REFERENCE_CLASSES))
 def test_shipped_texts_fit_clip_context(name, real_tok):
-  shipped = require_shipped(name)
+  shipped = load_prompt_set(name)
   texts = [t for entry in shipped.values() for a in ASPECTS for t in entry[a]]
   lengths = [len(ids) + 2 for ids in real_tok.encode(texts)]
   over = [(n, t) for n, t in zip(lengths, texts) if n > 77]

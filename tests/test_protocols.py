@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -18,14 +17,13 @@ from claver_jax.data import synthetic
 from claver_jax.data.pipeline import build_pipelines, default_config
 from claver_jax.data.sources import DataError, few_shot_indices, read_labels, read_list
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
-from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, load, write_model_dir
+from claver_jax.models import CLAVER, CLAVERConfig, load, write_model_dir
 from claver_jax.param_paths import path_str
 from claver_jax.predict import load_clip_frames
 from claver_jax.text import load_tokenizer
 from claver_jax.text.prompts import load_prompt_set, prompt_tokens
 from conftest import REPO, SHARED_REFERENCE, run_cli
-from data_helpers import synthetic_dir
-from prompt_helpers import tiny_clip_vocab
+from helpers import load_config, run_towers, synthetic_dir, tiny_clip_vocab
 
 FRAMES, SIZE = 4, 16
 TEMPLATES = ('a clip of {}.', '{} on screen.')    # What tiny_model_dir records it was trained with.
@@ -33,13 +31,6 @@ TEMPLATES = ('a clip of {}.', '{} on screen.')    # What tiny_model_dir records 
 # so that their accuracies differ.
 SPLITS = {1: range(0, 12), 2: range(10, 30), 3: range(24, 36)}
 K600_SPLITS = {1: [3, 0, 7, 9, 11], 2: [1, 2, 3, 4, 5], 3: [11, 10, 6, 8, 0]}   # synthetic classes
-
-
-def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @pytest.fixture(scope='module')
@@ -207,10 +198,7 @@ def tiny_model_dir(tmp_path_factory):
   """A random tiny KMT CLAVER (4 frames of 16 px) with a tiny CLIP-format vocabulary, recording
   TEMPLATES as a run's WORKDIR/model does, and ImageNet's input normalisation."""
   vocab, merges = tiny_clip_vocab()
-  clip = CLIPConfig(embed_dim=32, image_size=SIZE, patch_size=8, vision_width=64,
-                    vision_layers=1, vision_heads=1, vision_mlp_dim=128, context_length=77,
-                    vocab_size=len(vocab), text_width=32, text_layers=1, text_heads=1,
-                    text_mlp_dim=64, eos_token_id=vocab['<|endoftext|>'])
+  clip = run_towers(vocab, image_size=SIZE, context_length=77)
   cfg = CLAVERConfig(clip=clip, num_frames=FRAMES, temporal='kmt', temporal_layers=1)
   return write_model_dir(tmp_path_factory.mktemp('model') / 'tiny', kind='claver', config=cfg,
                          params=random_params(cfg), tokenizer=(vocab, merges),
@@ -246,6 +234,7 @@ def independent_top_k(tiny_model_dir):
   return top_k
 
 
+@pytest.mark.slow
 def test_a_temporal_head_other_than_the_checkpoints_is_one_config_error(tiny_model_dir, tmp_path):
   """`shots=2,kmct` from a KMT checkpoint would train KMT: a one-line config error naming both,
   before anything is written. The KMCT few-shot and zero-shot columns start from the KMCT
@@ -274,6 +263,7 @@ def test_a_temporal_head_other_than_the_checkpoints_is_one_config_error(tiny_mod
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_broken_model_directories_give_one_clear_error(tiny_model_dir, motion_dir, tmp_path):
   """No params/, or a parameter shard cut short: one line naming the directory and the problem,
   from load() and from predict's CLI."""
@@ -342,6 +332,7 @@ def test_k600_split_lists_leave_the_root_only_when_allowed(tmp_path):
   assert run.name == 'split1'
 
 
+@pytest.mark.slow
 def test_a_zero_shot_run_holds_its_workdir(zeroshot_run):
   """One run per workdir, as in training: the finished run let go of WORKDIR/.lock, and while
   another holds it a zero-shot run on it stops at once, naming the holder's host and pid. A
@@ -363,6 +354,7 @@ def test_a_zero_shot_run_holds_its_workdir(zeroshot_run):
     holder.release()
 
 
+@pytest.mark.slow
 def test_split_results_and_their_mean_and_std(zeroshot_run, independent_top_k, motion_dir):
   workdir, _, report, _ = zeroshot_run
   assert report == json.loads((workdir / 'zeroshot.json').read_text())
@@ -387,6 +379,7 @@ def test_split_results_and_their_mean_and_std(zeroshot_run, independent_top_k, m
   assert (workdir / 'zeroshot' / 'ucf101' / 'split2' / 'per_class.json').is_file()
 
 
+@pytest.mark.slow
 def test_evaluation_gathers_once_per_evaluation(zeroshot_run):
   """Scores stay on the devices through an evaluation: one gather per run, not one per batch."""
   _, config, report, gathers = zeroshot_run
@@ -395,6 +388,7 @@ def test_evaluation_gathers_once_per_evaluation(zeroshot_run):
   assert sum(r['num_videos'] for r in runs) > 6 * config.eval.batch_size   # several batches each
 
 
+@pytest.mark.slow
 def test_k600_splits_and_their_mean_and_std(zeroshot_run, independent_top_k, motion_dir):
   """Each split: its own classes and videos (paths under path_format), top-1 / top-5 as
   independently computed; mean ± std over the three, of top-1 and of top-5."""
@@ -449,6 +443,7 @@ def test_nothing_configured_is_a_clear_error(tiny_model_dir, tmp_path):
     zeroshot.run_zeroshot(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_the_zeroshot_command_is_main_for_zero_shot_configs_only(tmp_path):
   """`python -m claver_jax.zeroshot` is claver_jax.main (its flags, start-up, one-line errors)
   for zero-shot configs: a train config is one line and exit 2, as is a zero-shot one without
@@ -467,6 +462,7 @@ def test_the_zeroshot_command_is_main_for_zero_shot_configs_only(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_cli_on_eight_devices_skips_unset_datasets_and_matches_the_direct_call(
     zeroshot_run, tiny_model_dir, tmp_path, monkeypatch):
   _, config, report, _ = zeroshot_run
@@ -488,6 +484,7 @@ def test_cli_on_eight_devices_skips_unset_datasets_and_matches_the_direct_call(
   assert 'mean ± std' in proc.stdout and 'split3' in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_zero_shot_report_gives_mean_and_std_per_dataset(zeroshot_run):
   """run_zeroshot writes WORKDIR/report.md (+ .html): a row per dataset with the mean ± std of
   what zeroshot.json holds, a row per split or draw, the skipped datasets and the figures."""

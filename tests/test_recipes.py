@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,20 +19,12 @@ from claver_jax.data.transforms import normalize
 from claver_jax.metrics import read_metrics
 from claver_jax.models import CLAVER, CLAVERConfig, CLIPConfig, families, write_model_dir
 from claver_jax.models.clip import CLIP, pool_index
-from conftest import REPO, run_cli
-from data_helpers import synthetic_dir
-from prompt_helpers import tiny_clip_vocab
+from conftest import run_cli
+from helpers import load_config, run_towers, synthetic_dir, tiny_clip_vocab
 
 CLAVER_PRESETS = [('k400', 'B16,8,kmt'), ('k400', 'B32,8,kmt'), ('k400', 'B16,32,pretrain'),
                   ('k400', 'L14,8,kmct'), ('k600', 'B16,8,kmt'), ('ucf101', 'shots=2'),
                   ('ucf101', 'shots=8,kmct'), ('hmdb51', 'full')]
-
-
-def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 # ------------------------------------------------------------------------ the presets' settings
@@ -84,6 +74,7 @@ def tiny_claver():
 
 
 @pytest.mark.parametrize('preset,num_sets', [(('k400', 'B16,8,kmt'), 26), (('demo', None), 6)])
+@pytest.mark.slow
 def test_the_step_loss_is_the_mean_over_every_drawn_set(preset, num_sets, tiny_claver):
   """K400's 160 draws of 26 sets (each set encoded once, weighted by its draws) and the demo's 5
   of 6 (the draws encoded): the step's loss is the soft cross-entropy averaged over the K drawn
@@ -135,10 +126,7 @@ def tiny_clip_dir(tmp_path_factory):
   writes one."""
   from claver_jax.data.transforms import CLIP_MEAN, CLIP_STD
   vocab, merges = tiny_clip_vocab()
-  cfg = CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=64, vision_layers=1,
-                   vision_heads=1, vision_mlp_dim=128, context_length=32, vocab_size=len(vocab),
-                   text_width=32, text_layers=1, text_heads=1, text_mlp_dim=64,
-                   eos_token_id=vocab['<|endoftext|>'])
+  cfg = run_towers(vocab)
   params = nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(0)), nnx.Param))
   return write_model_dir(tmp_path_factory.mktemp('clip') / 'tiny_clip', kind='clip', config=cfg,
                          params=params, tokenizer=(vocab, merges),
@@ -165,6 +153,7 @@ def k400_run(tiny_clip_dir, tmp_path_factory):
   return workdir, data, preset, trained
 
 
+@pytest.mark.slow
 def test_max_steps_caps_the_schedule_the_epochs_define(k400_run):
   """29 clips / 8 = 3 steps per epoch, 60 epochs: a 180-step schedule with 15 warm-up steps. The
   run stops at step 2, at that schedule's rates (the rate logged at step s is the one its
@@ -175,6 +164,7 @@ def test_max_steps_caps_the_schedule_the_epochs_define(k400_run):
   assert lr[1] == 0.0 and lr[2] == pytest.approx(12e-6 / 15, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_run_ends_with_the_multi_view_test_and_its_workdir_evaluates_alone(k400_run):
   """The preset's run ends with eval.final_views='4x3' of its final weights (test/* in
   metrics.jsonl beside the 1-view val/*); the documented 4x3 eval command then needs no

@@ -34,6 +34,7 @@ def main(workdir: str, *overrides: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_run_paths_are_local_or_gs_and_other_schemes_are_refused(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert fileio.run_path('runs/a') == tmp_path / 'runs' / 'a'
@@ -50,6 +51,7 @@ def test_run_paths_are_local_or_gs_and_other_schemes_are_refused(tmp_path, monke
   assert not (REPO / 's3:').exists()
 
 
+@pytest.mark.slow
 def test_object_store_directories_are_published_by_one_link_object(gcs):
   out = fileio.run_path(f'gs://{BUCKET}/model')
   for version in (1, 2):
@@ -81,7 +83,7 @@ def test_a_dataset_prepared_on_gcs_reads_back(gcs, tmp_path):
   from claver_jax.data import prepare
   from claver_jax.data.sources import PreparedSource
   from claver_jax.data.video import open_video
-  from data_helpers import synthetic_dir
+  from helpers import synthetic_dir
   root = synthetic_dir(tmp_path / 'set', num_videos=5)
   url = f'gs://{BUCKET}/k400'
   prepare.prepare([root / 'val.txt'], root, root / 'labels.csv', url, short_side=24,
@@ -95,6 +97,7 @@ def test_a_dataset_prepared_on_gcs_reads_back(gcs, tmp_path):
 
 
 # Slow (~40 s): two runs of the tiny config through the CLI.
+@pytest.mark.slow
 def test_a_run_on_gcs_writes_everything_there_and_resumes(gcs):
   from claver_jax.metrics import read_metrics
   from claver_jax.models import load

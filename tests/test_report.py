@@ -204,6 +204,7 @@ def test_the_report_of_a_paper_preset(tmp_path):
   assert 'Paper: top-1 84.3, top-5 96.3 (CLAVER paper, Table 1' in summary
 
 
+@pytest.mark.slow
 def test_the_report_of_a_stopped_run_without_a_test(tmp_path):
   workdir = tmp_path / 'stopped'
   fake_run(workdir, total_steps=400, last_step=100, test=False)

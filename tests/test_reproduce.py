@@ -26,13 +26,13 @@ from claver_jax.train import train_and_evaluate
 from claver_jax.data import synthetic
 from claver_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from claver_jax.metrics import read_metrics
-from claver_jax.models import (CLAVER, CLAVERConfig, CLIP, CLIPConfig, families, load,
-                               write_model_dir)
+from claver_jax.models import CLAVER, CLAVERConfig, CLIP, families, load, write_model_dir
 from claver_jax.param_paths import path_str
 from claver_jax.run_config import check_config
 from claver_jax.text.prompts import TEMPLATES, build_prompt_texts, load_prompt_set
 from claver_jax.text.tokenizer import train_tokenizer
 from conftest import REPO
+from helpers import run_towers
 
 # ml_collections' config_flags loads config files with a deprecated importlib call.
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
@@ -264,14 +264,6 @@ def test_the_rows_are_the_papers_settings(doc):
 
 
 # ------------------------------------------------------------------------- a few steps, tiny
-def tiny_clip_config(vocab: dict[str, int]) -> CLIPConfig:
-  """Tiny towers: 16 px frames of 2 x 2 patches, a 3-layer ViT (a third: 1 temporal layer)."""
-  return CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=64, vision_layers=3,
-                    vision_heads=1, vision_mlp_dim=128, context_length=77,
-                    vocab_size=len(vocab), text_width=32, text_layers=1, text_heads=1,
-                    text_mlp_dim=64, eos_token_id=vocab['<|endoftext|>'])
-
-
 def random_params(module) -> dict:
   """Random parameters of a module's abstract state, drawn with numpy (no compiles)."""
   rng = np.random.default_rng(0)
@@ -316,7 +308,7 @@ def tiny_inputs(tmp_path_factory):
                                 templates=TEMPLATES)
   tokenizer = train_tokenizer([t for row in texts for t in row], root / 'bpe', num_merges=400)
   vocab, merges = tokenizer.vocab, tokenizer.merges
-  clip_cfg = tiny_clip_config(vocab)
+  clip_cfg = run_towers(vocab, vision_layers=3, context_length=77)   # 3 layers: 1 temporal.
   clip_dir = write_model_dir(root / 'clip', kind='clip', config=clip_cfg,
                              params=random_params(lambda: CLIP(clip_cfg, rngs=nnx.Rngs(0))),
                              tokenizer=(vocab, merges), normalization=(IMAGENET_MEAN, IMAGENET_STD))

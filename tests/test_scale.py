@@ -26,11 +26,8 @@ DATA_COLLECTIVES = ('all-to-all', 'collective-permute')
 def tiny_config(grad_accum_steps: int):
   """The test config of a run (tests/tiny_config.py) with a global batch of 2 clips per device,
   mixup/cutmix on (they pair clips), the text tower training."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('tiny_config', REPO / 'tests' / 'tiny_config.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  import tiny_config
+  c = tiny_config.get_config()
   c.train.batch_size = 2 * DEVICES
   c.train.grad_accum_steps = grad_accum_steps
   c.train.mixup_alpha, c.train.cutmix_alpha, c.train.mixup_switch_prob = 0.8, 1.0, 0.5
@@ -193,6 +190,7 @@ def checks():
 
 @pytest.mark.parametrize('way', ['by_length', 'cut'])
 @pytest.mark.parametrize('pooling', ['argmax', 'first_eos'])
+@pytest.mark.slow
 def test_texts_split_over_devices_and_cut_to_length_equal_the_full_encoding(checks, pooling,
                                                                             way):
   text = checks['text'][pooling]
@@ -223,6 +221,7 @@ def test_length_buckets_hold_any_choice_of_sets(repeats):
 
 
 @pytest.mark.parametrize('family', ['step', 'xclip_step'])
+@pytest.mark.slow
 def test_accumulation_gives_the_losses_of_one_batch(checks, family):
   """CLAVER and X-CLIP, their text towers training: 2 micro-batches, the losses of 1."""
   losses = checks[family]['losses']
@@ -231,6 +230,7 @@ def test_accumulation_gives_the_losses_of_one_batch(checks, family):
 
 
 @pytest.mark.parametrize('family', ['step', 'xclip_step'])
+@pytest.mark.slow
 def test_accumulated_step_moves_no_data_between_devices(checks, family):
   step = checks[family]
   assert step['data_collectives'] == [], step['data_collectives']
@@ -242,6 +242,7 @@ if __name__ == '__main__':
   print(json.dumps(run_checks()))
 
 
+@pytest.mark.slow
 def test_evaluation_takes_the_model_part_of_the_train_state_as_sharded():
   """The train loop hands the eval functions state[0], the model part of its (model, optimizer)
   state, with state_sharding[0]; zero-shot and eval runs hand them nnx.split(model)'s state. The

@@ -13,7 +13,7 @@ import regex
 from safetensors.torch import save_file
 
 import torch_clip
-from prompt_helpers import tiny_clip_vocab
+from helpers import tiny_clip_vocab
 from claver_jax.models import load
 from claver_jax.text import Tokenizer, load_tokenizer
 from claver_jax.text.tokenizer import read_openai_bpe
@@ -134,6 +134,7 @@ def test_vocab_merges_directory_equals_bpe_file(real_tokenizer, tmp_path):
 
 
 @requires_clip_bpe
+@pytest.mark.slow
 def test_converter_stores_openai_tokenizer(real_tokenizer, tmp_path):
   """--bpe puts the tokenizer into the model directory; load_tokenizer(DIR) and the model work."""
   model = torch_clip.randomize_(torch_clip.OpenAICLIP(vocab=49408, context=77))

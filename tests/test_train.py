@@ -54,6 +54,13 @@ def train_losses(workdir) -> dict[int, float]:
   return {r['step']: r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r}
 
 
+def saved_steps(workdir) -> list[int]:
+  """The steps of WORKDIR/checkpoints whose (asynchronous) save has finished."""
+  directory = workdir / 'checkpoints'
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if (
+      directory.is_dir()) else []
+
+
 # ------------------------------------------------------------------------------- evaluation
 def test_eval_aggregation_by_hand():
   """A=2 description sets, V=2 views, C=3 classes: softmax per set, mean over sets, sum over
@@ -94,6 +101,7 @@ def uninterrupted(tmp_path_factory):
   return workdir, proc
 
 
+@pytest.mark.slow
 def test_a_run_writes_what_it_promises(uninterrupted):
   workdir, proc = uninterrupted
   rows = read_metrics(workdir)
@@ -128,13 +136,18 @@ def test_a_run_writes_what_it_promises(uninterrupted):
   assert f'train/lr {lr:.2e}' in proc.stdout                    # not rounded to 0.0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
   """While the run holds its workdir (paused), a second run on it stops at once naming its host
-  and pid; once it is SIGKILLed, its lock does not block the resume."""
+  and pid; once it is SIGKILLed, its lock does not block the resume, which restores a checkpoint
+  saved before the kill and goes on with the uninterrupted run's losses."""
   import socket
   expected = train_losses(uninterrupted[0])
   workdir = tmp_path / 'killed'
   proc = start_and_wait_for_step(workdir, 5)
+  deadline = time.time() + 120             # Step 3's save finishes in the background, after it.
+  while not saved_steps(workdir) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.1)
   proc.send_signal(signal.SIGSTOP)
   second = run_main(workdir, check=False)
   lines = second.stderr.strip().splitlines()
@@ -144,14 +157,20 @@ def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
   assert 'Trainable parameters' not in second.stderr          # It stopped before building.
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
-  assert max(train_losses(workdir)) >= 5, 'the run did not get far enough to be killed mid-way'
-  run_main(workdir)
+  killed_at, saved = max(train_losses(workdir)), saved_steps(workdir)
+  assert killed_at >= 5 and saved, 'the run did not get far enough to be killed mid-way'
+  resumed = run_main(workdir)
+  # It restored the last checkpoint saved before the kill (every 3 steps), not a start from step
+  # 0, which would give the same deterministic losses and rewrite every row.
+  start = re.findall(r'Resuming from step (\d+)', resumed.stderr)
+  assert start == [str(saved[-1])] and 0 < saved[-1] <= killed_at, resumed.stderr[-3000:]
   got = train_losses(workdir)
   assert sorted(got) == sorted(expected)
   np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)],
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_falls_back_and_a_resume_keeps_its_config(uninterrupted,
                                                                                tmp_path):
   """A copy of the 9-step run with step 9's arrays truncated. Resumed under another lr: stopped
@@ -178,6 +197,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_and_a_resume_keeps_its_config(un
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   """SIGTERM mid-run (100 epochs of 9 steps, so that a fast machine cannot finish first)."""
   workdir = tmp_path / 'term'
@@ -187,7 +207,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 0, stderr[-3000:]
   assert 'SIGTERM: saved step' in stderr
-  saved = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
+  saved = saved_steps(workdir)
   assert saved and max(saved) >= 2
   assert not (workdir / 'report.md').exists()        # no report on the way out of a SIGTERM
   from claver_jax import report                      # but one on demand, saying where it stopped
@@ -198,6 +218,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert '![training curves' in text and (workdir / 'eval' / 'curves.png').is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_during_an_evaluation_saves_and_exits_within_30_s(tmp_path):
   """The demo config, evaluated at step 2 (1200 clips): SIGTERM between its batches stops the
   evaluation, saves step 2 and exits 0; the evaluation is marked to be redone on resume."""
@@ -232,6 +253,7 @@ def test_sigterm_during_an_evaluation_saves_and_exits_within_30_s(tmp_path):
   assert progress['eval_pending'] is True
 
 
+@pytest.mark.slow
 def test_non_finite_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(uninterrupted,
                                                                                 tmp_path):
   """lr 1e12 from step 9: the first step whose loss or gradient is not finite is found on the
@@ -257,6 +279,7 @@ def test_non_finite_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(
   assert found[1] == found[100] and 9 < found[1] < 27
 
 
+@pytest.mark.slow
 def test_a_resume_drops_a_torn_metrics_line_redoes_a_stopped_evaluation_and_keeps_the_best(
     uninterrupted, tmp_path):
   """A copy of the 9-step run whose last metrics line was torn by a SIGKILL and whose step-9
@@ -290,6 +313,7 @@ def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(tmp_path):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='simulated CPU devices')
+@pytest.mark.slow
 def test_eight_devices_give_the_same_losses_as_one(uninterrupted, tmp_path):
   workdir = tmp_path / 'mesh'
   run_main(workdir, '--config.mesh.data=4', '--config.mesh.fsdp=2', '--config.train.max_steps=4',
@@ -301,6 +325,7 @@ def test_eight_devices_give_the_same_losses_as_one(uninterrupted, tmp_path):
   np.testing.assert_allclose([got[s] for s in (1, 2)], [expected[s] for s in (1, 2)], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path, monkeypatch):
   import json as json_lib
   from claver_jax.data import synthetic
@@ -347,6 +372,7 @@ def test_predict_on_a_synthetic_mp4(uninterrupted, tmp_path, monkeypatch):
   assert f"error: {broken}: truncated: the file has" in bad.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_predict_and_the_prompts_check_read_labels_files_as_training_does(uninterrupted, tmp_path):
   """One parser: ids and an `ID,Name` header honoured, duplicate names an error with file:line,
   in predict's --label_file (see also test_predict_on_a_synthetic_mp4) and the prompts
@@ -375,6 +401,7 @@ def test_predict_and_the_prompts_check_read_labels_files_as_training_does(uninte
     assert f"error: {twice}:3: the class name 'moving left' appears twice" in proc.stderr
 
 
+@pytest.mark.slow
 def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted, tmp_path,
                                                                   monkeypatch):
   """WORKDIR/model while the run exports a new best: checked after every rename, exchange and
@@ -414,6 +441,7 @@ def test_model_directory_is_complete_at_every_instant_of_an_export(uninterrupted
   assert len(list((workdir / '.model.versions').iterdir())) == 2     # this one and the one before
 
 
+@pytest.mark.slow
 def test_config_errors_are_one_line_and_write_nothing(tmp_path):
   """A misspelt key, a recipe without the checkpoint it starts from, keys that cannot work
   together: one line on stderr, exit 2, no workdir."""
@@ -440,6 +468,7 @@ def test_config_errors_are_one_line_and_write_nothing(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_init_checkpoint_takes_the_weights_only(uninterrupted, tmp_path):
   """From another run's workdir (its WORKDIR/model): step 1, the schedule from its start, the
   source untouched. Cutmix only (mixup_alpha 0) trains with finite losses."""
@@ -456,6 +485,7 @@ def test_init_checkpoint_takes_the_weights_only(uninterrupted, tmp_path):
   assert not (workdir / 'tokenizer').exists()               # the checkpoint's vocabulary
 
 
+@pytest.mark.slow
 def test_an_eval_run_has_its_own_rows_reports_and_score_dump(uninterrupted, tmp_path):
   """config.mode=eval on a finished run, 1 clip x 2 crops, with eval.dump_scores: an eval/* row
   with its step and views beside the training's val/* row, reports in eval/step9_1x2/ (the
@@ -492,10 +522,11 @@ def test_an_eval_run_has_its_own_rows_reports_and_score_dump(uninterrupted, tmp_
   assert json.loads((workdir / 'config.json').read_text())['config']['mode'] == 'train'
 
 
+@pytest.mark.slow
 def test_each_evaluation_counts_its_own_substitutes(tmp_path):
   """A val list of 24 with one unreadable video, evaluated at steps 1 and 2: each row counts 1
   (the counter is reset per evaluation, not a running total). About 20 s."""
-  from data_helpers import synthetic_dir
+  from helpers import synthetic_dir
   data = synthetic_dir(tmp_path / 'data', num_videos=120, num_frames=8, size=32)
   first = (data / 'val.txt').read_text().splitlines()[0].rsplit(' ', 1)[0]
   (data / first).write_bytes(b'not a video')
@@ -509,6 +540,7 @@ def test_each_evaluation_counts_its_own_substitutes(tmp_path):
   assert [(r['step'], r['data/eval_substituted']) for r in evals] == [(1, 1), (2, 1)]
 
 
+@pytest.mark.slow
 def test_predict_over_a_folder_and_a_list_in_one_process(uninterrupted, tmp_path, monkeypatch):
   """One model load and one compiled step for every video of a folder (batches of 2, the last
   padded); a list file with labels; an unreadable video skipped with its reason; CSV and JSON out;
@@ -561,6 +593,7 @@ def test_predict_over_a_folder_and_a_list_in_one_process(uninterrupted, tmp_path
   assert all(len(r['predictions']) == 4 for r in result)
 
 
+@pytest.mark.slow
 def test_eval_mode_needs_something_to_evaluate(tmp_path):
   proc = run_main(tmp_path / 'empty', '--config.mode=eval', check=False)
   assert proc.returncode != 0 and 'nothing to evaluate' in proc.stderr

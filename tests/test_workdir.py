@@ -49,6 +49,7 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------- room to write
+@pytest.mark.slow
 def test_a_workdir_that_cannot_be_written_is_one_line_before_anything_is_built(tmp_path):
   (tmp_path / 'a_file').write_text('not a directory')
   proc = run_cli('claver_jax.main', f'--config={TINY}', f'--workdir={tmp_path / "a_file" / "run"}',
@@ -106,6 +107,7 @@ def test_read_only_full_and_nearly_full_file_systems_are_found_at_start(tmp_path
   assert 'MiB free, less than the 64 MiB' in lines['small']
 
 
+@pytest.mark.slow
 def test_a_failed_asynchronous_save_is_reported_at_once(tmp_path):
   """A checkpoint that fills the disk in orbax's background thread: the loop's check after the
   next step raises, naming the step (orbax itself would say so at the next save)."""

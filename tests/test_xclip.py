@@ -27,8 +27,9 @@ from claver_jax.models.xclip import XCLIPConfig
 from conftest import run_cli
 from convert.common import ConversionError
 from convert.xclip_to_flax import convert
-from test_claver import TINY
-from train_helpers import steps_on_cached_texts, unchanged
+from helpers import steps_on_cached_texts, tiny_clip, unchanged
+
+TINY = tiny_clip()
 
 
 # ------------------------------------------------------------------------------------- parity
@@ -64,6 +65,7 @@ def max_diffs(model, reference) -> tuple[float, float]:
           float(np.abs(np.asarray(logits(model, video, tokens)) - expected['logits']).max()))
 
 
+@pytest.mark.slow
 def test_parity_with_transformers_through_the_cli(reference, converted):
   model = load(converted)
   assert isinstance(model, XCLIP)
@@ -81,6 +83,7 @@ def test_parity_with_transformers_through_the_cli(reference, converted):
   np.testing.assert_allclose(meta['normalization']['std'], [0.229, 0.224, 0.225], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_official_layout_converts_to_the_same_logits(reference, converted, tmp_path):
   state = torch_xclip.hf_to_official_state_dict(reference['model'].state_dict())
   assert 'prompts_generator.norm.weight' in state and 'mit.resblocks.0.attn.in_proj_weight' in state
@@ -98,6 +101,7 @@ def test_official_layout_converts_to_the_same_logits(reference, converted, tmp_p
                              logits(hf_model, reference['video'], reference['tokens']), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_num_frames_resamples_the_mit_positions(converted, reference, caplog):
   stored = np.asarray(load(converted).mit.positional_embedding[...])
   with caplog.at_level(logging.WARNING):
@@ -113,6 +117,7 @@ def test_num_frames_resamples_the_mit_positions(converted, reference, caplog):
 
 
 # ---------------------------------------------------------------------------------- converter
+@pytest.mark.slow
 def test_converter_errors(reference, converted, tiny_clip, tmp_path):
   state = torch_xclip.hf_to_official_state_dict(reference['model'].state_dict())
   del state['visual.transformer.resblocks.1.message_ln.bias']
@@ -152,6 +157,7 @@ def test_converter_errors(reference, converted, tiny_clip, tmp_path):
   assert not out.exists()
 
 
+@pytest.mark.slow
 def test_any_config_transformers_runs_converts_with_its_logits(tmp_path):
   """Every XCLIPConfig field transformers' XCLIPModel computes with is honoured: an MIT whose
   MLP is not 4x its width, MIT and prompt heads other than the official width // 64, one
@@ -183,6 +189,7 @@ def test_any_config_transformers_runs_converts_with_its_logits(tmp_path):
 
 
 # ------------------------------------------------------------------------------- frame order
+@pytest.mark.slow
 def test_frame_order_reaches_the_video_only_through_the_mit_positions():
   cfg = XCLIPConfig(clip=TINY, num_frames=4, mit_heads=2, prompt_heads=2)
   model = XCLIP(cfg, rngs=nnx.Rngs(0))
@@ -237,7 +244,10 @@ def test_the_ten_times_group_is_exactly_the_new_parts():
   assert family.group_of('logit_scale') == 'text'      # frozen with it, as the official code does
 
 
-def test_one_train_step_learns_with_the_text_tower_frozen():
+@pytest.mark.slow
+def test_four_train_steps_learn_with_the_text_tower_frozen():
+  """Four steps on one batch (the loss falls): the text tower and logit scale stay put, the ViT,
+  MIT and prompt generator move."""
   config = tiny_xclip_config()
   config.optim.lr = 1e-3
   tokenizer = types.SimpleNamespace(vocab_size=100, eot_token_id=99)
@@ -266,6 +276,7 @@ def xclip_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_the_run_exports_an_xclip_directory_with_its_normalisation(xclip_run):
   meta = json.loads((xclip_run / 'model' / 'config.json').read_text())
   assert meta['kind'] == 'xclip' and meta['normalization'] == {'mean': list(MEAN),
@@ -300,6 +311,7 @@ def expected_scores(model_dir, video_path, labels, mean, std, templates=None) ->
   return np.mean([jax.nn.softmax(logits(model, video, t)[0]) for t in tokens], axis=0)
 
 
+@pytest.mark.slow
 def test_predict_uses_the_recorded_normalisation(xclip_run, tmp_path, caplog):
   from claver_jax import predict
   from claver_jax.data import synthetic
@@ -329,13 +341,14 @@ def test_predict_uses_the_recorded_normalisation(xclip_run, tmp_path, caplog):
                              clip_normalised, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_zeroshot_on_an_xclip_directory(xclip_run, tmp_path):
   """configs/zeroshot.py with X-CLIP's protocol (class names alone) on one split."""
   import importlib.util
   from claver_jax import zeroshot
   from claver_jax.data.sources import read_labels, read_list
   from conftest import REPO
-  from data_helpers import synthetic_dir
+  from helpers import synthetic_dir
   root = synthetic_dir(tmp_path / 'set', num_videos=15)
   spec = importlib.util.spec_from_file_location('zeroshot_config', REPO / 'configs' / 'zeroshot.py')
   module = importlib.util.module_from_spec(spec)
@@ -359,6 +372,7 @@ def test_zeroshot_on_an_xclip_directory(xclip_run, tmp_path):
   assert run['top1'] == pytest.approx(top1) and run['top5'] == pytest.approx(top5)
 
 
+@pytest.mark.slow
 def test_family_errors_come_before_the_workdir(xclip_run, tmp_path):
   workdir = tmp_path / 'w'
   proc = run_cli('claver_jax.main', '--config=tests/tiny_config.py', f'--workdir={workdir}',

@@ -66,7 +66,9 @@ class TemporalTransformer(nn.Module):
     self.resblocks = nn.ModuleList([TemporalBlock(width) for _ in range(layers)])
 
 
-class OfficialCLAVER(torch_clip.OpenAICLIP):
+class OfficialLayoutCLAVER(torch_clip.OpenAICLIP):
+  """Our reconstruction of the official CLAVER (not its code): its state dict has the official
+  checkpoint's keys."""
 
   def __init__(self, num_frames: int, temporal_layers: int, mask: str = 'kmt', **clip_kwargs):
     super().__init__(**clip_kwargs)
