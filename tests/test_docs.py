@@ -139,7 +139,9 @@ def check_command(command: str, where: str) -> bool:
     if module in ('claver_jax.main', 'claver_jax.zeroshot'):   # zeroshot: main's alias
       check_main_args(args, where)
       return True
-    assert importlib.util.find_spec(module) is not None, f'{where}: no module {module}'
+    path = REPO / module.replace('.', '/')         # benchmarks/ and convert/ are not installed:
+    assert path.with_suffix('.py').is_file() or (path / '__main__.py').is_file(), (  # by path
+        f'{where}: no module {module}')
     known = defined_flags(module) | ABSL_FLAGS
     unknown = [n for n in flag_names(args) if n not in known and not (
         n.startswith('no') and n[2:] in known) and not n.startswith('config.')]
