@@ -6,6 +6,7 @@ That the installed environment matches the pins (torch 2.13.0, no torchvision) i
 from __future__ import annotations
 
 import configparser
+import importlib.util
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -17,6 +18,11 @@ TEST_COMMAND = ("pip install -e '.[test,tpu]' -c constraints.txt && "
                 'python .ci/check_environment.py && pytest -q')
 DEMO_COMMAND = ('pip install -e . -c constraints.txt && python -m claver_jax.main '
                 '--config=configs/demo.py --workdir=/tmp/claver_demo')
+
+_spec = importlib.util.spec_from_file_location('check_environment',
+                                               REPO / '.ci' / 'check_environment.py')
+check_environment = importlib.util.module_from_spec(_spec)   # Its pins(): constraints.txt.
+_spec.loader.exec_module(check_environment)
 
 
 def test_readme_commands_are_what_ci_runs():
@@ -50,15 +56,6 @@ def requirements(section: str, key: str) -> dict[str, Requirement]:
   return {canonicalize_name(r.name): r for r in parsed}
 
 
-def constraints() -> dict[str, Version]:
-  pins = {}
-  for line in (REPO / 'constraints.txt').read_text().splitlines():
-    if line.strip() and not line.startswith('#'):
-      name, version = line.split('==')
-      pins[canonicalize_name(name)] = Version(version)
-  return pins
-
-
 def test_every_dependency_is_bounded_and_pinned_as_tested():
   """Each dependency has a lower bound and an upper bound below the next major (next minor for
   0.x) release; constraints.txt pins it at its lower bound, the version the tests run with; CI
@@ -75,7 +72,7 @@ def test_every_dependency_is_bounded_and_pinned_as_tested():
       'Pillow', 'tensorboardX', 'tqdm', 'matplotlib', 'etils')}
   assert not any('torch' in name for name in install), 'torch is a test-only dependency'
   assert str(test.pop('torch').specifier) == '==2.13.0'
-  pins = constraints()
+  pins = check_environment.pins()
   for name, req in {**install, **test}.items():
     lower = [s for s in req.specifier if s.operator == '>=']
     upper = [s for s in req.specifier if s.operator == '<']
