@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from claver_jax import distributed
-from claver_jax.fileio import is_remote, run_path
+from claver_jax.fileio import drained_event_loops, is_remote, run_path
 
 BEST_METRIC = 'val/top1'
 
@@ -150,7 +150,8 @@ class Checkpointer:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if (self.directory / str(step) / 'progress').is_dir():
       items['progress'] = ocp.args.JsonRestore()
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    with drained_event_loops():
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iterator is not None:
       saved_file = own_file if own_file.is_file() else next(
           iter(sorted(data_dir.glob('process_0-of-*.json'))), None)

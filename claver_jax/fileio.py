@@ -25,10 +25,13 @@ installs gcsfs). Cloud Storage has whole objects and no rename, links or directo
     readers follow it (`resolve_link`: model directories, prepared datasets). A version cut
     short is never linked and is deleted by the next publish;
   * orbax writes checkpoints in place and marks them complete with a commit file.
+
+`drained_event_loops()` wraps orbax restores: one that fails leaves no reads running behind it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -369,3 +372,38 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """An event loop that, when closed, first lets its pending tasks finish, as asyncio.run does.
+
+  orbax runs a restore's reads as tasks gathered in a fresh loop, and closes that loop as soon as
+  the gather raises. The reads still pending would then complete into a closed loop: TensorStore
+  reports each as an unraisable 'Event loop is closed' and asyncio its unretrieved exceptions,
+  during the restore or at exit. Drained first, they complete (or fail) here, and their errors are
+  collected: the restore's own error says what broke."""
+
+  def close(self) -> None:
+    if not self.is_running() and not self.is_closed():
+      pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def drained_event_loops() -> Iterator[None]:
+  """Event loops made in this block drain their tasks on close: wrap orbax restores in it
+  (a model directory's, a checkpoint's), so that a restore that fails leaves no reads running.
+  The previous event-loop policy is back on leaving: nothing global stays changed."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)

@@ -13,11 +13,9 @@ Directories written before it was recorded are read with CLIP's (models/clip.py)
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -200,37 +198,6 @@ def _root_cause(error: BaseException) -> str:
   return line.split(': ', 1)[1] if line.split(':', 1)[0].isupper() else line
 
 
-class _QuietAbandonedReads:
-  """When a restore fails, orbax leaves the reads of the other arrays running, and they fail too:
-  each coroutine (when collected), asyncio for their gathering future, and TensorStore for reads
-  that finish after orbax closed its event loop would print a traceback, during the restore or
-  at exit. While this is active, and for good once `failed()` was called, those reports are
-  dropped: ModelDirError says what broke."""
-
-  def __enter__(self) -> '_QuietAbandonedReads':
-    self._previous, self._kept = sys.unraisablehook, False
-    sys.unraisablehook = self._hook
-    return self
-
-  def _hook(self, unraisable) -> None:
-    code = getattr(unraisable.object, 'cr_code', None)
-    from_orbax = code is not None and 'orbax' in code.co_filename
-    late = (isinstance(unraisable.exc_value, RuntimeError) and
-            str(unraisable.exc_value) == 'Event loop is closed')
-    if not (from_orbax or late):
-      self._previous(unraisable)
-
-  def failed(self) -> None:
-    self._kept = True
-    logging.getLogger('asyncio').addFilter(
-        lambda record: 'exception was never retrieved' not in record.getMessage())
-    gc.collect()
-
-  def __exit__(self, *exc) -> None:
-    if not self._kept:
-      sys.unraisablehook = self._previous
-
-
 def load_video_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
                      num_frames: int | None = None, resample_frames: bool = True) -> nnx.Module:
   """`load`, for a video model: a plain CLIP becomes CLIP-Mean (CLAVER with temporal='mean', the
@@ -252,7 +219,7 @@ def _restore(path: Path, kind: str, config: Any, dtype: Any) -> nnx.Module:
   if not params.is_dir():
     raise ModelDirError(f'{path} has no params/ directory: the model directory is incomplete '
                         '(an unfinished copy or write?). Export or convert it again.')
-  checkpointer, restored = ocp.StandardCheckpointer(), None
+  checkpointer = ocp.StandardCheckpointer()
   try:
     try:
       metadata = checkpointer.metadata(params)
@@ -266,21 +233,14 @@ def _restore(path: Path, kind: str, config: Any, dtype: Any) -> nnx.Module:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           pure)
-    with _QuietAbandonedReads() as quiet:
-      try:
-        restored = checkpointer.restore(params, target)
-      except Exception as e:  # noqa: BLE001
-        cause = _root_cause(e)
-        del e
-        quiet.failed()
-        raise ModelDirError(f'{params}: a parameter shard is unreadable (corrupt or cut short): '
-                            f'{cause}') from None
-  finally:
     try:
-      checkpointer.close()
-    except Exception:  # noqa: BLE001 (a failed restore's other reads: ModelDirError says it)
-      if restored is not None:
-        raise
+      with fileio.drained_event_loops():
+        restored = checkpointer.restore(params, target)
+    except Exception as e:  # noqa: BLE001
+      raise ModelDirError(f'{params}: a parameter shard is unreadable (corrupt or cut short): '
+                          f'{_root_cause(e)}') from None
+  finally:
+    checkpointer.close()
   nnx.replace_by_pure_dict(state, restored)
   logging.info('Loaded %s model from %s.', kind, path)
   return nnx.merge(graphdef, state)
