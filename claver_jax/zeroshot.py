@@ -245,6 +245,42 @@ def format_table(datasets: dict[str, dict[str, Any]], skipped: dict[str, str]) -
   return '\n'.join(lines)
 
 
+def _check_inputs(config: ml_collections.ConfigDict, checkpoint: Path, model_cfg: Any, kind: str,
+                  mesh: jax.sharding.Mesh) -> None:
+  """The config's frame size is the model's, and the eval batch divides over the devices."""
+  image_size = (model_cfg if kind == 'clip' else model_cfg.clip).image_size
+  if config.data.image_size != image_size:
+    raise ValueError(f'config.data.image_size={config.data.image_size}, but the model in '
+                     f'{checkpoint} takes {image_size} px frames; set '
+                     f'--config.data.image_size={image_size}.')
+  if config.eval.batch_size % mesh.size or config.eval.batch_size % jax.process_count():
+    raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
+                     f'{mesh.size} devices and the {jax.process_count()} processes.')
+
+
+def _pipeline(config: ml_collections.ConfigDict, run: Run, source: dict[str, Any]) -> Any:
+  """The eval pipeline of one run: its list, labels and views; the model's resize ratio."""
+  data_config = config.data.copy_and_resolve_references()
+  data_config.update(dict(
+      source='filelist', root=run.root, train_list='', val_list=run.list_path,
+      labels=run.labels, shots=0, eval_batch_size=config.eval.batch_size // jax.process_count(),
+      num_clips=config.eval.num_clips, num_crops=config.eval.num_crops,
+      eval_resize_ratio=source.get('eval_resize_ratio', config.data.eval_resize_ratio)))
+  return build_pipelines(data_config)
+
+
+def _write_run_reports(config: ml_collections.ConfigDict, directory: Path, run: Run, data: Any,
+                       summary: dict[str, Any]) -> None:
+  """WORKDIR/zeroshot/DATASET/RUN: the eval reports, and the scores when asked for."""
+  evaluate.write_reports(summary, data.class_names, directory, title=f'{run.dataset} {run.name}')
+  if config.eval.dump_scores:
+    evaluate.dump_scores(directory / 'scores.npz',
+                         videos=[data.eval_name(int(i)) for i in summary['index']],
+                         labels=summary['labels'], scores=summary['scores'],
+                         class_names=data.class_names, step=None,
+                         views=evaluate.views_name(config.eval.num_clips, config.eval.num_crops))
+
+
 def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates config.init.checkpoint zero-shot (see the module docstring); writes
   WORKDIR/zeroshot.json, prints a table and returns what it wrote."""
@@ -255,15 +291,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   workdir = run_path(workdir)              # Local, or gs:// (etils.epath).
   checkpoint = model_dir(config.init.checkpoint)
   kind, model_cfg, meta = read_model_config(checkpoint)
-  image_size = (model_cfg if kind == 'clip' else model_cfg.clip).image_size
-  if config.data.image_size != image_size:
-    raise ValueError(f'config.data.image_size={config.data.image_size}, but the model in '
-                     f'{checkpoint} takes {image_size} px frames; set '
-                     f'--config.data.image_size={image_size}.')
   mesh = sharding.make_mesh(config.mesh)
-  if config.eval.batch_size % mesh.size or config.eval.batch_size % jax.process_count():
-    raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must divide by the '
-                     f'{mesh.size} devices and the {jax.process_count()} processes.')
+  _check_inputs(config, checkpoint, model_cfg, kind, mesh)
 
   # The model's own texts and test view (WORKDIR/model records them), unless the config names
   # templates.
@@ -284,15 +313,7 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                        'config.zeroshot (see claver_jax/zeroshot.py).')
     if jax.process_index() == 0:
       run_report.write_run_config(workdir, json.loads(config.to_json_best_effort()))
-    pipelines = []
-    for run in runs:
-      data_config = config.data.copy_and_resolve_references()
-      data_config.update(dict(
-          source='filelist', root=run.root, train_list='', val_list=run.list_path,
-          labels=run.labels, shots=0, eval_batch_size=config.eval.batch_size // jax.process_count(),
-          num_clips=config.eval.num_clips, num_crops=config.eval.num_crops,
-          eval_resize_ratio=source.get('eval_resize_ratio', config.data.eval_resize_ratio)))
-      pipelines.append(build_pipelines(data_config))
+    pipelines = [_pipeline(config, run, source) for run in runs]
 
     # ----------------------------------------------------------------------------- model
     model = load_video_model(checkpoint, dtype=jnp.dtype(config.model.dtype),
@@ -334,16 +355,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         summary = evaluate.run_eval(_Progress(data, bar), state, encode_text, scores, tokens,
                                     mesh)
         if lead:
-          directory = workdir / 'zeroshot' / run.dataset / run.name
-          evaluate.write_reports(summary, data.class_names, directory,
-                                 title=f'{run.dataset} {run.name}')
-          if config.eval.dump_scores:
-            evaluate.dump_scores(directory / 'scores.npz',
-                                 videos=[data.eval_name(int(i)) for i in summary['index']],
-                                 labels=summary['labels'], scores=summary['scores'],
-                                 class_names=data.class_names, step=None,
-                                 views=evaluate.views_name(config.eval.num_clips,
-                                                           config.eval.num_crops))
+          _write_run_reports(config, workdir / 'zeroshot' / run.dataset / run.name, run, data,
+                             summary)
         results.setdefault(run.dataset, {})[run.name] = {
             'top1': summary['top1'], 'top5': summary['top5'],
             'num_videos': summary['num_videos'], 'num_classes': len(data.class_names),
