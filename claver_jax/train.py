@@ -11,8 +11,10 @@ besides the model state is `LoopState`.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -29,6 +31,28 @@ from claver_jax.models.clip import pool_index
 from claver_jax.run import Evaluator, record_run, start_run
 from claver_jax.run_config import ConfigError
 from claver_jax.step import check_finite, check_parameters, make_train_step
+
+
+# Where the names train.py held before it was split (issue 26) live now: importing one from here
+# still works, with a DeprecationWarning that names its new module.
+_MOVED = {
+    **dict.fromkeys(('TEMPORAL_INIT_STD', 'check_init', 'checkpoint_normalization',
+                     'init_from_workdir', 'make_model', 'make_tokenizer', 'model_family'),
+                    'claver_jax.models.build'),
+    **dict.fromkeys(('NonFiniteLossError', 'all_finite', 'draw_sets', 'encode_texts_by_length',
+                     'length_buckets', 'micro_batches', 'soft_cross_entropy', 'step_keys'),
+                    'claver_jax.step'),
+    **dict.fromkeys(('TEXTS_PER_DEVICE', 'encode_texts_sharded', 'make_eval_fns', 'run_eval'),
+                    'claver_jax.evaluate'),
+    'METRIC_TAGS': 'claver_jax.run', 'check_batches': 'claver_jax.run_config'}
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _MOVED:
+    raise AttributeError(f"module 'claver_jax.train' has no attribute {name!r}")
+  warnings.warn(f'claver_jax.train.{name} moved to {_MOVED[name]}.{name}: import it from there.',
+                DeprecationWarning, stacklevel=2)
+  return getattr(importlib.import_module(_MOVED[name]), name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,3 +134,24 @@ def test_models_data_and_text_reach_nothing_that_runs_them():
 def test_sharding_imports_no_model_code():
   """The families hand sharding their rules (Family.sharding_rules); it needs no model."""
   assert import_graph()['claver_jax.sharding'] <= FOUNDATIONS
+
+
+def test_names_train_held_before_the_split_still_import_with_a_pointer():
+  """`from claver_jax.train import make_model` (and every other name train.py held before issue
+  26 split it) gives the object from its new module, with a DeprecationWarning naming it."""
+  import importlib
+  import warnings
+
+  import pytest
+
+  from claver_jax import train
+  for name, module in train._MOVED.items():
+    with pytest.warns(DeprecationWarning, match=rf'^claver_jax\.train\.{name} moved to {module}\.'):
+      moved = getattr(train, name)
+    assert moved is getattr(importlib.import_module(module), name)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    from claver_jax.train import make_train_step     # Still imported by train: no warning.
+  assert make_train_step is importlib.import_module('claver_jax.step').make_train_step
+  with pytest.raises(AttributeError, match="has no attribute 'make_modle'"):
+    train.make_modle  # noqa: B018
