@@ -391,18 +391,19 @@ class _DrainingLoop(asyncio.SelectorEventLoop):
     super().close()
 
 
-class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
-  def new_event_loop(self) -> asyncio.AbstractEventLoop:
-    return _DrainingLoop()
-
-
 @contextlib.contextmanager
 def drained_event_loops() -> Iterator[None]:
   """Event loops made in this block drain their tasks on close: wrap orbax restores in it
   (a model directory's, a checkpoint's), so that a restore that fails leaves no reads running.
-  The previous event-loop policy is back on leaving: nothing global stays changed."""
+  The previous event-loop policy is back on leaving: nothing global stays changed. (Event-loop
+  policies are deprecated from Python 3.14; where they are gone, this does nothing.)"""
+  base = getattr(asyncio, 'DefaultEventLoopPolicy', None)
+  if base is None:
+    yield
+    return
+  draining = type('DrainingPolicy', (base,), {'new_event_loop': lambda self: _DrainingLoop()})
   previous = asyncio.get_event_loop_policy()
-  asyncio.set_event_loop_policy(_DrainingPolicy())
+  asyncio.set_event_loop_policy(draining())
   try:
     yield
   finally:
