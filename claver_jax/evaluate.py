@@ -183,6 +183,15 @@ def dump_scores(path: str | os.PathLike, *, videos: Sequence[str], labels: np.nd
   atomic_write_bytes(path, buffer.getvalue())
 
 
+def dump_summary_scores(path: str | os.PathLike, summary: dict[str, Any], data: Any, *,
+                        step: int | None, views: str) -> None:
+  """`dump_scores` of a `run_eval` summary over the eval split of pipelines `data`: its videos
+  named by their eval-list entries."""
+  dump_scores(path, videos=[data.eval_name(int(i)) for i in summary['index']],
+              labels=summary['labels'], scores=summary['scores'], class_names=data.class_names,
+              step=step, views=views)
+
+
 # ---------------------------------------------------------------------------------------------
 # On the devices: the model state alone
 # ---------------------------------------------------------------------------------------------

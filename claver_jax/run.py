@@ -243,10 +243,8 @@ class Evaluator:
                                                   title=run.workdir.name)
     self.writer.write_figures(step, figures)
     if run.config.eval.dump_scores and summary['index'] is not None:
-      evaluate.dump_scores(directory / 'scores.npz',
-                           videos=[pipelines.eval_name(int(i)) for i in summary['index']],
-                           labels=summary['labels'], scores=summary['scores'],
-                           class_names=run.class_names, step=step, views=views)
+      evaluate.dump_summary_scores(directory / 'scores.npz', summary, pipelines, step=step,
+                                   views=views)
 
 
 # ---------------------------------------------------------------------------------------------

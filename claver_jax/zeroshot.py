@@ -274,11 +274,9 @@ def _write_run_reports(config: ml_collections.ConfigDict, directory: Path, run: 
   """WORKDIR/zeroshot/DATASET/RUN: the eval reports, and the scores when asked for."""
   evaluate.write_reports(summary, data.class_names, directory, title=f'{run.dataset} {run.name}')
   if config.eval.dump_scores:
-    evaluate.dump_scores(directory / 'scores.npz',
-                         videos=[data.eval_name(int(i)) for i in summary['index']],
-                         labels=summary['labels'], scores=summary['scores'],
-                         class_names=data.class_names, step=None,
-                         views=evaluate.views_name(config.eval.num_clips, config.eval.num_crops))
+    evaluate.dump_summary_scores(
+        directory / 'scores.npz', summary, data, step=None,
+        views=evaluate.views_name(config.eval.num_clips, config.eval.num_crops))
 
 
 def run_zeroshot(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
